@@ -1,0 +1,289 @@
+// Zero-copy strided patch tiling and normalization for defectscope.
+//
+// The frame is read in place through the buffer protocol (any strides, read-only
+// views and np.memmap included) and float32 NCHW patches are written straight
+// into a caller-provided buffer. Work is split over windows with std::thread
+// while the GIL is released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+enum class Mode { kZScore, kMinMax, kImageNet };
+enum class NanPolicy { kRaise, kZero, kPropagate };
+
+constexpr std::array<double, 3> kImageNetMean = {0.485, 0.456, 0.406};
+constexpr std::array<double, 3> kImageNetStd = {0.229, 0.224, 0.225};
+// Guards the z-score against flat (constant) patches, which map to zeros.
+constexpr double kStdFloor = 1e-8;
+
+struct Job {
+  const char* frame = nullptr;
+  py::ssize_t height = 0, width = 0;
+  py::ssize_t stride_bytes_y = 0, stride_bytes_x = 0;
+  const int64_t* origins = nullptr;  // (n, 2) row, col
+  py::ssize_t n_windows = 0;
+  int patch = 0;
+  int channels = 1;
+  Mode mode = Mode::kZScore;
+  NanPolicy nan_policy = NanPolicy::kRaise;
+  double lo = 0.0, hi = 1.0;
+  float* out = nullptr;
+};
+
+// Returns the index of the first window holding a non-finite value, or -1.
+template <typename T>
+py::ssize_t process_range(const Job& job, py::ssize_t begin, py::ssize_t end,
+                          std::vector<double>& scratch) {
+  const int p = job.patch;
+  const py::ssize_t plane = static_cast<py::ssize_t>(p) * p;
+  scratch.resize(plane);
+  for (py::ssize_t w = begin; w < end; ++w) {
+    const py::ssize_t oy = job.origins[2 * w], ox = job.origins[2 * w + 1];
+    // Gather the window once; the later passes run on this L1-resident copy.
+    double sum = 0.0;
+    py::ssize_t n_finite = 0;
+    bool has_nonfinite = false;
+    for (int y = 0; y < p; ++y) {
+      const char* row = job.frame + (oy + y) * job.stride_bytes_y + ox * job.stride_bytes_x;
+      double* dst = scratch.data() + static_cast<py::ssize_t>(y) * p;
+      for (int x = 0; x < p; ++x) {
+        const double v =
+            static_cast<double>(*reinterpret_cast<const T*>(row + x * job.stride_bytes_x));
+        dst[x] = v;
+        if constexpr (std::is_floating_point_v<T>) {
+          if (!std::isfinite(v)) {
+            has_nonfinite = true;
+            continue;
+          }
+        }
+        sum += v;
+        ++n_finite;
+      }
+    }
+    if (has_nonfinite && job.nan_policy == NanPolicy::kRaise) return w;
+    const bool zero_nonfinite = has_nonfinite && job.nan_policy == NanPolicy::kZero;
+
+    double offset = 0.0, scale = 1.0;
+    if (job.mode == Mode::kZScore) {
+      if (has_nonfinite && job.nan_policy == NanPolicy::kPropagate) {
+        offset = std::numeric_limits<double>::quiet_NaN();
+      } else {
+        const double mean = n_finite > 0 ? sum / static_cast<double>(n_finite) : 0.0;
+        double ss = 0.0;
+        for (py::ssize_t i = 0; i < plane; ++i) {
+          const double d = scratch[i] - mean;
+          if (!zero_nonfinite || std::isfinite(scratch[i])) ss += d * d;
+        }
+        const double sd = n_finite > 0 ? std::sqrt(ss / static_cast<double>(n_finite)) : 0.0;
+        offset = mean;
+        scale = 1.0 / std::max(sd, kStdFloor);
+      }
+    } else {
+      offset = job.lo;
+      scale = 1.0 / (job.hi - job.lo);
+    }
+
+    float* out = job.out + w * job.channels * plane;
+    for (int c = 0; c < job.channels; ++c) {
+      double c_offset = 0.0, c_scale = 1.0;
+      if (job.mode == Mode::kImageNet) {
+        c_offset = kImageNetMean[c];
+        c_scale = 1.0 / kImageNetStd[c];
+      }
+      float* dst = out + c * plane;
+      for (py::ssize_t i = 0; i < plane; ++i) {
+        const double v = scratch[i];
+        if (zero_nonfinite && !std::isfinite(v)) {
+          dst[i] = 0.0f;
+          continue;
+        }
+        double r = (v - offset) * scale;
+        if (job.mode == Mode::kImageNet) r = (r - c_offset) * c_scale;
+        dst[i] = static_cast<float>(r);
+      }
+    }
+  }
+  return -1;
+}
+
+template <typename T>
+py::ssize_t run_threads(const Job& job, int n_threads) {
+  const py::ssize_t n = job.n_windows;
+  n_threads = static_cast<int>(std::max<py::ssize_t>(1, std::min<py::ssize_t>(n_threads, n)));
+  std::vector<py::ssize_t> bad(n_threads, -1);
+  auto work = [&](int t) {
+    std::vector<double> scratch;
+    const py::ssize_t begin = n * t / n_threads, end = n * (t + 1) / n_threads;
+    bad[t] = process_range<T>(job, begin, end, scratch);
+  };
+  if (n_threads == 1) {
+    work(0);
+  } else {
+    std::vector<std::thread> pool;
+    pool.reserve(n_threads - 1);
+    for (int t = 1; t < n_threads; ++t) pool.emplace_back(work, t);
+    work(0);
+    for (auto& th : pool) th.join();
+  }
+  for (py::ssize_t b : bad)
+    if (b >= 0) return b;
+  return -1;
+}
+
+std::string shape_str(const py::buffer_info& info) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < info.shape.size(); ++i) os << (i ? ", " : "") << info.shape[i];
+  os << (info.shape.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+// Maps a buffer's format to a dtype name, or "" if unsupported.
+std::string dtype_name(const py::buffer_info& info) {
+  if (info.format.empty()) return "";
+  // Strip byte-order prefixes that denote the native order.
+  std::string f = info.format;
+  if (f[0] == '@' || f[0] == '=' || f[0] == '<') f = f.substr(1);
+  if (f.size() != 1) return "";
+  const char c = f[0];
+  const auto size = info.itemsize;
+  if (c == 'B' && size == 1) return "uint8";
+  if (c == 'H' && size == 2) return "uint16";
+  if (c == 'h' && size == 2) return "int16";
+  if ((c == 'i' || c == 'l') && size == 4) return "int32";
+  if (c == 'f' && size == 4) return "float32";
+  if (c == 'd' && size == 8) return "float64";
+  return "";
+}
+
+Mode parse_mode(const std::string& s) {
+  if (s == "zscore") return Mode::kZScore;
+  if (s == "minmax") return Mode::kMinMax;
+  if (s == "imagenet") return Mode::kImageNet;
+  throw py::value_error("normalization must be 'zscore', 'minmax' or 'imagenet', got '" + s + "'");
+}
+
+NanPolicy parse_nan_policy(const std::string& s) {
+  if (s == "raise") return NanPolicy::kRaise;
+  if (s == "zero") return NanPolicy::kZero;
+  if (s == "propagate") return NanPolicy::kPropagate;
+  throw py::value_error("nan_policy must be 'raise', 'zero' or 'propagate', got '" + s + "'");
+}
+
+py::ssize_t tile_into(const py::buffer& frame, const py::buffer& out,
+                      const py::array_t<int64_t, py::array::c_style>& origins, int patch,
+                      const std::string& normalization, int channels, double lo, double hi,
+                      const std::string& nan_policy, int n_threads) {
+  Job job;
+  job.mode = parse_mode(normalization);
+  job.nan_policy = parse_nan_policy(nan_policy);
+  if (patch <= 0) throw py::value_error("patch size must be positive, got " + std::to_string(patch));
+  if (channels != 1 && channels != 3)
+    throw py::value_error("channels must be 1 or 3, got " + std::to_string(channels));
+  if (job.mode == Mode::kImageNet && channels != 3)
+    throw py::value_error("'imagenet' normalization replicates gray into 3 channels; channels must be 3, got " +
+                          std::to_string(channels));
+  if (job.mode != Mode::kZScore) {
+    if (!std::isfinite(lo) || !std::isfinite(hi) || !(hi > lo)) {
+      std::ostringstream os;
+      os << "value range must be finite with high > low, got (" << lo << ", " << hi << ")";
+      throw py::value_error(os.str());
+    }
+  }
+  job.lo = lo;
+  job.hi = hi;
+  job.patch = patch;
+  job.channels = channels;
+
+  py::buffer_info fi = frame.request();
+  if (fi.ndim != 2) throw py::value_error("frame must be 2-D, got shape " + shape_str(fi));
+  const std::string fdtype = dtype_name(fi);
+  if (fdtype.empty())
+    throw py::type_error("frame dtype (buffer format '" + fi.format +
+                         "') is not supported; use uint8, uint16, int16, int32, float32 or float64");
+  job.frame = static_cast<const char*>(fi.ptr);
+  job.height = fi.shape[0];
+  job.width = fi.shape[1];
+  job.stride_bytes_y = fi.strides[0];
+  job.stride_bytes_x = fi.strides[1];
+  if (patch > job.height || patch > job.width) {
+    std::ostringstream os;
+    os << "patch size " << patch << " is larger than the frame " << shape_str(fi);
+    throw py::value_error(os.str());
+  }
+
+  if (origins.ndim() != 2 || origins.shape(1) != 2)
+    throw py::value_error("origins must have shape (n, 2)");
+  job.origins = origins.data();
+  job.n_windows = origins.shape(0);
+  for (py::ssize_t i = 0; i < job.n_windows; ++i) {
+    const int64_t oy = job.origins[2 * i], ox = job.origins[2 * i + 1];
+    if (oy < 0 || ox < 0 || oy + patch > job.height || ox + patch > job.width) {
+      std::ostringstream os;
+      os << "window " << i << " at origin (" << oy << ", " << ox << ") with patch size " << patch
+         << " does not fit in the frame " << shape_str(fi);
+      throw py::value_error(os.str());
+    }
+  }
+
+  py::buffer_info oi = out.request(true);
+  if (oi.format != py::format_descriptor<float>::format() || oi.itemsize != 4)
+    throw py::type_error("out must be a float32 buffer, got format '" + oi.format + "'");
+  if (oi.ndim != 4 || oi.shape[1] != channels || oi.shape[2] != patch || oi.shape[3] != patch ||
+      oi.shape[0] < job.n_windows) {
+    std::ostringstream os;
+    os << "out must have shape (>=" << job.n_windows << ", " << channels << ", " << patch << ", "
+       << patch << "), got " << shape_str(oi);
+    throw py::value_error(os.str());
+  }
+  const py::ssize_t plane = static_cast<py::ssize_t>(patch) * patch;
+  if (oi.strides[3] != 4 || oi.strides[2] != 4 * patch || oi.strides[1] != 4 * plane ||
+      oi.strides[0] != 4 * plane * channels)
+    throw py::value_error("out must be C-contiguous");
+  job.out = static_cast<float*>(oi.ptr);
+
+  if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  py::ssize_t bad = -1;
+  {
+    py::gil_scoped_release release;
+    if (fdtype == "uint8") bad = run_threads<uint8_t>(job, n_threads);
+    else if (fdtype == "uint16") bad = run_threads<uint16_t>(job, n_threads);
+    else if (fdtype == "int16") bad = run_threads<int16_t>(job, n_threads);
+    else if (fdtype == "int32") bad = run_threads<int32_t>(job, n_threads);
+    else if (fdtype == "float32") bad = run_threads<float>(job, n_threads);
+    else bad = run_threads<double>(job, n_threads);
+  }
+  if (bad >= 0) {
+    std::ostringstream os;
+    os << "window " << bad << " at origin (" << job.origins[2 * bad] << ", " << job.origins[2 * bad + 1]
+       << ") contains NaN or infinite values; clean the frame or pass nan_policy='zero'";
+    throw py::value_error(os.str());
+  }
+  return job.n_windows;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_tiling, m) {
+  m.doc() = "Zero-copy strided patch tiling and normalization (C++).";
+  m.def("tile_into", &tile_into, py::arg("frame"), py::arg("out"), py::arg("origins"), py::arg("patch"),
+        py::arg("normalization"), py::arg("channels"), py::arg("low"), py::arg("high"),
+        py::arg("nan_policy"), py::arg("threads"),
+        "Write normalized float32 NCHW patches of `frame` at `origins` into `out`; returns the count.");
+  m.attr("SUPPORTED_DTYPES") = py::make_tuple("uint8", "uint16", "int16", "int32", "float32", "float64");
+}

@@ -1,0 +1,206 @@
+"""Command line: a thin layer over the library.
+
+Every subcommand exits 0 on success and 1 with a one-line ``error: ...`` on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from defectscope import __version__
+
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, OSError, RuntimeError)
+
+
+def _train_config(args: argparse.Namespace):
+    from defectscope.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        weights=args.weights,
+        architecture=args.architecture,
+        trainable_blocks=args.trainable_blocks,
+        patience=args.patience,
+        precision=args.precision,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from defectscope.datasets import load_patches
+    from defectscope.evaluate import calibration_report, grouped_split, random_split
+    from defectscope.grouping import find_groups
+    from defectscope.train import patches_to_inputs, predict_logits, save_training, train_classifier
+
+    patches = load_patches(args.data, skip_bad=args.skip_bad)
+    _report_skipped(patches)
+    config = _train_config(args)
+    validation = np.array([], dtype=np.int64)
+    if args.validation == "grouped":
+        groups = find_groups(patches.images)
+        split = grouped_split(patches.labels, groups.ids, patches.classes, seed=args.seed)
+        validation = split.validation
+        if len(validation) == 0:
+            print("note: no class has 3 independent groups; validating on a random 15 %")
+    if args.validation == "random" or (args.validation == "grouped" and len(validation) == 0):
+        validation = random_split(patches.labels, patches.classes, seed=args.seed).validation
+    train_index = np.setdiff1d(np.arange(len(patches.labels)), validation)
+    val_set = patches.subset(validation) if len(validation) else None
+    result = train_classifier(patches.subset(train_index), val_set, config)
+    extra = {"data": str(args.data), "validation": args.validation}
+    if val_set is not None:
+        val_logits, _ = predict_logits(
+            result.model, patches_to_inputs(val_set.images, config.normalization)
+        )
+        calibration = calibration_report(val_logits, val_set.labels, val_logits, val_set.labels)
+        extra["calibration"] = {"temperature": calibration["temperature"]}
+    save_training(args.out, result, config, extra_record=extra)
+    print(f"saved {args.out} ({len(result.history)} epochs, {result.wall_time_s:.0f} s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from defectscope.classifier import PatchClassifier
+    from defectscope.datasets import load_patches
+    from defectscope.evaluate import classification_metrics
+    from defectscope.io import atomic_write_json
+
+    clf = PatchClassifier.load(args.model)
+    patches = load_patches(args.data, skip_bad=args.skip_bad)
+    _report_skipped(patches)
+    unknown = sorted(set(patches.classes) - set(clf.classes))
+    if unknown:
+        raise ValueError(f"{args.data}: classes {unknown} are not among the model's {clf.classes}")
+    labels = np.array([clf.classes.index(patches.classes[i]) for i in patches.labels])
+    probabilities, _ = clf.predict(patches.images)
+    metrics = classification_metrics(labels, probabilities.argmax(axis=1), clf.classes)
+    atomic_write_json(args.json, metrics)
+    print(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} -> {args.json}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from defectscope.classifier import PatchClassifier
+    from defectscope.io import atomic_write_json
+
+    records = PatchClassifier.load(args.model).predict_files(args.files)
+    atomic_write_json(args.json, records)
+    print(f"{len(records)} predictions -> {args.json}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from defectscope.datasets import dataset_folder, load_patches, locate_upstream
+    from defectscope.study import run_study
+
+    if args.data is not None and not (Path(args.data) / "Image Data").is_dir():
+        folder = Path(args.data)
+    else:
+        folder = dataset_folder(locate_upstream(args.data), args.dataset)
+    patches = load_patches(folder, skip_bad=args.skip_bad)
+    _report_skipped(patches)
+    print(f"{folder}: {len(patches.labels)} patches, classes {patches.counts()}")
+    report = run_study(patches, args.out, _train_config(args), dataset_name=args.dataset)
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"wall time {report['wall_time_s']} s; results in {args.out}")
+    return 0
+
+
+def _report_skipped(patches) -> None:
+    for path, reason in patches.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    from defectscope.train import TrainConfig
+
+    defaults = TrainConfig()
+    parser.add_argument(
+        "--weights",
+        default=defaults.weights,
+        help="imagenet (torch hub cache or download), none (random init) or a weights file",
+    )
+    parser.add_argument(
+        "--architecture",
+        choices=["vgg16", "vgg16_bn"],
+        default=defaults.architecture,
+        help="torchvision VGG-16, without or with batch normalization",
+    )
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument(
+        "--trainable-blocks",
+        type=int,
+        default=defaults.trainable_blocks,
+        help="VGG-16 conv blocks that train, from the top (0 = head only, 5 = all)",
+    )
+    parser.add_argument("--patience", type=int, default=defaults.patience)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable/odd files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defectscope", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train on all patches under DATA")
+    p.add_argument("data", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument(
+        "--validation",
+        choices=["grouped", "random", "none"],
+        default="grouped",
+        help="held-out patches for early stopping and temperature scaling",
+    )
+    _add_training_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a model on the patches under DATA")
+    p.add_argument("model", type=Path)
+    p.add_argument("data", type=Path)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--skip-bad", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify patch files")
+    p.add_argument("model", type=Path)
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--json", type=Path, required=True)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("study", help="random versus grouped split on the public data")
+    p.add_argument("--dataset", default="cdte", choices=["cdte", "sto"])
+    p.add_argument("--data", default=None, help="public data folder or a dataset folder")
+    p.add_argument("--out", type=Path, required=True)
+    _add_training_options(p)
+    p.set_defaults(func=cmd_study)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return args.func(args)
+    except EXPECTED_ERRORS as exc:
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Metrics, calibration and honest (grouped) splits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+
+def classification_metrics(
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    classes: list[str],
+    scored_classes: list[str] | None = None,
+) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
+
+    Parameters
+    ----------
+    labels, predictions : ndarray of int
+        True and predicted class indices.
+    classes : list of str
+        Names of the indices.
+    scored_classes : list of str, optional
+        Classes averaged into ``macro_f1`` (default: those with support > 0).
+
+    Returns
+    -------
+    dict
+        ``{"accuracy", "macro_f1", "per_class", "confusion", "classes"}``; rows of
+        ``confusion`` are true classes, columns predicted ones.
+    """
+    index = np.arange(len(classes))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=index, zero_division=0
+    )
+    per_class = {
+        c: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, c in enumerate(classes)
+    }
+    if scored_classes is None:
+        scored_classes = [c for c in classes if per_class[c]["support"] > 0]
+    macro = float(np.mean([per_class[c]["f1"] for c in scored_classes])) if scored_classes else 0.0
+    return {
+        "accuracy": float(np.mean(labels == predictions)) if len(labels) else 0.0,
+        "macro_f1": macro,
+        "macro_f1_classes": list(scored_classes),
+        "per_class": per_class,
+        "confusion": confusion_matrix(labels, predictions, labels=index).tolist(),
+        "classes": list(classes),
+    }
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15):
+    """Expected calibration error of the top-class confidence (equal-width bins)."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature minimizing the negative log-likelihood of ``softmax(logits / T)``."""
+
+    def nll(log_t: float) -> float:
+        scaled = log_softmax(logits / np.exp(log_t), axis=1)
+        return -float(scaled[np.arange(len(labels)), labels].mean())
+
+    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(result.x))
+
+
+def calibration_report(
+    val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray
+) -> dict:
+    """ECE on the test set before and after temperature scaling fitted on validation."""
+    temperature = fit_temperature(val_logits, val_labels)
+    return {
+        "temperature": temperature,
+        "ece_before": expected_calibration_error(softmax(test_logits, axis=1), test_labels),
+        "ece_after": expected_calibration_error(
+            softmax(test_logits / temperature, axis=1), test_labels
+        ),
+    }
+
+
+@dataclasses.dataclass
+class Split:
+    """Indices of a train/validation/test split and what it can score."""
+
+    name: str
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    evaluable_classes: list[str]
+    groups_per_class: dict[str, int] | None = None
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "n_train": len(self.train),
+            "n_validation": len(self.validation),
+            "n_test": len(self.test),
+            "evaluable_classes": self.evaluable_classes,
+            "groups_per_class": self.groups_per_class,
+        }
+
+
+def random_split(
+    labels: np.ndarray, classes: list[str], test_size: float = 0.2, val_size: float = 0.15, seed=0
+) -> Split:
+    """Stratified random split: the usual protocol, which measures memorization here."""
+    index = np.arange(len(labels))
+    rest, test = train_test_split(index, test_size=test_size, stratify=labels, random_state=seed)
+    train, val = train_test_split(
+        rest, test_size=val_size / (1 - test_size), stratify=labels[rest], random_state=seed
+    )
+    return Split("random", np.sort(train), np.sort(val), np.sort(test), list(classes))
+
+
+def grouped_split(
+    labels: np.ndarray, groups: np.ndarray, classes: list[str], n_folds: int = 5, seed: int = 0
+) -> Split:
+    """Split by independent group; classes with a single group are never tested.
+
+    A class is evaluable when it occurs in at least three groups (one each for
+    training, validation and test). Groups holding only evaluable classes are
+    distributed over ``n_folds`` stratified group folds: one fold is the test set,
+    the next the validation set; every other patch trains, so single-region
+    classes are still learned but never scored.
+    """
+    groups_per_class = {c: len(np.unique(groups[labels == i])) for i, c in enumerate(classes)}
+    evaluable = [c for c in classes if groups_per_class[c] >= 3]
+    evaluable_index = {classes.index(c) for c in evaluable}
+    testable_groups = [
+        g for g in np.unique(groups) if set(np.unique(labels[groups == g])) <= evaluable_index
+    ]
+    candidate = np.flatnonzero(np.isin(groups, testable_groups))
+    if len(evaluable) == 0 or len(testable_groups) < 3:
+        empty = np.array([], dtype=np.int64)
+        return Split("grouped", np.arange(len(labels)), empty, empty, [], groups_per_class)
+    folds = min(n_folds, len(testable_groups))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    assignment = np.full(len(labels), -1)
+    for fold, (_, held) in enumerate(
+        splitter.split(candidate, labels[candidate], groups[candidate])
+    ):
+        assignment[candidate[held]] = fold
+    test = np.flatnonzero(assignment == 0)
+    val = np.flatnonzero(assignment == 1)
+    train = np.flatnonzero((assignment != 0) & (assignment != 1))
+    return Split("grouped", train, val, test, evaluable, groups_per_class)

@@ -1,0 +1,230 @@
+"""Fine-tuning the VGG-16 classifier on patches, with early stopping."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from defectscope.augment import Augmentation, augment_batch
+from defectscope.checkpoint import ModelConfig, guess_background, save_checkpoint
+from defectscope.datasets import PatchSet
+from defectscope.model import N_BLOCKS, DefectNet, build_model
+from defectscope.tiling import Normalization, tile
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters; stored in the checkpoint's JSON."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    weights: str = "none"
+    architecture: str = "vgg16"
+    trainable_blocks: int = N_BLOCKS
+    patience: int = 6
+    precision: str = "auto"  # auto | fp32 | bf16
+    embedding_dim: int = 256
+    augmentation: Augmentation = Augmentation()
+    normalization: Normalization = Normalization()
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """A trained model and how it got there."""
+
+    model: DefectNet
+    config: ModelConfig
+    history: list[dict[str, float]]
+    best_epoch: int
+    wall_time_s: float
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on this machine's CPU, or None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or (precision == "auto" and cpu_has_bf16()):
+        return torch.bfloat16
+    if precision not in ("auto", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    return None
+
+
+def patches_to_inputs(
+    images: np.ndarray, normalization: Normalization, threads: int = 0
+) -> np.ndarray:
+    """Normalize a stack of patches (n, P, P) into NCHW network inputs.
+
+    The stack is seen as one tall frame with a window at each patch, so the same
+    C++ tiler feeds training and inference and the two cannot drift apart.
+    """
+    n, height, width = images.shape
+    if height != width:
+        raise ValueError(f"patches must be square, got {height}x{width}")
+    frame = np.ascontiguousarray(images).reshape(n * height, width)
+    origins = np.stack([np.arange(n) * height, np.zeros(n, dtype=np.int64)], axis=1)
+    return tile(frame, height, origins=origins, normalization=normalization, threads=threads)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: DefectNet, inputs: np.ndarray, batch_size: int = 64, precision: str = "fp32"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and embeddings for normalized inputs, as float32 arrays."""
+    model.eval()
+    dtype = autocast_dtype(precision)
+    logits, embeddings = [], []
+    for start in range(0, len(inputs), batch_size):
+        batch = torch.from_numpy(inputs[start : start + batch_size])
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out, emb = model.forward_with_embedding(batch)
+        logits.append(out.float().numpy())
+        embeddings.append(emb.float().numpy())
+    return np.concatenate(logits), np.concatenate(embeddings)
+
+
+def _epoch_loss(model: DefectNet, inputs: np.ndarray, labels: np.ndarray, precision: str):
+    logits, _ = predict_logits(model, inputs, precision=precision)
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    return loss, float((logits.argmax(1) == labels).mean())
+
+
+def train_classifier(
+    train: PatchSet,
+    validation: PatchSet | None = None,
+    config: TrainConfig = TrainConfig(),
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune VGG-16 on ``train``, early-stopping on ``validation`` loss.
+
+    Parameters
+    ----------
+    train : PatchSet
+        Training patches.
+    validation : PatchSet, optional
+        Patches for early stopping (the weights of the best validation loss are
+        kept). Without it, training runs all epochs.
+    config : TrainConfig
+    progress : bool
+        Show tqdm progress bars.
+
+    Returns
+    -------
+    TrainResult
+    """
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    started = time.perf_counter()
+    classes = list(train.classes)
+    model = build_model(
+        len(classes),
+        weights=config.weights,
+        patch_size=train.patch_size,
+        embedding_dim=config.embedding_dim,
+        trainable_blocks=config.trainable_blocks,
+        architecture=config.architecture,
+    )
+    model_config = ModelConfig(
+        classes=tuple(classes),
+        patch_size=train.patch_size,
+        normalization=config.normalization,
+        embedding_dim=config.embedding_dim,
+        architecture=config.architecture,
+        background_class=guess_background(classes),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    dtype = autocast_dtype(config.precision)
+    norm = config.normalization
+    val_inputs = patches_to_inputs(validation.images, norm) if validation is not None else None
+
+    history: list[dict[str, float]] = []
+    best_loss, best_epoch, best_state, stale = np.inf, -1, None, 0
+    n = len(train.labels)
+    epochs = tqdm(range(config.epochs), desc="epochs", disable=not progress)
+    for epoch in epochs:
+        model.train()
+        order = rng.permutation(n)
+        total, correct, seen = 0.0, 0, 0
+        for start in range(0, n, config.batch_size):
+            index = order[start : start + config.batch_size]
+            if len(index) < 2:  # a batch of one makes no useful step
+                continue
+            raw = augment_batch(train.images[index], rng, config.augmentation)
+            x = torch.from_numpy(patches_to_inputs(raw, norm))
+            y = torch.from_numpy(train.labels[index])
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(index)
+        record = {"epoch": epoch, "train_loss": total / seen, "train_accuracy": correct / seen}
+        if val_inputs is not None:
+            val_loss, val_acc = _epoch_loss(model, val_inputs, validation.labels, config.precision)
+            record.update(val_loss=val_loss, val_accuracy=val_acc)
+            if val_loss < best_loss - 1e-4:
+                best_loss, best_epoch, stale = val_loss, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+        history.append(record)
+        epochs.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"})
+        if val_inputs is not None and stale >= config.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history) - 1
+    model.eval()
+    return TrainResult(model, model_config, history, best_epoch, time.perf_counter() - started)
+
+
+def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, Any] | None = None):
+    """JSON-ready description of a training run for the checkpoint."""
+    training = dataclasses.asdict(config)
+    training["precision_used"] = str(autocast_dtype(config.precision) or "float32")
+    return {
+        "training": training,
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "wall_time_s": round(result.wall_time_s, 2),
+        "torch_version": torch.__version__,
+        **(extra or {}),
+    }
+
+
+def save_training(
+    directory: str | Path,
+    result: TrainResult,
+    config: TrainConfig,
+    extra_record: dict[str, Any] | None = None,
+) -> Path:
+    """Save a trained model with its training record plus ``extra_record`` (metrics...)."""
+    record = training_record(result, config, extra_record)
+    return save_checkpoint(directory, result.model, result.config, record)

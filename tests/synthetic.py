@@ -1,0 +1,47 @@
+"""Synthetic STEM-like images made by the tests themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from defectscope.datasets import PatchSet
+
+
+def lattice(
+    shape: tuple[int, int],
+    spacing: float = 8.0,
+    sigma: float = 1.5,
+    vacancies: list[tuple[int, int]] = (),
+    noise: float = 0.05,
+    seed: int = 0,
+) -> np.ndarray:
+    """A square lattice of Gaussian atom columns, with columns removed at ``vacancies``.
+
+    Positions in ``vacancies`` are lattice indices (row, col); returns float32 0..1.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    image = np.zeros(shape, np.float32)
+    missing = set(vacancies)
+    for i in range(int(shape[0] / spacing) + 1):
+        for j in range(int(shape[1] / spacing) + 1):
+            if (i, j) in missing:
+                continue
+            cy, cx = (i + 0.5) * spacing, (j + 0.5) * spacing
+            image += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    image += rng.normal(0, noise, shape).astype(np.float32)
+    return image
+
+
+def toy_patches(n_per_class: int = 12, seed: int = 0) -> PatchSet:
+    """Class 0: clean lattice; class 1: lattice with a vacancy in the centre."""
+    images, labels = [], []
+    for i in range(n_per_class):
+        images.append(lattice((64, 64), seed=seed * 1000 + i))
+        labels.append(0)
+        images.append(lattice((64, 64), vacancies=[(3, 3), (3, 4), (4, 3), (4, 4)], seed=i + 500))
+        labels.append(1)
+    images = (np.stack(images) * 200).clip(0, 255).astype(np.uint8)
+    return PatchSet(
+        images, np.array(labels), ["Bulk", "Vacancy"], [f"p{i}" for i in range(len(labels))]
+    )

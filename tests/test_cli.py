@@ -1,0 +1,114 @@
+"""The command-line contract: train, evaluate, predict and their errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from defectscope.cli import main
+from tests.synthetic import toy_patches
+
+
+@pytest.fixture(scope="module")
+def toy_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy") / "DataSet_Toy"
+    root.mkdir()
+    patches = toy_patches(10)
+    for i, (image, label) in enumerate(zip(patches.images, patches.labels, strict=True)):
+        name = f"{patches.classes[label]}_{i}.tif"
+        rgba = np.dstack([image, image, image, np.full_like(image, 255)])
+        tifffile.imwrite(root / name, rgba, compression="lzw")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(toy_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "m"
+    code = main(
+        [
+            "train",
+            str(toy_dataset),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--validation",
+            "random",
+            "--precision",
+            "fp32",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_train_writes_self_describing_model(trained):
+    record = json.loads((trained / "model.json").read_text())
+    assert record["model"]["classes"] == ["Bulk", "Vacancy"]
+    assert record["model"]["patch_size"] == 64
+    assert record["model"]["normalization"]["mode"] == "zscore"
+    assert record["training"]["epochs"] == 2 and record["training"]["weights"] == "none"
+    assert len(record["history"]) == 2
+    assert record["calibration"]["temperature"] > 0
+
+
+def test_evaluate_agrees_with_predict(trained, toy_dataset, tmp_path):
+    files = sorted(toy_dataset.iterdir())
+    assert (
+        main(["evaluate", str(trained), str(toy_dataset), "--json", str(tmp_path / "e.json")]) == 0
+    )
+    assert (
+        main(["predict", str(trained), *map(str, files), "--json", str(tmp_path / "p.json")]) == 0
+    )
+    evaluation = json.loads((tmp_path / "e.json").read_text())
+    predictions = json.loads((tmp_path / "p.json").read_text())
+    assert set(evaluation) >= {"accuracy", "macro_f1", "per_class", "confusion", "classes"}
+    assert len(predictions) == len(files)
+    truth = [f.name.rsplit("_", 1)[0] for f in files]
+    accuracy = np.mean([p["label"] == t for p, t in zip(predictions, truth, strict=True)])
+    assert evaluation["accuracy"] == pytest.approx(accuracy)
+    confusion = np.array(evaluation["confusion"])
+    assert confusion.sum() == len(files)
+    for record in predictions:
+        probs = record["probabilities"]
+        assert set(probs) == {"Bulk", "Vacancy"}
+        assert sum(probs.values()) == pytest.approx(1, abs=1e-5)
+        assert record["confidence"] == pytest.approx(max(probs.values()))
+        assert record["label"] == max(probs, key=probs.get)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["evaluate", "{tmp}/nomodel", "{data}", "--json", "{tmp}/x.json"],
+            "model directory not found",
+        ),
+        (["train", "{tmp}/nodata", "--out", "{tmp}/m"], "dataset folder not found"),
+        (["predict", "{model}", "{tmp}/missing.tif", "--json", "{tmp}/x.json"], "no such file"),
+        (
+            ["train", "{data}", "--out", "{tmp}/m", "--weights", "{tmp}/w.pth"],
+            "weights file not found",
+        ),
+    ],
+)
+def test_bad_input_one_line_error(args, message, trained, toy_dataset, tmp_path, capsys):
+    filled = [a.format(tmp=tmp_path, data=toy_dataset, model=trained) for a in args]
+    assert main(filled) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_console_script_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "defectscope.cli", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "defectscope" in result.stdout

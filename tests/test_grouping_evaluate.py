@@ -1,0 +1,118 @@
+"""Overlap grouping, grouped splits, metrics and calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from defectscope.evaluate import (
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    grouped_split,
+    random_split,
+)
+from defectscope.grouping import best_shift_correlation, find_groups
+from tests.synthetic import lattice
+
+
+def crops_of(region: np.ndarray, shifts: list[tuple[int, int]], size: int = 64) -> np.ndarray:
+    return np.stack([region[y : y + size, x : x + size] for y, x in shifts])
+
+
+def test_overlapping_crops_group_and_lattice_twins_do_not():
+    # Two regions of the same periodic lattice with independent noise: they look
+    # alike but share no pixels, so they must stay separate groups.
+    region_a = lattice((90, 90), noise=0.15, seed=1)
+    region_b = lattice((90, 90), noise=0.15, seed=2)
+    a = crops_of(region_a, [(0, 0), (2, 3), (5, 5), (9, 12)])
+    b = crops_of(region_b, [(0, 0), (4, 1)])
+    groups = find_groups(np.concatenate([a, b]))
+    assert groups.n_groups == 2
+    assert len(set(groups.ids[:4])) == 1 and len(set(groups.ids[4:])) == 1
+    assert groups.ids[0] != groups.ids[4]
+    best = groups.best_match
+    assert best[0, 1] > 0.99  # shared pixels
+    assert best[0, 4] < groups.threshold  # same lattice, other noise
+
+
+def test_chain_of_crops_is_one_group():
+    region = np.random.default_rng(0).normal(size=(64, 200)).astype(np.float32)
+    crops = crops_of(region, [(0, x) for x in range(0, 137, 8)])
+    assert find_groups(crops).n_groups == 1  # neighbours overlap, ends do not
+
+
+def test_correlation_matches_bruteforce():
+    rng = np.random.default_rng(3)
+    imgs = rng.normal(size=(3, 16, 16)).astype(np.float32)
+    best = best_shift_correlation(imgs, template=8, max_shift=4)
+    t = imgs[0, 4:12, 4:12].ravel()
+    t = (t - t.mean()) / np.linalg.norm(t - t.mean())
+    brute = 0.0
+    for dy in range(9):
+        for dx in range(9):
+            w = imgs[1, dy : dy + 8, dx : dx + 8].ravel()
+            w = (w - w.mean()) / np.linalg.norm(w - w.mean())
+            brute = max(brute, float(t @ w))
+    t1 = imgs[1, 4:12, 4:12].ravel()
+    t1 = (t1 - t1.mean()) / np.linalg.norm(t1 - t1.mean())
+    for dy in range(9):
+        for dx in range(9):
+            w = imgs[0, dy : dy + 8, dx : dx + 8].ravel()
+            w = (w - w.mean()) / np.linalg.norm(w - w.mean())
+            brute = max(brute, float(t1 @ w))
+    assert best[0, 1] == pytest.approx(brute, abs=1e-5)
+
+
+def test_grouped_split_never_leaks_groups():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    groups = np.concatenate([np.zeros(40), rng.integers(1, 9, 40), rng.integers(9, 20, 40)])
+    groups = groups.astype(int)
+    split = grouped_split(labels, groups, ["Bulk", "A", "B"], n_folds=4, seed=0)
+    assert split.evaluable_classes == ["A", "B"]
+    assert split.groups_per_class["Bulk"] == 1
+    sets = [set(groups[ix]) for ix in (split.train, split.validation, split.test)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert 0 not in labels[split.test] and 0 not in labels[split.validation]
+    assert len(split.train) + len(split.validation) + len(split.test) == len(labels)
+    assert set(labels[split.test]) == {1, 2}
+
+
+def test_random_split_is_stratified_partition():
+    labels = np.repeat([0, 1], [60, 40])
+    split = random_split(labels, ["a", "b"], seed=1)
+    all_ix = np.concatenate([split.train, split.validation, split.test])
+    assert sorted(all_ix.tolist()) == list(range(100))
+    assert np.mean(labels[split.test] == 0) == pytest.approx(0.6, abs=0.06)
+
+
+def test_metrics_against_sklearn():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 4, 200)
+    p = np.where(rng.random(200) < 0.7, y, rng.integers(0, 4, 200))
+    m = classification_metrics(y, p, ["a", "b", "c", "d"], scored_classes=["a", "c"])
+    f1 = f1_score(y, p, average=None, labels=[0, 1, 2, 3])
+    assert m["macro_f1"] == pytest.approx((f1[0] + f1[2]) / 2)
+    assert m["accuracy"] == pytest.approx(np.mean(y == p))
+    assert np.trace(np.array(m["confusion"])) == int((y == p).sum())
+    assert m["per_class"]["b"]["support"] == int((y == 1).sum())
+
+
+def test_temperature_scaling_repairs_overconfidence():
+    rng = np.random.default_rng(5)
+    n, k = 4000, 3
+    y = rng.integers(0, k, n)
+    true_logits = rng.normal(size=(n, k))
+    true_logits[np.arange(n), y] += 1.0
+    # sample labels from the calibrated model, then make the logits 4x overconfident
+    probs = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(k, p=row) for row in probs])
+    logits = 4.0 * true_logits
+    temperature = fit_temperature(logits, y)
+    assert temperature == pytest.approx(4.0, rel=0.15)
+    before = expected_calibration_error(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), y)
+    scaled = logits / temperature
+    after = expected_calibration_error(np.exp(scaled) / np.exp(scaled).sum(1, keepdims=True), y)
+    assert after < before / 3

@@ -1,0 +1,114 @@
+"""Reading images in every supported form and discovering datasets in both layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from defectscope.datasets import DatasetError, discover, label_from_filename, load_patches
+from defectscope.io import ImageReadError, atomic_write_json, read_image, to_gray
+
+
+@pytest.fixture
+def gray():
+    return np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)
+
+
+def test_formats_round_trip(tmp_path, gray):
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
+    tifffile.imwrite(tmp_path / "a.tif", rgba, compression="lzw")
+    tifffile.imwrite(tmp_path / "b.tiff", gray.astype(np.uint16) * 200)
+    Image.fromarray(np.dstack([gray] * 3)).save(tmp_path / "c.png")
+    np.save(tmp_path / "d.npy", gray.astype(np.float32))
+    Image.fromarray(gray).save(tmp_path / "e.jpg", quality=100)
+    assert np.array_equal(read_image(tmp_path / "a.tif"), gray)
+    b = read_image(tmp_path / "b.tiff")
+    assert b.dtype == np.uint16 and np.array_equal(b, gray.astype(np.uint16) * 200)
+    assert np.array_equal(read_image(tmp_path / "c.png"), gray)
+    assert np.array_equal(read_image(tmp_path / "d.npy"), gray.astype(np.float32))
+    assert np.abs(read_image(tmp_path / "e.jpg").astype(int) - gray).max() <= 3
+
+
+def test_color_image_becomes_mean(gray):
+    rgb = np.dstack([gray, gray // 2, np.zeros_like(gray)])
+    out = to_gray(rgb)
+    np.testing.assert_allclose(out, (gray.astype(np.float32) + gray // 2) / 3, rtol=1e-6)
+
+
+def test_unreadable_files_named(tmp_path):
+    bad = tmp_path / "Bulk_0.tif"
+    bad.write_bytes(b"not a tiff")
+    with pytest.raises(ImageReadError, match=r"Bulk_0\.tif"):
+        read_image(bad)
+    with pytest.raises(ImageReadError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError, match="unsupported file type"):
+        read_image(tmp_path / "x.bmp")
+    np.save(tmp_path / "cube.npy", np.zeros((2, 3, 5, 5)))
+    with pytest.raises(ImageReadError, match=r"shape \(2, 3, 5, 5\)"):
+        read_image(tmp_path / "cube.npy")
+
+
+def test_label_from_filename():
+    assert label_from_filename("x/Twin_Bound_17.tif") == "Twin_Bound"
+    with pytest.raises(DatasetError, match="no class label"):
+        label_from_filename("x/Bulk.tif")
+
+
+def _write_upstream(folder, gray, classes=("Bulk", "Vacancy_CdTe"), n=3):
+    folder.mkdir(parents=True)
+    for c in classes:
+        for i in range(n):
+            tifffile.imwrite(folder / f"{c}_{i}.tif", np.roll(gray, i), compression="lzw")
+
+
+def test_both_layouts_agree(tmp_path, gray):
+    _write_upstream(tmp_path / "up", gray)
+    for c in ("Bulk", "Vacancy_CdTe"):
+        (tmp_path / "byclass" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.roll(gray, i)).save(tmp_path / "byclass" / c / f"p{i}.png")
+    a, b = load_patches(tmp_path / "up"), load_patches(tmp_path / "byclass")
+    assert a.classes == b.classes == ["Bulk", "Vacancy_CdTe"]
+    assert a.counts() == b.counts() == {"Bulk": 3, "Vacancy_CdTe": 3}
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+
+
+def test_bad_files_error_or_skip(tmp_path, gray):
+    _write_upstream(tmp_path / "d", gray)
+    (tmp_path / "d" / "Bulk_9.tif").write_bytes(b"garbage")
+    tifffile.imwrite(tmp_path / "d" / "Bulk_10.tif", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match=r"Bulk_10\.tif|Bulk_9\.tif"):
+        load_patches(tmp_path / "d")
+    patches = load_patches(tmp_path / "d", skip_bad=True)
+    assert len(patches.labels) == 6
+    assert sorted(p.split("/")[-1] for p, _ in patches.skipped) == ["Bulk_10.tif", "Bulk_9.tif"]
+
+
+def test_empty_and_nested_folders(tmp_path, gray):
+    (tmp_path / "empty" / "Bulk").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="holds no images"):
+        discover(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="not found"):
+        discover(tmp_path / "nowhere")
+    (tmp_path / "up" / "DataSet_CdTe").mkdir(parents=True)
+    (tmp_path / "up" / "DataSet_STO").mkdir()
+    with pytest.raises(DatasetError, match="several datasets"):
+        discover(tmp_path / "up")
+
+
+def test_public_layout(public_data):
+    patches = load_patches(public_data / "Image Data" / "DataSet_STO")
+    assert patches.counts() == {"Bulk": 225, "Extra": 195, "IExtra": 143, "Mis": 201}
+    assert patches.images.shape == (764, 64, 64)
+
+
+def test_atomic_json_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(ValueError):
+        atomic_write_json(target, {"a": float("nan")})
+    assert target.read_text().strip().endswith("}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

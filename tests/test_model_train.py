@@ -1,0 +1,136 @@
+"""The VGG-16 model, weight loading, freezing, training and checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from defectscope.augment import Augmentation, augment_batch
+from defectscope.checkpoint import CheckpointError, load_checkpoint
+from defectscope.classifier import PatchClassifier
+from defectscope.model import WeightsUnavailableError, build_model, imagenet_cache_path
+from defectscope.tiling import Normalization, tile_numpy
+from defectscope.train import TrainConfig, patches_to_inputs, save_training, train_classifier
+from tests.synthetic import toy_patches
+
+
+def test_embedding_and_logits_shapes():
+    model = build_model(5, weights="none").eval()
+    x = torch.randn(3, 3, 64, 64)
+    logits, emb = model.forward_with_embedding(x)
+    assert logits.shape == (3, 5) and emb.shape == (3, 256)
+    assert torch.allclose(model(x), logits, atol=1e-5)
+
+
+def test_trunk_is_torchvision_vgg16():
+    reference = torchvision.models.vgg16(weights=None).features
+    ours = build_model(2).features
+    assert [type(m) for m in ours] == [type(m) for m in reference]
+    assert sum(p.numel() for p in ours.parameters()) == 14_714_688
+
+
+@pytest.mark.parametrize(("blocks", "trainable_convs"), [(0, 0), (1, 3), (2, 6), (5, 13)])
+def test_freeze_policy(blocks, trainable_convs):
+    model = build_model(3, trainable_blocks=blocks)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert sum(m.weight.requires_grad for m in convs) == trainable_convs
+    # trainable convs are the last ones
+    assert all(m.weight.requires_grad for m in convs[len(convs) - trainable_convs :])
+    assert model.classifier.weight.requires_grad
+
+
+def test_local_weights_file_loads_trunk(tmp_path):
+    source = torchvision.models.vgg16(weights=None)
+    path = tmp_path / "vgg16.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model(4, weights=str(path))
+    assert torch.equal(model.features[28].weight, source.features[28].weight)
+
+
+def test_bad_weights_are_errors_not_fallbacks(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="not found"):
+        build_model(2, weights=str(tmp_path / "missing.pth"))
+    torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsUnavailableError, match="features"):
+        build_model(2, weights=str(tmp_path / "other.pth"))
+
+
+def test_imagenet_offline_error_says_how(monkeypatch, tmp_path):
+    if imagenet_cache_path().is_file():
+        pytest.skip("ImageNet weights are cached on this machine")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_model(2, weights="imagenet")
+    message = str(info.value)
+    assert "vgg16-397923af.pth" in message and "--weights none" in message
+
+
+def test_augmentation_keeps_shape_and_is_seeded():
+    patches = toy_patches(2).images
+    a = augment_batch(patches, np.random.default_rng(7))
+    b = augment_batch(patches, np.random.default_rng(7))
+    assert a.shape == patches.shape and a.dtype == np.float32
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, patches)
+    same = augment_batch(patches, np.random.default_rng(7), Augmentation.off())
+    assert np.array_equal(same, patches.astype(np.float32))
+
+
+def test_patches_to_inputs_matches_reference():
+    patches = toy_patches(2).images
+    got = patches_to_inputs(patches, Normalization())
+    want = np.stack([tile_numpy(p, 64, 64)[0] for p in patches])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_training_learns_and_checkpoint_round_trips(tmp_path):
+    train, val = toy_patches(12, seed=0), toy_patches(4, seed=1)
+    config = TrainConfig(
+        epochs=8,
+        batch_size=8,
+        learning_rate=5e-4,
+        trainable_blocks=0,
+        patience=8,
+        augmentation=Augmentation.off(),
+        precision="fp32",
+    )
+    result = train_classifier(train, val, config, progress=False)
+    history = result.history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    clf = PatchClassifier(result.model, result.config)
+    probs, emb = clf.predict(val.images)
+    assert probs.shape == (8, 2) and emb.shape == (8, 256)
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert np.mean(probs.argmax(1) == val.labels) >= 0.75
+
+    save_training(
+        tmp_path / "m", result, config, extra_record={"calibration": {"temperature": 2.0}}
+    )
+    loaded = PatchClassifier.load(tmp_path / "m")
+    assert loaded.classes == ["Bulk", "Vacancy"] and loaded.temperature == 2.0
+    logits_a, _ = clf.logits(val.images)
+    logits_b, _ = loaded.logits(val.images)
+    np.testing.assert_allclose(logits_a, logits_b, atol=1e-5)
+    _, config_loaded, record = load_checkpoint(tmp_path / "m")
+    assert config_loaded.background_class == "Bulk"
+    assert record["training"]["epochs"] == 8 and len(record["history"]) == len(history)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a defectscope model"):
+        load_checkpoint(tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.json").write_text("{")
+    with pytest.raises(CheckpointError, match="invalid model metadata"):
+        load_checkpoint(tmp_path / "broken")

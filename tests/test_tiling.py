@@ -1,0 +1,189 @@
+"""The C++ tiler against the numpy reference, and its error handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from defectscope import _tiling
+from defectscope.tiling import Normalization, tile, tile_numpy, window_origins
+
+DTYPES = ["uint8", "uint16", "int16", "int32", "float32", "float64"]
+
+
+def random_frame(rng: np.random.Generator, shape, dtype: str) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        lo, hi = max(info.min, -(2**20)), min(info.max, 2**20)
+        return rng.integers(lo, hi, size=shape, endpoint=True).astype(dtype)
+    return (rng.normal(size=shape) * 50 + 10).astype(dtype)
+
+
+def norm_for(mode: str, dtype: str, channels: int) -> Normalization:
+    value_range = None if np.dtype(dtype).kind in "ui" else (-200.0, 300.0)
+    if mode == "imagenet":
+        channels = 3
+    return Normalization(mode=mode, value_range=value_range, channels=channels)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    mode=st.sampled_from(["zscore", "minmax", "imagenet"]),
+    channels=st.sampled_from([1, 3]),
+    height=st.integers(8, 70),
+    width=st.integers(8, 70),
+    patch=st.integers(2, 24),
+    stride_y=st.integers(1, 20),
+    stride_x=st.integers(1, 20),
+    view=st.sampled_from(["contiguous", "step", "transpose", "flip", "fortran"]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_numpy_reference(
+    dtype, mode, channels, height, width, patch, stride_y, stride_x, view, seed
+):
+    rng = np.random.default_rng(seed)
+    base = random_frame(rng, (height * 2, width * 2), dtype)
+    frame = {
+        "contiguous": base[:height, :width],
+        "step": base[::2, ::2],
+        "transpose": base[:width, :height].T,
+        "flip": base[:height, :width][::-1, ::-1],
+        "fortran": np.asfortranarray(base[:height, :width]),
+    }[view]
+    if patch > min(frame.shape):
+        patch = min(frame.shape)
+    norm = norm_for(mode, dtype, channels)
+    got = tile(frame, patch, (stride_y, stride_x), normalization=norm, threads=3)
+    want = tile_numpy(frame, patch, (stride_y, stride_x), normalization=norm)
+    assert got.shape == want.shape
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 30), patch=st.integers(4, 16))
+def test_explicit_origins(seed, n, patch):
+    rng = np.random.default_rng(seed)
+    frame = random_frame(rng, (40, 50), "float32")
+    origins = np.stack(
+        [rng.integers(0, 40 - patch + 1, n), rng.integers(0, 50 - patch + 1, n)], axis=1
+    )
+    got = tile(frame, patch, origins=origins, normalization="zscore")
+    want = tile_numpy(frame, patch, origins=origins, normalization="zscore")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["zscore", "minmax"])
+def test_nan_zero_policy(mode):
+    rng = np.random.default_rng(1)
+    frame = random_frame(rng, (40, 40), "float64")
+    frame[5, 7] = np.nan
+    frame[30, 2] = np.inf
+    norm = Normalization(mode=mode, value_range=(-200, 300))
+    got = tile(frame, 16, 8, normalization=norm, nan_policy="zero")
+    want = tile_numpy(frame, 16, 8, normalization=norm, nan_policy="zero")
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_nan_raise_and_propagate():
+    frame = np.ones((32, 32), np.float32)
+    frame[20, 20] = np.nan
+    with pytest.raises(ValueError, match=r"origin \(16, 16\).*NaN"):
+        tile(frame, 16, 16)
+    out = tile(frame, 16, 16, nan_policy="propagate")
+    assert np.isfinite(out[0]).all() and np.isnan(out[3]).all()
+
+
+def test_zscore_statistics_and_flat_patch():
+    rng = np.random.default_rng(2)
+    frame = random_frame(rng, (64, 64), "uint16")
+    frame[:32, :32] = 7  # a flat window must give zeros, not NaN
+    out = tile(frame, 32, 32, normalization=Normalization("zscore", channels=1))
+    assert np.all(out[0] == 0)
+    np.testing.assert_allclose(out[1:].mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(out[1:].std(axis=(1, 2, 3)), 1, atol=1e-4)
+
+
+def test_imagenet_channels_differ():
+    frame = np.full((64, 64), 128, np.uint8)
+    out = tile(frame, 64, 64, normalization="imagenet")
+    expected = (128 / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(out[0, :, 0, 0], expected, rtol=1e-6)
+
+
+def test_memmap_frame_and_preallocated_buffer(tmp_path):
+    path = tmp_path / "frame.u16"
+    mm = np.memmap(path, dtype=np.uint16, mode="w+", shape=(300, 260))
+    mm[:] = np.random.default_rng(3).integers(0, 65535, mm.shape, dtype=np.uint16)
+    mm.flush()
+    ro = np.memmap(path, dtype=np.uint16, mode="r", shape=(300, 260))
+    origins = window_origins(ro.shape, 64, 32)
+    buffer = np.full((len(origins) + 5, 3, 64, 64), -7, np.float32)
+    got = tile(ro, 64, origins=origins, out=buffer)
+    assert np.shares_memory(got, buffer)
+    assert np.all(buffer[len(origins) :] == -7)  # rows past n stay untouched
+    np.testing.assert_allclose(got, tile_numpy(np.asarray(ro), 64, 32), rtol=1e-6, atol=1e-6)
+
+
+def test_window_origins_cover_edges():
+    origins = window_origins((100, 70), 64, 32)
+    assert origins[:, 0].max() == 36 and origins[:, 1].max() == 6
+    assert sorted(set(origins[:, 0].tolist())) == [0, 32, 36]
+    exact = window_origins((100, 70), 64, 32, cover_edges=False)
+    assert sorted(set(exact[:, 0].tolist())) == [0, 32]
+
+
+def _call(frame, out, origins, patch=8, mode="zscore", channels=3, lo=0.0, hi=1.0, nan="raise"):
+    return _tiling.tile_into(frame, out, origins, patch, mode, channels, lo, hi, nan, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"frame": np.zeros((2, 16, 16), np.float32)}, ValueError, "must be 2-D"),
+        ({"frame": np.zeros((16, 16), np.complex64)}, TypeError, "not supported"),
+        ({"frame": np.zeros((16, 16), np.int64)}, TypeError, "not supported"),
+        ({"patch": 32}, ValueError, "larger than the frame"),
+        ({"patch": 0}, ValueError, "must be positive"),
+        ({"out": np.zeros((1, 3, 8, 8), np.float32)}, ValueError, "out must have shape"),
+        ({"out": np.zeros((4, 3, 8, 8), np.float64)}, TypeError, "float32"),
+        ({"out": np.zeros((4, 3, 8, 8), np.float32)[:, :, :, ::-1]}, ValueError, "C-contiguous"),
+        ({"origins": np.array([[0, 10]])}, ValueError, r"origin \(0, 10\).*does not fit"),
+        ({"origins": np.array([[-1, 0]])}, ValueError, "does not fit"),
+        ({"mode": "median"}, ValueError, "normalization must be"),
+        ({"mode": "imagenet", "channels": 1}, ValueError, "channels must be 3"),
+        ({"channels": 2, "out": np.zeros((4, 2, 8, 8), np.float32)}, ValueError, "1 or 3"),
+        ({"mode": "minmax", "lo": 1.0, "hi": 1.0}, ValueError, "high > low"),
+        ({"nan": "ignore"}, ValueError, "nan_policy must be"),
+    ],
+)
+def test_misuse_raises_clear_errors(kwargs, error, message):
+    args = {
+        "frame": np.zeros((16, 16), np.float32),
+        "out": np.zeros((4, 3, 8, 8), np.float32),
+        "origins": np.array([[0, 0], [8, 8]]),
+    }
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        _call(**args)
+
+
+def test_read_only_output_rejected():
+    out = np.zeros((4, 3, 8, 8), np.float32)
+    out.setflags(write=False)
+    with pytest.raises((ValueError, BufferError, TypeError)):
+        _call(np.zeros((16, 16), np.float32), out, np.array([[0, 0]]))
+
+
+def test_python_wrapper_errors():
+    with pytest.raises(ValueError, match="stride must be positive"):
+        tile(np.zeros((64, 64), np.uint8), 16, 0)
+    with pytest.raises(ValueError, match="needs value_range"):
+        tile(np.zeros((64, 64), np.float32), 16, 16, normalization="minmax")
+    with pytest.raises(ValueError, match="2-D"):
+        tile(np.zeros((64, 64, 3), np.uint8), 16, 16)
