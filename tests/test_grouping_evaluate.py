@@ -116,3 +116,17 @@ def test_temperature_scaling_repairs_overconfidence():
     scaled = logits / temperature
     after = expected_calibration_error(np.exp(scaled) / np.exp(scaled).sum(1, keepdims=True), y)
     assert after < before / 3
+
+
+def test_public_single_region_classes(public_data):
+    """DATA.md: CdTe LC, SF1, SF2 and Twin_Bound are each crops of a single region."""
+    from defectscope.datasets import load_patches
+
+    patches = load_patches(public_data / "Image Data" / "DataSet_CdTe")
+    groups = find_groups(patches.images)
+    per_class = groups.per_class(patches.labels, patches.classes)
+    for name in ("LC", "SF1", "SF2", "Twin_Bound"):
+        assert per_class[name] == 1, per_class
+    assert per_class["interstitial"] >= 20  # isolated point defects: many regions
+    split = grouped_split(patches.labels, groups.ids, patches.classes)
+    assert "LC" not in split.evaluable_classes and "interstitial" in split.evaluable_classes

@@ -109,9 +109,8 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[DefectNet, ModelConfi
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE}")
-    model = DefectNet(
-        len(config.classes), config.patch_size, config.embedding_dim, architecture=config.architecture
-    )
+    n_classes = len(config.classes)
+    model = DefectNet(n_classes, config.patch_size, config.embedding_dim, 0.5, config.architecture)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)

@@ -55,7 +55,8 @@ class DefectNet(nn.Module):
         if patch_size % 32:
             raise ValueError(f"patch size must be a multiple of 32 for VGG-16, got {patch_size}")
         if architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}")
+            known = ", ".join(ARCHITECTURES)
+            raise ValueError(f"architecture must be one of {known}, got {architecture!r}")
         self.architecture = architecture
         self.features = ARCHITECTURES[architecture][0](weights=None).features
         side = patch_size // 32
