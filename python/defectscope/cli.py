@@ -113,6 +113,106 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_patches(model_dir: Path, data: Path, classes: list[str]):
+    """Patches under ``data`` normalized for the model, with labels in its class order."""
+    from defectscope.checkpoint import ModelConfig, read_metadata
+    from defectscope.datasets import load_patches
+    from defectscope.train import patches_to_inputs
+
+    config = ModelConfig.from_dict(read_metadata(model_dir)["model"])
+    patches = load_patches(data)
+    unknown = sorted(set(patches.classes) - set(classes))
+    if unknown:
+        raise ValueError(f"{data}: classes {unknown} are not among the model's {classes}")
+    labels = np.array([classes.index(patches.classes[i]) for i in patches.labels])
+    return patches_to_inputs(patches.images, config.normalization), labels
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from defectscope.checkpoint import read_metadata
+    from defectscope.export import (
+        build_tensorrt_engine,
+        compare_engines,
+        export_onnx,
+        quantize_onnx_int8,
+    )
+    from defectscope.io import atomic_write_json
+
+    model_dir = Path(args.model)
+    classes = read_metadata(model_dir)["model"]["classes"]
+    fp32_path = model_dir / "model.onnx"
+    int8_path = model_dir / "model.int8.onnx"
+    report: dict = {}
+    if args.format == "onnx":
+        inputs = labels = None
+        if args.calib is not None:
+            inputs, labels = _model_patches(model_dir, args.calib, classes)
+        rng = np.random.default_rng(args.seed)
+        order = rng.permutation(len(inputs)) if inputs is not None else None
+        check = inputs[order[:64]] if inputs is not None else None
+        report["onnx"] = export_onnx(model_dir, fp32_path, check_inputs=check)
+        print(
+            f"ONNX: {fp32_path} (max |p_onnx - p_torch| = "
+            f"{report['onnx']['max_abs_diff_probabilities']:.2e})"
+        )
+        if args.int8:
+            if inputs is None:
+                raise ValueError("--int8 needs --calib DATA (real patches to calibrate on)")
+            calib, held = order[: args.calib_size], order[args.calib_size :]
+            if len(held) == 0:
+                raise ValueError(f"{args.calib}: needs more than {args.calib_size} patches")
+            quantize_onnx_int8(fp32_path, int8_path, inputs[calib])
+            report["int8"] = {
+                "path": str(int8_path),
+                "n_calibration": len(calib),
+                **compare_engines(fp32_path, int8_path, inputs[held], labels[held]),
+            }
+            r = report["int8"]
+            print(
+                f"INT8: {int8_path}; on {r['n_patches']} held-out patches agreement "
+                f"{r['agreement']:.4f}, accuracy {r['accuracy_reference']:.4f} (fp32) -> "
+                f"{r['accuracy_candidate']:.4f} (int8)"
+            )
+    else:
+        source = int8_path if args.precision == "int8" else fp32_path
+        if not source.is_file():
+            raise ValueError(
+                f"{source}: missing; run 'defectscope export {model_dir} --format onnx'"
+                + (" --int8 --calib DATA" if args.precision == "int8" else "")
+                + " first"
+            )
+        engine = build_tensorrt_engine(
+            source, model_dir / f"model.{args.precision}.engine", precision=args.precision
+        )
+        report["tensorrt"] = {"path": str(engine), "precision": args.precision}
+        print(f"TensorRT: {engine}")
+    previous = model_dir / "export.json"
+    merged = json.loads(previous.read_text()) if previous.is_file() else {}
+    atomic_write_json(previous, {**merged, **report})
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from defectscope.detector import Detector
+    from defectscope.io import read_image
+    from defectscope.maps import write_map_outputs
+
+    frame = read_image(args.frame)
+    with Detector.load(
+        args.artifact, backend=args.backend, batch_size=args.batch_size, background=args.background
+    ) as det:
+        result = det.map(frame, stride=args.stride)
+        write_map_outputs(frame, result, args.out)
+    regions = result.regions()
+    print(
+        f"{result.grid_shape[0] * result.grid_shape[1]} windows, {len(regions)} regions, "
+        f"{result.timing_ms['total']:.0f} ms ({det.engine.name}) -> {args.out}"
+    )
+    return 0
+
+
 def _report_skipped(patches) -> None:
     for path, reason in patches.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -178,6 +278,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--json", type=Path, required=True)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export ONNX (FP32, INT8) or TensorRT engines")
+    p.add_argument("model", type=Path, help="model directory")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    p.add_argument("--int8", action="store_true", help="also write a static INT8 ONNX model")
+    p.add_argument("--calib", type=Path, help="patch dataset for parity, calibration and checks")
+    p.add_argument("--calib-size", type=int, default=256, help="patches used to calibrate")
+    p.add_argument("--precision", choices=["fp16", "int8"], default="fp16", help="TensorRT")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("map", help="defect map of a frame")
+    p.add_argument("artifact", type=Path, help="model directory, .onnx file or TensorRT engine")
+    p.add_argument("frame", type=Path)
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"], default="auto"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--background", help="name of the defect-free class")
+    p.set_defaults(func=cmd_map)
 
     p = sub.add_parser("study", help="random versus grouped split on the public data")
     p.add_argument("--dataset", default="cdte", choices=["cdte", "sto"])

@@ -1,0 +1,252 @@
+"""Export (ONNX, INT8, TensorRT), engines, streaming maps and their outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from defectscope.classifier import PatchClassifier
+from defectscope.cli import main
+from defectscope.detector import Detector, MapResult
+from defectscope.engines import EngineError, OnnxEngine, load_engine
+from defectscope.export import (
+    compare_engines,
+    export_onnx,
+    quantize_onnx_int8,
+    read_onnx_metadata,
+    tensorrt_available,
+)
+from defectscope.maps import find_regions
+from defectscope.tiling import window_origins
+from defectscope.train import TrainConfig, patches_to_inputs, save_training, train_classifier
+from tests.synthetic import lattice, toy_patches
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    config = TrainConfig(epochs=4, batch_size=8, precision="fp32")
+    result = train_classifier(toy_patches(10), None, config, progress=False)
+    out = tmp_path_factory.mktemp("models") / "toy"
+    save_training(out, result, config, extra_record={"calibration": {"temperature": 1.5}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model_dir):
+    inputs = patches_to_inputs(
+        toy_patches(4, seed=3).images, PatchClassifier.load(model_dir).config.normalization
+    )
+    report = export_onnx(model_dir, model_dir / "model.onnx", check_inputs=inputs)
+    assert report["max_abs_diff_probabilities"] <= report["tolerance"]
+    return model_dir / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def frame():
+    vacancies = [(2, 2), (2, 3), (3, 2), (3, 3), (9, 12), (9, 13), (10, 12), (10, 13)]
+    return (lattice((128, 160), vacancies=vacancies, seed=11) * 200).clip(0, 255).astype(np.uint8)
+
+
+def test_onnx_matches_pytorch_on_patches(model_dir, onnx_path):
+    patches = toy_patches(5, seed=7).images
+    clf = PatchClassifier.load(model_dir)
+    want_p, want_e = clf.predict(patches)
+    engine = OnnxEngine(onnx_path)
+    got_p, got_e = engine.run(patches_to_inputs(patches, clf.config.normalization))
+    np.testing.assert_allclose(got_p, want_p, atol=1e-4)
+    np.testing.assert_allclose(got_e, want_e, rtol=1e-3, atol=1e-3)
+    meta = read_onnx_metadata(onnx_path)
+    assert meta["model"]["classes"] == ["Bulk", "Vacancy"] and meta["temperature"] == 1.5
+    dims = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch"  # dynamic batch axis
+
+
+def test_int8_is_qdq_per_channel_and_agrees(model_dir, onnx_path):
+    norm = PatchClassifier.load(model_dir).config.normalization
+    calib = patches_to_inputs(toy_patches(8, seed=21).images, norm)
+    held = toy_patches(8, seed=22)
+    int8 = quantize_onnx_int8(onnx_path, model_dir / "model.int8.onnx", calib)
+    graph = onnx.load(str(int8)).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    init_shapes = {i.name: list(i.dims) for i in graph.initializer}
+    weight_scales = [
+        init_shapes.get(node.input[1])
+        for node in graph.node
+        if node.op_type == "DequantizeLinear" and "weight" in node.input[0].lower()
+    ]
+    assert any(shape and shape[0] > 1 for shape in weight_scales)  # per-channel scales
+    report = compare_engines(onnx_path, int8, patches_to_inputs(held.images, norm), held.labels)
+    assert report["agreement"] >= 0.8
+    assert read_onnx_metadata(int8)["precision"] == "int8"
+
+
+def test_map_matches_patchwise_reference(model_dir, frame):
+    with Detector.load(model_dir, backend="torch", batch_size=7) as det:
+        result = det.map(frame, stride=24)
+    origins = window_origins(frame.shape, 64, 24)
+    assert np.array_equal(result.origins, origins)
+    rows, cols = result.grid_shape
+    assert rows * cols == len(origins) and result.embeddings.shape == (rows, cols, 256)
+    patches = np.stack([frame[y : y + 64, x : x + 64] for y, x in origins])
+    want, _ = PatchClassifier.load(model_dir).predict(patches)
+    np.testing.assert_allclose(result.probabilities.reshape(-1, 2), want, atol=1e-5)
+    assert result.timing_ms["total"] > 0
+
+
+def test_torch_and_onnx_maps_agree(model_dir, onnx_path, frame):
+    maps = {}
+    for backend in ("torch", "onnxruntime"):
+        with Detector.load(model_dir, backend=backend) as det:
+            maps[backend] = det.map(frame, stride=8)
+    agreement = np.mean(maps["torch"].labels == maps["onnxruntime"].labels)
+    assert agreement >= 0.99
+
+
+def test_memmap_frame_maps_like_array(model_dir, frame, tmp_path):
+    path = tmp_path / "frame.npy"
+    np.save(path, frame.astype(np.uint16))
+    mm = np.load(path, mmap_mode="r")
+    with Detector.load(model_dir, backend="torch") as det:
+        a, b = det.map(mm, stride=32), det.map(frame.astype(np.uint16), stride=32)
+    np.testing.assert_array_equal(a.probabilities, b.probabilities)
+
+
+def test_auto_backend_and_artifact_errors(model_dir, onnx_path, tmp_path):
+    assert load_engine(model_dir, "auto").name == "onnxruntime"  # model.onnx sits beside it
+    assert load_engine(onnx_path, "auto").name == "onnxruntime"
+    with pytest.raises(EngineError, match="not found"):
+        load_engine(tmp_path / "nothing.onnx")
+    (tmp_path / "weird.bin").write_bytes(b"x")
+    with pytest.raises(EngineError, match="unknown artifact type"):
+        load_engine(tmp_path / "weird.bin")
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(Exception, match="not an ONNX model"):
+        load_engine(tmp_path / "bad.onnx")
+
+
+def _result(labels_grid, background="Bulk", classes=("Bulk", "A", "B")):
+    rows, cols = labels_grid.shape
+    probs = np.full((rows, cols, len(classes)), 0.05, np.float32)
+    for (r, c), label in np.ndenumerate(labels_grid):
+        probs[r, c, label] = 0.9
+    origins = window_origins((rows * 10 + 54, cols * 10 + 54), 64, 10)
+    return MapResult(
+        origins,
+        (rows, cols),
+        probs,
+        None,
+        list(classes),
+        background,
+        (rows * 10 + 54, cols * 10 + 54),
+        64,
+        {},
+    )
+
+
+def test_regions_from_known_grid():
+    grid = np.zeros((6, 8), int)
+    grid[1:3, 1:3] = 1  # a 2x2 region of class A
+    grid[4, 6] = 2  # a single window of class B
+    regions = find_regions(_result(grid))
+    assert [r["n_windows"] for r in regions] == [4, 1]
+    big = regions[0]
+    assert big["label"] == "A" and big["bbox"] == [10, 10, 84, 84]
+    assert big["centroid"] == pytest.approx([46.5, 46.5])
+    assert big["score"] == pytest.approx(0.95)
+    assert big["centroid_norm"] == pytest.approx([46.5 / 114, 46.5 / 134])
+    assert regions[1]["label"] == "B" and regions[1]["bbox"] == [40, 60, 104, 124]
+
+
+def test_map_cli_writes_everything(model_dir, frame, tmp_path):
+    frame_path = tmp_path / "frame.npy"
+    np.save(frame_path, frame)
+    out = tmp_path / "map"
+    assert (
+        main(
+            [
+                "map",
+                str(model_dir),
+                str(frame_path),
+                "--stride",
+                "16",
+                "--out",
+                str(out),
+                "--backend",
+                "torch",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confidence.png",
+        "overlay.png",
+        "regions.json",
+        "windows.csv",
+    ]
+    rows = list(csv.DictReader((out / "windows.csv").open()))
+    assert list(rows[0]) == ["row", "col", "cy", "cx", "label", "confidence", "p_Bulk", "p_Vacancy"]
+    assert len(rows) == len(window_origins(frame.shape, 64, 16))
+    for row in rows[:5]:
+        assert float(row["cy"]) == pytest.approx(int(row["row"]) + 31.5)
+        assert float(row["confidence"]) == pytest.approx(float(row[f"p_{row['label']}"]))
+    regions = json.loads((out / "regions.json").read_text())
+    for region in regions:
+        assert set(region) == {"label", "score", "centroid", "bbox", "n_windows", "centroid_norm"}
+        assert region["label"] == "Vacancy"
+    assert (out / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("case", ["small", "nan", "unreadable", "artifact"])
+def test_map_cli_bad_input_leaves_nothing(case, model_dir, tmp_path, capsys):
+    frame_path = tmp_path / "frame.npy"
+    artifact = model_dir
+    if case == "small":
+        np.save(frame_path, np.zeros((32, 200), np.uint8))
+    elif case == "nan":
+        data = np.random.default_rng(0).random((80, 80))
+        data[40, 40] = np.nan
+        np.save(frame_path, data)
+    elif case == "unreadable":
+        frame_path = tmp_path / "frame.tif"
+        frame_path.write_bytes(b"nope")
+    else:
+        np.save(frame_path, np.zeros((80, 80), np.uint8))
+        artifact = tmp_path / "model.txt"
+        artifact.write_text("x")
+    out = tmp_path / "out"
+    assert main(["map", str(artifact), str(frame_path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:")
+    assert {
+        "small": "smaller than",
+        "nan": "NaN",
+        "unreadable": "cannot read",
+        "artifact": "unknown artifact",
+    }[case] in err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_tensorrt_path_skips_or_explains(model_dir, onnx_path, capsys):
+    ok, reason = tensorrt_available()
+    if ok:
+        pytest.skip("TensorRT present: covered by the GPU run")
+    assert main(["export", str(model_dir), "--format", "tensorrt", "--precision", "fp16"]) == 1
+    assert reason in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not tensorrt_available()[0], reason=tensorrt_available()[1] or "n/a")
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_tensorrt_engine_matches_onnx(model_dir, onnx_path, frame, precision):
+    from defectscope.export import build_tensorrt_engine
+
+    source = onnx_path if precision == "fp16" else model_dir / "model.int8.onnx"
+    engine_path = build_tensorrt_engine(source, model_dir / f"model.{precision}.engine", precision)
+    with Detector.load(engine_path) as trt_det, Detector.load(onnx_path) as ort_det:
+        a, b = trt_det.map(frame, stride=8), ort_det.map(frame, stride=8)
+    assert np.mean(a.labels == b.labels) >= 0.98
