@@ -250,3 +250,16 @@ def test_tensorrt_engine_matches_onnx(model_dir, onnx_path, frame, precision):
     with Detector.load(engine_path) as trt_det, Detector.load(onnx_path) as ort_det:
         a, b = trt_det.map(frame, stride=8), ort_det.map(frame, stride=8)
     assert np.mean(a.labels == b.labels) >= 0.98
+
+
+def test_recall_at_sources_uses_nearest_window():
+    from defectscope.provenance import recall_at_sources
+
+    grid = np.zeros((6, 8), int)
+    grid[1, 2] = 1  # window at origin (10, 20) is class A
+    result = _result(grid)
+    positions = np.array([[11, 19], [52, 52], [-1, -1]])  # near (10, 20); near (50, 50)
+    labels = np.array([1, 1, 2])
+    report = recall_at_sources(result, positions, labels, ["Bulk", "A", "B"])
+    assert report["A"] == {"located": 2, "recovered": 0.5}
+    assert report["B"] == {"located": 0, "recovered": None}

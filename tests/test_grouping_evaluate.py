@@ -130,3 +130,19 @@ def test_public_single_region_classes(public_data):
     assert per_class["interstitial"] >= 20  # isolated point defects: many regions
     split = grouped_split(patches.labels, groups.ids, patches.classes)
     assert "LC" not in split.evaluable_classes and "interstitial" in split.evaluable_classes
+
+
+def test_locate_patches_finds_crops():
+    from defectscope.provenance import locate_patches, match_template
+
+    rng = np.random.default_rng(9)
+    frame = rng.normal(size=(150, 170))
+    crops = np.stack([frame[10:42, 100:132], frame[77:109, 3:35], rng.normal(size=(32, 32))])
+    positions, scores = locate_patches(frame, crops)
+    assert positions.tolist() == [[10, 100], [77, 3], [-1, -1]]
+    assert scores[0] == pytest.approx(1.0) and scores[2] < 0.5
+    # brute-force check of one correlation value
+    t = crops[1] - crops[1].mean()
+    w = frame[5:37, 60:92] - frame[5:37, 60:92].mean()
+    brute = (t * w).sum() / np.sqrt((t**2).sum() * (w**2).sum())
+    assert match_template(frame, crops[1])[5, 60] == pytest.approx(brute, abs=1e-9)

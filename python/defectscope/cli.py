@@ -97,17 +97,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from defectscope.datasets import dataset_folder, load_patches, locate_upstream
+    from defectscope.datasets import DATASET_FRAMES, dataset_folder, load_patches, locate_upstream
     from defectscope.study import run_study
 
+    frame = None
     if args.data is not None and not (Path(args.data) / "Image Data").is_dir():
         folder = Path(args.data)
     else:
-        folder = dataset_folder(locate_upstream(args.data), args.dataset)
+        upstream = locate_upstream(args.data)
+        folder = dataset_folder(upstream, args.dataset)
+        frame = upstream / DATASET_FRAMES[args.dataset]
+        frame = frame if frame.is_file() else None
     patches = load_patches(folder, skip_bad=args.skip_bad)
     _report_skipped(patches)
     print(f"{folder}: {len(patches.labels)} patches, classes {patches.counts()}")
-    report = run_study(patches, args.out, _train_config(args), dataset_name=args.dataset)
+    report = run_study(
+        patches, args.out, _train_config(args), dataset_name=args.dataset, frame=frame
+    )
     print((Path(args.out) / "summary.md").read_text())
     print(f"wall time {report['wall_time_s']} s; results in {args.out}")
     return 0

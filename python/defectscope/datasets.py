@@ -27,6 +27,8 @@ UPSTREAM_ARCHIVE = (
     "https://github.com/RAW-Ayyubi/defect-classification-in-stem-images/archive/refs/heads/main.zip"
 )
 DATASET_FOLDERS = {"cdte": "DataSet_CdTe", "sto": "DataSet_STO"}
+# The large frames many of each dataset's patches were cropped from.
+DATASET_FRAMES = {"cdte": "CdTe_Training_Image.tif", "sto": "STO_Training_Image.jpg"}
 _NUMBERED = re.compile(r"^(?P<label>.+)_(?P<index>\d+)$")
 
 

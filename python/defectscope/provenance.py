@@ -1,0 +1,89 @@
+"""Where patches were cut from: locating crops in a large frame.
+
+Used to check a defect map against ground truth that the public data carries
+implicitly: its labelled patches are crops of the large frames, so the frame
+positions of the crops of each class say where that class must be mapped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.signal import fftconvolve
+
+
+def match_template(frame: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """Normalized cross-correlation of ``template`` at every valid position of ``frame``.
+
+    Returns an array of shape ``(H - h + 1, W - w + 1)`` in [-1, 1]; flat frame
+    windows give 0.
+    """
+    frame = np.asarray(frame, dtype=np.float64)
+    t = np.asarray(template, dtype=np.float64)
+    t = t - t.mean()
+    h, w = t.shape
+    n = t.size
+    numerator = fftconvolve(frame, t[::-1, ::-1], mode="valid")
+    # Sums over every h x w window from integral images.
+    integral = np.pad(frame, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    integral_sq = np.pad(frame**2, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+
+    def window_sum(s: np.ndarray) -> np.ndarray:
+        return s[h:, w:] - s[:-h, w:] - s[h:, :-w] + s[:-h, :-w]
+
+    s1, s2 = window_sum(integral), window_sum(integral_sq)
+    variance_sum = np.maximum(s2 - s1**2 / n, 0.0)
+    denominator = np.sqrt(variance_sum * (t**2).sum())
+    return np.where(denominator > 1e-9 * n, numerator / np.maximum(denominator, 1e-300), 0.0)
+
+
+def locate_patches(
+    frame: np.ndarray, patches: np.ndarray, threshold: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``(row, col)`` of each patch in ``frame`` and its correlation.
+
+    Patches whose best correlation is below ``threshold`` were not cut from this
+    frame; their position is ``(-1, -1)``.
+    """
+    positions = np.full((len(patches), 2), -1, dtype=np.int64)
+    scores = np.zeros(len(patches))
+    for i, patch in enumerate(patches):
+        ncc = match_template(frame, patch)
+        best = int(ncc.argmax())
+        scores[i] = ncc.flat[best]
+        if scores[i] >= threshold:
+            positions[i] = np.unravel_index(best, ncc.shape)
+    return positions, scores
+
+
+def recall_at_sources(
+    result, positions: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> dict[str, dict[str, float | None]]:
+    """Per class: of the crops located in the frame, how many the map labels correctly.
+
+    Each located crop is compared with the map's window whose origin is nearest
+    to the crop's position (at most half a stride away).
+
+    Parameters
+    ----------
+    result : MapResult
+        Map of the frame the crops were located in.
+    positions : ndarray, shape (n, 2)
+        From :func:`locate_patches`; ``-1`` rows are ignored.
+    labels : ndarray of int, shape (n,)
+        Class index of each crop in ``classes``.
+    classes : list of str
+        Names of ``labels``; must be among the map's classes.
+    """
+    origins = result.origins.astype(np.float64)
+    predicted = result.labels.ravel()
+    report = {}
+    for index, name in enumerate(classes):
+        located = positions[(labels == index) & (positions[:, 0] >= 0)]
+        if len(located) == 0:
+            report[name] = {"located": 0, "recovered": None}
+            continue
+        distance = ((located[:, None, :] - origins[None]) ** 2).sum(-1)
+        nearest = predicted[distance.argmin(axis=1)]
+        hits = np.mean([result.classes[k] == name for k in nearest])
+        report[name] = {"located": len(located), "recovered": float(hits)}
+    return report
