@@ -33,13 +33,14 @@ def lattice(
     return image
 
 
-def toy_patches(n_per_class: int = 12, seed: int = 0) -> PatchSet:
+def toy_patches(n_per_class: int = 12, seed: int = 0, noise: float = 0.05) -> PatchSet:
     """Class 0: clean lattice; class 1: lattice with a vacancy in the centre."""
     images, labels = [], []
+    vacancy = [(3, 3), (3, 4), (4, 3), (4, 4)]
     for i in range(n_per_class):
-        images.append(lattice((64, 64), seed=seed * 1000 + i))
+        images.append(lattice((64, 64), noise=noise, seed=seed * 1000 + i))
         labels.append(0)
-        images.append(lattice((64, 64), vacancies=[(3, 3), (3, 4), (4, 3), (4, 4)], seed=i + 500))
+        images.append(lattice((64, 64), vacancies=vacancy, noise=noise, seed=seed * 1000 + 500 + i))
         labels.append(1)
     images = (np.stack(images) * 200).clip(0, 255).astype(np.uint8)
     return PatchSet(

@@ -219,6 +219,53 @@ def cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from defectscope.cluster_run import cluster_dataset, cluster_frame, is_frame
+
+    common = {
+        "k": args.k,
+        "k_range": (args.k_min, args.k_max),
+        "variance": args.variance,
+        "backend": args.backend,
+        "seed": args.seed,
+    }
+    if is_frame(args.source):
+        report = cluster_frame(args.source, args.model, args.out, stride=args.stride, **common)
+    elif Path(args.source).is_dir():
+        report = cluster_dataset(args.source, args.model, args.out, **common)
+    else:
+        raise ValueError(f"{args.source}: neither a frame file nor a patch dataset folder")
+    learned = report["learned"]
+    line = f"k = {learned['k']} (silhouette {learned['silhouette'][str(learned['k'])]:.3f})"
+    if report["kind"] == "dataset":
+        raw = report["raw_pixels"]
+        line += (
+            f"; ARI/NMI learned {learned['ari']:.3f}/{learned['nmi']:.3f}, "
+            f"raw pixels {raw['ari']:.3f}/{raw['nmi']:.3f}"
+        )
+    print(f"{line} -> {args.out}")
+    return 0
+
+
+def cmd_roi(args: argparse.Namespace) -> int:
+    from defectscope.detector import Detector
+    from defectscope.io import atomic_write_json, read_image
+
+    frame = read_image(args.frame)
+    with Detector.load(args.artifact, backend=args.backend, background=args.background) as det:
+        rois = det.rois(frame, args.top, args.stride, args.min_spacing, args.pixel_size, args.unit)
+    atomic_write_json(args.out, rois)
+    print(f"{len(rois)} ROIs -> {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from defectscope.report import write_report
+
+    print(f"report -> {write_report(args.run_dir, args.out)}")
+    return 0
+
+
 def _report_skipped(patches) -> None:
     for path, reason in patches.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -306,6 +353,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--background", help="name of the defect-free class")
     p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("cluster", help="cluster embeddings of a patch dataset or a frame")
+    p.add_argument("source", type=Path, help="patch dataset folder or frame file")
+    p.add_argument("--model", type=Path, required=True, help="model dir, .onnx or engine")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--k", type=int, help="fixed number of clusters (default: by silhouette)")
+    p.add_argument("--k-min", type=int, default=2)
+    p.add_argument("--k-max", type=int, default=10)
+    p.add_argument("--variance", type=float, default=0.95, help="PCA variance kept")
+    p.add_argument("--stride", type=int, default=16, help="window stride for frames")
+    p.add_argument(
+        "--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"], default="auto"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("roi", help="rank regions of interest in a frame")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("frame", type=Path)
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--out", type=Path, required=True, help="rois.json to write")
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--min-spacing", type=float, help="pixels between ROI centres (default: patch)")
+    p.add_argument("--pixel-size", type=float, help="frame pixel size, for calibrated centres")
+    p.add_argument("--unit", default="nm")
+    p.add_argument(
+        "--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"], default="auto"
+    )
+    p.add_argument("--background", help="name of the defect-free class")
+    p.set_defaults(func=cmd_roi)
+
+    p = sub.add_parser("report", help="self-contained HTML report of a run directory")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, help="HTML file (default RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("study", help="random versus grouped split on the public data")
     p.add_argument("--dataset", default="cdte", choices=["cdte", "sto"])

@@ -214,6 +214,21 @@ class Detector:
             timing_ms={"total": total, "tiling_wait": waited * 1000, "engine": engine_time * 1000},
         )
 
+    def rois(
+        self,
+        frame: np.ndarray,
+        k: int = 5,
+        stride: int = 16,
+        min_spacing: float | None = None,
+        pixel_size: float | None = None,
+        unit: str | None = None,
+    ) -> list[dict]:
+        """Map ``frame`` and return its ``k`` best regions of interest (see :mod:`rois`)."""
+        from defectscope.rois import select_rois
+
+        result = self.map(frame, stride=stride, keep_embeddings=True)
+        return select_rois(result, k, min_spacing, pixel_size=pixel_size, unit=unit)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 

@@ -74,6 +74,21 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return float(ece)
 
 
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict:
+    """Mean confidence, accuracy and count of each non-empty confidence bin."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    out: dict[str, list] = {"confidence": [], "accuracy": [], "count": []}
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            out["confidence"].append(float(confidence[mask].mean()))
+            out["accuracy"].append(float(correct[mask].mean()))
+            out["count"].append(int(mask.sum()))
+    return out
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature minimizing the negative log-likelihood of ``softmax(logits / T)``."""
 
@@ -90,12 +105,16 @@ def calibration_report(
 ) -> dict:
     """ECE on the test set before and after temperature scaling fitted on validation."""
     temperature = fit_temperature(val_logits, val_labels)
+    before = softmax(test_logits, axis=1)
+    after = softmax(test_logits / temperature, axis=1)
     return {
         "temperature": temperature,
-        "ece_before": expected_calibration_error(softmax(test_logits, axis=1), test_labels),
-        "ece_after": expected_calibration_error(
-            softmax(test_logits / temperature, axis=1), test_labels
-        ),
+        "ece_before": expected_calibration_error(before, test_labels),
+        "ece_after": expected_calibration_error(after, test_labels),
+        "reliability": {
+            "before": reliability_bins(before, test_labels),
+            "after": reliability_bins(after, test_labels),
+        },
     }
 
 

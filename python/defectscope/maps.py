@@ -16,6 +16,43 @@ from scipy import ndimage
 from defectscope.detector import MapResult
 
 
+def label_regions(result: MapResult) -> tuple[np.ndarray, int]:
+    """Connected components (8-neighbourhood) of non-background windows on the grid."""
+    labels = result.labels
+    if result.background is not None:
+        defect = labels != result.classes.index(result.background)
+    else:
+        defect = np.ones_like(labels, dtype=bool)
+    return ndimage.label(defect, structure=np.ones((3, 3), dtype=int))
+
+
+def region_record(result: MapResult, mask: np.ndarray) -> dict:
+    """The JSON record of the region made of the windows in ``mask`` (rows, cols)."""
+    height, width = result.frame_shape
+    size = result.patch_size
+    probs = result.probabilities[mask]
+    if result.background is not None:
+        probs = probs.copy()
+        probs[:, result.classes.index(result.background)] = 0
+    weight = result.defect_probability[mask].astype(np.float64)
+    corners = result.origins.reshape(*result.grid_shape, 2)[mask]
+    centers = corners + (size - 1) / 2.0
+    cy, cx = (centers * weight[:, None]).sum(0) / max(weight.sum(), 1e-12)
+    return {
+        "label": result.classes[int(probs.sum(0).argmax())],
+        "score": float(weight.mean()),
+        "centroid": [float(cy), float(cx)],
+        "bbox": [
+            int(corners[:, 0].min()),
+            int(corners[:, 1].min()),
+            int(corners[:, 0].max() + size),
+            int(corners[:, 1].max() + size),
+        ],
+        "n_windows": int(mask.sum()),
+        "centroid_norm": [float(cy / height), float(cx / width)],
+    }
+
+
 def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
     """Connected regions (8-neighbourhood on the window grid) of non-background windows.
 
@@ -26,44 +63,12 @@ def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
     defect-probability-weighted mean of window centres; the bbox spans the
     windows' pixels (end exclusive). Sorted by score, highest first.
     """
-    labels = result.labels
-    if result.background is not None:
-        defect = labels != result.classes.index(result.background)
-    else:
-        defect = np.ones_like(labels, dtype=bool)
-    components, count = ndimage.label(defect, structure=np.ones((3, 3), dtype=int))
-    weight = result.defect_probability
-    origins = result.origins.reshape(*result.grid_shape, 2)
-    height, width = result.frame_shape
-    size = result.patch_size
-    regions = []
-    for index in range(1, count + 1):
-        mask = components == index
-        if mask.sum() < min_windows:
-            continue
-        probs = result.probabilities[mask]
-        if result.background is not None:
-            probs = probs.copy()
-            probs[:, result.classes.index(result.background)] = 0
-        w = weight[mask].astype(np.float64)
-        corners = origins[mask]
-        centers = corners + (size - 1) / 2.0
-        cy, cx = (centers * w[:, None]).sum(0) / max(w.sum(), 1e-12)
-        regions.append(
-            {
-                "label": result.classes[int(probs.sum(0).argmax())],
-                "score": float(w.mean()),
-                "centroid": [float(cy), float(cx)],
-                "bbox": [
-                    int(corners[:, 0].min()),
-                    int(corners[:, 1].min()),
-                    int(corners[:, 0].max() + size),
-                    int(corners[:, 1].max() + size),
-                ],
-                "n_windows": int(mask.sum()),
-                "centroid_norm": [float(cy / height), float(cx / width)],
-            }
-        )
+    components, count = label_regions(result)
+    regions = [
+        region_record(result, components == index)
+        for index in range(1, count + 1)
+        if (components == index).sum() >= min_windows
+    ]
     regions.sort(key=lambda r: (-r["score"], -r["n_windows"]))
     return regions
 

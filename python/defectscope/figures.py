@@ -1,0 +1,139 @@
+"""Figures shared by clustering, ROI selection and the run report (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def silhouette_curve(scores: dict[int, float], chosen: int, path: str | Path) -> Path:
+    """Silhouette score against k, the chosen k marked."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = sorted(scores)
+    ax.plot(ks, [scores[k] for k in ks], "o-", color="tab:blue")
+    ax.axvline(chosen, color="tab:red", linestyle="--", label=f"chosen k = {chosen}")
+    ax.set_xlabel("k (clusters)")
+    ax.set_ylabel("silhouette score")
+    ax.legend()
+    return save(fig, path)
+
+
+def pca_scatter(
+    coords: np.ndarray,
+    clusters: np.ndarray,
+    path: str | Path,
+    labels: np.ndarray | None = None,
+    label_names: list[str] | None = None,
+) -> Path:
+    """First two PCA components coloured by cluster (and by label, side by side, if given)."""
+    panels = 2 if labels is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False)
+    y = coords[:, 1] if coords.shape[1] > 1 else np.zeros(len(coords))
+    ax = axes[0, 0]
+    scatter = ax.scatter(coords[:, 0], y, c=clusters, cmap="tab10", s=6)
+    ax.legend(*scatter.legend_elements(), title="cluster", fontsize=7, loc="best")
+    ax.set_title("coloured by cluster")
+    if labels is not None:
+        ax = axes[0, 1]
+        for i, name in enumerate(label_names or []):
+            mask = labels == i
+            ax.scatter(coords[mask, 0], y[mask], s=6, label=name, color=plt.cm.tab10(i % 10))
+        ax.legend(fontsize=7, loc="best", markerscale=2)
+        ax.set_title("coloured by label")
+    for ax in axes[0]:
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+    return save(fig, path)
+
+
+def montage(
+    patches: np.ndarray, clusters: np.ndarray, path: str | Path, per_cluster: int = 8, seed: int = 0
+) -> Path:
+    """A row of example patches per cluster."""
+    rng = np.random.default_rng(seed)
+    ks = np.unique(clusters)
+    fig, axes = plt.subplots(
+        len(ks), per_cluster, figsize=(per_cluster * 1.1, len(ks) * 1.2), squeeze=False
+    )
+    for row, k in enumerate(ks):
+        members = np.flatnonzero(clusters == k)
+        chosen = rng.choice(members, size=min(per_cluster, len(members)), replace=False)
+        for col in range(per_cluster):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col < len(chosen):
+                ax.imshow(patches[chosen[col]], cmap="gray")
+            if col == 0:
+                ax.set_ylabel(f"{k} (n={len(members)})", fontsize=8)
+    return save(fig, path)
+
+
+def grid_map(
+    frame: np.ndarray, values: np.ndarray, rows: np.ndarray, cols: np.ndarray, path, title: str
+) -> Path:
+    """Frame with a categorical per-window map laid over it (pixel -> nearest window)."""
+    fig, ax = plt.subplots(figsize=(7, 7 * frame.shape[0] / frame.shape[1] + 0.5))
+    ax.imshow(frame, cmap="gray")
+    image = ax.imshow(values[np.ix_(rows, cols)], cmap="tab10", alpha=0.45, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="cluster")
+    ax.set_axis_off()
+    ax.set_title(title)
+    return save(fig, path)
+
+
+def training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Loss and accuracy per epoch, training and validation."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.3))
+    epochs = [h["epoch"] for h in history]
+    for key, ax in (("loss", a), ("accuracy", b)):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
+        if history and f"val_{key}" in history[0]:
+            ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.legend()
+    fig.suptitle(title)
+    return save(fig, path)
+
+
+def confusion(matrix: list[list[int]], classes: list[str], path: str | Path, title: str) -> Path:
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.55 * len(classes)))
+    ax.imshow(m, cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return save(fig, path)
+
+
+def reliability(bins: dict, path: str | Path, title: str) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, before and after T."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k:", label="perfect")
+    for key, style in (("before", "o-"), ("after", "s-")):
+        data = bins.get(key)
+        if data:
+            ax.plot(data["confidence"], data["accuracy"], style, label=f"{key} scaling")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return save(fig, path)

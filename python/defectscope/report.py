@@ -1,0 +1,215 @@
+"""One self-contained HTML report of a run directory (figures embedded as data URIs).
+
+Reads what the other commands wrote under a run directory: ``study.json`` and the
+two model directories (training curves, tables, confusion matrices, calibration),
+``frame_map/`` (defect-map overlay), ``cluster/`` (silhouette curve, PCA, montage)
+and ``rois.json``. Missing parts are reported as missing, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from defectscope import figures
+from defectscope.io import atomic_write_text
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
+.missing { color: #a33; font-style: italic; }
+.grid { display: flex; flex-wrap: wrap; gap: 1em; }
+.grid > div { flex: 1 1 45%; }
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return f'<p class="missing">{html.escape(alt)}: not found ({html.escape(path.name)})</p>'
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
+    parts = [
+        "<h2>Evaluation: random versus grouped split</h2>",
+        f"<p>{study['n_patches']} patches in {study['n_groups']} independent groups "
+        f"(overlap threshold {study['overlap_threshold']}). The random split tests on "
+        "near-copies of training crops; the grouped split on regions never trained on.</p>",
+    ]
+    grouped, rnd = study["grouped"], study["random"]
+    evaluable = grouped["split"]["evaluable_classes"]
+    rows = []
+    for c in study["classes"]:
+        g = grouped["metrics"]["per_class"][c]
+        rows.append(
+            [
+                c,
+                study["counts"][c],
+                study["groups_per_class"][c],
+                rnd["metrics"]["per_class"][c]["f1"],
+                g["f1"] if c in evaluable else "not evaluable",
+            ]
+        )
+    parts.append(_table(["class", "patches", "groups", "random F1", "grouped F1"], rows))
+    rows = []
+    for name, part in (("random", rnd), ("grouped", grouped)):
+        m, cal = part["metrics"], part["calibration"]
+        rows.append(
+            [
+                name,
+                part["split"]["n_test"],
+                m["accuracy"],
+                m["macro_f1"],
+                cal["ece_before"],
+                cal["ece_after"],
+                cal["temperature"],
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "split",
+                "test patches",
+                "accuracy",
+                "macro-F1",
+                "ECE before",
+                "ECE after",
+                "temperature",
+            ],
+            rows,
+        )
+    )
+    parts.append('<div class="grid">')
+    for name, part in (("random", rnd), ("grouped", grouped)):
+        cm = figures.confusion(
+            part["metrics"]["confusion"],
+            study["classes"],
+            scratch / f"cm_{name}.png",
+            f"confusion, {name} split (test)",
+        )
+        parts.append(f"<div><h3>{name} split</h3>{_img(cm, f'confusion {name}')}")
+        reliability = part["calibration"].get("reliability")
+        if reliability:
+            fig = figures.reliability(
+                reliability, scratch / f"rel_{name}.png", f"calibration, {name} split"
+            )
+            parts.append(_img(fig, f"reliability {name}"))
+        model = _read_json(Path(part["model_dir"]) / "model.json") or _read_json(
+            run / ("model" if name == "grouped" else "model_random") / "model.json"
+        )
+        if model and model.get("history"):
+            fig = figures.training_curves(
+                model["history"], scratch / f"train_{name}.png", f"training, {name} split"
+            )
+            parts.append(_img(fig, f"training curves {name}"))
+        parts.append("</div>")
+    parts.append("</div>")
+    return parts
+
+
+def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Write ``report.html`` for a run directory and return its path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"{run}: run directory not found")
+    study = _read_json(run / "study.json")
+    output = Path(output) if output is not None else run / "report.html"
+    title = f"defectscope run: {study['dataset'] if study else run.name}"
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        if study:
+            parts += _study_section(run, study, scratch)
+            check = study.get("frame_check")
+            if check:
+                parts.append("<h2>Defect map of the large frame</h2>")
+                parts.append(_img(run / "frame_map" / "overlay.png", "defect map overlay"))
+                rows = [
+                    [c, r["located"], r["recovered"]]
+                    for c, r in check["recall_at_crop_sources"].items()
+                    if r["located"]
+                ]
+                parts.append(
+                    "<p>Share of each class's crops whose nearest window gets that "
+                    "class (the crops are training data: localization, not "
+                    "generalization).</p>"
+                )
+                parts.append(_table(["class", "crops located", "labelled correctly"], rows))
+        else:
+            parts.append('<p class="missing">study.json not found: no evaluation.</p>')
+        cluster = _read_json(run / "cluster" / "cluster.json")
+        parts.append("<h2>Clustering of embeddings</h2>")
+        if cluster:
+            learned = cluster["learned"]
+            rows = [
+                ["learned embedding", learned["k"], learned.get("ari", ""), learned.get("nmi", "")]
+            ]
+            if "raw_pixels" in cluster:
+                raw = cluster["raw_pixels"]
+                rows.append(["raw pixels (baseline)", raw["k"], raw["ari"], raw["nmi"]])
+            parts.append(_table(["features", "chosen k", "ARI", "NMI"], rows))
+            parts.append('<div class="grid">')
+            for name in ("silhouette", "pca", "montage"):
+                parts.append(f"<div>{_img(run / 'cluster' / f'{name}.png', name)}</div>")
+            parts.append("</div>")
+        else:
+            parts.append('<p class="missing">cluster/cluster.json not found.</p>')
+        rois = _read_json(run / "rois.json")
+        parts.append("<h2>Regions of interest</h2>")
+        if rois is not None:
+            rows = [
+                [
+                    r["rank"],
+                    r["label"],
+                    r["score"],
+                    r["defect_probability"],
+                    r["novelty"],
+                    f"({r['center'][0]:.0f}, {r['center'][1]:.0f})",
+                    f"({r['center_norm'][0]:.3f}, {r['center_norm'][1]:.3f})",
+                ]
+                for r in rois
+            ]
+            parts.append(
+                _table(
+                    [
+                        "rank",
+                        "label",
+                        "score",
+                        "p(defect)",
+                        "novelty",
+                        "centre (y, x) px",
+                        "centre (y, x) norm",
+                    ],
+                    rows,
+                )
+            )
+        else:
+            parts.append('<p class="missing">rois.json not found.</p>')
+    body = "\n".join(parts)
+    document = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body>{body}</body></html>\n"
+    )
+    atomic_write_text(output, document)
+    return output

@@ -1,0 +1,130 @@
+"""Ranking regions of interest for closed-loop microscopy.
+
+A region of interest (ROI) is a defect region of the map (see :mod:`maps`) with
+a score that says where to look next:
+
+``score = w_p * defect_probability + w_s * size + w_n * novelty``
+
+- ``defect_probability``: mean 1 - p(background) of the region's windows;
+- ``size = n / (n + 4)`` for a region of ``n`` windows (0.5 at four windows);
+- ``novelty = d / (d + d_bulk)``: ``d`` is the distance of the region's mean
+  embedding from the bulk centroid (mean embedding of background windows, or the
+  median embedding of all windows when none are labelled background) and
+  ``d_bulk`` the mean distance of background windows from that centroid; 0.5
+  means "as far as ordinary bulk varies", near 1 means unlike anything in bulk.
+
+Default weights are 0.5, 0.2 and 0.3. Regions are taken best first, skipping any
+whose centre lies closer than ``min_spacing`` pixels to one already taken, so a
+microscope is not sent to the same place twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from defectscope.detector import MapResult
+from defectscope.maps import label_regions, region_record
+
+
+@dataclasses.dataclass(frozen=True)
+class RoiWeights:
+    """Weights of the ROI score's three terms."""
+
+    probability: float = 0.5
+    size: float = 0.2
+    novelty: float = 0.3
+
+
+def _bulk_reference(result: MapResult) -> tuple[np.ndarray, float]:
+    embeddings = result.embeddings.reshape(-1, result.embeddings.shape[-1]).astype(np.float64)
+    if result.background is not None:
+        bulk = embeddings[result.labels.ravel() == result.classes.index(result.background)]
+    else:
+        bulk = embeddings[:0]
+    if len(bulk) == 0:
+        centroid = np.median(embeddings, axis=0)
+        spread = float(np.median(np.linalg.norm(embeddings - centroid, axis=1)))
+    else:
+        centroid = bulk.mean(axis=0)
+        spread = float(np.linalg.norm(bulk - centroid, axis=1).mean())
+    return centroid, max(spread, 1e-9)
+
+
+def select_rois(
+    result: MapResult,
+    top: int = 5,
+    min_spacing: float | None = None,
+    weights: RoiWeights = RoiWeights(),
+    pixel_size: float | None = None,
+    unit: str | None = None,
+) -> list[dict]:
+    """The ``top`` regions of interest of a map, best first.
+
+    Parameters
+    ----------
+    result : MapResult
+        A map made with embeddings kept.
+    top : int
+        Number of ROIs wanted.
+    min_spacing : float, optional
+        Least distance in pixels between ROI centres (default: the patch size).
+    weights : RoiWeights
+    pixel_size : float, optional
+        Frame pixel size; adds calibrated centres in ``unit``.
+    unit : str, optional
+        Unit of ``pixel_size`` (for example ``"nm"``).
+
+    Returns
+    -------
+    list of dict
+        ``{"rank", "label", "score", "defect_probability", "size", "novelty",
+        "center": [y, x], "center_norm": [y/H, x/W], "center_norm_xy": [x/W, y/H],
+        "bbox", "n_windows"}``, plus ``"center_calibrated": [y, x]`` and ``"unit"``
+        with a pixel size.
+    """
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    if result.embeddings is None:
+        raise ValueError("ROI novelty needs embeddings: map with keep_embeddings=True")
+    spacing = float(result.patch_size if min_spacing is None else min_spacing)
+    centroid, spread = _bulk_reference(result)
+    components, count = label_regions(result)
+    height, width = result.frame_shape
+    candidates = []
+    for index in range(1, count + 1):
+        mask = components == index
+        record = region_record(result, mask)
+        distance = float(np.linalg.norm(result.embeddings[mask].mean(axis=0) - centroid))
+        novelty = distance / (distance + spread)
+        size = record["n_windows"] / (record["n_windows"] + 4.0)
+        score = (
+            weights.probability * record["score"] + weights.size * size + weights.novelty * novelty
+        )
+        cy, cx = record["centroid"]
+        roi = {
+            "label": record["label"],
+            "score": float(score),
+            "defect_probability": record["score"],
+            "size": float(size),
+            "novelty": float(novelty),
+            "center": [cy, cx],
+            "center_norm": [min(max(cy / height, 0.0), 1.0), min(max(cx / width, 0.0), 1.0)],
+            "bbox": record["bbox"],
+            "n_windows": record["n_windows"],
+        }
+        roi["center_norm_xy"] = roi["center_norm"][::-1]
+        if pixel_size is not None:
+            roi["center_calibrated"] = [cy * pixel_size, cx * pixel_size]
+            roi["unit"] = unit or "px"
+        candidates.append(roi)
+    candidates.sort(key=lambda r: -r["score"])
+    chosen: list[dict] = []
+    for roi in candidates:
+        y, x = roi["center"]
+        if all(np.hypot(y - c["center"][0], x - c["center"][1]) >= spacing for c in chosen):
+            chosen.append({"rank": len(chosen) + 1, **roi})
+        if len(chosen) == top:
+            break
+    return chosen

@@ -1,0 +1,207 @@
+"""Clustering, ROI selection and the HTML report (checked in a real browser)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tifffile
+
+from defectscope.cli import main
+from defectscope.cluster import cluster_embeddings
+from defectscope.detector import MapResult
+from defectscope.rois import RoiWeights, select_rois
+from defectscope.tiling import window_origins
+from tests.synthetic import lattice, toy_patches
+
+
+def test_silhouette_picks_true_k_and_scores_agree_with_sklearn():
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 10, (4, 16))
+    x = np.concatenate([c + rng.normal(0, 1, (60, 16)) for c in centers])
+    truth = np.repeat(np.arange(4), 60)
+    result = cluster_embeddings(x, k_range=(2, 8))
+    assert result.k == 4
+    assert result.agreement(truth)["ari"] > 0.95
+    assert result.silhouette[4] == pytest.approx(
+        silhouette_score(result.coordinates, result.labels)
+    )
+    assert max(result.silhouette, key=result.silhouette.get) == 4
+    fixed = cluster_embeddings(x, k=3)
+    assert fixed.k == 3 and set(fixed.silhouette) == {3}
+
+
+def test_cluster_input_errors():
+    with pytest.raises(ValueError, match="NaN"):
+        cluster_embeddings(np.full((10, 3), np.nan))
+    with pytest.raises(ValueError, match="k must be"):
+        cluster_embeddings(np.random.default_rng(0).normal(size=(10, 3)), k=1)
+
+
+def _map(labels_grid, embeddings, classes=("Bulk", "A")):
+    rows, cols = labels_grid.shape
+    probs = np.full((rows, cols, len(classes)), 0.1, np.float32)
+    for (r, c), label in np.ndenumerate(labels_grid):
+        probs[r, c, label] = 0.9
+    shape = ((rows - 1) * 16 + 64, (cols - 1) * 16 + 64)
+    origins = window_origins(shape, 64, 16)
+    return MapResult(origins, (rows, cols), probs, embeddings, list(classes), "Bulk", shape, 64, {})
+
+
+def test_rois_rank_spacing_novelty_and_calibration():
+    grid = np.zeros((10, 12), int)
+    grid[2, 2] = 1  # small, ordinary-looking defect
+    grid[6:8, 8:10] = 1  # larger defect with an unusual embedding
+    grid[2, 4] = 1  # within 64 px of the first: must be suppressed by spacing
+    emb = np.zeros((10, 12, 4), np.float32)
+    emb[..., 0] = np.random.default_rng(1).normal(0, 0.1, (10, 12))
+    emb[6:8, 8:10, 1] = 5.0
+    result = _map(grid, emb)
+    rois = select_rois(result, top=5, pixel_size=0.02, unit="nm")
+    assert [r["rank"] for r in rois] == [1, 2]
+    best = rois[0]
+    assert best["n_windows"] == 4 and best["novelty"] > 0.9
+    y, x = best["center"]
+    assert (y, x) == pytest.approx((6 * 16 + 31.5 + 8, 8 * 16 + 31.5 + 8))
+    height, width = result.frame_shape
+    assert best["center_norm"] == pytest.approx([y / height, x / width])
+    assert best["center_norm_xy"] == pytest.approx([x / width, y / height])
+    assert best["center_calibrated"] == pytest.approx([y * 0.02, x * 0.02]) and best["unit"] == "nm"
+    expected = 0.5 * best["defect_probability"] + 0.2 * 4 / 8 + 0.3 * best["novelty"]
+    assert best["score"] == pytest.approx(expected)
+    spaced = select_rois(result, top=5, min_spacing=10)
+    assert len(spaced) == 3
+    only_probability = select_rois(result, top=1, weights=RoiWeights(1.0, 0.0, 0.0))
+    assert only_probability[0]["score"] == pytest.approx(only_probability[0]["defect_probability"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A whole demo run on synthetic data: study, export, cluster, roi, report."""
+    from defectscope.study import run_study
+    from defectscope.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("run")
+    patches = toy_patches(8, noise=0.4)  # noisy enough that no two patches look like crops
+    data = root / "DataSet_Toy"
+    data.mkdir()
+    for i, (image, label) in enumerate(zip(patches.images, patches.labels, strict=True)):
+        tifffile.imwrite(data / f"{patches.classes[label]}_{i}.tif", image)
+    frame = lattice((128, 128), vacancies=[(7, 7), (7, 8), (8, 7), (8, 8)], seed=3) * 200
+    frame_path = root / "frame.tif"
+    tifffile.imwrite(frame_path, frame.clip(0, 255).astype(np.uint8))
+    run = root / "toy"
+    config = TrainConfig(epochs=2, batch_size=8, precision="fp32")
+    run_study(patches, run, config, "toy", progress=False, frame=frame_path)
+    assert (
+        main(
+            [
+                "cluster",
+                str(data),
+                "--model",
+                str(run / "model"),
+                "--out",
+                str(run / "cluster"),
+                "--k-max",
+                "4",
+                "--backend",
+                "torch",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "roi",
+                str(run / "model"),
+                str(frame_path),
+                "--top",
+                "3",
+                "--out",
+                str(run / "rois.json"),
+                "--pixel-size",
+                "0.05",
+            ]
+        )
+        == 0
+    )
+    assert main(["report", str(run)]) == 0
+    return run
+
+
+def test_cluster_outputs_compare_with_raw_pixels(run_dir):
+    report = json.loads((run_dir / "cluster" / "cluster.json").read_text())
+    for key in ("learned", "raw_pixels"):
+        assert {"k", "ari", "nmi", "silhouette"} <= set(report[key])
+        assert 2 <= report[key]["k"] <= 4
+    rows = (run_dir / "cluster" / "clusters.csv").read_text().splitlines()
+    assert rows[0].startswith("item,cluster,pc1") and len(rows) == 1 + 16
+    for name in ("silhouette", "pca", "montage"):
+        assert (run_dir / "cluster" / f"{name}.png").stat().st_size > 1000
+
+
+def test_roi_cli_json(run_dir):
+    rois = json.loads((run_dir / "rois.json").read_text())
+    assert len(rois) <= 3
+    for roi in rois:
+        assert 0 <= roi["center_norm"][0] <= 1 and 0 <= roi["center_norm"][1] <= 1
+        assert roi["unit"] == "nm"
+        assert roi["center_calibrated"][0] == pytest.approx(roi["center"][0] * 0.05)
+
+
+def _chromium() -> str | None:
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
+
+
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    html = (run_dir / "report.html").read_text()
+    n_images = html.count("<img ")
+    assert n_images >= 8 and "data:image/png;base64," in html
+    assert 'src="http' not in html  # self-contained
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        html.replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => { const i = [...document.images];"
+            " document.body.dataset.images = i.length + ':' +"
+            " i.filter(x => x.complete && x.naturalWidth > 0).length; });</script></body>",
+        )
+    )
+    out = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    match = re.search(r'data-images="(\d+):(\d+)"', out.stdout)
+    assert match, out.stderr[-2000:]
+    total, loaded = map(int, match.groups())
+    assert total == n_images and loaded == total
