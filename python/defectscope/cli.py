@@ -259,6 +259,16 @@ def cmd_roi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from defectscope.pipeline import run_pipeline
+
+    config = _train_config(args)
+    for dataset in args.dataset:
+        report = run_pipeline(dataset, args.out / dataset, args.data, config, args.top)
+        print(f"{dataset}: report -> {report}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from defectscope.report import write_report
 
@@ -383,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--background", help="name of the defect-free class")
     p.set_defaults(func=cmd_roi)
+
+    p = sub.add_parser("demo", help="the main job: study, export, cluster, ROIs, report")
+    p.add_argument("--dataset", nargs="+", default=["cdte", "sto"], choices=["cdte", "sto"])
+    p.add_argument("--data", default=None, help="public data folder (else found or downloaded)")
+    p.add_argument("--out", type=Path, default=Path("runs"))
+    p.add_argument("--top", type=int, default=10, help="ROIs to rank in the large frame")
+    _add_training_options(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="self-contained HTML report of a run directory")
     p.add_argument("run_dir", type=Path)

@@ -158,6 +158,20 @@ def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
                 parts.append(_table(["class", "crops located", "labelled correctly"], rows))
         else:
             parts.append('<p class="missing">study.json not found: no evaluation.</p>')
+        export = _read_json(run / "model" / "export.json")
+        if export:
+            parts.append("<h2>Exported engines</h2>")
+            rows = [
+                ["ONNX FP32 vs PyTorch", "max |Δp|", export["onnx"]["max_abs_diff_probabilities"]]
+            ]
+            if "int8" in export:
+                q = export["int8"]
+                rows += [
+                    ["ONNX INT8 vs FP32", "agreement", q["agreement"]],
+                    ["FP32 accuracy (held-out patches)", "accuracy", q["accuracy_reference"]],
+                    ["INT8 accuracy (held-out patches)", "accuracy", q["accuracy_candidate"]],
+                ]
+            parts.append(_table(["comparison", "measure", "value"], rows))
         cluster = _read_json(run / "cluster" / "cluster.json")
         parts.append("<h2>Clustering of embeddings</h2>")
         if cluster:

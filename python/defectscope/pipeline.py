@@ -1,0 +1,72 @@
+"""The main job, end to end, for one public dataset.
+
+study (random vs grouped split, frame map) -> ONNX + INT8 export -> clustering of
+the patches -> ROIs of the large frame -> HTML report, all under one run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from defectscope.train import TrainConfig
+
+
+def run_pipeline(
+    dataset: str,
+    out_dir: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    config: TrainConfig = TrainConfig(),
+    top_rois: int = 10,
+    calibration_size: int = 256,
+) -> Path:
+    """Run every step of the demo for ``dataset`` ('cdte' or 'sto'); returns the report path."""
+    from defectscope.cluster_run import cluster_dataset
+    from defectscope.datasets import DATASET_FRAMES, dataset_folder, load_patches, locate_upstream
+    from defectscope.detector import Detector
+    from defectscope.export import compare_engines, export_onnx, quantize_onnx_int8
+    from defectscope.io import atomic_write_json, read_image
+    from defectscope.report import write_report
+    from defectscope.study import run_study
+    from defectscope.train import patches_to_inputs
+
+    out = Path(out_dir)
+    upstream = locate_upstream(data)
+    folder = dataset_folder(upstream, dataset)
+    frame_path = upstream / DATASET_FRAMES[dataset.lower()]
+    frame_path = frame_path if frame_path.is_file() else None
+    patches = load_patches(folder)
+    print(f"{folder}: {len(patches.labels)} patches, classes {patches.counts()}")
+    run_study(patches, out, config, dataset_name=dataset, frame=frame_path)
+    print((out / "summary.md").read_text())
+
+    model_dir = out / "model"
+    inputs = patches_to_inputs(patches.images, config.normalization)
+    order = np.random.default_rng(config.seed).permutation(len(inputs))
+    calib, held = order[:calibration_size], order[calibration_size:]
+    export = {"onnx": export_onnx(model_dir, model_dir / "model.onnx", inputs[held[:64]])}
+    quantize_onnx_int8(model_dir / "model.onnx", model_dir / "model.int8.onnx", inputs[calib])
+    export["int8"] = {
+        "n_calibration": len(calib),
+        **compare_engines(
+            model_dir / "model.onnx",
+            model_dir / "model.int8.onnx",
+            inputs[held],
+            patches.labels[held],
+        ),
+    }
+    atomic_write_json(model_dir / "export.json", export)
+    print(f"export: {export}")
+
+    cluster = cluster_dataset(folder, model_dir, out / "cluster", backend="torch")
+    print(
+        f"clusters: learned {cluster['learned']['k']} (ARI {cluster['learned']['ari']:.3f}), "
+        f"raw pixels {cluster['raw_pixels']['k']} (ARI {cluster['raw_pixels']['ari']:.3f})"
+    )
+    if frame_path is not None:
+        with Detector.load(model_dir, backend="auto") as det:
+            rois = det.rois(read_image(frame_path), k=top_rois, stride=16)
+        atomic_write_json(out / "rois.json", rois)
+    return write_report(out)
