@@ -14,6 +14,7 @@ import numpy as np
 
 from defectscope import __version__
 
+BACKEND_CHOICES = ["auto", "torch", "onnxruntime", "tensorrt"]
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, OSError, RuntimeError)
 
 
@@ -357,9 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("frame", type=Path)
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument(
-        "--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"], default="auto"
-    )
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--background", help="name of the defect-free class")
     p.set_defaults(func=cmd_map)
@@ -373,9 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-max", type=int, default=10)
     p.add_argument("--variance", type=float, default=0.95, help="PCA variance kept")
     p.add_argument("--stride", type=int, default=16, help="window stride for frames")
-    p.add_argument(
-        "--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"], default="auto"
-    )
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_cluster)
 
@@ -388,9 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-spacing", type=float, help="pixels between ROI centres (default: patch)")
     p.add_argument("--pixel-size", type=float, help="frame pixel size, for calibrated centres")
     p.add_argument("--unit", default="nm")
-    p.add_argument(
-        "--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"], default="auto"
-    )
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--background", help="name of the defect-free class")
     p.set_defaults(func=cmd_roi)
 
