@@ -100,9 +100,9 @@ def training_curves(history: list[dict], path: str | Path, title: str = "") -> P
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.3))
     epochs = [h["epoch"] for h in history]
     for key, ax in (("loss", a), ("accuracy", b)):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], ".-", label="train")
         if history and f"val_{key}" in history[0]:
-            ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+            ax.plot(epochs, [h[f"val_{key}"] for h in history], ".-", label="validation")
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.legend()

@@ -1,0 +1,135 @@
+"""Print benchmark results as ratios to their baselines from the same run.
+
+Usage::
+
+    .venv/bin/python benchmarks/compare.py benchmarks/results/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def machine() -> str:
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+    shown = ", ".join(f for f in wanted if f in flags) or "none of note"
+    return f"{model}; {os.cpu_count()} cores; flags: {shown}"
+
+
+def load(paths: list[str]) -> list[dict]:
+    rows = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for bench in data["benchmarks"]:
+            rows.append(
+                {
+                    "file": Path(path).name,
+                    "name": bench["name"],
+                    "group": bench.get("group") or "",
+                    "params": bench.get("params") or {},
+                    "mean": bench["stats"]["mean"],
+                    "min": bench["stats"]["min"],
+                    "extra": bench.get("extra_info") or {},
+                }
+            )
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    lines = [f"machine: {machine()}", ""]
+    tiling = [r for r in rows if r["name"].startswith("test_tile_2048")]
+    if tiling:
+        lines += [
+            "## tiler (2048^2 uint16): C++ vs numpy",
+            "",
+            "| mode | stride | numpy s | C++ s | speed-up |",
+            "|---|---|---|---|---|",
+        ]
+        by = defaultdict(dict)
+        for r in tiling:
+            by[(r["params"]["mode"], r["params"]["stride"])][r["params"]["impl"]] = r["min"]
+        for (mode, stride), t in sorted(by.items()):
+            if {"cpp", "numpy"} <= set(t):
+                lines.append(
+                    f"| {mode} | {stride} | {t['numpy']:.3f} | {t['cpp']:.3f} | "
+                    f"{t['numpy'] / t['cpp']:.1f}x |"
+                )
+        lines.append("")
+    engines = [r for r in rows if r["name"].startswith("test_engine_throughput")]
+    if engines:
+        lines += [
+            "## engines: patches/s (ratio to torch-fp32 at the same batch)",
+            "",
+            "| engine | batch | patches/s | vs torch-fp32 |",
+            "|---|---|---|---|",
+        ]
+        base = {
+            r["params"]["batch"]: r["params"]["batch"] / r["min"]
+            for r in engines
+            if r["params"]["kind"] == "torch-fp32"
+        }
+        for r in sorted(engines, key=lambda r: (r["params"]["batch"], r["params"]["kind"])):
+            rate = r["params"]["batch"] / r["min"]
+            ratio = (
+                rate / base[r["params"]["batch"]] if r["params"]["batch"] in base else float("nan")
+            )
+            lines.append(
+                f"| {r['params']['kind']} | {r['params']['batch']} | {rate:.1f} | {ratio:.2f}x |"
+            )
+        lines.append("")
+    e2e = [r for r in rows if r["name"].startswith("test_frame_latency")]
+    if e2e:
+        lines += [
+            "## end to end: frame latency (ratio = naive / this)",
+            "",
+            "| frame | stride | implementation | seconds | speed-up vs naive |",
+            "|---|---|---|---|---|",
+        ]
+        by = defaultdict(dict)
+        for r in e2e:
+            by[(r["params"]["size"], r["params"]["stride"])][r["params"]["impl"]] = r["min"]
+        for (size, stride), t in sorted(by.items()):
+            naive = t.get("naive-torch-fp32")
+            for impl, seconds in sorted(t.items()):
+                ratio = f"{naive / seconds:.2f}x" if naive else "n/a"
+                lines.append(f"| {size}^2 | {stride} | {impl} | {seconds:.2f} | {ratio} |")
+        lines.append("")
+    memory = [r for r in rows if r["name"].startswith("test_memmap_16k")]
+    for r in memory:
+        e = r["extra"]
+        lines += [
+            "## memory: 16384^2 uint16 memmap",
+            "",
+            f"stride {e.get('stride')}: {e.get('windows')} windows in "
+            f"{e.get('seconds', 0):.1f} s, peak RSS {e.get('peak_rss_mib', 0):.0f} MiB",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    paths = argv or sorted(str(p) for p in Path("benchmarks/results").glob("*.json"))
+    paths = [p for p in paths if re.search(r"\.json$", p)]
+    if not paths:
+        print("no benchmark JSON found; run the suites first (see README)", file=sys.stderr)
+        return 1
+    print(report(load(paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,32 @@
+"""Fixtures for the benchmark suites: a VGG-16 model directory and its ONNX exports.
+
+Speed does not depend on the weights, so the model is randomly initialized; the
+INT8 model is calibrated on synthetic lattice patches. Accuracy of INT8 on real
+held-out patches is measured by the main job (``runs/<dataset>/model/export.json``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defectscope.checkpoint import ModelConfig, save_checkpoint
+from defectscope.export import export_onnx, quantize_onnx_int8
+from defectscope.model import build_model
+from defectscope.tiling import tile
+from tests.synthetic import lattice
+
+
+@pytest.fixture(scope="session")
+def bench_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bench") / "model"
+    classes = ("Bulk", "LC", "SF1", "SF2", "Twin_Bound", "Vacancy_CdTe", "interstitial")
+    model = build_model(len(classes), architecture="vgg16_bn").eval()
+    save_checkpoint(
+        directory, model, ModelConfig(classes, architecture="vgg16_bn", background_class="Bulk")
+    )
+    export_onnx(directory, directory / "model.onnx")
+    frame = (lattice((512, 512), seed=1) * 200).clip(0, 255).astype(np.uint8)
+    calib = tile(frame, 64, 32)[:128]
+    quantize_onnx_int8(directory / "model.onnx", directory / "model.int8.onnx", calib)
+    return directory
