@@ -12,6 +12,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -45,77 +46,127 @@ struct Job {
   float* out = nullptr;
 };
 
+// Sum with four accumulators: independent chains the CPU can overlap.
+inline double sum4(const double* v, py::ssize_t n) {
+  double a = 0, b = 0, c = 0, d = 0;
+  py::ssize_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    a += v[i];
+    b += v[i + 1];
+    c += v[i + 2];
+    d += v[i + 3];
+  }
+  for (; i < n; ++i) a += v[i];
+  return (a + b) + (c + d);
+}
+
+inline double centered_ss4(const double* v, py::ssize_t n, double mean) {
+  double a = 0, b = 0, c = 0, d = 0;
+  py::ssize_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const double e0 = v[i] - mean, e1 = v[i + 1] - mean, e2 = v[i + 2] - mean,
+                 e3 = v[i + 3] - mean;
+    a += e0 * e0;
+    b += e1 * e1;
+    c += e2 * e2;
+    d += e3 * e3;
+  }
+  for (; i < n; ++i) a += (v[i] - mean) * (v[i] - mean);
+  return (a + b) + (c + d);
+}
+
+// Normalizes one gathered window with some non-finite pixels (the rare, slow path).
+void normalize_with_nonfinite(const Job& job, const double* src, float* out) {
+  const py::ssize_t plane = static_cast<py::ssize_t>(job.patch) * job.patch;
+  const bool zero = job.nan_policy == NanPolicy::kZero;
+  double offset = job.lo, scale = 1.0 / (job.hi - job.lo);
+  if (job.mode == Mode::kZScore) {
+    if (!zero) {
+      offset = std::numeric_limits<double>::quiet_NaN();
+    } else {
+      double sum = 0.0, ss = 0.0;
+      py::ssize_t n = 0;
+      for (py::ssize_t i = 0; i < plane; ++i)
+        if (std::isfinite(src[i])) sum += src[i], ++n;
+      const double mean = n > 0 ? sum / static_cast<double>(n) : 0.0;
+      for (py::ssize_t i = 0; i < plane; ++i)
+        if (std::isfinite(src[i])) ss += (src[i] - mean) * (src[i] - mean);
+      const double sd = n > 0 ? std::sqrt(ss / static_cast<double>(n)) : 0.0;
+      offset = mean;
+      scale = 1.0 / std::max(sd, kStdFloor);
+    }
+  }
+  for (int c = 0; c < job.channels; ++c) {
+    const bool imagenet = job.mode == Mode::kImageNet;
+    const double c_offset = imagenet ? kImageNetMean[c] : 0.0;
+    const double c_scale = imagenet ? 1.0 / kImageNetStd[c] : 1.0;
+    float* dst = out + c * plane;
+    for (py::ssize_t i = 0; i < plane; ++i) {
+      if (zero && !std::isfinite(src[i])) {
+        dst[i] = 0.0f;
+        continue;
+      }
+      double r = (src[i] - offset) * scale;
+      if (imagenet) r = (r - c_offset) * c_scale;
+      dst[i] = static_cast<float>(r);
+    }
+  }
+}
+
 // Returns the index of the first window holding a non-finite value, or -1.
 template <typename T>
 py::ssize_t process_range(const Job& job, py::ssize_t begin, py::ssize_t end,
                           std::vector<double>& scratch) {
   const int p = job.patch;
   const py::ssize_t plane = static_cast<py::ssize_t>(p) * p;
+  const bool unit_x = job.stride_bytes_x == static_cast<py::ssize_t>(sizeof(T));
   scratch.resize(plane);
+  double* src = scratch.data();
   for (py::ssize_t w = begin; w < end; ++w) {
     const py::ssize_t oy = job.origins[2 * w], ox = job.origins[2 * w + 1];
-    // Gather the window once; the later passes run on this L1-resident copy.
-    double sum = 0.0;
-    py::ssize_t n_finite = 0;
-    bool has_nonfinite = false;
+    // Gather the window once as doubles; later passes run on this cache-resident copy.
     for (int y = 0; y < p; ++y) {
       const char* row = job.frame + (oy + y) * job.stride_bytes_y + ox * job.stride_bytes_x;
-      double* dst = scratch.data() + static_cast<py::ssize_t>(y) * p;
-      for (int x = 0; x < p; ++x) {
-        const double v =
-            static_cast<double>(*reinterpret_cast<const T*>(row + x * job.stride_bytes_x));
-        dst[x] = v;
-        if constexpr (std::is_floating_point_v<T>) {
-          if (!std::isfinite(v)) {
-            has_nonfinite = true;
-            continue;
-          }
-        }
-        sum += v;
-        ++n_finite;
+      double* dst = src + static_cast<py::ssize_t>(y) * p;
+      if (unit_x) {
+        const T* r = reinterpret_cast<const T*>(row);
+        for (int x = 0; x < p; ++x) dst[x] = static_cast<double>(r[x]);
+      } else {
+        for (int x = 0; x < p; ++x)
+          dst[x] = static_cast<double>(*reinterpret_cast<const T*>(row + x * job.stride_bytes_x));
       }
     }
-    if (has_nonfinite && job.nan_policy == NanPolicy::kRaise) return w;
-    const bool zero_nonfinite = has_nonfinite && job.nan_policy == NanPolicy::kZero;
-
-    double offset = 0.0, scale = 1.0;
+    float* out = job.out + w * job.channels * plane;
+    if constexpr (std::is_floating_point_v<T>) {
+      bool finite = true;
+      for (py::ssize_t i = 0; i < plane; ++i) finite &= std::isfinite(src[i]);
+      if (!finite) {
+        if (job.nan_policy == NanPolicy::kRaise) return w;
+        normalize_with_nonfinite(job, src, out);
+        continue;
+      }
+    }
+    double offset = job.lo, scale = 1.0 / (job.hi - job.lo);
     if (job.mode == Mode::kZScore) {
-      if (has_nonfinite && job.nan_policy == NanPolicy::kPropagate) {
-        offset = std::numeric_limits<double>::quiet_NaN();
-      } else {
-        const double mean = n_finite > 0 ? sum / static_cast<double>(n_finite) : 0.0;
-        double ss = 0.0;
-        for (py::ssize_t i = 0; i < plane; ++i) {
-          const double d = scratch[i] - mean;
-          if (!zero_nonfinite || std::isfinite(scratch[i])) ss += d * d;
-        }
-        const double sd = n_finite > 0 ? std::sqrt(ss / static_cast<double>(n_finite)) : 0.0;
-        offset = mean;
-        scale = 1.0 / std::max(sd, kStdFloor);
+      const double mean = sum4(src, plane) / static_cast<double>(plane);
+      const double sd = std::sqrt(centered_ss4(src, plane, mean) / static_cast<double>(plane));
+      offset = mean;
+      scale = 1.0 / std::max(sd, kStdFloor);
+    }
+    if (job.mode == Mode::kImageNet) {
+      for (int c = 0; c < job.channels; ++c) {
+        // ((v - lo) * s - m_c) / s_c folded into one multiply-add per pixel.
+        const double c_scale = scale / kImageNetStd[c];
+        const double c_shift = -(offset * scale + kImageNetMean[c]) / kImageNetStd[c];
+        float* dst = out + c * plane;
+        for (py::ssize_t i = 0; i < plane; ++i)
+          dst[i] = static_cast<float>(src[i] * c_scale + c_shift);
       }
     } else {
-      offset = job.lo;
-      scale = 1.0 / (job.hi - job.lo);
-    }
-
-    float* out = job.out + w * job.channels * plane;
-    for (int c = 0; c < job.channels; ++c) {
-      double c_offset = 0.0, c_scale = 1.0;
-      if (job.mode == Mode::kImageNet) {
-        c_offset = kImageNetMean[c];
-        c_scale = 1.0 / kImageNetStd[c];
-      }
-      float* dst = out + c * plane;
-      for (py::ssize_t i = 0; i < plane; ++i) {
-        const double v = scratch[i];
-        if (zero_nonfinite && !std::isfinite(v)) {
-          dst[i] = 0.0f;
-          continue;
-        }
-        double r = (v - offset) * scale;
-        if (job.mode == Mode::kImageNet) r = (r - c_offset) * c_scale;
-        dst[i] = static_cast<float>(r);
-      }
+      for (py::ssize_t i = 0; i < plane; ++i) out[i] = static_cast<float>((src[i] - offset) * scale);
+      // Gray replicated into the other channels.
+      for (int c = 1; c < job.channels; ++c)
+        std::memcpy(out + c * plane, out, sizeof(float) * static_cast<size_t>(plane));
     }
   }
   return -1;
