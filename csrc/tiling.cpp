@@ -217,6 +217,7 @@ std::string dtype_name(const py::buffer_info& info) {
   if (c == 'H' && size == 2) return "uint16";
   if (c == 'h' && size == 2) return "int16";
   if ((c == 'i' || c == 'l') && size == 4) return "int32";
+  if ((c == 'I' || c == 'L') && size == 4) return "uint32";
   if (c == 'f' && size == 4) return "float32";
   if (c == 'd' && size == 8) return "float64";
   return "";
@@ -266,7 +267,7 @@ py::ssize_t tile_into(const py::buffer& frame, const py::buffer& out,
   const std::string fdtype = dtype_name(fi);
   if (fdtype.empty())
     throw py::type_error("frame dtype (buffer format '" + fi.format +
-                         "') is not supported; use uint8, uint16, int16, int32, float32 or float64");
+                         "') is not supported; use uint8, uint16, int16, int32, uint32, float32 or float64");
   job.frame = static_cast<const char*>(fi.ptr);
   job.height = fi.shape[0];
   job.width = fi.shape[1];
@@ -316,6 +317,7 @@ py::ssize_t tile_into(const py::buffer& frame, const py::buffer& out,
     else if (fdtype == "uint16") bad = run_threads<uint16_t>(job, n_threads);
     else if (fdtype == "int16") bad = run_threads<int16_t>(job, n_threads);
     else if (fdtype == "int32") bad = run_threads<int32_t>(job, n_threads);
+    else if (fdtype == "uint32") bad = run_threads<uint32_t>(job, n_threads);
     else if (fdtype == "float32") bad = run_threads<float>(job, n_threads);
     else bad = run_threads<double>(job, n_threads);
   }
@@ -336,5 +338,6 @@ PYBIND11_MODULE(_tiling, m) {
         py::arg("normalization"), py::arg("channels"), py::arg("low"), py::arg("high"),
         py::arg("nan_policy"), py::arg("threads"),
         "Write normalized float32 NCHW patches of `frame` at `origins` into `out`; returns the count.");
-  m.attr("SUPPORTED_DTYPES") = py::make_tuple("uint8", "uint16", "int16", "int32", "float32", "float64");
+  m.attr("SUPPORTED_DTYPES") =
+      py::make_tuple("uint8", "uint16", "int16", "int32", "uint32", "float32", "float64");
 }

@@ -14,6 +14,7 @@ import tifffile
 from defectscope.cli import main
 from defectscope.cluster import cluster_embeddings
 from defectscope.detector import MapResult
+from defectscope.io import Calibration
 from defectscope.rois import RoiWeights, select_rois
 from defectscope.tiling import window_origins
 from tests.synthetic import lattice, toy_patches
@@ -63,7 +64,8 @@ def test_rois_rank_spacing_novelty_and_calibration():
     emb[..., 0] = np.random.default_rng(1).normal(0, 0.1, (10, 12))
     emb[6:8, 8:10, 1] = 5.0
     result = _map(grid, emb)
-    rois = select_rois(result, top=5, pixel_size=0.02, unit="nm")
+    result.calibration = Calibration((0.02, 0.02), (1.0, -2.0), "nm")
+    rois = select_rois(result, top=5)
     assert [r["rank"] for r in rois] == [1, 2]
     best = rois[0]
     assert best["n_windows"] == 4 and best["novelty"] > 0.9
@@ -72,7 +74,8 @@ def test_rois_rank_spacing_novelty_and_calibration():
     height, width = result.frame_shape
     assert best["center_norm"] == pytest.approx([y / height, x / width])
     assert best["center_norm_xy"] == pytest.approx([x / width, y / height])
-    assert best["center_calibrated"] == pytest.approx([y * 0.02, x * 0.02]) and best["unit"] == "nm"
+    assert best["center_calibrated"] == pytest.approx([1 + y * 0.02, -2 + x * 0.02])
+    assert best["unit"] == "nm"
     expected = 0.5 * best["defect_probability"] + 0.2 * 4 / 8 + 0.3 * best["novelty"]
     assert best["score"] == pytest.approx(expected)
     spaced = select_rois(result, top=5, min_spacing=10)

@@ -22,17 +22,8 @@ from defectscope.export import (
 )
 from defectscope.maps import find_regions
 from defectscope.tiling import window_origins
-from defectscope.train import TrainConfig, patches_to_inputs, save_training, train_classifier
+from defectscope.train import patches_to_inputs
 from tests.synthetic import lattice, toy_patches
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    config = TrainConfig(epochs=4, batch_size=8, precision="fp32")
-    result = train_classifier(toy_patches(10), None, config, progress=False)
-    out = tmp_path_factory.mktemp("models") / "toy"
-    save_training(out, result, config, extra_record={"calibration": {"temperature": 1.5}})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from defectscope import _tiling
 from defectscope.tiling import Normalization, tile, tile_numpy, window_origins
 
-DTYPES = ["uint8", "uint16", "int16", "int32", "float32", "float64"]
+DTYPES = ["uint8", "uint16", "int16", "int32", "uint32", "float32", "float64"]
 
 
 def random_frame(rng: np.random.Generator, shape, dtype: str) -> np.ndarray:

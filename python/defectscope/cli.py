@@ -203,15 +203,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     from defectscope.detector import Detector
-    from defectscope.io import read_image
+    from defectscope.io import read_frame
     from defectscope.maps import write_map_outputs
 
-    frame = read_image(args.frame)
+    frame = read_frame(args.frame, args.channel, args.frame_index, args.sum)
     with Detector.load(
         args.artifact, backend=args.backend, batch_size=args.batch_size, background=args.background
     ) as det:
         result = det.map(frame, stride=args.stride)
-        write_map_outputs(frame, result, args.out)
+        write_map_outputs(frame.data, result, args.out)
     regions = result.regions()
     print(
         f"{result.grid_shape[0] * result.grid_shape[1]} windows, {len(regions)} regions, "
@@ -250,11 +250,16 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 def cmd_roi(args: argparse.Namespace) -> int:
     from defectscope.detector import Detector
-    from defectscope.io import atomic_write_json, read_image
+    from defectscope.io import atomic_write_json, read_frame
 
-    frame = read_image(args.frame)
+    frame = read_frame(args.frame, args.channel, args.frame_index, args.sum)
     with Detector.load(args.artifact, backend=args.backend, background=args.background) as det:
-        rois = det.rois(frame, args.top, args.stride, args.min_spacing, args.pixel_size, args.unit)
+        if args.pixel_size is not None:
+            rois = det.rois(
+                frame.data, args.top, args.stride, args.min_spacing, args.pixel_size, args.unit
+            )
+        else:
+            rois = det.rois(frame, args.top, args.stride, args.min_spacing)
     atomic_write_json(args.out, rois)
     print(f"{len(rois)} ROIs -> {args.out}")
     return 0
@@ -312,6 +317,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable/odd files")
 
 
+def _add_frame_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--channel", help="signal to read from a file holding several")
+    parser.add_argument("--frame", dest="frame_index", type=int, help="frame of a stack")
+    parser.add_argument("--sum", action="store_true", help="sum the frames of a stack")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defectscope", description=__doc__)
     parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
@@ -361,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--background", help="name of the defect-free class")
+    _add_frame_options(p)
     p.set_defaults(func=cmd_map)
 
     p = sub.add_parser("cluster", help="cluster embeddings of a patch dataset or a frame")
@@ -383,10 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="rois.json to write")
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--min-spacing", type=float, help="pixels between ROI centres (default: patch)")
-    p.add_argument("--pixel-size", type=float, help="frame pixel size, for calibrated centres")
-    p.add_argument("--unit", default="nm")
+    p.add_argument("--pixel-size", type=float, help="pixel size, overriding the file's")
+    p.add_argument("--unit", default="nm", help="unit of --pixel-size")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--background", help="name of the defect-free class")
+    _add_frame_options(p)
     p.set_defaults(func=cmd_roi)
 
     p = sub.add_parser("demo", help="the main job: study, export, cluster, ROIs, report")

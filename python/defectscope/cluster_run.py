@@ -116,10 +116,10 @@ def cluster_frame(
 ) -> dict:
     """Cluster the windows of a frame by the model's embeddings and map the clusters."""
     from defectscope.detector import Detector
-    from defectscope.io import read_image
+    from defectscope.io import read_frame
     from defectscope.maps import pixel_grid_index
 
-    frame = read_image(frame_path)
+    frame = read_frame(frame_path).data
     with Detector.load(artifact, backend=backend) as det:
         result = det.map(frame, stride=stride)
     rows, cols = result.grid_shape

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from defectscope.engines import Engine, load_engine
+from defectscope.io import Calibration, Frame
 from defectscope.tiling import NanPolicy, tile, window_origins
 
 
@@ -37,6 +38,8 @@ class MapResult:
     patch_size : int
     timing_ms : dict
         ``total``, ``tiling`` (time the engine waited for patches) and ``engine``.
+    calibration : Calibration or None
+        Physical pixel coordinates, when the frame carried them.
     """
 
     origins: np.ndarray
@@ -48,6 +51,7 @@ class MapResult:
     frame_shape: tuple[int, int]
     patch_size: int
     timing_ms: dict[str, float]
+    calibration: Calibration | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -138,10 +142,11 @@ class Detector:
 
     def map(
         self,
-        frame: np.ndarray,
+        frame: np.ndarray | Frame,
         stride: int = 16,
         keep_embeddings: bool = True,
         nan_policy: NanPolicy = "raise",
+        calibration: Calibration | None = None,
     ) -> MapResult:
         """Classify every window of ``frame``.
 
@@ -150,16 +155,22 @@ class Detector:
 
         Parameters
         ----------
-        frame : ndarray, shape (H, W)
+        frame : ndarray, shape (H, W), or Frame
             Any supported dtype and strides; ``np.memmap`` frames are read in place.
+            A :class:`~defectscope.io.Frame` brings its calibration along.
         stride : int
             Window step in pixels.
         keep_embeddings : bool
             Keep per-window embeddings (needed for clustering).
         nan_policy : {'raise', 'zero', 'propagate'}
             See :func:`defectscope.tile`.
+        calibration : Calibration, optional
+            Pixel size, offset and unit; adds physical coordinates to the outputs.
         """
         started = time.perf_counter()
+        if isinstance(frame, Frame):
+            calibration = calibration or frame.calibration
+            frame = frame.data
         frame = self._check_frame(frame)
         size = self.engine.config.patch_size
         norm = self.engine.config.normalization
@@ -212,6 +223,7 @@ class Detector:
             frame_shape=tuple(frame.shape),
             patch_size=size,
             timing_ms={"total": total, "tiling_wait": waited * 1000, "engine": engine_time * 1000},
+            calibration=calibration,
         )
 
     def rois(
@@ -223,11 +235,18 @@ class Detector:
         pixel_size: float | None = None,
         unit: str | None = None,
     ) -> list[dict]:
-        """Map ``frame`` and return its ``k`` best regions of interest (see :mod:`rois`)."""
+        """Map ``frame`` and return its ``k`` best regions of interest (see :mod:`rois`).
+
+        ``pixel_size`` and ``unit`` calibrate a bare array; a
+        :class:`~defectscope.io.Frame` with a calibration needs neither.
+        """
         from defectscope.rois import select_rois
 
-        result = self.map(frame, stride=stride, keep_embeddings=True)
-        return select_rois(result, k, min_spacing, pixel_size=pixel_size, unit=unit)
+        calibration = None
+        if pixel_size is not None:
+            calibration = Calibration((pixel_size, pixel_size), (0.0, 0.0), unit or "px")
+        result = self.map(frame, stride=stride, keep_embeddings=True, calibration=calibration)
+        return select_rois(result, k, min_spacing)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

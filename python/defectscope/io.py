@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -120,3 +121,243 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     import json
 
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+# --- Microscope files with calibration ---------------------------------------------------
+
+RSCIIO_READERS = {
+    ".dm3": "digitalmicrograph",
+    ".dm4": "digitalmicrograph",
+    ".emi": "tia",
+    ".ser": "tia",
+    ".mrc": "mrc",
+    ".emd": "emd",
+}
+FRAME_SUFFIXES = IMAGE_SUFFIXES + tuple(RSCIIO_READERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Physical coordinates of pixel centres: ``offset + index * scale`` per axis.
+
+    Attributes
+    ----------
+    scale : (float, float)
+        Pixel size along y (rows) and x (columns).
+    offset : (float, float)
+        Coordinate of pixel (0, 0) along y and x.
+    unit : str
+        Unit of ``scale`` and ``offset`` (for example ``"nm"``).
+    """
+
+    scale: tuple[float, float]
+    offset: tuple[float, float] = (0.0, 0.0)
+    unit: str = "px"
+
+    def to_physical(self, y: float, x: float) -> list[float]:
+        """``[y, x]`` in pixels to ``[y, x]`` in ``unit``."""
+        return [self.offset[0] + y * self.scale[0], self.offset[1] + x * self.scale[1]]
+
+    def to_dict(self) -> dict:
+        return {"scale": list(self.scale), "offset": list(self.offset), "unit": self.unit}
+
+
+@dataclasses.dataclass
+class Frame:
+    """A 2-D image with where it came from and, when the file says, its calibration."""
+
+    data: np.ndarray
+    calibration: Calibration | None = None
+    title: str = ""
+    source: str = ""
+
+
+def _rsciio_module(suffix: str, path: Path):
+    import importlib
+
+    name = RSCIIO_READERS[suffix]
+    try:
+        return importlib.import_module(f"rsciio.{name}")
+    except ImportError as exc:
+        raise ImageReadError(
+            f"{path}: reading {suffix} files needs RosettaSciIO; install the optional extra "
+            "with: pip install 'defectscope[formats]'"
+        ) from exc
+
+
+def _signal_title(signal: dict, index: int) -> str:
+    title = signal.get("metadata", {}).get("General", {}).get("title") or ""
+    return str(title) or f"signal {index}"
+
+
+def _describe(signals: list[dict]) -> str:
+    return "; ".join(
+        f"{_signal_title(s, i)!r} {tuple(np.shape(s['data']))} {np.asarray(s['data']).dtype}"
+        for i, s in enumerate(signals)
+    )
+
+
+def _calibration(signal: dict) -> Calibration | None:
+    axes = [a for a in signal.get("axes", []) if not a.get("navigate", False)]
+    if len(axes) != 2:
+        return None
+    units = [str(a.get("units") or "") for a in axes]
+    scales = [float(a.get("scale", 1.0) or 1.0) for a in axes]
+    if not any(units) or units[0] != units[1] or units[0] in ("<undefined>", "px", "pixels"):
+        return None
+    offsets = [float(a.get("offset", 0.0) or 0.0) for a in axes]
+    return Calibration((scales[0], scales[1]), (offsets[0], offsets[1]), units[0])
+
+
+def _pick_signal(signals: list[dict], path: Path, channel: str | None) -> dict:
+    images = [s for s in signals if np.ndim(s["data"]) >= 2]
+    if channel is not None:
+        wanted = [
+            s for i, s in enumerate(signals) if _signal_title(s, i).lower() == channel.lower()
+        ]
+        if not wanted:
+            raise ImageReadError(
+                f"{path}: no signal named {channel!r}; it holds {_describe(signals)}"
+            )
+        return wanted[0]
+    if len(signals) == 1:
+        return signals[0]
+    for key in ("haadf", "adf", "df"):
+        for i, s in enumerate(images):
+            if key in _signal_title(s, i).lower().replace("-", ""):
+                return s
+    raise ImageReadError(
+        f"{path}: holds several signals and none is HAADF/ADF; choose one with --channel "
+        f"NAME: {_describe(signals)}"
+    )
+
+
+def _frame_from_signal(signal: dict, path: Path, frame: int | None, sum_frames: bool):
+    data = signal["data"]
+    axes = signal.get("axes", [])
+    signal_dims = sum(1 for a in axes if not a.get("navigate", False)) or np.ndim(data)
+    shape = tuple(np.shape(data))
+    if signal_dims == 1 or np.ndim(data) == 1:
+        kind = "a spectrum or line profile" if np.ndim(data) == 1 else "a stack of spectra"
+        raise ImageReadError(f"{path}: holds {kind} {shape}, not an image")
+    if np.ndim(data) == 2:
+        return np.asarray(data)
+    if np.ndim(data) == 3:
+        if sum_frames:
+            return np.asarray(data).sum(axis=0, dtype=np.float64).astype(np.float32)
+        if frame is None:
+            raise ImageReadError(
+                f"{path}: holds a stack of {shape[0]} frames {shape}; pass --frame i or --sum"
+            )
+        if not 0 <= frame < shape[0]:
+            raise ImageReadError(f"{path}: frame {frame} out of range 0..{shape[0] - 1}")
+        return np.asarray(data[frame])
+    raise ImageReadError(
+        f"{path}: holds {np.ndim(data)}-D data {shape} (e.g. 4-D STEM), not an image"
+    )
+
+
+def _tiff_calibration(path: Path) -> tuple[Calibration | None, str]:
+    """Calibration from DM/FEI/ImageJ TIFF tags through RosettaSciIO, when installed."""
+    try:
+        from rsciio.tiff import file_reader as tiff_reader
+    except ImportError:
+        return None, ""
+    try:
+        signal = tiff_reader(str(path), lazy=True)[0]
+    except Exception:  # calibration is optional; the pixels are read by tifffile
+        return None, ""
+    axes = [a for a in signal.get("axes", []) if not a.get("navigate", False)]
+    if len(axes) == 2 and not any(a.get("units") for a in axes):
+        import tifffile
+
+        # RosettaSciIO keeps ImageJ's scale but not its unit.
+        with tifffile.TiffFile(path) as tif:
+            unit = (tif.imagej_metadata or {}).get("unit")
+        if unit:
+            for axis in axes:
+                axis["units"] = unit
+    title = signal.get("metadata", {}).get("General", {}).get("title") or ""
+    return _calibration({"axes": axes}), str(title)
+
+
+def _read_tiff_frame(path: Path, frame: int | None, sum_frames: bool) -> Frame:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            axes = tif.series[0].axes
+            data = tif.series[0].asarray()
+    except Exception as exc:
+        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    colour = "S" in axes or "C" in axes
+    if data.ndim == 3 and not colour:  # a stack of frames (ImageJ Z/T/I axes)
+        data = _frame_from_signal({"data": data}, path, frame, sum_frames)
+    else:
+        data = read_image(path)
+    calibration, title = _tiff_calibration(path)
+    return Frame(data, calibration, title, str(path))
+
+
+def read_frame(
+    path: str | os.PathLike,
+    channel: str | None = None,
+    frame: int | None = None,
+    sum_frames: bool = False,
+) -> Frame:
+    """Read a 2-D frame and its calibration from a microscope or image file.
+
+    Parameters
+    ----------
+    path : path-like
+        Gatan ``.dm3``/``.dm4``, Velox/Berkeley ``.emd``, TIA ``.emi``/``.ser``,
+        ``.mrc`` (these through RosettaSciIO, the ``formats`` extra), calibrated
+        TIFF (DigitalMicrograph, ImageJ, FEI tags, read by RosettaSciIO when
+        installed), and plain TIFF/PNG/JPEG/``.npy`` (no calibration).
+    channel : str, optional
+        Signal title to take from a file holding several (default: the HAADF/ADF
+        image, or the only one).
+    frame : int, optional
+        Frame of a stack.
+    sum_frames : bool
+        Sum a stack's frames instead.
+
+    Returns
+    -------
+    Frame
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FRAME_SUFFIXES:
+        raise ImageReadError(
+            f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FRAME_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    if suffix in (".tif", ".tiff"):
+        return _read_tiff_frame(path, frame, sum_frames)
+    if suffix not in RSCIIO_READERS:
+        return Frame(read_image(path), None, "", str(path))
+    reader = _rsciio_module(suffix, path)
+    try:
+        if suffix == ".emd":
+            try:
+                signals = reader.file_reader(str(path), select_type="images")
+            except TypeError:
+                signals = reader.file_reader(str(path))
+        else:
+            signals = reader.file_reader(str(path))
+    except ImageReadError:
+        raise
+    except Exception as exc:  # each reader raises its own types
+        raise ImageReadError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+    if not signals:
+        raise ImageReadError(f"{path}: holds no signals")
+    signal = _pick_signal(signals, path, channel)
+    data = _frame_from_signal(signal, path, frame, sum_frames)
+    if data.dtype.kind not in "uif":
+        raise ImageReadError(f"{path}: unsupported pixel dtype {data.dtype}")
+    index = next(i for i, s in enumerate(signals) if s is signal)
+    return Frame(
+        np.ascontiguousarray(data), _calibration(signal), _signal_title(signal, index), str(path)
+    )

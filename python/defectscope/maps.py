@@ -38,7 +38,7 @@ def region_record(result: MapResult, mask: np.ndarray) -> dict:
     corners = result.origins.reshape(*result.grid_shape, 2)[mask]
     centers = corners + (size - 1) / 2.0
     cy, cx = (centers * weight[:, None]).sum(0) / max(weight.sum(), 1e-12)
-    return {
+    record = {
         "label": result.classes[int(probs.sum(0).argmax())],
         "score": float(weight.mean()),
         "centroid": [float(cy), float(cx)],
@@ -51,6 +51,10 @@ def region_record(result: MapResult, mask: np.ndarray) -> dict:
         "n_windows": int(mask.sum()),
         "centroid_norm": [float(cy / height), float(cx / width)],
     }
+    if result.calibration is not None:
+        record["centroid_calibrated"] = result.calibration.to_physical(cy, cx)
+        record["unit"] = result.calibration.unit
+    return record
 
 
 def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
@@ -74,19 +78,28 @@ def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
 
 
 def windows_csv(result: MapResult) -> str:
-    """One row per window: ``row,col,cy,cx,label,confidence,p_<class>...``."""
+    """One row per window: ``row,col,cy,cx,label,confidence,p_<class>...``.
+
+    With a calibration, ``cy_<unit>,cx_<unit>`` (window centre in physical units)
+    follow ``cx``.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    cal = result.calibration
+    physical = [f"cy_{cal.unit}", f"cx_{cal.unit}"] if cal is not None else []
     writer.writerow(
-        ["row", "col", "cy", "cx", "label", "confidence", *[f"p_{c}" for c in result.classes]]
+        ["row", "col", "cy", "cx", *physical, "label", "confidence"]
+        + [f"p_{c}" for c in result.classes]
     )
     probs = result.probabilities.reshape(-1, len(result.classes))
     labels = result.labels.ravel()
     for (row, col), (cy, cx), label, p in zip(
         result.origins, result.centers, labels, probs, strict=True
     ):
+        extra = [f"{v:.6g}" for v in cal.to_physical(cy, cx)] if cal is not None else []
         writer.writerow(
-            [int(row), int(col), f"{cy:.1f}", f"{cx:.1f}", result.classes[label], f"{p[label]:.6f}"]
+            [int(row), int(col), f"{cy:.1f}", f"{cx:.1f}", *extra]
+            + [result.classes[label], f"{p[label]:.6f}"]
             + [f"{v:.6f}" for v in p]
         )
     return buffer.getvalue()

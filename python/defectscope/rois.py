@@ -57,8 +57,6 @@ def select_rois(
     top: int = 5,
     min_spacing: float | None = None,
     weights: RoiWeights = RoiWeights(),
-    pixel_size: float | None = None,
-    unit: str | None = None,
 ) -> list[dict]:
     """The ``top`` regions of interest of a map, best first.
 
@@ -71,18 +69,14 @@ def select_rois(
     min_spacing : float, optional
         Least distance in pixels between ROI centres (default: the patch size).
     weights : RoiWeights
-    pixel_size : float, optional
-        Frame pixel size; adds calibrated centres in ``unit``.
-    unit : str, optional
-        Unit of ``pixel_size`` (for example ``"nm"``).
 
     Returns
     -------
     list of dict
         ``{"rank", "label", "score", "defect_probability", "size", "novelty",
         "center": [y, x], "center_norm": [y/H, x/W], "center_norm_xy": [x/W, y/H],
-        "bbox", "n_windows"}``, plus ``"center_calibrated": [y, x]`` and ``"unit"``
-        with a pixel size.
+        "bbox", "n_windows"}``, plus ``"center_calibrated": [y, x]`` (offset + index
+        times pixel size) and ``"unit"`` when the map has a calibration.
     """
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
@@ -115,9 +109,9 @@ def select_rois(
             "n_windows": record["n_windows"],
         }
         roi["center_norm_xy"] = roi["center_norm"][::-1]
-        if pixel_size is not None:
-            roi["center_calibrated"] = [cy * pixel_size, cx * pixel_size]
-            roi["unit"] = unit or "px"
+        if result.calibration is not None:
+            roi["center_calibrated"] = result.calibration.to_physical(cy, cx)
+            roi["unit"] = result.calibration.unit
         candidates.append(roi)
     candidates.sort(key=lambda r: -r["score"])
     chosen: list[dict] = []
