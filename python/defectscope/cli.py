@@ -275,6 +275,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from defectscope.service import serve
+
+    logging.getLogger("defectscope").setLevel(logging.INFO)
+    print(f"serving {args.artifact} on {args.bind} (Ctrl-C or SIGTERM to stop)", flush=True)
+    served = serve(
+        args.artifact,
+        args.bind,
+        args.backend,
+        args.curve_secret,
+        args.curve_clients,
+        args.max_pixels,
+    )
+    print(f"stopped after {served} requests")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from defectscope.report import write_report
 
@@ -409,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="ROIs to rank in the large frame")
     _add_training_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="ZeroMQ service for acquisition software")
+    p.add_argument("artifact", type=Path, help="model dir, .onnx or TensorRT engine")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    p.add_argument("--curve-secret", type=Path, help="server secret key file (CURVE)")
+    p.add_argument("--curve-clients", type=Path, help="folder of authorized client public keys")
+    p.add_argument("--max-pixels", type=int, default=16384 * 16384)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="self-contained HTML report of a run directory")
     p.add_argument("run_dir", type=Path)

@@ -1,0 +1,95 @@
+"""Python client for the defectscope ZeroMQ service (``defectscope serve``)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import numpy as np
+
+
+class ServiceError(RuntimeError):
+    """The service answered ok=false."""
+
+
+class Client:
+    """A REQ client; one request at a time, with a timeout that resets the socket.
+
+    Examples
+    --------
+    >>> with Client("tcp://127.0.0.1:5555") as client:           # doctest: +SKIP
+    ...     rois = client.rois(frame, top=5, pixel_size=0.02)["rois"]
+    """
+
+    def __init__(
+        self,
+        address: str = "tcp://127.0.0.1:5555",
+        timeout_ms: int = 30_000,
+        curve_server_public: bytes | None = None,
+        curve_client_keys: tuple[bytes, bytes] | None = None,
+    ):
+        import zmq
+
+        self.zmq = zmq
+        self.address = address
+        self.timeout_ms = timeout_ms
+        self.curve = (curve_server_public, curve_client_keys)
+        self.context = zmq.Context.instance()
+        self._ids = itertools.count()
+        self._connect()
+
+    def _connect(self) -> None:
+        zmq = self.zmq
+        self.socket = self.context.socket(zmq.REQ)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+        self.socket.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+        server_public, client_keys = self.curve
+        if server_public is not None and client_keys is not None:
+            self.socket.curve_serverkey = server_public
+            self.socket.curve_publickey, self.socket.curve_secretkey = client_keys
+        self.socket.connect(self.address)
+
+    def request(self, header: dict[str, Any], frame: np.ndarray | None = None) -> dict[str, Any]:
+        """Send one request and return the reply; raises ServiceError when ok is false."""
+        header = {"id": next(self._ids), **header}
+        parts = [json.dumps(header).encode()]
+        if frame is not None:
+            frame = np.ascontiguousarray(frame)
+            header.update(dtype=frame.dtype.name, shape=list(frame.shape))
+            parts = [json.dumps(header).encode(), memoryview(frame).cast("B")]
+        try:
+            self.socket.send_multipart(parts, copy=False)
+            reply = json.loads(self.socket.recv())
+        except self.zmq.Again as exc:
+            # A REQ socket is stuck after a lost reply: start a fresh one.
+            self.socket.close()
+            self._connect()
+            raise TimeoutError(f"no reply from {self.address} in {self.timeout_ms} ms") from exc
+        if not reply.get("ok"):
+            raise ServiceError(reply.get("error", "unknown error"))
+        return reply
+
+    def ping(self) -> bool:
+        return bool(self.request({"op": "ping"}).get("pong"))
+
+    def info(self) -> dict[str, Any]:
+        return self.request({"op": "info"})
+
+    def map(self, frame: np.ndarray, stride: int = 16, **calibration) -> dict[str, Any]:
+        """Regions of ``frame``; ``pixel_size=`` and ``unit=`` add calibrated centres."""
+        return self.request({"op": "map", "stride": stride, **calibration}, frame)
+
+    def rois(self, frame: np.ndarray, top: int = 5, stride: int = 16, **calibration):
+        """Regions and the ``top`` ROIs of ``frame``."""
+        return self.request({"op": "rois", "stride": stride, "top": top, **calibration}, frame)
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
