@@ -1,0 +1,67 @@
+"""The C++ client in examples/ builds with CMake against libzmq and talks to the service."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from defectscope.service import serve
+from tests.conftest import REPO
+from tests.test_service_live import free_port
+
+
+def _have_libzmq() -> bool:
+    if shutil.which("cmake") is None or shutil.which("pkg-config") is None:
+        return False
+    return subprocess.run(["pkg-config", "--exists", "libzmq"]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def client_binary(tmp_path_factory):
+    if not _have_libzmq():
+        pytest.skip("cmake, pkg-config or libzmq missing (Debian: libzmq3-dev cppzmq-dev)")
+    build = tmp_path_factory.mktemp("cpp_client")
+    configure = subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(REPO / "examples" / "cpp_client"),
+            "-B",
+            str(build),
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if configure.returncode != 0 and "nlohmann_json" in configure.stderr + configure.stdout:
+        pytest.skip("nlohmann-json3-dev missing")
+    assert configure.returncode == 0, configure.stderr
+    built = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr + built.stdout
+    return build / "defectscope_client"
+
+
+def test_cpp_client_round_trip(client_binary, model_dir):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(
+        target=serve,
+        args=(model_dir, address, "torch"),
+        kwargs={"ready": ready, "stop": stop},
+        daemon=True,
+    )
+    thread.start()
+    assert ready.wait(60)
+    try:
+        run = subprocess.run(
+            [str(client_binary), address], capture_output=True, text=True, timeout=300
+        )
+    finally:
+        stop.set()
+        thread.join(10)
+    assert run.returncode == 0, run.stderr
+    assert 'classes: ["Bulk","Vacancy"]' in run.stdout
+    assert "rois:" in run.stdout and "round trip" in run.stdout
