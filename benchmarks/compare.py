@@ -108,6 +108,26 @@ def report(rows: list[dict]) -> str:
                 ratio = f"{naive / seconds:.2f}x" if naive else "n/a"
                 lines.append(f"| {size}^2 | {stride} | {impl} | {seconds:.2f} | {ratio} |")
         lines.append("")
+    service = [r for r in rows if r["name"].startswith("test_frame_512")]
+    if service:
+        lines += [
+            "## 512^2 uint16 frame, ROIs: in-process vs ZeroMQ service on loopback",
+            "",
+            "| stride | route | p50 ms | p99 ms | service overhead p50 ms |",
+            "|---|---|---|---|---|",
+        ]
+        by = defaultdict(dict)
+        for r in service:
+            by[r["params"]["stride"]][r["params"]["route"]] = r["extra"]
+        for stride, t in sorted(by.items()):
+            for route, e in sorted(t.items()):
+                overhead = ""
+                if route == "service" and "in-process" in t:
+                    overhead = f"{e['p50_ms'] - t['in-process']['p50_ms']:.2f}"
+                lines.append(
+                    f"| {stride} | {route} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} | {overhead} |"
+                )
+        lines.append("")
     memory = [r for r in rows if r["name"].startswith("test_memmap_16k")]
     for r in memory:
         e = r["extra"]

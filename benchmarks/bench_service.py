@@ -1,0 +1,68 @@
+"""Per-frame latency in-process versus through the ZeroMQ service on loopback.
+
+512 x 512 uint16 frames at stride 16 and 32, ROIs requested. The service's overhead is
+the difference of the two (serialization, copies, the loopback hop).
+
+Run::
+
+    .venv/bin/python -m pytest benchmarks/bench_service.py \\
+        --benchmark-json=benchmarks/results/service.json
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from benchmarks.frames import stem_frame
+from defectscope.client import Client
+from defectscope.detector import Detector
+from defectscope.service import serve
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service_address(bench_model):
+    address = f"tcp://127.0.0.1:{_port()}"
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(
+        target=serve,
+        args=(bench_model / "model.int8.onnx", address, "onnxruntime"),
+        kwargs={"ready": ready, "stop": stop},
+        daemon=True,
+    )
+    thread.start()
+    assert ready.wait(120)
+    yield address
+    stop.set()
+    thread.join(10)
+
+
+@pytest.mark.parametrize("stride", [32, 16])
+@pytest.mark.parametrize("route", ["in-process", "service"])
+def test_frame_512(benchmark, bench_model, service_address, route, stride):
+    frame = stem_frame(512)
+    benchmark.group = f"512^2 stride {stride}"
+    if route == "in-process":
+        det = Detector.load(bench_model / "model.int8.onnx", backend="onnxruntime")
+        benchmark.pedantic(
+            det.rois, args=(frame,), kwargs={"stride": stride}, rounds=10, warmup_rounds=1
+        )
+        det.close()
+    else:
+        with Client(service_address, timeout_ms=300_000) as client:
+            benchmark.pedantic(
+                client.rois, args=(frame,), kwargs={"stride": stride}, rounds=10, warmup_rounds=1
+            )
+    times = np.asarray(benchmark.stats.stats.data) * 1000
+    benchmark.extra_info.update(
+        p50_ms=float(np.percentile(times, 50)), p99_ms=float(np.percentile(times, 99))
+    )
