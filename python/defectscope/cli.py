@@ -36,33 +36,13 @@ def _train_config(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from defectscope.datasets import load_patches
-    from defectscope.evaluate import calibration_report, grouped_split, random_split
-    from defectscope.grouping import find_groups
-    from defectscope.train import patches_to_inputs, predict_logits, save_training, train_classifier
+    from defectscope.train import train_model_dir
 
     patches = load_patches(args.data, skip_bad=args.skip_bad)
     _report_skipped(patches)
-    config = _train_config(args)
-    validation = np.array([], dtype=np.int64)
-    if args.validation == "grouped":
-        groups = find_groups(patches.images)
-        split = grouped_split(patches.labels, groups.ids, patches.classes, seed=args.seed)
-        validation = split.validation
-        if len(validation) == 0:
-            print("note: no class has 3 independent groups; validating on a random 15 %")
-    if args.validation == "random" or (args.validation == "grouped" and len(validation) == 0):
-        validation = random_split(patches.labels, patches.classes, seed=args.seed).validation
-    train_index = np.setdiff1d(np.arange(len(patches.labels)), validation)
-    val_set = patches.subset(validation) if len(validation) else None
-    result = train_classifier(patches.subset(train_index), val_set, config)
-    extra = {"data": str(args.data), "validation": args.validation}
-    if val_set is not None:
-        val_logits, _ = predict_logits(
-            result.model, patches_to_inputs(val_set.images, config.normalization)
-        )
-        calibration = calibration_report(val_logits, val_set.labels, val_logits, val_set.labels)
-        extra["calibration"] = {"temperature": calibration["temperature"]}
-    save_training(args.out, result, config, extra_record=extra)
+    result = train_model_dir(
+        patches, args.out, _train_config(args), args.validation, {"data": str(args.data)}
+    )
     print(f"saved {args.out} ({len(result.history)} epochs, {result.wall_time_s:.0f} s)")
     return 0
 

@@ -230,3 +230,54 @@ def save_training(
     """Save a trained model with its training record plus ``extra_record`` (metrics...)."""
     record = training_record(result, config, extra_record)
     return save_checkpoint(directory, result.model, result.config, record)
+
+
+def train_model_dir(
+    patches: PatchSet,
+    out: str | Path,
+    config: TrainConfig = TrainConfig(),
+    validation: str = "grouped",
+    extra_record: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train on all of ``patches`` but a validation fold, and save a model directory.
+
+    Parameters
+    ----------
+    patches : PatchSet
+    out : path-like
+        Model directory to write.
+    config : TrainConfig
+    validation : {'grouped', 'random', 'none'}
+        Held-out patches for early stopping and the temperature: one fold of
+        independent groups (see :mod:`grouping`), falling back to a random 15 % when
+        no class has three groups; a random 15 %; or none.
+    extra_record : dict, optional
+        Added to the model's JSON.
+    """
+    from defectscope.evaluate import fit_temperature, grouped_split, random_split
+    from defectscope.grouping import find_groups
+
+    if validation not in ("grouped", "random", "none"):
+        raise ValueError(f"validation must be grouped, random or none, got {validation!r}")
+    held = np.array([], dtype=np.int64)
+    used = validation
+    if validation == "grouped":
+        groups = find_groups(patches.images)
+        held = grouped_split(
+            patches.labels, groups.ids, patches.classes, seed=config.seed
+        ).validation
+        if len(held) == 0:
+            used = "random (no class has three independent groups)"
+    if validation == "random" or (validation == "grouped" and len(held) == 0):
+        held = random_split(patches.labels, patches.classes, seed=config.seed).validation
+    val_set = patches.subset(held) if len(held) else None
+    train_index = np.setdiff1d(np.arange(len(patches.labels)), held)
+    result = train_classifier(patches.subset(train_index), val_set, config)
+    record = {**(extra_record or {}), "validation": used}
+    if val_set is not None:
+        logits, _ = predict_logits(
+            result.model, patches_to_inputs(val_set.images, config.normalization)
+        )
+        record["calibration"] = {"temperature": fit_temperature(logits, val_set.labels)}
+    save_training(out, result, config, extra_record=record)
+    return result
