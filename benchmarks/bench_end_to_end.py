@@ -2,8 +2,8 @@
 
 The baseline is what one writes first: numpy ``sliding_window_view`` tiling with
 numpy z-scoring, then a per-batch PyTorch FP32 loop, no overlap of tiling and
-inference. Sizes: 1024^2 and 2048^2 at stride 32 and 16 (set
-``DEFECTSCOPE_BENCH_SIZES=1024`` to run fewer).
+inference. Frames: 1024^2 and 2048^2 at stride 32 and 16; choose fewer with
+``DEFECTSCOPE_BENCH_FRAMES=1024:32,2048:32`` (size:stride pairs).
 
 Run::
 
@@ -23,8 +23,12 @@ from benchmarks.frames import stem_frame
 from defectscope.checkpoint import load_checkpoint
 from defectscope.detector import Detector
 
-SIZES = [int(s) for s in os.environ.get("DEFECTSCOPE_BENCH_SIZES", "1024,2048").split(",")]
-STRIDES = [32, 16]
+FRAMES = [
+    tuple(int(v) for v in pair.split(":"))
+    for pair in os.environ.get("DEFECTSCOPE_BENCH_FRAMES", "1024:32,1024:16,2048:32,2048:16").split(
+        ","
+    )
+]
 
 
 def naive_map(model, frame: np.ndarray, stride: int, batch: int = 64) -> np.ndarray:
@@ -41,8 +45,7 @@ def naive_map(model, frame: np.ndarray, stride: int, batch: int = 64) -> np.ndar
     return np.concatenate(out)
 
 
-@pytest.mark.parametrize("stride", STRIDES)
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize(("size", "stride"), FRAMES)
 @pytest.mark.parametrize("impl", ["naive-torch-fp32", "detector-ort-int8", "detector-torch-bf16"])
 def test_frame_latency(benchmark, bench_model, impl, size, stride):
     frame = stem_frame(size)
