@@ -39,7 +39,9 @@ def _img(path: Path, alt: str) -> str:
 
 def _table(header: list[str], rows: list[list]) -> str:
     def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+        if isinstance(v, float):
+            return f"{v:.2e}" if 0 < abs(v) < 1e-3 else f"{v:.3f}"
+        return html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
