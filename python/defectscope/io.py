@@ -46,6 +46,19 @@ def to_gray(image: np.ndarray, source: str = "image") -> np.ndarray:
     raise ImageReadError(f"{source}: expected a gray, RGB or RGBA image, got shape {image.shape}")
 
 
+def _checked_path(path: str | os.PathLike, suffixes: tuple[str, ...]) -> tuple[Path, str]:
+    """The path and its lower-case suffix, if the type is known and the file exists."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise ImageReadError(
+            f"{path}: unsupported file type {suffix!r}; use one of {', '.join(suffixes)}"
+        )
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    return path, suffix
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as a 2-D gray array.
 
@@ -64,14 +77,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     ImageReadError
         Naming the file, when it is missing, unreadable or not a 2-D image.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES:
-        raise ImageReadError(
-            f"{path}: unsupported file type {suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)}"
-        )
-    if not path.is_file():
-        raise ImageReadError(f"{path}: no such file")
+    path, suffix = _checked_path(path, IMAGE_SUFFIXES)
     try:
         if suffix in (".tif", ".tiff"):
             import tifffile
@@ -326,14 +332,7 @@ def read_frame(
     -------
     Frame
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in FRAME_SUFFIXES:
-        raise ImageReadError(
-            f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FRAME_SUFFIXES)}"
-        )
-    if not path.is_file():
-        raise ImageReadError(f"{path}: no such file")
+    path, suffix = _checked_path(path, FRAME_SUFFIXES)
     if suffix in (".tif", ".tiff"):
         return _read_tiff_frame(path, frame, sum_frames)
     if suffix not in RSCIIO_READERS:
