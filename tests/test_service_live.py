@@ -143,7 +143,7 @@ headers = st.fixed_dictionaries(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    header=headers | st.binary(max_size=64).map(lambda b: b),
+    header=headers | st.binary(max_size=64),
     payload=st.none() | st.binary(max_size=300),
     extra_parts=st.integers(0, 2),
 )
