@@ -208,3 +208,32 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert match, out.stderr[-2000:]
     total, loaded = map(int, match.groups())
     assert total == n_images and loaded == total
+
+
+def test_cluster_frame_windows(run_dir, tmp_path):
+    frame_path = run_dir.parent / "frame.tif"
+    out = tmp_path / "frame_clusters"
+    assert (
+        main(
+            [
+                "cluster",
+                str(frame_path),
+                "--model",
+                str(run_dir / "model"),
+                "--out",
+                str(out),
+                "--k-max",
+                "3",
+                "--stride",
+                "16",
+                "--backend",
+                "torch",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "cluster.json").read_text())
+    assert report["kind"] == "frame" and 2 <= report["learned"]["k"] <= 3
+    rows = (out / "clusters.csv").read_text().splitlines()
+    assert len(rows) - 1 == len(window_origins((128, 128), 64, 16)) == report["n_items"]
+    assert (out / "cluster_map.png").read_bytes()[:4] == b"\x89PNG"

@@ -86,10 +86,21 @@ def grid_map(
     frame: np.ndarray, values: np.ndarray, rows: np.ndarray, cols: np.ndarray, path, title: str
 ) -> Path:
     """Frame with a categorical per-window map laid over it (pixel -> nearest window)."""
+    from matplotlib.colors import ListedColormap
+
+    k = int(values.max()) + 1
     fig, ax = plt.subplots(figsize=(7, 7 * frame.shape[0] / frame.shape[1] + 0.5))
     ax.imshow(frame, cmap="gray")
-    image = ax.imshow(values[np.ix_(rows, cols)], cmap="tab10", alpha=0.45, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, label="cluster")
+    cmap = ListedColormap([plt.cm.tab10(i % 10) for i in range(k)])
+    image = ax.imshow(
+        values[np.ix_(rows, cols)],
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=k - 0.5,
+        alpha=0.45,
+        interpolation="nearest",
+    )
+    fig.colorbar(image, ax=ax, fraction=0.046, label="cluster", ticks=range(k))
     ax.set_axis_off()
     ax.set_title(title)
     return save(fig, path)
