@@ -9,5 +9,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: pip takes this exact pair from the local wheel store where one exists.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[dev,formats]"
+.venv/bin/python -m pip install -q -e ".[dev,formats,nion]"
 .venv/bin/python -c "import defectscope._tiling, defectscope; print('defectscope', defectscope.__version__, 'ready')"

@@ -72,8 +72,9 @@ def test_rois_rank_spacing_novelty_and_calibration():
     y, x = best["center"]
     assert (y, x) == pytest.approx((6 * 16 + 31.5 + 8, 8 * 16 + 31.5 + 8))
     height, width = result.frame_shape
-    assert best["center_norm"] == pytest.approx([y / height, x / width])
-    assert best["center_norm_xy"] == pytest.approx([x / width, y / height])
+    # Pixel i spans [i, i + 1) of the scan field, so its centre is at (i + 0.5) / n.
+    assert best["center_norm"] == pytest.approx([(y + 0.5) / height, (x + 0.5) / width])
+    assert best["center_norm_xy"] == pytest.approx([(x + 0.5) / width, (y + 0.5) / height])
     assert best["center_calibrated"] == pytest.approx([1 + y * 0.02, -2 + x * 0.02])
     assert best["unit"] == "nm"
     expected = 0.5 * best["defect_probability"] + 0.2 * 4 / 8 + 0.3 * best["novelty"]

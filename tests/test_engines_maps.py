@@ -20,7 +20,7 @@ from defectscope.export import (
     read_onnx_metadata,
     tensorrt_available,
 )
-from defectscope.maps import find_regions
+from defectscope.maps import find_regions, scan_fraction
 from defectscope.tiling import window_origins
 from defectscope.train import patches_to_inputs
 from tests.synthetic import lattice, toy_patches
@@ -139,6 +139,13 @@ def _result(labels_grid, background="Bulk", classes=("Bulk", "A", "B")):
     )
 
 
+def test_scan_fraction_is_pixel_centre_convention():
+    # The middle of an even field lies between its two middle pixels.
+    assert scan_fraction(127.5, 255.5, (256, 512)) == [0.5, 0.5]
+    assert scan_fraction(0, 3, (4, 4)) == [0.125, 0.875]
+    assert scan_fraction(-3, 9, (4, 4)) == [0.0, 1.0]
+
+
 def test_regions_from_known_grid():
     grid = np.zeros((6, 8), int)
     grid[1:3, 1:3] = 1  # a 2x2 region of class A
@@ -149,7 +156,7 @@ def test_regions_from_known_grid():
     assert big["label"] == "A" and big["bbox"] == [10, 10, 84, 84]
     assert big["centroid"] == pytest.approx([46.5, 46.5])
     assert big["score"] == pytest.approx(0.95)
-    assert big["centroid_norm"] == pytest.approx([46.5 / 114, 46.5 / 134])
+    assert big["centroid_norm"] == pytest.approx([47 / 114, 47 / 134])
     assert regions[1]["label"] == "B" and regions[1]["bbox"] == [40, 60, 104, 124]
 
 

@@ -16,6 +16,17 @@ from scipy import ndimage
 from defectscope.detector import MapResult
 
 
+def scan_fraction(y: float, x: float, shape: tuple[int, int]) -> list[float]:
+    """Pixel position ``(y, x)`` as a fraction of the scan field, ``[y, x]`` in 0..1.
+
+    Pixel ``i`` covers ``[i, i + 1)`` of an ``n``-pixel field, so its centre sits at
+    ``(i + 0.5) / n``: the convention of scan controllers (Nion Swift's
+    ``probe_position``, origin top-left). Clamped to the field.
+    """
+    height, width = shape
+    return [min(max((y + 0.5) / height, 0.0), 1.0), min(max((x + 0.5) / width, 0.0), 1.0)]
+
+
 def label_regions(result: MapResult) -> tuple[np.ndarray, int]:
     """Connected components (8-neighbourhood) of non-background windows on the grid."""
     labels = result.labels
@@ -49,7 +60,7 @@ def region_record(result: MapResult, mask: np.ndarray) -> dict:
             int(corners[:, 1].max() + size),
         ],
         "n_windows": int(mask.sum()),
-        "centroid_norm": [float(cy / height), float(cx / width)],
+        "centroid_norm": scan_fraction(float(cy), float(cx), (height, width)),
     }
     if result.calibration is not None:
         record["centroid_calibrated"] = result.calibration.to_physical(cy, cx)
@@ -61,11 +72,11 @@ def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
     """Connected regions (8-neighbourhood on the window grid) of non-background windows.
 
     Each region is ``{"label", "score", "centroid": [y, x], "bbox": [y0, x0, y1, x1],
-    "n_windows", "centroid_norm": [y/H, x/W]}``. ``label`` is the class with the
-    largest summed probability over the region's windows; ``score`` is the mean
-    defect probability (1 - p(background)) of its windows; the centroid is the
-    defect-probability-weighted mean of window centres; the bbox spans the
-    windows' pixels (end exclusive). Sorted by score, highest first.
+    "n_windows", "centroid_norm": [(y+0.5)/H, (x+0.5)/W]}`` (:func:`scan_fraction`).
+    ``label`` is the class with the largest summed probability over the region's
+    windows; ``score`` is the mean defect probability (1 - p(background)) of its
+    windows; the centroid is the defect-probability-weighted mean of window centres;
+    the bbox spans the windows' pixels (end exclusive). Sorted by score, highest first.
     """
     components, count = label_regions(result)
     regions = [

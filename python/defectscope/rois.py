@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 
 from defectscope.detector import MapResult
-from defectscope.maps import label_regions, region_record
+from defectscope.maps import label_regions, region_record, scan_fraction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,8 @@ def select_rois(
     -------
     list of dict
         ``{"rank", "label", "score", "defect_probability", "size", "novelty",
-        "center": [y, x], "center_norm": [y/H, x/W], "center_norm_xy": [x/W, y/H],
+        "center": [y, x], "center_norm": [(y+0.5)/H, (x+0.5)/W]
+        (:func:`~defectscope.maps.scan_fraction`), "center_norm_xy": the same as [x, y],
         "bbox", "n_windows"}``, plus ``"center_calibrated": [y, x]`` (offset + index
         times pixel size) and ``"unit"`` when the map has a calibration.
     """
@@ -85,7 +86,6 @@ def select_rois(
     spacing = float(result.patch_size if min_spacing is None else min_spacing)
     centroid, spread = _bulk_reference(result)
     components, count = label_regions(result)
-    height, width = result.frame_shape
     candidates = []
     for index in range(1, count + 1):
         mask = components == index
@@ -104,7 +104,7 @@ def select_rois(
             "size": float(size),
             "novelty": float(novelty),
             "center": [cy, cx],
-            "center_norm": [min(max(cy / height, 0.0), 1.0), min(max(cx / width, 0.0), 1.0)],
+            "center_norm": scan_fraction(cy, cx, result.frame_shape),
             "bbox": record["bbox"],
             "n_windows": record["n_windows"],
         }

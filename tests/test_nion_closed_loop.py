@@ -1,0 +1,155 @@
+"""Closed loop against Nion Swift's simulated STEM, and the lattice specimen it scans."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from defectscope.detector import Detector
+from defectscope.lattice import LatticeSample
+from tests.conftest import REPO
+
+PIXELS, FOV_NM = 256, 12.8  # 0.05 nm pixels: 0.4 nm columns are 8 px apart, as in training
+DEFECTS_NM = ((-2.8, 3.6), (3.2, -1.2))
+
+
+def brute_force_render(sample, shape, fov, center):
+    """Sum every column Gaussian near the field, one by one."""
+    height, width = shape
+    y = center[0] + ((np.arange(height) + 0.5) / height - 0.5) * fov[0]
+    x = center[1] + ((np.arange(width) + 0.5) / width - 0.5) * fov[1]
+    missing = sample.missing_columns()
+    a, s = sample.spacing_nm, sample.column_sigma_nm
+    image = np.zeros(shape)
+    for m in range(int(np.floor(y[0] / a)) - 3, int(np.ceil(y[-1] / a)) + 3):
+        for n in range(int(np.floor(x[0] / a)) - 3, int(np.ceil(x[-1] / a)) + 3):
+            if (m, n) not in missing:
+                gy = np.exp(-((y - (m + 0.5) * a) ** 2) / (2 * s**2))
+                gx = np.exp(-((x - (n + 0.5) * a) ** 2) / (2 * s**2))
+                image += np.outer(gy, gx)
+    return sample.background_counts + sample.peak_counts * image
+
+
+def test_lattice_render_matches_brute_force():
+    sample = LatticeSample(vacancies_nm=[(0.8, -0.4), (-1.2, 1.05)])
+    assert sample.missing_columns() == {(1, -2), (1, -1), (2, -2), (2, -1), (-3, 2), (-4, 2)}
+    for shape, fov, center in [
+        ((40, 56), (2.0, 2.8), (0.0, 0.0)),
+        ((33, 20), (3.3, 1.9), (0.7, -0.3)),
+    ]:
+        ours = sample.render(shape, fov, center)
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, brute_force_render(sample, shape, fov, center), rtol=1e-5)
+    # Dwell scales counts; shot noise keeps the mean.
+    mean = sample.render((64, 64), (3.2, 3.2), pixel_time_us=2.5)
+    noisy = sample.render((64, 64), (3.2, 3.2), pixel_time_us=2.5, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(mean, 2.5 * sample.render((64, 64), (3.2, 3.2)), rtol=1e-6)
+    assert noisy.mean() == pytest.approx(mean.mean(), rel=0.01)
+    with pytest.raises(ValueError, match="spacing_nm"):
+        LatticeSample(spacing_nm=0)
+    with pytest.raises(ValueError, match="field of view"):
+        sample.render((8, 8), (0.0, 1.0))
+
+
+nion = pytest.importorskip(
+    "defectscope.nion", reason="Nion Swift instrumentation not installed (defectscope[nion])"
+)
+
+
+def column_contrast(image, field, positions):
+    """Mean counts at the pixels nearest to specimen positions (nm) inside a scan field."""
+    values = []
+    for y, x in positions:
+        row, col = (round(v) for v in field.pixel_of(y, x))
+        if 0 <= row < image.shape[0] and 0 <= col < image.shape[1]:
+            values.append(image[row, col])
+    return float(np.mean(values))
+
+
+@pytest.fixture(scope="module")
+def detector(model_dir):
+    with Detector.load(model_dir, backend="torch") as detector:
+        yield detector
+
+
+def test_closed_loop_visits_known_defect(detector):
+    sample = LatticeSample(vacancies_nm=DEFECTS_NM)
+    with nion.SimulatedSTEM(sample, seed=1) as stem:
+        nion.set_survey(stem.scan_source, PIXELS, FOV_NM)
+        step = nion.visit_top_roi(detector, stem.scan_source, stem.stem_controller, top=5)
+        probe = stem.stem_controller.probe_position
+        fields = list(stem.generator.fields)
+        subscan_still_on = stem.scan_source.subscan_enabled
+
+    survey_field, subscan_field = fields[0], fields[-1]
+    assert survey_field.center_nm == (0.0, 0.0) and survey_field.shape == (PIXELS, PIXELS)
+    # Nion's survey calibration, converted to pixel centres.
+    assert step.survey.data.shape == (PIXELS, PIXELS) and step.survey.title == "HAADF"
+    assert step.survey.calibration.unit == "nm"
+    assert step.survey.calibration.scale == pytest.approx((0.05, 0.05))
+    assert step.survey.calibration.offset == pytest.approx((-6.375, -6.375))
+
+    # Every defect is found: some ROI lies within one window stride (16 px = 0.8 nm).
+    centres = np.array([roi["center_calibrated"] for roi in step.rois])
+    for defect in DEFECTS_NM:
+        assert np.linalg.norm(centres - defect, axis=1).min() < 0.8, (defect, centres)
+    best = step.rois[0]
+    assert best["unit"] == "nm"
+
+    # The probe sits at the top ROI's normalized centre, as a FloatPoint(y, x).
+    assert (probe.y, probe.x) == pytest.approx(best["center_norm"])
+    assert step.probe_position == pytest.approx(best["center_norm"])
+
+    # The simulator scanned a subscan centred on that ROI ...
+    assert subscan_field.shape == (PIXELS // 4, PIXELS // 4)
+    assert subscan_field.fov_nm == pytest.approx((FOV_NM / 4, FOV_NM / 4))
+    expected_centre = (np.array(best["center_norm"]) - 0.5) * FOV_NM
+    assert subscan_field.center_nm == pytest.approx(tuple(expected_centre), abs=1e-9)
+    assert step.subscan.data.shape == (PIXELS // 4, PIXELS // 4)
+    # ... with the nearest known defect well inside it ...
+    nearest = min(DEFECTS_NM, key=lambda d: np.hypot(*(np.subtract(d, best["center_calibrated"]))))
+    assert subscan_field.contains(*nearest, margin_nm=0.5)
+    # ... and visible there: its missing columns are dark next to the columns around it.
+    missing = LatticeSample(vacancies_nm=[nearest]).missing_column_positions()
+    around = [(y + dy, x + dx) for y, x in missing for dy, dx in [(0, 0.8), (0.8, 0), (-0.8, 0)]]
+    dark = column_contrast(step.subscan.data, subscan_field, missing)
+    bright = column_contrast(step.subscan.data, subscan_field, around)
+    assert dark < 0.3 * bright
+    assert not subscan_still_on and step.subscan_region[2:] == pytest.approx((0.25, 0.25))
+
+
+def test_no_roi_leaves_the_probe_alone(detector):
+    with nion.SimulatedSTEM(LatticeSample(), seed=2) as stem:
+        nion.set_survey(stem.scan_source, PIXELS, FOV_NM)
+        before = stem.stem_controller.probe_position
+        step = nion.visit_top_roi(detector, stem.scan_source, stem.stem_controller)
+        assert stem.stem_controller.probe_position == before
+        assert len(stem.generator.fields) >= 1
+    assert step.rois == [] and step.subscan is None and step.probe_position is None
+    with pytest.raises(ValueError, match="subscan_fraction"):
+        nion.visit_top_roi(detector, None, None, subscan_fraction=1.5)
+
+
+def test_example_script_runs_the_loop(model_dir, tmp_path):
+    defect = DEFECTS_NM[0]
+    command = [
+        sys.executable,
+        str(REPO / "examples" / "nion_closed_loop.py"),
+        str(model_dir),
+        f"--defect={defect[0]},{defect[1]}",  # "=": the value starts with a minus sign
+        "--backend",
+        "torch",
+        "--out",
+        str(tmp_path / "loop"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "loop" / "step.json").read_text())
+    assert report["probe_position"] == pytest.approx(report["rois"][0]["center_norm"])
+    assert report["defects_in_subscan"] == [list(defect)]
+    assert np.load(tmp_path / "loop" / "subscan.npy").shape == (64, 64)
+    assert json.loads(done.stdout)["subscan_region"] == report["subscan_region"]
