@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "subscan_region": step.subscan_region,
         "subscan_field_nm": None,
         "defects_in_subscan": [],
+        "timing_ms": step.timing_ms,
     }
     if subscan_field is not None:
         report["subscan_field_nm"] = {

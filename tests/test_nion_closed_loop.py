@@ -120,6 +120,9 @@ def test_closed_loop_visits_known_defect(detector):
     bright = column_contrast(step.subscan.data, subscan_field, around)
     assert dark < 0.3 * bright
     assert not subscan_still_on and step.subscan_region[2:] == pytest.approx((0.25, 0.25))
+    parts = step.timing_ms
+    assert parts["total"] == pytest.approx(parts["survey"] + parts["rois"] + parts["subscan"])
+    assert min(parts.values()) > 0
 
 
 def test_no_roi_leaves_the_probe_alone(detector):

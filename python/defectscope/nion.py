@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import tempfile
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -232,6 +233,9 @@ class ClosedLoopStep:
         Fractional ``(top, left, height, width)`` of the subscan in the survey field.
     subscan : Frame or None
         The subscan, centred on the top ROI.
+    timing_ms : dict
+        Wall time of ``survey`` (scan), ``rois`` (map and rank), ``subscan`` (probe,
+        subscan scan) and ``total``.
     """
 
     survey: Frame
@@ -239,6 +243,7 @@ class ClosedLoopStep:
     probe_position: tuple[float, float] | None = None
     subscan_region: tuple[float, float, float, float] | None = None
     subscan: Frame | None = None
+    timing_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def visit_top_roi(
@@ -279,10 +284,15 @@ def visit_top_roi(
     """
     if not 0 < subscan_fraction <= 1:
         raise ValueError(f"subscan_fraction must be in (0, 1], got {subscan_fraction}")
+    start = time.perf_counter()
     survey = acquire(scan_source, channel, timeout)
+    scanned = time.perf_counter()
     rois = detector.rois(survey, k=top, stride=stride)
+    ranked = time.perf_counter()
     step = ClosedLoopStep(survey=survey, rois=rois)
+    step.timing_ms = {"survey": (scanned - start) * 1e3, "rois": (ranked - scanned) * 1e3}
     if not rois:
+        step.timing_ms["total"] = (ranked - start) * 1e3
         return step
     y, x = rois[0]["center_norm"]
     stem_controller.probe_position = Geometry.FloatPoint(y=y, x=x)
@@ -301,4 +311,6 @@ def visit_top_roi(
     probe = stem_controller.probe_position
     step.probe_position = (float(probe.y), float(probe.x))
     step.subscan_region = (region.top, region.left, region.height, region.width)
+    done = time.perf_counter()
+    step.timing_ms.update(subscan=(done - ranked) * 1e3, total=(done - start) * 1e3)
     return step
