@@ -156,3 +156,15 @@ def test_example_script_runs_the_loop(model_dir, tmp_path):
     assert report["defects_in_subscan"] == [list(defect)]
     assert np.load(tmp_path / "loop" / "subscan.npy").shape == (64, 64)
     assert json.loads(done.stdout)["subscan_region"] == report["subscan_region"]
+
+
+def test_missing_nion_packages_are_named(monkeypatch):
+    import importlib
+
+    monkeypatch.setitem(sys.modules, "nion.usim_device", None)
+    with pytest.raises(ImportError, match=r"nionswift-usim: pip install 'defectscope\[nion\]'"):
+        nion.SimulatedSTEM(LatticeSample()).__enter__()
+    monkeypatch.setitem(sys.modules, "nion.utils", None)
+    monkeypatch.delitem(sys.modules, "defectscope.nion")
+    with pytest.raises(ImportError, match=r"pip install 'defectscope\[nion\]'"):
+        importlib.import_module("defectscope.nion")

@@ -21,19 +21,16 @@ from typing import Any
 
 import numpy as np
 
-try:
-    from nion.instrumentation import HardwareSource
-    from nion.usim_device import InstrumentDevice, ScanDevice
-    from nion.utils import Geometry, Registry
-except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "defectscope.nion needs Nion Swift's instrumentation: "
-        "pip install 'defectscope[nion]' (nionswift, nionswift-instrumentation, nionswift-usim)"
-    ) from error
-
 from defectscope.detector import Detector
 from defectscope.io import Calibration, Frame
 from defectscope.lattice import LatticeSample
+
+_EXTRA = "pip install 'defectscope[nion]' (nionswift, nionswift-instrumentation, nionswift-usim)"
+
+try:
+    from nion.utils import Geometry, Registry
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(f"defectscope.nion needs Nion Swift's libraries: {_EXTRA}") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +110,13 @@ class SimulatedSTEM:
         self.stem_controller: Any = None
 
     def __enter__(self) -> SimulatedSTEM:
-        from nionswift_plugin import nion_instrumentation_ui
+        # Imported here: a microscope PC runs Swift's instrumentation without the simulator.
+        try:
+            from nion.instrumentation import HardwareSource
+            from nion.usim_device import InstrumentDevice, ScanDevice
+            from nionswift_plugin import nion_instrumentation_ui
+        except ImportError as error:
+            raise ImportError(f"the simulated STEM needs nionswift-usim: {_EXTRA}") from error
 
         stack = self._stack
         # The instrumentation keeps scan settings under its configuration location.
