@@ -97,6 +97,10 @@ def test_evaluate_agrees_with_predict(trained, toy_dataset, tmp_path):
             ["train", "{data}", "--out", "{tmp}/m", "--weights", "{tmp}/w.pth"],
             "weights file not found",
         ),
+        (
+            ["roi", "{model}", "{data}/Bulk_0.tif", "--out", "{tmp}/x.json", "--pixel-size", "-1"],
+            "--pixel-size must be positive, got -1.0",
+        ),
     ],
 )
 def test_bad_input_one_line_error(args, message, trained, toy_dataset, tmp_path, capsys):

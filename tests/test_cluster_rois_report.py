@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -229,12 +230,18 @@ def test_cluster_frame_windows(run_dir, tmp_path):
                 "16",
                 "--backend",
                 "torch",
+                "--pixel-size",
+                "0.05",
             ]
         )
         == 0
     )
     report = json.loads((out / "cluster.json").read_text())
     assert report["kind"] == "frame" and 2 <= report["learned"]["k"] <= 3
-    rows = (out / "clusters.csv").read_text().splitlines()
-    assert len(rows) - 1 == len(window_origins((128, 128), 64, 16)) == report["n_items"]
+    assert report["calibration"] == {"scale": [0.05, 0.05], "offset": [0.0, 0.0], "unit": "nm"}
+    rows = list(csv.DictReader((out / "clusters.csv").open()))
+    assert len(rows) == len(window_origins((128, 128), 64, 16)) == report["n_items"]
+    for row in rows:
+        assert float(row["cy"]) == int(row["row"]) + 31.5
+        assert float(row["cx_nm"]) == pytest.approx(float(row["cx"]) * 0.05)
     assert (out / "cluster_map.png").read_bytes()[:4] == b"\x89PNG"

@@ -187,10 +187,12 @@ def test_map_cli_writes_everything(model_dir, frame, tmp_path):
         "windows.csv",
     ]
     rows = list(csv.DictReader((out / "windows.csv").open()))
-    assert list(rows[0]) == ["row", "col", "cy", "cx", "label", "confidence", "p_Bulk", "p_Vacancy"]
+    coordinates = ["row", "col", "cy", "cx", "cy_norm", "cx_norm"]
+    assert list(rows[0]) == [*coordinates, "label", "confidence", "p_Bulk", "p_Vacancy"]
     assert len(rows) == len(window_origins(frame.shape, 64, 16))
     for row in rows[:5]:
         assert float(row["cy"]) == pytest.approx(int(row["row"]) + 31.5)
+        assert float(row["cx_norm"]) == pytest.approx((int(row["col"]) + 32) / frame.shape[1])
         assert float(row["confidence"]) == pytest.approx(float(row[f"p_{row['label']}"]))
     regions = json.loads((out / "regions.json").read_text())
     for region in regions:

@@ -160,3 +160,22 @@ def test_map_and_roi_on_every_instrument_file(instrument, name, model_dir, tmp_p
         y, x = roi["center"]
         assert roi["center_calibrated"] == pytest.approx(cal.to_physical(y, x))
         assert roi["unit"] == unit
+
+
+def test_cluster_instrument_frame_is_calibrated(instrument, model_dir, tmp_path):
+    source = instrument / "128x128-TEM_search.emi"
+    cal = read_frame(source).calibration
+    out = tmp_path / "cluster"
+    args = ["cluster", str(source), "--model", str(model_dir), "--out", str(out)]
+    assert main([*args, "--k-max", "3", "--stride", "16", "--backend", "torch"]) == 0
+    report = json.loads((out / "cluster.json").read_text())
+    assert report["calibration"] == cal.to_dict()
+    rows = list(csv.DictReader((out / "clusters.csv").open()))
+    assert len(rows) == report["n_items"] == 25
+    for row in rows:
+        cy, cx = float(row["cy"]), float(row["cx"])
+        assert [float(row["cy_nm"]), float(row["cx_nm"])] == pytest.approx(
+            cal.to_physical(cy, cx), rel=1e-5
+        )
+        assert float(row["cy_norm"]) == pytest.approx((cy + 0.5) / 128, abs=1e-6)
+        assert 0 <= int(row["cluster"]) < report["learned"]["k"]

@@ -183,10 +183,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     from defectscope.detector import Detector
-    from defectscope.io import read_frame
     from defectscope.maps import write_map_outputs
 
-    frame = read_frame(args.frame, args.channel, args.frame_index, args.sum)
+    frame = _read_frame(args.frame, args)
     with Detector.load(
         args.artifact, backend=args.backend, batch_size=args.batch_size, background=args.background
     ) as det:
@@ -211,7 +210,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     if is_frame(args.source):
-        report = cluster_frame(args.source, args.model, args.out, stride=args.stride, **common)
+        frame = _read_frame(args.source, args)
+        report = cluster_frame(frame, args.model, args.out, stride=args.stride, **common)
     elif Path(args.source).is_dir():
         report = cluster_dataset(args.source, args.model, args.out, **common)
     else:
@@ -230,16 +230,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 def cmd_roi(args: argparse.Namespace) -> int:
     from defectscope.detector import Detector
-    from defectscope.io import atomic_write_json, read_frame
+    from defectscope.io import atomic_write_json
 
-    frame = read_frame(args.frame, args.channel, args.frame_index, args.sum)
+    frame = _read_frame(args.frame, args)
     with Detector.load(args.artifact, backend=args.backend, background=args.background) as det:
-        if args.pixel_size is not None:
-            rois = det.rois(
-                frame.data, args.top, args.stride, args.min_spacing, args.pixel_size, args.unit
-            )
-        else:
-            rois = det.rois(frame, args.top, args.stride, args.min_spacing)
+        rois = det.rois(frame, args.top, args.stride, args.min_spacing)
     atomic_write_json(args.out, rois)
     print(f"{len(rois)} ROIs -> {args.out}")
     return 0
@@ -318,6 +313,21 @@ def _add_frame_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channel", help="signal to read from a file holding several")
     parser.add_argument("--frame", dest="frame_index", type=int, help="frame of a stack")
     parser.add_argument("--sum", action="store_true", help="sum the frames of a stack")
+    parser.add_argument("--pixel-size", type=float, help="pixel size, overriding the file's")
+    parser.add_argument("--unit", default="nm", help="unit of --pixel-size")
+
+
+def _read_frame(path: Path, args: argparse.Namespace):
+    """The frame the options ask for, with ``--pixel-size`` applied."""
+    from defectscope.io import Calibration, read_frame
+
+    frame = read_frame(path, args.channel, args.frame_index, args.sum)
+    if args.pixel_size is not None:
+        if not args.pixel_size > 0:
+            raise ValueError(f"--pixel-size must be positive, got {args.pixel_size}")
+        size = float(args.pixel_size)
+        frame.calibration = Calibration((size, size), (0.0, 0.0), args.unit)
+    return frame
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=16, help="window stride for frames")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
+    _add_frame_options(p)
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("roi", help="rank regions of interest in a frame")
@@ -392,8 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="rois.json to write")
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--min-spacing", type=float, help="pixels between ROI centres (default: patch)")
-    p.add_argument("--pixel-size", type=float, help="pixel size, overriding the file's")
-    p.add_argument("--unit", default="nm", help="unit of --pixel-size")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--background", help="name of the defect-free class")
     _add_frame_options(p)

@@ -17,16 +17,20 @@ import numpy as np
 
 from defectscope import figures
 from defectscope.cluster import Clustering, cluster_embeddings
-from defectscope.io import IMAGE_SUFFIXES, atomic_write_json, atomic_write_text
+from defectscope.io import FRAME_SUFFIXES, Frame, atomic_write_json, atomic_write_text, read_frame
 
 
-def _clusters_csv(items: list[str], clustering: Clustering, n_coords: int = 3) -> str:
+def _clusters_csv(
+    header: list[str], items: list[list[str]], clustering: Clustering, n_coords: int = 3
+) -> str:
+    """``header`` columns naming each item, then ``cluster,pc1..pc<n_coords>``."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     n_coords = min(n_coords, clustering.coordinates.shape[1])
-    writer.writerow(["item", "cluster", *[f"pc{i + 1}" for i in range(n_coords)]])
-    for item, cluster, coords in zip(items, clustering.labels, clustering.coordinates, strict=True):
-        writer.writerow([item, int(cluster), *[f"{v:.5f}" for v in coords[:n_coords]]])
+    writer.writerow([*header, "cluster", *[f"pc{i + 1}" for i in range(n_coords)]])
+    rows = zip(items, clustering.labels, clustering.coordinates, strict=True)
+    for cells, cluster, coords in rows:
+        writer.writerow([*cells, int(cluster), *[f"{v:.5f}" for v in coords[:n_coords]]])
     return buffer.getvalue()
 
 
@@ -80,8 +84,8 @@ def cluster_dataset(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items = [Path(p).name for p in patches.paths]
-    atomic_write_text(out / "clusters.csv", _clusters_csv(items, learned))
+    items = [[Path(p).name] for p in patches.paths]
+    atomic_write_text(out / "clusters.csv", _clusters_csv(["item"], items, learned))
     figures.silhouette_curve(learned.silhouette, learned.k, out / "silhouette.png")
     figures.pca_scatter(
         learned.coordinates, learned.labels, out / "pca.png", patches.labels, patches.classes
@@ -104,7 +108,7 @@ def cluster_dataset(
 
 
 def cluster_frame(
-    frame_path: str | os.PathLike,
+    frame: str | os.PathLike | Frame,
     artifact: str | os.PathLike,
     out_dir: str | os.PathLike,
     stride: int = 16,
@@ -114,12 +118,18 @@ def cluster_frame(
     backend: str = "auto",
     seed: int = 0,
 ) -> dict:
-    """Cluster the windows of a frame by the model's embeddings and map the clusters."""
-    from defectscope.detector import Detector
-    from defectscope.io import read_frame
-    from defectscope.maps import pixel_grid_index
+    """Cluster the windows of a frame by the model's embeddings and map the clusters.
 
-    frame = read_frame(frame_path).data
+    ``frame`` is a file (read with :func:`~defectscope.io.read_frame`) or a
+    :class:`~defectscope.io.Frame`; with a calibration, ``clusters.csv`` gains the
+    window centres in physical units and ``cluster.json`` the calibration.
+    """
+    from defectscope.detector import Detector
+    from defectscope.maps import pixel_grid_index, window_coordinates
+
+    if not isinstance(frame, Frame):
+        frame = read_frame(frame)
+    image = frame.data
     with Detector.load(artifact, backend=backend) as det:
         result = det.map(frame, stride=stride)
     rows, cols = result.grid_shape
@@ -127,19 +137,19 @@ def cluster_frame(
     learned = cluster_embeddings(embeddings, k, k_range, variance, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items = [f"{y}_{x}" for y, x in result.origins]
-    atomic_write_text(out / "clusters.csv", _clusters_csv(items, learned))
+    header, items = window_coordinates(result)
+    atomic_write_text(out / "clusters.csv", _clusters_csv(header, items, learned))
     figures.silhouette_curve(learned.silhouette, learned.k, out / "silhouette.png")
     predicted = result.labels.ravel()
     figures.pca_scatter(
         learned.coordinates, learned.labels, out / "pca.png", predicted, result.classes
     )
     size = result.patch_size
-    windows = np.stack([frame[y : y + size, x : x + size] for y, x in result.origins])
+    windows = np.stack([image[y : y + size, x : x + size] for y, x in result.origins])
     figures.montage(windows, learned.labels, out / "montage.png")
     grid_rows, grid_cols = pixel_grid_index(result)
     figures.grid_map(
-        frame,
+        image,
         learned.labels.reshape(rows, cols),
         grid_rows,
         grid_cols,
@@ -147,11 +157,12 @@ def cluster_frame(
         f"clusters of window embeddings (k = {learned.k})",
     )
     report = {
-        "source": str(frame_path),
+        "source": frame.source,
         "kind": "frame",
         "stride": stride,
         "n_items": len(items),
         "backend": det.engine.name,
+        "calibration": frame.calibration.to_dict() if frame.calibration else None,
         "learned": {**_summary(learned), **learned.agreement(predicted)},
         "note": "ARI/NMI here compare clusters with the classifier's own predictions",
     }
@@ -162,4 +173,4 @@ def cluster_frame(
 def is_frame(source: str | os.PathLike) -> bool:
     """A file is a frame; a folder is a patch dataset."""
     path = Path(source)
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    return path.is_file() and path.suffix.lower() in FRAME_SUFFIXES

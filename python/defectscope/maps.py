@@ -88,30 +88,41 @@ def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
     return regions
 
 
-def windows_csv(result: MapResult) -> str:
-    """One row per window: ``row,col,cy,cx,label,confidence,p_<class>...``.
+def window_coordinates(result: MapResult) -> tuple[list[str], list[list[str]]]:
+    """Header and per-window cells locating every window of a map.
 
-    With a calibration, ``cy_<unit>,cx_<unit>`` (window centre in physical units)
-    follow ``cx``.
+    ``row,col`` (window top-left), ``cy,cx`` (centre, pixels), ``cy_norm,cx_norm``
+    (centre as a fraction of the frame, :func:`scan_fraction`) and, with a
+    calibration, ``cy_<unit>,cx_<unit>`` (centre in physical units).
+    """
+    cal = result.calibration
+    header = ["row", "col", "cy", "cx", "cy_norm", "cx_norm"]
+    if cal is not None:
+        header += [f"cy_{cal.unit}", f"cx_{cal.unit}"]
+    rows = []
+    for (row, col), (cy, cx) in zip(result.origins, result.centers, strict=True):
+        cells = [str(int(row)), str(int(col)), f"{cy:.1f}", f"{cx:.1f}"]
+        cells += [f"{v:.6f}" for v in scan_fraction(cy, cx, result.frame_shape)]
+        if cal is not None:
+            cells += [f"{v:.6g}" for v in cal.to_physical(cy, cx)]
+        rows.append(cells)
+    return header, rows
+
+
+def windows_csv(result: MapResult) -> str:
+    """One CSV row per window: where it is, its label, confidence and probabilities.
+
+    Columns: those of :func:`window_coordinates`, then ``label,confidence,p_<class>...``.
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    cal = result.calibration
-    physical = [f"cy_{cal.unit}", f"cx_{cal.unit}"] if cal is not None else []
-    writer.writerow(
-        ["row", "col", "cy", "cx", *physical, "label", "confidence"]
-        + [f"p_{c}" for c in result.classes]
-    )
+    header, coordinates = window_coordinates(result)
+    writer.writerow(header + ["label", "confidence"] + [f"p_{c}" for c in result.classes])
     probs = result.probabilities.reshape(-1, len(result.classes))
     labels = result.labels.ravel()
-    for (row, col), (cy, cx), label, p in zip(
-        result.origins, result.centers, labels, probs, strict=True
-    ):
-        extra = [f"{v:.6g}" for v in cal.to_physical(cy, cx)] if cal is not None else []
+    for cells, label, p in zip(coordinates, labels, probs, strict=True):
         writer.writerow(
-            [int(row), int(col), f"{cy:.1f}", f"{cx:.1f}", *extra]
-            + [result.classes[label], f"{p[label]:.6f}"]
-            + [f"{v:.6f}" for v in p]
+            cells + [result.classes[label], f"{p[label]:.6f}"] + [f"{v:.6f}" for v in p]
         )
     return buffer.getvalue()
 
