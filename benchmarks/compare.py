@@ -113,19 +113,23 @@ def report(rows: list[dict]) -> str:
         lines += [
             "## 512^2 uint16 frame, ROIs: in-process vs ZeroMQ service on loopback",
             "",
-            "| stride | route | p50 ms | p99 ms | service overhead p50 ms |",
-            "|---|---|---|---|---|",
+            "| stride | route | p50 ms | p99 ms | overhead p50 ms (difference) "
+            "| transport p50 / p99 ms (paired) |",
+            "|---|---|---|---|---|---|",
         ]
         by = defaultdict(dict)
         for r in service:
             by[r["params"]["stride"]][r["params"]["route"]] = r["extra"]
         for stride, t in sorted(by.items()):
             for route, e in sorted(t.items()):
-                overhead = ""
+                overhead = transport = ""
                 if route == "service" and "in-process" in t:
                     overhead = f"{e['p50_ms'] - t['in-process']['p50_ms']:.2f}"
+                if "transport_p50_ms" in e:
+                    transport = f"{e['transport_p50_ms']:.2f} / {e['transport_p99_ms']:.2f}"
                 lines.append(
-                    f"| {stride} | {route} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} | {overhead} |"
+                    f"| {stride} | {route} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} | {overhead} "
+                    f"| {transport} |"
                 )
         lines.append("")
     memory = [r for r in rows if r["name"].startswith("test_memmap_16k")]

@@ -46,10 +46,22 @@ def test_ratios_to_baselines(tmp_path):
             ),
         ]
     }
+    in_process = _bench("test_frame_512[in-process-16]", {"route": "in-process", "stride": 16}, 1)
+    in_process["extra_info"] = {"p50_ms": 100.0, "p99_ms": 120.0}
+    service = _bench("test_frame_512[service-16]", {"route": "service", "stride": 16}, 1)
+    service["extra_info"] = {
+        "p50_ms": 102.5,
+        "p99_ms": 130.0,
+        "transport_p50_ms": 1.25,
+        "transport_p99_ms": 2.5,
+    }
+    data["benchmarks"] += [in_process, service]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     text = report(load([str(path)]))
     assert "| zscore | 16 | 4.000 | 0.500 | 8.0x |" in text
     assert "| ort-int8 | 16 | 32.0 | 4.00x |" in text
     assert "| 1024^2 | 32 | detector-ort-int8 | 4.00 | 7.50x |" in text
+    assert "| 16 | in-process | 100.0 | 120.0 |  |  |" in text
+    assert "| 16 | service | 102.5 | 130.0 | 2.50 | 1.25 / 2.50 |" in text
     assert text.startswith("machine: ")
