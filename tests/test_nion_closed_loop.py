@@ -10,49 +10,57 @@ import numpy as np
 import pytest
 
 from defectscope.detector import Detector
-from defectscope.lattice import LatticeSample
+from defectscope.lattice import LatticeSample, ScanField
 from tests.conftest import REPO
 
 PIXELS, FOV_NM = 256, 12.8  # 0.05 nm pixels: 0.4 nm columns are 8 px apart, as in training
 DEFECTS_NM = ((-2.8, 3.6), (3.2, -1.2))
 
 
-def brute_force_render(sample, shape, fov, center):
-    """Sum every column Gaussian near the field, one by one."""
-    height, width = shape
-    y = center[0] + ((np.arange(height) + 0.5) / height - 0.5) * fov[0]
-    x = center[1] + ((np.arange(width) + 0.5) / width - 0.5) * fov[1]
+def brute_force_render(sample, field):
+    """Sum every column Gaussian near the field, one column at a time."""
+    y, x = field.specimen_position(*np.indices(field.shape))
     missing = sample.missing_columns()
     a, s = sample.spacing_nm, sample.column_sigma_nm
-    image = np.zeros(shape)
-    for m in range(int(np.floor(y[0] / a)) - 3, int(np.ceil(y[-1] / a)) + 3):
-        for n in range(int(np.floor(x[0] / a)) - 3, int(np.ceil(x[-1] / a)) + 3):
+    image = np.zeros(field.shape)
+    for m in range(int(np.floor(y.min() / a)) - 3, int(np.ceil(y.max() / a)) + 3):
+        for n in range(int(np.floor(x.min() / a)) - 3, int(np.ceil(x.max() / a)) + 3):
             if (m, n) not in missing:
-                gy = np.exp(-((y - (m + 0.5) * a) ** 2) / (2 * s**2))
-                gx = np.exp(-((x - (n + 0.5) * a) ** 2) / (2 * s**2))
-                image += np.outer(gy, gx)
+                image += np.exp(-((y - (m + 0.5) * a) ** 2 + (x - (n + 0.5) * a) ** 2) / (2 * s**2))
     return sample.background_counts + sample.peak_counts * image
 
 
 def test_lattice_render_matches_brute_force():
     sample = LatticeSample(vacancies_nm=[(0.8, -0.4), (-1.2, 1.05)])
     assert sample.missing_columns() == {(1, -2), (1, -1), (2, -2), (2, -1), (-3, 2), (-4, 2)}
-    for shape, fov, center in [
-        ((40, 56), (2.0, 2.8), (0.0, 0.0)),
-        ((33, 20), (3.3, 1.9), (0.7, -0.3)),
-    ]:
-        ours = sample.render(shape, fov, center)
+    fields = [
+        ScanField((0.0, 0.0), (2.0, 2.8), (40, 56)),
+        ScanField((0.7, -0.3), (3.3, 1.9), (33, 20)),
+        ScanField((0.2, 0.1), (3.0, 3.0), (30, 30), rotation_rad=0.4),
+    ]
+    for field in fields:
+        ours = sample.render(field)
         assert ours.dtype == np.float32
-        np.testing.assert_allclose(ours, brute_force_render(sample, shape, fov, center), rtol=1e-5)
+        np.testing.assert_allclose(ours, brute_force_render(sample, field), rtol=1e-5)
     # Dwell scales counts; shot noise keeps the mean.
-    mean = sample.render((64, 64), (3.2, 3.2), pixel_time_us=2.5)
-    noisy = sample.render((64, 64), (3.2, 3.2), pixel_time_us=2.5, rng=np.random.default_rng(0))
-    np.testing.assert_allclose(mean, 2.5 * sample.render((64, 64), (3.2, 3.2)), rtol=1e-6)
+    field = ScanField((0.0, 0.0), (3.2, 3.2), (64, 64))
+    mean = sample.render(field, pixel_time_us=2.5)
+    noisy = sample.render(field, pixel_time_us=2.5, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(mean, 2.5 * sample.render(field), rtol=1e-6)
     assert noisy.mean() == pytest.approx(mean.mean(), rel=0.01)
     with pytest.raises(ValueError, match="spacing_nm"):
         LatticeSample(spacing_nm=0)
     with pytest.raises(ValueError, match="field of view"):
-        sample.render((8, 8), (0.0, 1.0))
+        ScanField((0.0, 0.0), (0.0, 1.0), (8, 8))
+
+
+def test_scan_field_round_trip():
+    field = ScanField((1.5, -2.0), (6.4, 3.2), (128, 64), rotation_rad=0.7)
+    rows, cols = np.array([0.0, 12.3, 127.0]), np.array([5.0, 63.0, 31.5])
+    y, x = field.specimen_position(rows, cols)
+    back = np.array([field.pixel_of(a, b) for a, b in zip(y, x, strict=True)])
+    np.testing.assert_allclose(back, np.stack([rows, cols], axis=1), atol=1e-9)
+    assert field.contains(1.5, -2.0, margin_nm=1.5) and not field.contains(1.5, 2.0)
 
 
 nion = pytest.importorskip(
@@ -76,27 +84,40 @@ def detector(model_dir):
         yield detector
 
 
-def test_closed_loop_visits_known_defect(detector):
+def test_scan_field_follows_nions_rotation():
+    from nion.utils import Geometry
+
+    field = ScanField((0.4, -1.1), (6.4, 6.4), (128, 128), rotation_rad=0.3)
+    for row, col in [(0, 0), (17, 90), (127, 3)]:
+        dy = ((row + 0.5) / 128 - 0.5) * 6.4
+        dx = ((col + 0.5) / 128 - 0.5) * 6.4
+        turned = Geometry.FloatPoint(y=dy, x=dx).rotate(0.3)
+        assert field.specimen_position(row, col) == pytest.approx((0.4 + turned.y, -1.1 + turned.x))
+
+
+@pytest.mark.parametrize("rotation", [0.0, np.pi / 2])
+def test_closed_loop_visits_known_defect(detector, rotation):
     sample = LatticeSample(vacancies_nm=DEFECTS_NM)
     with nion.SimulatedSTEM(sample, seed=1) as stem:
-        nion.set_survey(stem.scan_source, PIXELS, FOV_NM)
+        nion.set_survey(stem.scan_source, PIXELS, FOV_NM, rotation_rad=rotation)
         step = nion.visit_top_roi(detector, stem.scan_source, stem.stem_controller, top=5)
         probe = stem.stem_controller.probe_position
         fields = list(stem.generator.fields)
         subscan_still_on = stem.scan_source.subscan_enabled
 
     survey_field, subscan_field = fields[0], fields[-1]
-    assert survey_field.center_nm == (0.0, 0.0) and survey_field.shape == (PIXELS, PIXELS)
-    # Nion's survey calibration, converted to pixel centres.
+    assert survey_field == ScanField((0.0, 0.0), (FOV_NM, FOV_NM), (PIXELS, PIXELS), rotation)
+    # Nion's survey calibration (scan frame), converted to pixel centres.
     assert step.survey.data.shape == (PIXELS, PIXELS) and step.survey.title == "HAADF"
     assert step.survey.calibration.unit == "nm"
     assert step.survey.calibration.scale == pytest.approx((0.05, 0.05))
     assert step.survey.calibration.offset == pytest.approx((-6.375, -6.375))
 
-    # Every defect is found: some ROI lies within one window stride (16 px = 0.8 nm).
-    centres = np.array([roi["center_calibrated"] for roi in step.rois])
+    # Every defect is found: some ROI lies within one window stride (16 px = 0.8 nm) of it
+    # on the specimen (the simulator's log says where each survey pixel looked).
+    found = np.array([survey_field.specimen_position(*roi["center"]) for roi in step.rois])
     for defect in DEFECTS_NM:
-        assert np.linalg.norm(centres - defect, axis=1).min() < 0.8, (defect, centres)
+        assert np.linalg.norm(found - defect, axis=1).min() < 0.8, (defect, found)
     best = step.rois[0]
     assert best["unit"] == "nm"
 
@@ -104,14 +125,15 @@ def test_closed_loop_visits_known_defect(detector):
     assert (probe.y, probe.x) == pytest.approx(best["center_norm"])
     assert step.probe_position == pytest.approx(best["center_norm"])
 
-    # The simulator scanned a subscan centred on that ROI ...
+    # usim scanned a subscan centred on that ROI (its own rotation maths placed it) ...
     assert subscan_field.shape == (PIXELS // 4, PIXELS // 4)
     assert subscan_field.fov_nm == pytest.approx((FOV_NM / 4, FOV_NM / 4))
-    expected_centre = (np.array(best["center_norm"]) - 0.5) * FOV_NM
-    assert subscan_field.center_nm == pytest.approx(tuple(expected_centre), abs=1e-9)
+    assert subscan_field.rotation_rad == pytest.approx(rotation)
+    roi_on_specimen = survey_field.specimen_position(*best["center"])
+    assert subscan_field.center_nm == pytest.approx(roi_on_specimen, abs=1e-9)
     assert step.subscan.data.shape == (PIXELS // 4, PIXELS // 4)
     # ... with the nearest known defect well inside it ...
-    nearest = min(DEFECTS_NM, key=lambda d: np.hypot(*(np.subtract(d, best["center_calibrated"]))))
+    nearest = min(DEFECTS_NM, key=lambda d: np.hypot(*np.subtract(d, roi_on_specimen)))
     assert subscan_field.contains(*nearest, margin_nm=0.5)
     # ... and visible there: its missing columns are dark next to the columns around it.
     missing = LatticeSample(vacancies_nm=[nearest]).missing_column_positions()

@@ -13,6 +13,67 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class ScanField:
+    """Where a scan looks on the specimen.
+
+    Pixel ``(i, j)`` of an ``(H, W)`` scan has the scan-frame offset
+    ``d = (((i + 0.5) / H - 0.5) * fov_h, ((j + 0.5) / W - 0.5) * fov_w)`` from the
+    field centre; the scan rotation turns it onto the specimen as Nion's
+    ``Geometry.FloatPoint.rotate`` does: ``y = cy + sin(r) dx + cos(r) dy``,
+    ``x = cx + cos(r) dx - sin(r) dy``.
+
+    Attributes
+    ----------
+    center_nm : (float, float)
+        Specimen position ``(y, x)`` of the field centre.
+    fov_nm : (float, float)
+        Field of view ``(height, width)``.
+    shape : (int, int)
+        Pixels ``(height, width)``.
+    rotation_rad : float
+        Scan rotation.
+    """
+
+    center_nm: tuple[float, float]
+    fov_nm: tuple[float, float]
+    shape: tuple[int, int]
+    rotation_rad: float = 0.0
+
+    def __post_init__(self) -> None:
+        if min(self.shape) < 1:
+            raise ValueError(f"scan shape must be positive, got {tuple(self.shape)}")
+        if not all(np.isfinite(v) and v > 0 for v in self.fov_nm):
+            raise ValueError(f"field of view must be positive, got {tuple(self.fov_nm)}")
+
+    def specimen_position(self, row, col) -> tuple[np.ndarray, np.ndarray]:
+        """Specimen ``(y, x)`` in nm of pixel coordinates ``(row, col)`` (arrays or floats)."""
+        dy = ((np.asarray(row, dtype=np.float64) + 0.5) / self.shape[0] - 0.5) * self.fov_nm[0]
+        dx = ((np.asarray(col, dtype=np.float64) + 0.5) / self.shape[1] - 0.5) * self.fov_nm[1]
+        c, s = np.cos(self.rotation_rad), np.sin(self.rotation_rad)
+        return self.center_nm[0] + s * dx + c * dy, self.center_nm[1] + c * dx - s * dy
+
+    def pixel_of(self, y_nm: float, x_nm: float) -> tuple[float, float]:
+        """Pixel coordinates ``(row, col)`` (pixel centres at integers) of a specimen point."""
+        dy, dx = self._scan_offset(y_nm, x_nm)
+        row = (dy / self.fov_nm[0] + 0.5) * self.shape[0] - 0.5
+        col = (dx / self.fov_nm[1] + 0.5) * self.shape[1] - 0.5
+        return float(row), float(col)
+
+    def contains(self, y_nm: float, x_nm: float, margin_nm: float = 0.0) -> bool:
+        """Whether a specimen point lies in the field, at least ``margin_nm`` inside its edges."""
+        dy, dx = self._scan_offset(y_nm, x_nm)
+        return bool(
+            abs(dy) <= self.fov_nm[0] / 2 - margin_nm and abs(dx) <= self.fov_nm[1] / 2 - margin_nm
+        )
+
+    def _scan_offset(self, y_nm: float, x_nm: float) -> tuple[float, float]:
+        # The inverse rotation of specimen_position.
+        sy, sx = y_nm - self.center_nm[0], x_nm - self.center_nm[1]
+        c, s = np.cos(self.rotation_rad), np.sin(self.rotation_rad)
+        return -s * sx + c * sy, c * sx + s * sy
+
+
+@dataclasses.dataclass(frozen=True)
 class LatticeSample:
     """A square lattice of Gaussian atom columns with vacancy clusters.
 
@@ -75,9 +136,7 @@ class LatticeSample:
 
     def render(
         self,
-        shape: tuple[int, int],
-        fov_nm: tuple[float, float],
-        center_nm: tuple[float, float] = (0.0, 0.0),
+        field: ScanField,
         pixel_time_us: float = 1.0,
         rng: np.random.Generator | None = None,
     ) -> np.ndarray:
@@ -85,12 +144,10 @@ class LatticeSample:
 
         Parameters
         ----------
-        shape : (int, int)
-            Scan size in pixels ``(height, width)``.
-        fov_nm : (float, float)
-            Field of view ``(height, width)`` in nm.
-        center_nm : (float, float)
-            Specimen position ``(y, x)`` of the field's centre.
+        field : ScanField
+            Where the scan looks (centre, field of view, pixels, rotation); pixel
+            ``(i, j)`` samples :meth:`ScanField.specimen_position` ``(i, j)``, the
+            pixel centre, as scan controllers place it.
         pixel_time_us : float
             Dwell per pixel; counts scale with it.
         rng : numpy.random.Generator, optional
@@ -98,26 +155,17 @@ class LatticeSample:
 
         Returns
         -------
-        ndarray, float32, shape ``shape``
-            Pixel ``(i, j)`` samples the specimen at
-            ``center + ((i + 0.5) / H - 0.5) * fov``: pixel centres, as scan
-            controllers place them.
+        ndarray, float32, shape ``field.shape``
         """
-        height, width = (int(v) for v in shape)
-        if height < 1 or width < 1:
-            raise ValueError(f"scan shape must be positive, got {tuple(shape)}")
-        if not all(np.isfinite(v) and v > 0 for v in fov_nm):
-            raise ValueError(f"field of view must be positive, got {tuple(fov_nm)}")
         if not np.isfinite(pixel_time_us) or pixel_time_us <= 0:
             raise ValueError(f"pixel_time_us must be positive, got {pixel_time_us}")
-        y = center_nm[0] + ((np.arange(height) + 0.5) / height - 0.5) * fov_nm[0]
-        x = center_nm[1] + ((np.arange(width) + 0.5) / width - 0.5) * fov_nm[1]
-        # A perfect lattice of isotropic Gaussians is separable: an outer product.
-        image = np.outer(self._profile(y), self._profile(x))
+        rows, cols = np.indices(field.shape, dtype=np.float64)
+        y, x = field.specimen_position(rows, cols)
+        # A square grid of isotropic Gaussians is separable along the specimen axes.
+        image = self._profile(y) * self._profile(x)
         two_var = 2 * self.column_sigma_nm**2
         for cy, cx in self.missing_column_positions():
-            dy, dx = np.exp(-((y - cy) ** 2) / two_var), np.exp(-((x - cx) ** 2) / two_var)
-            image -= np.outer(dy, dx)
+            image -= np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / two_var)
         mean = (self.background_counts + self.peak_counts * image.clip(0, None)) * pixel_time_us
         if rng is None:
             return mean.astype(np.float32)

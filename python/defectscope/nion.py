@@ -23,7 +23,7 @@ import numpy as np
 
 from defectscope.detector import Detector
 from defectscope.io import Calibration, Frame
-from defectscope.lattice import LatticeSample
+from defectscope.lattice import LatticeSample, ScanField
 
 _EXTRA = "pip install 'defectscope[nion]' (nionswift, nionswift-instrumentation, nionswift-usim)"
 
@@ -31,27 +31,6 @@ try:
     from nion.utils import Geometry, Registry
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"defectscope.nion needs Nion Swift's libraries: {_EXTRA}") from error
-
-
-@dataclasses.dataclass(frozen=True)
-class ScanField:
-    """Where a simulated scan looked: specimen centre and field of view, in nm."""
-
-    center_nm: tuple[float, float]
-    fov_nm: tuple[float, float]
-    shape: tuple[int, int]
-
-    def contains(self, y_nm: float, x_nm: float, margin_nm: float = 0.0) -> bool:
-        """Whether specimen point ``(y, x)`` lies inside the field, ``margin_nm`` from its edges."""
-        half_h, half_w = self.fov_nm[0] / 2 - margin_nm, self.fov_nm[1] / 2 - margin_nm
-        return abs(y_nm - self.center_nm[0]) <= half_h and abs(x_nm - self.center_nm[1]) <= half_w
-
-    def pixel_of(self, y_nm: float, x_nm: float) -> tuple[float, float]:
-        """Pixel coordinates ``(row, col)`` (pixel centres at integers) of a specimen point."""
-        height, width = self.shape
-        row = ((y_nm - self.center_nm[0]) / self.fov_nm[0] + 0.5) * height - 0.5
-        col = ((x_nm - self.center_nm[1]) / self.fov_nm[1] + 0.5) * width - 0.5
-        return row, col
 
 
 class LatticeScanDataGenerator:
@@ -72,10 +51,6 @@ class LatticeScanDataGenerator:
 
     def generate_scan_data(self, instrument: Any, scan_frame_parameters: Any) -> np.ndarray:
         params = scan_frame_parameters
-        if params.rotation_rad:
-            raise ValueError(
-                f"the lattice simulator does not rotate scans (rotation {params.rotation_rad} rad)"
-            )
         size = Geometry.IntSize.make(params.size)
         fov = Geometry.FloatSize.make(params.fov_size_nm)
         offset_m = instrument.value_manager.actual_offset_m
@@ -84,12 +59,11 @@ class LatticeScanDataGenerator:
             center_nm=(center.y - offset_m.y * 1e9, center.x - offset_m.x * 1e9),
             fov_nm=(fov.height, fov.width),
             shape=(size.height, size.width),
+            rotation_rad=float(params.rotation_rad or 0.0),
         )
         with self._lock:  # usim may call from its acquisition thread
             self.fields.append(field)
-            return self.sample.render(
-                field.shape, field.fov_nm, field.center_nm, params.pixel_time_us, self._rng
-            )
+            return self.sample.render(field, params.pixel_time_us, self._rng)
 
 
 class SimulatedSTEM:
@@ -148,7 +122,13 @@ class SimulatedSTEM:
         self._stack.close()
 
 
-def set_survey(scan_source: Any, pixels: int, fov_nm: float, pixel_time_us: float = 1.0) -> None:
+def set_survey(
+    scan_source: Any,
+    pixels: int,
+    fov_nm: float,
+    pixel_time_us: float = 1.0,
+    rotation_rad: float = 0.0,
+) -> None:
     """Make the scan a ``pixels`` x ``pixels`` survey of ``fov_nm``, no subscan."""
     if pixels < 1 or not fov_nm > 0 or not pixel_time_us > 0:
         raise ValueError(
@@ -160,6 +140,7 @@ def set_survey(scan_source: Any, pixels: int, fov_nm: float, pixel_time_us: floa
     params.pixel_size = Geometry.IntSize(height=pixels, width=pixels)
     params.fov_nm = float(fov_nm)
     params.pixel_time_us = float(pixel_time_us)
+    params.rotation_rad = float(rotation_rad)
     scan_source.set_current_frame_parameters(params)
 
 
