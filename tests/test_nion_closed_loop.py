@@ -157,6 +157,8 @@ def test_no_roi_leaves_the_probe_alone(detector):
     assert step.rois == [] and step.subscan is None and step.probe_position is None
     with pytest.raises(ValueError, match="subscan_fraction"):
         nion.visit_top_roi(detector, None, None, subscan_fraction=1.5)
+    with pytest.raises(ValueError, match="survey needs pixels >= 1, fov_nm > 0"):
+        nion.set_survey(None, 256, -1.0)
 
 
 def test_example_script_runs_the_loop(model_dir, tmp_path):
