@@ -13,8 +13,6 @@ Run::
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import numpy as np
@@ -23,30 +21,13 @@ import pytest
 from benchmarks.frames import stem_frame
 from defectscope.client import Client
 from defectscope.detector import Detector
-from defectscope.service import serve
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from defectscope.service import BackgroundService
 
 
 @pytest.fixture(scope="module")
 def service_address(bench_model):
-    address = f"tcp://127.0.0.1:{_port()}"
-    ready, stop = threading.Event(), threading.Event()
-    thread = threading.Thread(
-        target=serve,
-        args=(bench_model / "model.int8.onnx", address, "onnxruntime"),
-        kwargs={"ready": ready, "stop": stop},
-        daemon=True,
-    )
-    thread.start()
-    assert ready.wait(120)
-    yield address
-    stop.set()
-    thread.join(10)
+    with BackgroundService(bench_model / "model.int8.onnx", backend="onnxruntime") as service:
+        yield service.address
 
 
 @pytest.mark.parametrize("stride", [32, 16])

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
 
 import pytest
 
-from defectscope.service import serve
+from defectscope.service import BackgroundService
 from tests.conftest import REPO
-from tests.test_service_live import free_port
 
 
 def _have_libzmq() -> bool:
@@ -45,23 +43,10 @@ def client_binary(tmp_path_factory):
 
 
 def test_cpp_client_round_trip(client_binary, model_dir):
-    address = f"tcp://127.0.0.1:{free_port()}"
-    ready, stop = threading.Event(), threading.Event()
-    thread = threading.Thread(
-        target=serve,
-        args=(model_dir, address, "torch"),
-        kwargs={"ready": ready, "stop": stop},
-        daemon=True,
-    )
-    thread.start()
-    assert ready.wait(60)
-    try:
+    with BackgroundService(model_dir, backend="torch") as service:
         run = subprocess.run(
-            [str(client_binary), address], capture_output=True, text=True, timeout=300
+            [str(client_binary), service.address], capture_output=True, text=True, timeout=300
         )
-    finally:
-        stop.set()
-        thread.join(10)
     assert run.returncode == 0, run.stderr
     assert 'classes: ["Bulk","Vacancy"]' in run.stdout
     assert "rois:" in run.stdout and "round trip" in run.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket as pysocket
 import subprocess
 import sys
 import threading
@@ -19,16 +18,16 @@ from hypothesis import strategies as st
 from defectscope.client import Client, ServiceError
 from defectscope.detector import Detector
 from defectscope.live import LiveDetector
-from defectscope.service import Service, is_loopback, serve
+from defectscope.service import (
+    BackgroundService,
+    Service,
+    free_loopback_port,
+    is_loopback,
+    serve,
+)
 from tests.synthetic import lattice
 
 zmq = pytest.importorskip("zmq")
-
-
-def free_port() -> int:
-    with pysocket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_frame(size=(96, 96), seed=0) -> np.ndarray:
@@ -40,21 +39,9 @@ test_frame.__test__ = False  # a helper, not a test
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    address = f"tcp://127.0.0.1:{free_port()}"
-    ready, stop = threading.Event(), threading.Event()
-    counts = {}
-    thread = threading.Thread(
-        target=lambda: counts.setdefault(
-            "served", serve(model_dir, address, "torch", ready=ready, stop=stop)
-        ),
-        daemon=True,
-    )
-    thread.start()
-    assert ready.wait(60)
-    yield address
-    stop.set()
-    thread.join(10)
-    assert not thread.is_alive()
+    with BackgroundService(model_dir, backend="torch") as service:
+        yield service.address
+    assert not service.running and service.served > 0
 
 
 def test_ping_info_map_rois(server):
@@ -213,6 +200,17 @@ def test_refuses_network_bind_without_curve(model_dir):
         serve(model_dir, "tcp://0.0.0.0:5599")
 
 
+def test_background_service_reports_startup_failure(model_dir, tmp_path):
+    # A failing start is raised at once in the caller, not waited out.
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="failed to start") as info:
+        BackgroundService(model_dir, bind="tcp://0.0.0.0:5599").__enter__()
+    assert isinstance(info.value.__cause__, ValueError) and "CURVE" in str(info.value.__cause__)
+    with pytest.raises(RuntimeError, match="failed to start"):
+        BackgroundService(tmp_path / "no-model").__enter__()
+    assert time.perf_counter() - started < 30
+
+
 def test_curve_keys_required_by_secure_server(model_dir, tmp_path):
     import zmq.auth
 
@@ -222,30 +220,20 @@ def test_curve_keys_required_by_secure_server(model_dir, tmp_path):
     server_public_file, server_secret_file = zmq.auth.create_certificates(str(keys), "server")
     client_public_file, client_secret_file = zmq.auth.create_certificates(str(keys), "client")
     os.replace(client_public_file, clients / "client.key")
-    address = f"tcp://127.0.0.1:{free_port()}"
-    ready, stop = threading.Event(), threading.Event()
-    thread = threading.Thread(
-        target=serve,
-        args=(model_dir, address, "torch", server_secret_file, clients),
-        kwargs={"ready": ready, "stop": stop},
-        daemon=True,
+    secure = BackgroundService(
+        model_dir, backend="torch", curve_secret=server_secret_file, curve_clients=clients
     )
-    thread.start()
-    assert ready.wait(60)
-    try:
+    with secure as service:
         server_public, _ = zmq.auth.load_certificate(server_public_file)
         client_keys = zmq.auth.load_certificate(client_secret_file)
-        with Client(address, 20_000, server_public, client_keys) as client:
+        with Client(service.address, 20_000, server_public, client_keys) as client:
             assert client.ping()
-        with Client(address, 1_500) as anonymous, pytest.raises(TimeoutError):
+        with Client(service.address, 1_500) as anonymous, pytest.raises(TimeoutError):
             anonymous.ping()
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def test_sigterm_finishes_frame_in_flight(model_dir, tmp_path):
-    address = f"tcp://127.0.0.1:{free_port()}"
+    address = f"tcp://127.0.0.1:{free_loopback_port()}"
     proc = subprocess.Popen(
         [
             sys.executable,

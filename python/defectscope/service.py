@@ -20,6 +20,8 @@ import ipaddress
 import json
 import logging
 import signal
+import socket as socketlib
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -305,3 +307,69 @@ def serve(
         context.term()
         detector.close()
     return served
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socketlib.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class BackgroundService:
+    """:func:`serve` in a daemon thread, for Python hosts, tests and benchmarks.
+
+    A context manager: entering starts the service and waits until it is bound
+    (re-raising a startup failure instead of waiting it out); leaving stops it
+    after the request in flight. ``bind`` defaults to a free loopback port;
+    ``address`` is where clients connect, ``served`` the requests answered once
+    stopped. Other keywords go to :func:`serve`.
+
+    >>> with BackgroundService("runs/cdte/model") as service:  # doctest: +SKIP
+    ...     Client(service.address).ping()
+    """
+
+    def __init__(
+        self,
+        artifact: str | Path,
+        bind: str | None = None,
+        backend: str = "auto",
+        startup_timeout: float = 120.0,
+        **options: Any,
+    ) -> None:
+        self.address = bind or f"tcp://127.0.0.1:{free_loopback_port()}"
+        self.served: int | None = None
+        self._args = (artifact, self.address, backend)
+        self._options = options
+        self._startup_timeout = startup_timeout
+        self._ready, self._stop = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="defectscope-serve")
+
+    def _run(self) -> None:
+        try:
+            self.served = serve(*self._args, ready=self._ready, stop=self._stop, **self._options)
+        except BaseException as error:  # handed to the thread that started us
+            self._error = error
+            self._ready.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def __enter__(self) -> BackgroundService:
+        self._thread.start()
+        if not self._ready.wait(self._startup_timeout):
+            self._stop.set()
+            raise TimeoutError(f"service on {self.address} not ready in {self._startup_timeout} s")
+        if self._error is not None:
+            raise RuntimeError(f"service on {self.address} failed to start") from self._error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        if self._thread.is_alive():
+            raise RuntimeError(f"service on {self.address} did not stop within 30 s")
+        if self._error is not None and exc[0] is None:
+            raise RuntimeError(f"service on {self.address} failed") from self._error
