@@ -93,29 +93,33 @@ class SimulatedSTEM:
             raise ImportError(f"the simulated STEM needs nionswift-usim: {_EXTRA}") from error
 
         stack = self._stack
-        # The instrumentation keeps scan settings under its configuration location.
-        config_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="defectscope-nion-"))
-        nion_instrumentation_ui.configuration_location = config_dir
-        nion_instrumentation_ui.run()
-        stack.callback(nion_instrumentation_ui.stop)
-        instrument = InstrumentDevice.Instrument(
-            "usim_stem_controller",
-            InstrumentDevice.ValueManager(),
-            InstrumentDevice.AxisManager(),
-            self.generator,
-        )
-        scan_module = ScanDevice.ScanModule(instrument)
-        controller_types = {"instrument_controller", "stem_controller"}
-        Registry.register_component(instrument, controller_types)
-        stack.callback(Registry.unregister_component, instrument, controller_types)
-        Registry.register_component(scan_module, {"scan_module"})
-        stack.callback(Registry.unregister_component, scan_module, {"scan_module"})
-        manager = HardwareSource.HardwareSourceManager()
-        self.scan_source = manager.get_hardware_source_for_hardware_source_id(
-            scan_module.device.scan_device_id
-        )
-        stack.callback(self.scan_source.abort_playing, sync_timeout=5.0)
-        self.stem_controller = Registry.get_component("stem_controller")
+        try:
+            # The instrumentation keeps scan settings under its configuration location.
+            config_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ds-nion-"))
+            nion_instrumentation_ui.configuration_location = config_dir
+            nion_instrumentation_ui.run()
+            stack.callback(nion_instrumentation_ui.stop)
+            instrument = InstrumentDevice.Instrument(
+                "usim_stem_controller",
+                InstrumentDevice.ValueManager(),
+                InstrumentDevice.AxisManager(),
+                self.generator,
+            )
+            scan_module = ScanDevice.ScanModule(instrument)
+            controller_types = {"instrument_controller", "stem_controller"}
+            Registry.register_component(instrument, controller_types)
+            stack.callback(Registry.unregister_component, instrument, controller_types)
+            Registry.register_component(scan_module, {"scan_module"})
+            stack.callback(Registry.unregister_component, scan_module, {"scan_module"})
+            manager = HardwareSource.HardwareSourceManager()
+            self.scan_source = manager.get_hardware_source_for_hardware_source_id(
+                scan_module.device.scan_device_id
+            )
+            stack.callback(self.scan_source.abort_playing, sync_timeout=5.0)
+            self.stem_controller = Registry.get_component("stem_controller")
+        except BaseException:
+            stack.close()  # leave nothing registered after a failed start
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
