@@ -14,9 +14,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -31,6 +33,8 @@ constexpr std::array<double, 3> kImageNetMean = {0.485, 0.456, 0.406};
 constexpr std::array<double, 3> kImageNetStd = {0.229, 0.224, 0.225};
 // Guards the z-score against flat (constant) patches, which map to zeros.
 constexpr double kStdFloor = 1e-8;
+// Above this magnitude a window is rescaled before its statistics (see process_range).
+constexpr double kRescaleAbove = 1e100;
 
 struct Job {
   const char* frame = nullptr;
@@ -139,11 +143,21 @@ py::ssize_t process_range(const Job& job, py::ssize_t begin, py::ssize_t end,
     float* out = job.out + w * job.channels * plane;
     if constexpr (std::is_floating_point_v<T>) {
       bool finite = true;
-      for (py::ssize_t i = 0; i < plane; ++i) finite &= std::isfinite(src[i]);
+      double largest = 0.0;
+      for (py::ssize_t i = 0; i < plane; ++i) {
+        finite &= std::isfinite(src[i]);
+        largest = std::max(largest, std::abs(src[i]));
+      }
       if (!finite) {
         if (job.nan_policy == NanPolicy::kRaise) return w;
         normalize_with_nonfinite(job, src, out);
         continue;
+      }
+      // Sums of squares of values near 1e154 and above overflow a double. The z-score is
+      // scale invariant, so such a window is divided by its largest magnitude first.
+      if (job.mode == Mode::kZScore && largest > kRescaleAbove) {
+        const double inverse = 1.0 / largest;
+        for (py::ssize_t i = 0; i < plane; ++i) src[i] *= inverse;
       }
     }
     double offset = job.lo, scale = 1.0 / (job.hi - job.lo);
@@ -177,20 +191,33 @@ py::ssize_t run_threads(const Job& job, int n_threads) {
   const py::ssize_t n = job.n_windows;
   n_threads = static_cast<int>(std::max<py::ssize_t>(1, std::min<py::ssize_t>(n_threads, n)));
   std::vector<py::ssize_t> bad(n_threads, -1);
-  auto work = [&](int t) {
-    std::vector<double> scratch;
-    const py::ssize_t begin = n * t / n_threads, end = n * (t + 1) / n_threads;
-    bad[t] = process_range<T>(job, begin, end, scratch);
+  std::vector<char> failed(n_threads, 0);
+  // An exception escaping a std::thread calls std::terminate: each range catches its own.
+  auto work = [&](int t) noexcept {
+    try {
+      std::vector<double> scratch;
+      const py::ssize_t begin = n * t / n_threads, end = n * (t + 1) / n_threads;
+      bad[t] = process_range<T>(job, begin, end, scratch);
+    } catch (...) {
+      failed[t] = 1;
+    }
   };
-  if (n_threads == 1) {
-    work(0);
-  } else {
-    std::vector<std::thread> pool;
-    pool.reserve(n_threads - 1);
-    for (int t = 1; t < n_threads; ++t) pool.emplace_back(work, t);
-    work(0);
-    for (auto& th : pool) th.join();
+  std::vector<std::thread> pool;
+  pool.reserve(n_threads);
+  int started = 1;
+  for (int t = 1; t < n_threads; ++t) {
+    try {
+      pool.emplace_back(work, t);
+      ++started;
+    } catch (const std::system_error&) {
+      break;  // the system refused a thread: this thread does the remaining ranges
+    }
   }
+  work(0);
+  for (int t = started; t < n_threads; ++t) work(t);
+  for (auto& th : pool) th.join();
+  for (int t = 0; t < n_threads; ++t)
+    if (failed[t]) throw std::bad_alloc();
   for (py::ssize_t b : bad)
     if (b >= 0) return b;
   return -1;
@@ -204,12 +231,23 @@ std::string shape_str(const py::buffer_info& info) {
   return os.str();
 }
 
+bool little_endian_host() {
+  const uint16_t probe = 1;
+  unsigned char first = 0;
+  std::memcpy(&first, &probe, 1);
+  return first == 1;
+}
+
 // Maps a buffer's format to a dtype name, or "" if unsupported.
 std::string dtype_name(const py::buffer_info& info) {
   if (info.format.empty()) return "";
   // Strip byte-order prefixes that denote the native order.
   std::string f = info.format;
-  if (f[0] == '@' || f[0] == '=' || f[0] == '<') f = f.substr(1);
+  if (f[0] == '@' || f[0] == '=') f = f.substr(1);
+  if (f[0] == '<') {
+    if (!little_endian_host()) return "";
+    f = f.substr(1);
+  }
   if (f.size() != 1) return "";
   const char c = f[0];
   const auto size = info.itemsize;
@@ -251,7 +289,7 @@ py::ssize_t tile_into(const py::buffer& frame, const py::buffer& out,
     throw py::value_error("'imagenet' normalization replicates gray into 3 channels; channels must be 3, got " +
                           std::to_string(channels));
   if (job.mode != Mode::kZScore) {
-    if (!std::isfinite(lo) || !std::isfinite(hi) || !(hi > lo)) {
+    if (!std::isfinite(lo) || !std::isfinite(hi) || !(hi > lo) || !std::isfinite(hi - lo)) {
       std::ostringstream os;
       os << "value range must be finite with high > low, got (" << lo << ", " << hi << ")";
       throw py::value_error(os.str());
@@ -265,6 +303,10 @@ py::ssize_t tile_into(const py::buffer& frame, const py::buffer& out,
   py::buffer_info fi = frame.request();
   if (fi.ndim != 2) throw py::value_error("frame must be 2-D, got shape " + shape_str(fi));
   const std::string fdtype = dtype_name(fi);
+  if (fdtype.empty() && !fi.format.empty() && (fi.format[0] == '>' || fi.format[0] == '!'))
+    throw py::type_error("frame is big-endian (buffer format '" + fi.format +
+                         "'); convert it to native byte order, e.g. "
+                         "frame.astype(frame.dtype.newbyteorder('='))");
   if (fdtype.empty())
     throw py::type_error("frame dtype (buffer format '" + fi.format +
                          "') is not supported; use uint8, uint16, int16, int32, uint32, float32 or float64");
@@ -279,13 +321,17 @@ py::ssize_t tile_into(const py::buffer& frame, const py::buffer& out,
     throw py::value_error(os.str());
   }
 
-  if (origins.ndim() != 2 || origins.shape(1) != 2)
-    throw py::value_error("origins must have shape (n, 2)");
+  if (origins.ndim() != 2 || origins.shape(1) != 2) {
+    std::ostringstream os;
+    os << "origins must have shape (n, 2), got " << origins.ndim() << "-D";
+    throw py::value_error(os.str());
+  }
   job.origins = origins.data();
   job.n_windows = origins.shape(0);
   for (py::ssize_t i = 0; i < job.n_windows; ++i) {
     const int64_t oy = job.origins[2 * i], ox = job.origins[2 * i + 1];
-    if (oy < 0 || ox < 0 || oy + patch > job.height || ox + patch > job.width) {
+    // Compared as origin <= size - patch: origin + patch overflows for origins near 2**63.
+    if (oy < 0 || ox < 0 || oy > job.height - patch || ox > job.width - patch) {
       std::ostringstream os;
       os << "window " << i << " at origin (" << oy << ", " << ox << ") with patch size " << patch
          << " does not fit in the frame " << shape_str(fi);

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -187,3 +191,92 @@ def test_python_wrapper_errors():
         tile(np.zeros((64, 64), np.float32), 16, 16, normalization="minmax")
     with pytest.raises(ValueError, match="2-D"):
         tile(np.zeros((64, 64, 3), np.uint8), 16, 16)
+
+
+@pytest.mark.parametrize(
+    "origins",
+    [[[2**63 - 10, 0]], [[0, 2**63 - 1]], [[2**62, 2**62]], [[-1, 0]], [[0, 65]]],
+)
+def test_origins_near_int64_limits_are_refused(origins):
+    # origin + patch overflows int64 here; a wrong check reads before the frame or crashes.
+    frame = np.arange(128 * 128, dtype=np.uint16).reshape(128, 128)
+    with pytest.raises(ValueError, match="does not fit in the frame"):
+        tile(frame, 64, origins=origins)
+    out = np.empty((1, 3, 64, 64), np.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        _tiling.tile_into(
+            frame, out, np.asarray(origins, np.int64), 64, "zscore", 3, 0, 1, "raise", 0
+        )
+
+
+@pytest.mark.parametrize(
+    ("origins", "error", "message"),
+    [
+        (np.zeros((2, 5), np.int64), ValueError, r"shape \(n, 2\), got \(2, 5\)"),
+        (np.zeros(4, np.int64), ValueError, r"shape \(n, 2\)"),
+        (np.array([[1.5, 0.0]]), TypeError, "must be integers"),
+        (np.array([[2**64 - 1, 0]], np.uint64), ValueError, "out of range"),
+    ],
+)
+def test_origins_are_not_reshaped_or_truncated(origins, error, message):
+    frame = np.zeros((128, 128), np.float32)
+    with pytest.raises(error, match=message):
+        tile(frame, 64, origins=origins)
+    with pytest.raises(error, match=message):
+        tile_numpy(frame, 64, origins=origins)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "int32", "uint32", "float32", "float64"])
+def test_big_endian_frames_read_as_their_values(dtype):
+    native = random_frame(np.random.default_rng(3), (80, 96), dtype)
+    swapped = native.astype(native.dtype.newbyteorder(">"))
+    np.testing.assert_array_equal(tile(swapped, 32, 16), tile(native, 32, 16))
+    # The extension itself names the byte order instead of calling the format unsupported.
+    out = np.empty((1, 3, 32, 32), np.float32)
+    with pytest.raises(TypeError, match="big-endian"):
+        _tiling.tile_into(
+            swapped, out, np.zeros((1, 2), np.int64), 32, "zscore", 3, 0, 1, "raise", 0
+        )
+
+
+@pytest.mark.parametrize("magnitude", [1e150, 1e305, 1.7e308])
+def test_zscore_of_huge_finite_values_does_not_overflow(magnitude):
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(96, 96))
+    frame = base / np.abs(base).max() * magnitude
+    got = tile(frame, 64, 16)
+    assert np.isfinite(got).all()
+    # Scale invariance: the same as the moderate frame, and as the numpy reference.
+    np.testing.assert_allclose(got, tile(base, 64, 16), atol=2e-5)
+    np.testing.assert_allclose(got, tile_numpy(frame, 64, 16), atol=2e-5)
+
+
+def test_value_range_whose_width_overflows_is_refused():
+    frame = np.zeros((64, 64))
+    norm = Normalization(mode="minmax", value_range=(-1e308, 1e308))
+    with pytest.raises(ValueError, match="value range"):
+        tile(frame, 64, 64, normalization=norm)
+
+
+THREAD_LIMIT_SCRIPT = """
+import resource, numpy as np
+from defectscope import tile
+frame = np.random.default_rng(0).normal(size=(512, 512)).astype(np.float32)
+want = tile(frame, 64, 8, threads=1)
+out = np.empty_like(want)
+# Leave too little address space for 64 thread stacks: some std::thread starts fail.
+usage = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (usage + 40 * 2**20, resource.RLIM_INFINITY))
+got = tile(frame, 64, 8, threads=64, out=out)
+print(all(np.array_equal(got[i], want[i]) for i in range(len(want))))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_threads_the_system_refuses_do_not_abort():
+    # Before: 'terminate called without an active exception' and SIGABRT.
+    run = subprocess.run(
+        [sys.executable, "-c", THREAD_LIMIT_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "True"

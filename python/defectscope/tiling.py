@@ -23,6 +23,7 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 SUPPORTED_DTYPES: tuple[str, ...] = tuple(_tiling.SUPPORTED_DTYPES)
 _STD_FLOOR = 1e-8
+_RESCALE_ABOVE = 1e100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +128,20 @@ def window_origins(
     return np.stack([rows.ravel(), cols.ravel()], axis=1)
 
 
-def _check_frame(frame: np.ndarray) -> np.ndarray:
-    if not hasattr(frame, "__array_interface__") and not isinstance(frame, memoryview):
-        frame = np.asarray(frame)
-    frame = np.asarray(frame)
+def native_byte_order(array: np.ndarray) -> np.ndarray:
+    """``array`` itself when its bytes are in this machine's order, else a converted copy.
+
+    Big-endian frames come from FITS, some MRC and TIFF writers and ``np.dtype('>u2')``;
+    they are converted rather than misread.
+    """
+    if array.dtype.byteorder in ("=", "|") or array.dtype.isnative:
+        return array
+    return array.astype(array.dtype.newbyteorder("="))
+
+
+def check_frame(frame) -> np.ndarray:
+    """``frame`` as a 2-D array of a supported dtype in native byte order, or an error."""
+    frame = native_byte_order(np.asarray(frame))
     if frame.ndim != 2:
         raise ValueError(f"frame must be 2-D, got shape {frame.shape}")
     if frame.dtype.name not in SUPPORTED_DTYPES:
@@ -138,6 +149,24 @@ def _check_frame(frame: np.ndarray) -> np.ndarray:
             f"frame dtype {frame.dtype} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}"
         )
     return frame
+
+
+def check_origins(origins) -> np.ndarray:
+    """Window corners as a C-contiguous int64 ``(n, 2)`` array, or an error.
+
+    Only integer arrays are taken: float corners would be truncated, and a ``(2, n)``
+    array reshaped into the wrong windows.
+    """
+    array = np.asarray(origins)
+    if array.size == 0:
+        return np.empty((0, 2), np.int64)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(f"origins must have shape (n, 2), got {array.shape}")
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"origins must be integers, got dtype {array.dtype}")
+    if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"origin {int(array.max())} is out of range")
+    return np.ascontiguousarray(array, dtype=np.int64)
 
 
 def tile(
@@ -184,12 +213,12 @@ def tile(
     >>> tile(frame, 64, 32).shape
     (9, 3, 64, 64)
     """
-    frame = _check_frame(frame)
+    frame = check_frame(frame)
     norm = Normalization(mode=normalization) if isinstance(normalization, str) else normalization
     if origins is None:
         origins = window_origins(frame.shape, patch_size, stride)
     else:
-        origins = np.ascontiguousarray(origins, dtype=np.int64).reshape(-1, 2)
+        origins = check_origins(origins)
     low, high = norm.resolve_range(frame.dtype)
     if out is None:
         out = np.empty((len(origins), norm.channels, patch_size, patch_size), dtype=np.float32)
@@ -213,11 +242,10 @@ def tile_numpy(
     Built from ``sliding_window_view`` and vectorized statistics; it is the
     independent reference for the C++ path's tests and benchmarks.
     """
-    frame = _check_frame(frame)
+    frame = check_frame(frame)
     norm = Normalization(mode=normalization) if isinstance(normalization, str) else normalization
-    if origins is None:
-        origins = window_origins(frame.shape, patch_size, stride)
-    origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+    origins = window_origins(frame.shape, patch_size, stride) if origins is None else origins
+    origins = check_origins(origins)
     views = np.lib.stride_tricks.sliding_window_view(frame, (patch_size, patch_size))
     patches = views[origins[:, 0], origins[:, 1]].astype(np.float64)
     finite = np.isfinite(patches)
@@ -226,6 +254,10 @@ def tile_numpy(
         first = int(np.argmax(bad))
         raise ValueError(f"window {first} at origin {tuple(origins[first])} contains NaN")
     if norm.mode == "zscore":
+        # Scale invariant: windows of huge values are divided by their largest magnitude
+        # so that squares do not overflow.
+        largest = np.where(finite, np.abs(patches), 0.0).max(axis=(1, 2), keepdims=True)
+        patches = np.where(largest > _RESCALE_ABOVE, patches / np.maximum(largest, 1.0), patches)
         if nan_policy == "zero":
             count = finite.sum(axis=(1, 2), keepdims=True)
             clean = np.where(finite, patches, 0.0)
