@@ -14,8 +14,8 @@ import tifffile
 
 from defectscope.cli import main
 from defectscope.cluster import cluster_embeddings
-from defectscope.detector import MapResult
 from defectscope.io import Calibration
+from defectscope.maps import MapResult
 from defectscope.rois import RoiWeights, select_rois
 from defectscope.tiling import window_origins
 from tests.synthetic import lattice, toy_patches

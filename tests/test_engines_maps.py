@@ -11,7 +11,7 @@ import pytest
 
 from defectscope.classifier import PatchClassifier
 from defectscope.cli import main
-from defectscope.detector import Detector, MapResult
+from defectscope.detector import Detector
 from defectscope.engines import EngineError, OnnxEngine, load_engine
 from defectscope.export import (
     compare_engines,
@@ -20,7 +20,7 @@ from defectscope.export import (
     read_onnx_metadata,
     tensorrt_available,
 )
-from defectscope.maps import find_regions, scan_fraction
+from defectscope.maps import MapResult, find_regions, scan_fraction
 from defectscope.tiling import window_origins
 from defectscope.train import patches_to_inputs
 from tests.synthetic import lattice, toy_patches

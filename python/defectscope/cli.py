@@ -183,7 +183,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     from defectscope.detector import Detector
-    from defectscope.maps import write_map_outputs
+    from defectscope.outputs import write_map_outputs
 
     frame = _read_frame(args.frame, args)
     with Detector.load(

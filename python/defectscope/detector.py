@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,70 +15,8 @@ import numpy as np
 
 from defectscope.engines import Engine, load_engine
 from defectscope.io import Calibration, Frame
+from defectscope.maps import MapResult
 from defectscope.tiling import NanPolicy, tile, window_origins
-
-
-@dataclasses.dataclass
-class MapResult:
-    """Per-window predictions over a frame, on the grid of window positions.
-
-    Attributes
-    ----------
-    origins : ndarray of int64, shape (rows * cols, 2)
-        Top-left ``(row, col)`` of each window, row-major over the grid.
-    grid_shape : (int, int)
-        Windows along rows and columns.
-    probabilities : ndarray of float32, shape (rows, cols, classes)
-    embeddings : ndarray of float32, shape (rows, cols, d) or None
-    classes : list of str
-    background : str or None
-        The defect-free class, if the model has one.
-    frame_shape : (int, int)
-    patch_size : int
-    timing_ms : dict
-        ``total``, ``tiling`` (time the engine waited for patches) and ``engine``.
-    calibration : Calibration or None
-        Physical pixel coordinates, when the frame carried them.
-    """
-
-    origins: np.ndarray
-    grid_shape: tuple[int, int]
-    probabilities: np.ndarray
-    embeddings: np.ndarray | None
-    classes: list[str]
-    background: str | None
-    frame_shape: tuple[int, int]
-    patch_size: int
-    timing_ms: dict[str, float]
-    calibration: Calibration | None = None
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Class index of each window, shape (rows, cols)."""
-        return self.probabilities.argmax(axis=-1)
-
-    @property
-    def confidence(self) -> np.ndarray:
-        """Probability of the predicted class, shape (rows, cols)."""
-        return self.probabilities.max(axis=-1)
-
-    @property
-    def centers(self) -> np.ndarray:
-        """Window centres ``(cy, cx)`` in pixels, shape (rows * cols, 2)."""
-        return self.origins + (self.patch_size - 1) / 2.0
-
-    @property
-    def defect_probability(self) -> np.ndarray:
-        """1 - p(background) per window (rows, cols); the top class's confidence without one."""
-        if self.background is None:
-            return self.confidence
-        return 1.0 - self.probabilities[..., self.classes.index(self.background)]
-
-    def regions(self, min_windows: int = 1) -> list[dict]:
-        """Connected regions of non-background windows, best first (see :mod:`maps`)."""
-        from defectscope.maps import find_regions
-
-        return find_regions(self, min_windows=min_windows)
 
 
 class Detector:

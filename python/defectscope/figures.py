@@ -1,27 +1,44 @@
-"""Figures shared by clustering, ROI selection and the run report (matplotlib, Agg)."""
+"""Figures of maps, clustering and the run report.
+
+Figures are made as ``matplotlib.figure.Figure`` objects and written with the Agg
+canvas, never through pyplot: importing this module leaves matplotlib's backend and
+global state alone, so it is safe inside a GUI host (Nion Swift, napari).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 
-def save(fig, path: str | Path) -> Path:
+def subplots(*args, figsize=(6.4, 4.8), dpi=100, **kwargs):
+    """``(figure, axes)`` like ``pyplot.subplots``, without pyplot's global figure list."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def tab10(index: int) -> tuple:
+    return matplotlib.colormaps["tab10"](index % 10)
+
+
+def plain_text(text: str) -> str:
+    """``text`` shown literally: a ``$`` would start matplotlib's mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def save(fig, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)
     return path
 
 
 def silhouette_curve(scores: dict[int, float], chosen: int, path: str | Path) -> Path:
     """Silhouette score against k, the chosen k marked."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = subplots(figsize=(5, 3.5))
     ks = sorted(scores)
     ax.plot(ks, [scores[k] for k in ks], "o-", color="tab:blue")
     ax.axvline(chosen, color="tab:red", linestyle="--", label=f"chosen k = {chosen}")
@@ -40,7 +57,7 @@ def pca_scatter(
 ) -> Path:
     """First two PCA components coloured by cluster (and by label, side by side, if given)."""
     panels = 2 if labels is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False)
+    fig, axes = subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False)
     y = coords[:, 1] if coords.shape[1] > 1 else np.zeros(len(coords))
     ax = axes[0, 0]
     scatter = ax.scatter(coords[:, 0], y, c=clusters, cmap="tab10", s=6)
@@ -50,7 +67,7 @@ def pca_scatter(
         ax = axes[0, 1]
         for i, name in enumerate(label_names or []):
             mask = labels == i
-            ax.scatter(coords[mask, 0], y[mask], s=6, label=name, color=plt.cm.tab10(i % 10))
+            ax.scatter(coords[mask, 0], y[mask], s=6, label=plain_text(name), color=tab10(i))
         ax.legend(fontsize=7, loc="best", markerscale=2)
         ax.set_title("coloured by label")
     for ax in axes[0]:
@@ -65,7 +82,7 @@ def montage(
     """A row of example patches per cluster."""
     rng = np.random.default_rng(seed)
     ks = np.unique(clusters)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(ks), per_cluster, figsize=(per_cluster * 1.1, len(ks) * 1.2), squeeze=False
     )
     for row, k in enumerate(ks):
@@ -89,9 +106,9 @@ def grid_map(
     from matplotlib.colors import ListedColormap
 
     k = int(values.max()) + 1
-    fig, ax = plt.subplots(figsize=(7, 7 * frame.shape[0] / frame.shape[1] + 0.5))
+    fig, ax = subplots(figsize=(7, 7 * frame.shape[0] / frame.shape[1] + 0.5))
     ax.imshow(frame, cmap="gray")
-    cmap = ListedColormap([plt.cm.tab10(i % 10) for i in range(k)])
+    cmap = ListedColormap([tab10(i) for i in range(k)])
     image = ax.imshow(
         values[np.ix_(rows, cols)],
         cmap=cmap,
@@ -108,7 +125,7 @@ def grid_map(
 
 def training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     """Loss and accuracy per epoch, training and validation."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.3))
+    fig, (a, b) = subplots(1, 2, figsize=(9, 3.3))
     epochs = [h["epoch"] for h in history]
     for key, ax in (("loss", a), ("accuracy", b)):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], ".-", label="train")
@@ -123,12 +140,13 @@ def training_curves(history: list[dict], path: str | Path, title: str = "") -> P
 
 def confusion(matrix: list[list[int]], classes: list[str], path: str | Path, title: str) -> Path:
     m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.55 * len(classes)))
+    fig, ax = subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.55 * len(classes)))
     ax.imshow(m, cmap="Blues")
     for (i, j), v in np.ndenumerate(m):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    names = [plain_text(c) for c in classes]
+    ax.set_xticks(range(len(classes)), names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(classes)), names, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
@@ -137,7 +155,7 @@ def confusion(matrix: list[list[int]], classes: list[str], path: str | Path, tit
 
 def reliability(bins: dict, path: str | Path, title: str) -> Path:
     """Reliability diagram: accuracy against confidence per bin, before and after T."""
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], "k:", label="perfect")
     for key, style in (("before", "o-"), ("after", "s-")):
         data = bins.get(key)
@@ -148,3 +166,57 @@ def reliability(bins: dict, path: str | Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return save(fig, path)
+
+
+def class_colors(classes: list[str], background: str | None) -> dict[str, tuple]:
+    """A colour per class: gray for the background, tab10 for the defect classes."""
+    colors, k = {}, 0
+    for name in classes:
+        if name == background:
+            colors[name] = (0.6, 0.6, 0.6, 1.0)
+        else:
+            colors[name] = tab10(k)
+            k += 1
+    return colors
+
+
+def map_overlay(frame: np.ndarray, result, path: str | Path) -> Path:
+    """Frame in gray with defect classes coloured, alpha by confidence, and a legend."""
+    from matplotlib.patches import Patch
+
+    from defectscope.maps import pixel_grid_index
+
+    rows, cols = pixel_grid_index(result)
+    labels = result.labels[np.ix_(rows, cols)]
+    confidence = result.confidence[np.ix_(rows, cols)]
+    colors = class_colors(result.classes, result.background)
+    palette = np.array([colors[c] for c in result.classes])
+    rgba = palette[labels].copy()
+    rgba[..., 3] = 0.55 * confidence
+    if result.background is not None:
+        rgba[labels == result.classes.index(result.background), 3] = 0.0
+    height, width = frame.shape
+    fig, ax = subplots(figsize=(8, 8 * height / width + 0.6), dpi=110)
+    ax.imshow(frame, cmap="gray", interpolation="nearest")
+    ax.imshow(rgba, interpolation="nearest")
+    handles = [
+        Patch(color=colors[c], label=plain_text(c))
+        for c in result.classes
+        if c != result.background
+    ]
+    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.8)
+    ax.set_axis_off()
+    ax.set_title("defect classes (alpha = confidence)")
+    return save(fig, path, dpi=110)
+
+
+def map_confidence(result, path: str | Path) -> Path:
+    """Confidence of the predicted class, pixel by nearest window."""
+    from defectscope.maps import pixel_grid_index
+
+    rows, cols = pixel_grid_index(result)
+    fig, ax = subplots(figsize=(8, 7), dpi=110)
+    image = ax.imshow(result.confidence[np.ix_(rows, cols)], vmin=0, vmax=1, cmap="viridis")
+    fig.colorbar(image, ax=ax, label="confidence of predicted class")
+    ax.set_axis_off()
+    return save(fig, path, dpi=110)

@@ -1,19 +1,79 @@
-"""From window predictions to defect regions, and the files ``defectscope map`` writes."""
+"""A frame's map: per-window predictions (:class:`MapResult`) and the regions they form.
+
+Nothing here draws or writes files (see :mod:`defectscope.outputs`).
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from defectscope.detector import MapResult
+from defectscope.io import Calibration
+
+
+@dataclasses.dataclass
+class MapResult:
+    """Per-window predictions over a frame, on the grid of window positions.
+
+    Attributes
+    ----------
+    origins : ndarray of int64, shape (rows * cols, 2)
+        Top-left ``(row, col)`` of each window, row-major over the grid.
+    grid_shape : (int, int)
+        Windows along rows and columns.
+    probabilities : ndarray of float32, shape (rows, cols, classes)
+    embeddings : ndarray of float32, shape (rows, cols, d) or None
+    classes : list of str
+    background : str or None
+        The defect-free class, if the model has one.
+    frame_shape : (int, int)
+    patch_size : int
+    timing_ms : dict
+        ``total``, ``tiling`` (time the engine waited for patches) and ``engine``.
+    calibration : Calibration or None
+        Physical pixel coordinates, when the frame carried them.
+    """
+
+    origins: np.ndarray
+    grid_shape: tuple[int, int]
+    probabilities: np.ndarray
+    embeddings: np.ndarray | None
+    classes: list[str]
+    background: str | None
+    frame_shape: tuple[int, int]
+    patch_size: int
+    timing_ms: dict[str, float]
+    calibration: Calibration | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Class index of each window, shape (rows, cols)."""
+        return self.probabilities.argmax(axis=-1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """Probability of the predicted class, shape (rows, cols)."""
+        return self.probabilities.max(axis=-1)
+
+    @property
+    def centers(self) -> np.ndarray:
+        """Window centres ``(cy, cx)`` in pixels, shape (rows * cols, 2)."""
+        return self.origins + (self.patch_size - 1) / 2.0
+
+    @property
+    def defect_probability(self) -> np.ndarray:
+        """1 - p(background) per window (rows, cols); the top class's confidence without one."""
+        if self.background is None:
+            return self.confidence
+        return 1.0 - self.probabilities[..., self.classes.index(self.background)]
+
+    def regions(self, min_windows: int = 1) -> list[dict]:
+        """Connected regions of non-background windows, best first (see :mod:`maps`)."""
+        return find_regions(self, min_windows=min_windows)
 
 
 def scan_fraction(y: float, x: float, shape: tuple[int, int]) -> list[float]:
@@ -37,35 +97,57 @@ def label_regions(result: MapResult) -> tuple[np.ndarray, int]:
     return ndimage.label(defect, structure=np.ones((3, 3), dtype=int))
 
 
-def region_record(result: MapResult, mask: np.ndarray) -> dict:
-    """The JSON record of the region made of the windows in ``mask`` (rows, cols)."""
+def region_records(result: MapResult, components: np.ndarray, count: int) -> list[dict]:
+    """The JSON record of every labelled region of ``components``, in label order.
+
+    Properties come from ``scipy.ndimage`` over the whole label image at once
+    (``sum_labels``, ``find_objects``), not one mask per region.
+    """
+    if count == 0:
+        return []
     height, width = result.frame_shape
     size = result.patch_size
-    probs = result.probabilities[mask]
+    index = np.arange(1, count + 1)
+    probs = result.probabilities.astype(np.float64)
     if result.background is not None:
         probs = probs.copy()
-        probs[:, result.classes.index(result.background)] = 0
-    weight = result.defect_probability[mask].astype(np.float64)
-    corners = result.origins.reshape(*result.grid_shape, 2)[mask]
-    centers = corners + (size - 1) / 2.0
-    cy, cx = (centers * weight[:, None]).sum(0) / max(weight.sum(), 1e-12)
-    record = {
-        "label": result.classes[int(probs.sum(0).argmax())],
-        "score": float(weight.mean()),
-        "centroid": [float(cy), float(cx)],
-        "bbox": [
-            int(corners[:, 0].min()),
-            int(corners[:, 1].min()),
-            int(corners[:, 0].max() + size),
-            int(corners[:, 1].max() + size),
-        ],
-        "n_windows": int(mask.sum()),
-        "centroid_norm": scan_fraction(float(cy), float(cx), (height, width)),
-    }
-    if result.calibration is not None:
-        record["centroid_calibrated"] = result.calibration.to_physical(cy, cx)
-        record["unit"] = result.calibration.unit
-    return record
+        probs[..., result.classes.index(result.background)] = 0
+    class_sums = np.stack(
+        [ndimage.sum_labels(probs[..., c], components, index) for c in range(probs.shape[-1])],
+        axis=1,
+    )
+    weight = result.defect_probability.astype(np.float64)
+    grid = result.origins.reshape(*result.grid_shape, 2).astype(np.float64) + (size - 1) / 2.0
+    n_windows = ndimage.sum_labels(np.ones_like(weight), components, index)
+    weight_sum = ndimage.sum_labels(weight, components, index)
+    weighted = [ndimage.sum_labels(weight * grid[..., a], components, index) for a in (0, 1)]
+    plain = [ndimage.sum_labels(grid[..., a], components, index) for a in (0, 1)]
+    row_origins = result.origins.reshape(*result.grid_shape, 2)[:, 0, 0]
+    col_origins = result.origins.reshape(*result.grid_shape, 2)[0, :, 1]
+    records = []
+    for k, (rows, cols) in enumerate(ndimage.find_objects(components, max_label=count)):
+        if weight_sum[k] > 1e-12:
+            cy, cx = weighted[0][k] / weight_sum[k], weighted[1][k] / weight_sum[k]
+        else:
+            cy, cx = plain[0][k] / n_windows[k], plain[1][k] / n_windows[k]
+        record = {
+            "label": result.classes[int(class_sums[k].argmax())],
+            "score": float(weight_sum[k] / n_windows[k]),
+            "centroid": [float(cy), float(cx)],
+            "bbox": [
+                int(row_origins[rows.start]),
+                int(col_origins[cols.start]),
+                int(row_origins[rows.stop - 1] + size),
+                int(col_origins[cols.stop - 1] + size),
+            ],
+            "n_windows": int(n_windows[k]),
+            "centroid_norm": scan_fraction(float(cy), float(cx), (height, width)),
+        }
+        if result.calibration is not None:
+            record["centroid_calibrated"] = result.calibration.to_physical(cy, cx)
+            record["unit"] = result.calibration.unit
+        records.append(record)
+    return records
 
 
 def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
@@ -80,9 +162,7 @@ def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
     """
     components, count = label_regions(result)
     regions = [
-        region_record(result, components == index)
-        for index in range(1, count + 1)
-        if (components == index).sum() >= min_windows
+        r for r in region_records(result, components, count) if r["n_windows"] >= min_windows
     ]
     regions.sort(key=lambda r: (-r["score"], -r["n_windows"]))
     return regions
@@ -138,88 +218,3 @@ def pixel_grid_index(result: MapResult) -> tuple[np.ndarray, np.ndarray]:
         return np.searchsorted(midpoints, np.arange(length), side="right")
 
     return nearest(centers_y, result.frame_shape[0]), nearest(centers_x, result.frame_shape[1])
-
-
-def class_colors(classes: list[str], background: str | None) -> dict[str, tuple]:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    colors, k = {}, 0
-    for name in classes:
-        if name == background:
-            colors[name] = (0.6, 0.6, 0.6, 1.0)
-        else:
-            colors[name] = cmap(k % 10)
-            k += 1
-    return colors
-
-
-def render_overlay(frame: np.ndarray, result: MapResult, path: Path) -> None:
-    """Frame in gray with defect classes coloured, alpha by confidence, and a legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    rows, cols = pixel_grid_index(result)
-    labels = result.labels[np.ix_(rows, cols)]
-    confidence = result.confidence[np.ix_(rows, cols)]
-    colors = class_colors(result.classes, result.background)
-    palette = np.array([colors[c] for c in result.classes])
-    rgba = palette[labels].copy()
-    rgba[..., 3] = 0.55 * confidence
-    if result.background is not None:
-        rgba[labels == result.classes.index(result.background), 3] = 0.0
-    height, width = frame.shape
-    fig, ax = plt.subplots(figsize=(8, 8 * height / width + 0.6), dpi=110)
-    ax.imshow(frame, cmap="gray", interpolation="nearest")
-    ax.imshow(rgba, interpolation="nearest")
-    handles = [Patch(color=colors[c], label=c) for c in result.classes if c != result.background]
-    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.8)
-    ax.set_axis_off()
-    ax.set_title("defect classes (alpha = confidence)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def render_confidence(result: MapResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = pixel_grid_index(result)
-    fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
-    image = ax.imshow(result.confidence[np.ix_(rows, cols)], vmin=0, vmax=1, cmap="viridis")
-    fig.colorbar(image, ax=ax, label="confidence of predicted class")
-    ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_map_outputs(frame: np.ndarray, result: MapResult, out_dir: str | os.PathLike) -> Path:
-    """Write ``windows.csv``, ``regions.json``, ``overlay.png`` and ``confidence.png``.
-
-    Everything is written in a temporary folder beside ``out_dir`` first and then
-    moved in, so a failure leaves nothing partial in ``out_dir``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        (staging / "windows.csv").write_text(windows_csv(result))
-        regions = result.regions()
-        (staging / "regions.json").write_text(json.dumps(regions, indent=2) + "\n")
-        render_overlay(np.asarray(frame), result, staging / "overlay.png")
-        render_confidence(result, staging / "confidence.png")
-        if not out_dir.exists():
-            os.replace(staging, out_dir)
-        else:
-            for item in staging.iterdir():
-                os.replace(item, out_dir / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir

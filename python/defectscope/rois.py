@@ -24,8 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from defectscope.detector import MapResult
-from defectscope.maps import label_regions, region_record, scan_fraction
+from defectscope.maps import MapResult, label_regions, region_records, scan_fraction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +85,14 @@ def select_rois(
     spacing = float(result.patch_size if min_spacing is None else min_spacing)
     centroid, spread = _bulk_reference(result)
     components, count = label_regions(result)
+    records = region_records(result, components, count)
+    # Mean embedding of every region at once: sums over the label image.
+    flat = result.embeddings.reshape(-1, result.embeddings.shape[-1]).astype(np.float64)
+    sums = np.zeros((count + 1, flat.shape[1]))
+    np.add.at(sums, components.ravel(), flat)
     candidates = []
-    for index in range(1, count + 1):
-        mask = components == index
-        record = region_record(result, mask)
-        distance = float(np.linalg.norm(result.embeddings[mask].mean(axis=0) - centroid))
+    for index, record in enumerate(records, start=1):
+        distance = float(np.linalg.norm(sums[index] / record["n_windows"] - centroid))
         novelty = distance / (distance + spread)
         size = record["n_windows"] / (record["n_windows"] + 4.0)
         score = (

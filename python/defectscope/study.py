@@ -141,7 +141,7 @@ def frame_check(
     """
     from defectscope.detector import Detector
     from defectscope.io import read_image
-    from defectscope.maps import write_map_outputs
+    from defectscope.outputs import write_map_outputs
     from defectscope.provenance import locate_patches, recall_at_sources
 
     frame = read_image(frame_path)
