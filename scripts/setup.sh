@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install defectscope with its C++ extension, editable.
+# Create .venv (if missing) and install defectscope with its C++ extension, editable, with
+# everything (training, formats, Nion, tests); then .venv-runtime, the runtime alone (no
+# PyTorch), which the tests use to prove an instrument PC needs nothing more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,5 +11,14 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: pip takes this exact pair from the local wheel store where one exists.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[dev,formats,nion]"
+.venv/bin/python -m pip install -q -e ".[train,dev,formats,nion]"
 .venv/bin/python -c "import defectscope._tiling, defectscope; print('defectscope', defectscope.__version__, 'ready')"
+if [ ! -x .venv-runtime/bin/python ]; then
+  "$PYTHON" -m venv .venv-runtime
+fi
+.venv-runtime/bin/python -m pip install -q --upgrade pip
+.venv-runtime/bin/python -m pip install -q -e .
+.venv-runtime/bin/python -c "
+import importlib.util, defectscope._tiling
+assert importlib.util.find_spec('torch') is None, 'torch found in the runtime venv'
+print('runtime venv ready (no torch)')"

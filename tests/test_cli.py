@@ -99,7 +99,7 @@ def test_evaluate_agrees_with_predict(trained, toy_dataset, tmp_path):
         ),
         (
             ["roi", "{model}", "{data}/Bulk_0.tif", "--out", "{tmp}/x.json", "--pixel-size", "-1"],
-            "--pixel-size must be positive, got -1.0",
+            "pixel size must be two finite numbers > 0",
         ),
     ],
 )

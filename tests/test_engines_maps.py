@@ -116,7 +116,7 @@ def test_auto_backend_and_artifact_errors(model_dir, onnx_path, tmp_path):
     with pytest.raises(EngineError, match="unknown artifact type"):
         load_engine(tmp_path / "weird.bin")
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
-    with pytest.raises(Exception, match="not an ONNX model"):
+    with pytest.raises(EngineError, match="not a loadable ONNX model"):
         load_engine(tmp_path / "bad.onnx")
 
 

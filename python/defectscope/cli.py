@@ -15,11 +15,20 @@ import numpy as np
 from defectscope import __version__
 
 BACKEND_CHOICES = ["auto", "torch", "onnxruntime", "tensorrt"]
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, OSError, RuntimeError)
+# ImportError: an optional extra (train, formats, nion) is missing; MemoryError: a frame
+# or batch too large for this machine.
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    OSError,
+    RuntimeError,
+    ImportError,
+    MemoryError,
+)
 
 
 def _train_config(args: argparse.Namespace):
-    from defectscope.train import TrainConfig
+    from defectscope.train_config import TrainConfig
 
     return TrainConfig(
         epochs=args.epochs,
@@ -52,7 +61,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from defectscope.datasets import load_patches
     from defectscope.evaluate import classification_metrics
     from defectscope.io import atomic_write_json
+    from defectscope.outputs import refuse_overwrite
 
+    refuse_overwrite(args.json, [args.model, args.data])
     clf = PatchClassifier.load(args.model)
     patches = load_patches(args.data, skip_bad=args.skip_bad)
     _report_skipped(patches)
@@ -70,7 +81,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from defectscope.classifier import PatchClassifier
     from defectscope.io import atomic_write_json
+    from defectscope.outputs import refuse_overwrite
 
+    refuse_overwrite(args.json, [args.model, *args.files])
     records = PatchClassifier.load(args.model).predict_files(args.files)
     atomic_write_json(args.json, records)
     print(f"{len(records)} predictions -> {args.json}")
@@ -120,6 +133,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from defectscope.checkpoint import read_metadata
     from defectscope.export import (
+        INT8_FILES,
         build_tensorrt_engine,
         compare_engines,
         export_onnx,
@@ -130,7 +144,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     classes = read_metadata(model_dir)["model"]["classes"]
     fp32_path = model_dir / "model.onnx"
-    int8_path = model_dir / "model.int8.onnx"
+    int8_path = model_dir / INT8_FILES["cpu"]
+    int8_trt_path = model_dir / INT8_FILES["tensorrt"]
     report: dict = {}
     if args.format == "onnx":
         inputs = labels = None
@@ -162,8 +177,18 @@ def cmd_export(args: argparse.Namespace) -> int:
                 f"{r['agreement']:.4f}, accuracy {r['accuracy_reference']:.4f} (fp32) -> "
                 f"{r['accuracy_candidate']:.4f} (int8)"
             )
+            # TensorRT takes only symmetric signed INT8: a second model for that target.
+            quantize_onnx_int8(fp32_path, int8_trt_path, inputs[calib], target="tensorrt")
+            report["int8_tensorrt"] = {
+                "path": str(int8_trt_path),
+                **compare_engines(fp32_path, int8_trt_path, inputs[held], labels[held]),
+            }
+            print(
+                f"INT8 for TensorRT (symmetric): {int8_trt_path}; agreement "
+                f"{report['int8_tensorrt']['agreement']:.4f}"
+            )
     else:
-        source = int8_path if args.precision == "int8" else fp32_path
+        source = int8_trt_path if args.precision == "int8" else fp32_path
         if not source.is_file():
             raise ValueError(
                 f"{source}: missing; run 'defectscope export {model_dir} --format onnx'"
@@ -183,14 +208,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     from defectscope.detector import Detector
-    from defectscope.outputs import write_map_outputs
+    from defectscope.outputs import refuse_overwrite, write_map_outputs
 
+    inputs = [args.artifact, args.frame]
+    for name in ("windows.csv", "regions.json", "overlay.png", "confidence.png"):
+        refuse_overwrite(args.out / name, inputs)
     frame = _read_frame(args.frame, args)
     with Detector.load(
         args.artifact, backend=args.backend, batch_size=args.batch_size, background=args.background
     ) as det:
         result = det.map(frame, stride=args.stride)
-        write_map_outputs(frame.data, result, args.out)
+        write_map_outputs(frame.data, result, args.out, inputs=inputs)
     regions = result.regions()
     print(
         f"{result.grid_shape[0] * result.grid_shape[1]} windows, {len(regions)} regions, "
@@ -209,6 +237,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         "backend": args.backend,
         "seed": args.seed,
     }
+    from defectscope.outputs import refuse_overwrite
+
+    refuse_overwrite(args.out, [args.source, args.model])
     if is_frame(args.source):
         frame = _read_frame(args.source, args)
         report = cluster_frame(frame, args.model, args.out, stride=args.stride, **common)
@@ -231,7 +262,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 def cmd_roi(args: argparse.Namespace) -> int:
     from defectscope.detector import Detector
     from defectscope.io import atomic_write_json
+    from defectscope.outputs import refuse_overwrite
 
+    refuse_overwrite(args.out, [args.artifact, args.frame])
     frame = _read_frame(args.frame, args)
     with Detector.load(args.artifact, backend=args.backend, background=args.background) as det:
         rois = det.rois(frame, args.top, args.stride, args.min_spacing)
@@ -280,7 +313,7 @@ def _report_skipped(patches) -> None:
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    from defectscope.train import TrainConfig
+    from defectscope.train_config import TrainConfig
 
     defaults = TrainConfig()
     parser.add_argument(
@@ -323,18 +356,42 @@ def _read_frame(path: Path, args: argparse.Namespace):
 
     frame = read_frame(path, args.channel, args.frame_index, args.sum)
     if args.pixel_size is not None:
-        if not args.pixel_size > 0:
-            raise ValueError(f"--pixel-size must be positive, got {args.pixel_size}")
-        size = float(args.pixel_size)
-        frame.calibration = Calibration((size, size), (0.0, 0.0), args.unit)
+        try:
+            frame.calibration = Calibration.square(args.pixel_size, args.unit)
+        except ValueError as exc:
+            raise ValueError(f"--pixel-size {args.pixel_size!r}: {exc}") from None
+    if frame.calibration is not None:
+        frame.calibration.check_extent(frame.data.shape)
     return frame
 
 
+class ArgumentError(ValueError):
+    """A command-line argument is missing or malformed."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ``error:`` line and exit code 1, like every other.
+
+    ``--help`` shows each option's default.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise ArgumentError(f"{self.prog}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="defectscope", description=__doc__)
+    parser = _Parser(
+        prog="defectscope",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train on all patches under DATA")
     p.add_argument("data", type=Path)
@@ -440,7 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ArgumentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         return args.func(args)

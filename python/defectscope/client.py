@@ -54,11 +54,14 @@ class Client:
     def request(self, header: dict[str, Any], frame: np.ndarray | None = None) -> dict[str, Any]:
         """Send one request and return the reply; raises ServiceError when ok is false."""
         header = {"id": next(self._ids), **header}
-        parts = [json.dumps(header).encode()]
+        parts = [json.dumps(header, allow_nan=False).encode()]
         if frame is not None:
-            frame = np.ascontiguousarray(frame)
+            # The wire format is little-endian, C order; a big-endian or strided array is
+            # converted, never sent as it lies in memory.
+            frame = np.asarray(frame)
+            frame = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<"))
             header.update(dtype=frame.dtype.name, shape=list(frame.shape))
-            parts = [json.dumps(header).encode(), memoryview(frame).cast("B")]
+            parts = [json.dumps(header, allow_nan=False).encode(), memoryview(frame).cast("B")]
         try:
             self.socket.send_multipart(parts, copy=False)
             reply = json.loads(self.socket.recv())

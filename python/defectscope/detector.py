@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,7 +18,19 @@ import numpy as np
 from defectscope.engines import Engine, load_engine
 from defectscope.io import Calibration, Frame
 from defectscope.maps import MapResult
-from defectscope.tiling import NanPolicy, tile, window_origins
+from defectscope.rois import select_rois
+from defectscope.tiling import NanPolicy, check_frame, tile, window_origins
+
+
+class MapCancelled(RuntimeError):
+    """A map was stopped before it finished (time limit or a cancel request)."""
+
+
+def check_stride(stride, patch_size: int) -> int:
+    """A window stride as a positive int, or an error naming the value."""
+    if isinstance(stride, bool) or not isinstance(stride, int | np.integer) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    return int(stride)
 
 
 class Detector:
@@ -27,19 +41,37 @@ class Detector:
     engine : Engine
     batch_size : int
         Patches per engine call; memory stays bounded by two such batches.
-    threads : int
-        Tiler threads (0: all cores).
+    tiler_threads : int
+        Threads of the C++ tiler. One is enough: tiling runs beside the engine and
+        takes a few per cent of its time, and more would compete with the engine's
+        threads for the cores.
+    background : str, optional
+        The defect-free class, when the model's own choice is missing or wrong.
+
+    Notes
+    -----
+    A detector may be shared between threads: maps run one at a time (they share
+    the batch buffers), each call waiting for the one before.
     """
 
     def __init__(
-        self, engine: Engine, batch_size: int = 64, threads: int = 0, background: str | None = None
+        self,
+        engine: Engine,
+        batch_size: int = 64,
+        tiler_threads: int = 1,
+        background: str | None = None,
     ):
         self.engine = engine
         if background is not None and background not in engine.classes:
             raise ValueError(f"background class {background!r} is not among {engine.classes}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        if not isinstance(tiler_threads, int) or tiler_threads < 0:
+            raise ValueError(f"tiler threads must be 0 (all cores) or more, got {tiler_threads!r}")
         self.background = background or engine.config.background_class
         self.batch_size = int(batch_size)
-        self.threads = threads
+        self.tiler_threads = tiler_threads
+        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defectscope-tiler")
         self._buffers = [np.empty((self.batch_size, *engine.input_shape), np.float32) for _ in "ab"]
 
@@ -55,11 +87,14 @@ class Detector:
     ) -> Detector:
         """Open a model directory, ``.onnx`` file or TensorRT engine.
 
-        ``background`` names the defect-free class when the model's own choice
-        (a class named like 'bulk') is missing or wrong.
+        ``threads`` sets the engine's threads (0: its default, every core);
+        ``background`` names the defect-free class when the model's own choice (a
+        class named like 'bulk') is missing or wrong.
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
         engine = load_engine(artifact, backend, threads=threads)
-        detector = cls(engine, batch_size, threads, background)
+        detector = cls(engine, batch_size, background=background)
         if warmup:
             detector.engine.run(np.zeros((1, *detector.engine.input_shape), np.float32))
         return detector
@@ -69,9 +104,7 @@ class Detector:
         return self.engine.classes
 
     def _check_frame(self, frame) -> np.ndarray:
-        frame = np.asarray(frame) if not isinstance(frame, np.ndarray) else frame
-        if frame.ndim != 2:
-            raise ValueError(f"frame must be a 2-D gray image, got shape {frame.shape}")
+        frame = check_frame(frame)
         size = self.engine.config.patch_size
         if frame.shape[0] < size or frame.shape[1] < size:
             raise ValueError(f"frame {frame.shape} is smaller than the {size}x{size} patch")
@@ -84,6 +117,8 @@ class Detector:
         keep_embeddings: bool = True,
         nan_policy: NanPolicy = "raise",
         calibration: Calibration | None = None,
+        timeout_s: float | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> MapResult:
         """Classify every window of ``frame``.
 
@@ -93,8 +128,8 @@ class Detector:
         Parameters
         ----------
         frame : ndarray, shape (H, W), or Frame
-            Any supported dtype and strides; ``np.memmap`` frames are read in place.
-            A :class:`~defectscope.io.Frame` brings its calibration along.
+            Any supported dtype, byte order and strides; ``np.memmap`` frames are read
+            in place. A :class:`~defectscope.io.Frame` brings its calibration along.
         stride : int
             Window step in pixels.
         keep_embeddings : bool
@@ -103,6 +138,20 @@ class Detector:
             See :func:`defectscope.tile`.
         calibration : Calibration, optional
             Pixel size, offset and unit; adds physical coordinates to the outputs.
+        timeout_s : float, optional
+            Stop with :class:`MapCancelled` once this many seconds have passed
+            (checked between batches).
+        cancel : callable, optional
+            Called between batches; when it returns True the map stops with
+            :class:`MapCancelled` (a service shutting down, a newer frame).
+
+        Raises
+        ------
+        ValueError
+            For a frame, stride or calibration that cannot be mapped, and when the
+            engine gives non-finite probabilities.
+        MapCancelled
+            When ``timeout_s`` passed or ``cancel`` asked to stop.
         """
         started = time.perf_counter()
         if isinstance(frame, Frame):
@@ -110,6 +159,9 @@ class Detector:
             frame = frame.data
         frame = self._check_frame(frame)
         size = self.engine.config.patch_size
+        stride = check_stride(stride, size)
+        if calibration is not None:
+            calibration.check_extent(frame.shape)
         norm = self.engine.config.normalization
         origins = window_origins(frame.shape, size, stride)
         rows = len(np.unique(origins[:, 0]))
@@ -129,26 +181,52 @@ class Detector:
                 normalization=norm,
                 out=self._buffers[batch % 2],
                 nan_policy=nan_policy,
-                threads=self.threads,
+                threads=self.tiler_threads,
             )
             return len(chunk)
 
+        def stop_reason() -> str | None:
+            if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                return f"map stopped after the time limit of {timeout_s:g} s"
+            if cancel is not None and cancel():
+                return "map cancelled"
+            return None
+
         n_batches = -(-n // self.batch_size)
         waited = engine_time = 0.0
-        pending = self._pool.submit(fill, 0)
-        for batch in range(n_batches):
-            t0 = time.perf_counter()
-            count = pending.result()
-            waited += time.perf_counter() - t0
-            if batch + 1 < n_batches:
-                pending = self._pool.submit(fill, batch + 1)
-            t1 = time.perf_counter()
-            probs, emb = self.engine.run(self._buffers[batch % 2][:count])
-            engine_time += time.perf_counter() - t1
-            start = batch * self.batch_size
-            probabilities[start : start + count] = probs
-            if embeddings is not None:
-                embeddings[start : start + count] = emb
+        with self._lock:
+            pending = self._pool.submit(fill, 0)
+            try:
+                for batch in range(n_batches):
+                    t0 = time.perf_counter()
+                    count = pending.result()
+                    waited += time.perf_counter() - t0
+                    reason = stop_reason()
+                    if reason is not None:
+                        raise MapCancelled(f"{reason} ({batch} of {n_batches} batches done)")
+                    if batch + 1 < n_batches:
+                        pending = self._pool.submit(fill, batch + 1)
+                    t1 = time.perf_counter()
+                    probs, emb = self.engine.run(self._buffers[batch % 2][:count])
+                    engine_time += time.perf_counter() - t1
+                    start = batch * self.batch_size
+                    if not np.isfinite(probs).all():
+                        bad = start + int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])
+                        raise ValueError(
+                            f"the engine gave non-finite probabilities for the window at "
+                            f"{tuple(int(v) for v in origins[bad])}"
+                        )
+                    probabilities[start : start + count] = probs
+                    if embeddings is not None:
+                        embeddings[start : start + count] = emb
+            finally:
+                pending.cancel()
+                # The tiler must not write into a buffer the next map uses.
+                if not pending.cancelled():
+                    try:
+                        pending.result()
+                    except Exception:  # already reported, or the map failed first
+                        pass
         total = (time.perf_counter() - started) * 1000
         return MapResult(
             origins=origins,
@@ -177,11 +255,11 @@ class Detector:
         ``pixel_size`` and ``unit`` calibrate a bare array; a
         :class:`~defectscope.io.Frame` with a calibration needs neither.
         """
-        from defectscope.rois import select_rois
-
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"the number of ROIs must be a positive integer, got {k!r}")
         calibration = None
         if pixel_size is not None:
-            calibration = Calibration((pixel_size, pixel_size), (0.0, 0.0), unit or "px")
+            calibration = Calibration.square(pixel_size, unit or "px")
         result = self.map(frame, stride=stride, keep_embeddings=True, calibration=calibration)
         return select_rois(result, k, min_spacing)
 

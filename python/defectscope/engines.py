@@ -1,23 +1,34 @@
-"""Inference engines behind one interface: PyTorch, ONNX Runtime and TensorRT.
+"""Inference engines behind one interface: ONNX Runtime, TensorRT and PyTorch.
 
 An engine takes normalized float32 NCHW patches and returns calibrated class
 probabilities and embeddings. It owns its device, precision and session, so a
-caller only passes arrays.
+caller only passes arrays. This module imports neither PyTorch nor ONNX: the
+ONNX Runtime and TensorRT engines run on an instrument PC without them, and
+PyTorch is imported only when a model directory is run on the ``torch`` backend.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from defectscope.checkpoint import META_FILE, ModelConfig, load_checkpoint
-from defectscope.export import INPUT_NAME, OUTPUT_NAMES, read_onnx_metadata, tensorrt_available
+from defectscope.artifact import (
+    INPUT_NAME,
+    META_FILE,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    ArtifactMetadata,
+    MetadataError,
+    ModelConfig,
+    parse_metadata_json,
+    read_sidecar,
+)
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 class EngineError(ValueError):
@@ -51,27 +62,37 @@ class Engine:
 
 
 class TorchEngine(Engine):
-    """PyTorch on the CPU (bf16 autocast optional) or CUDA."""
+    """PyTorch on the CPU (bf16 autocast optional) or CUDA; needs the ``train`` extra.
+
+    Thread counts are left to the process (``torch.set_num_threads`` is global
+    state, which a library constructor must not change).
+    """
 
     name = "torch"
 
-    def __init__(self, model_dir: str | os.PathLike, precision: str = "fp32", threads: int = 0):
-        import torch
+    def __init__(self, model_dir: str | os.PathLike, precision: str = "fp32"):
+        try:
+            import torch
+        except ImportError as exc:
+            raise EngineError(
+                f"{model_dir}: running a model directory needs PyTorch (pip install "
+                "'defectscope[train]'); or export it to ONNX and load model.onnx"
+            ) from exc
+        from defectscope.checkpoint import load_checkpoint
+        from defectscope.train import autocast_dtype
 
         model, config, record = load_checkpoint(model_dir)
-        super().__init__(config, record.get("calibration", {}).get("temperature", 1.0))
+        metadata = ArtifactMetadata.from_record(record, str(Path(model_dir) / META_FILE))
+        super().__init__(config, metadata.temperature)
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.precision = precision
-        if threads > 0:
-            torch.set_num_threads(threads)
+        self._autocast = autocast_dtype(precision) if self.device.type == "cpu" else None
 
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
-        from defectscope.train import autocast_dtype
-
-        dtype = autocast_dtype(self.precision) if self.device.type == "cpu" else None
+        dtype = self._autocast
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
             with torch.autocast(
@@ -82,23 +103,45 @@ class TorchEngine(Engine):
         return probabilities.cpu().numpy(), embedding.float().cpu().numpy()
 
 
+def default_cache_dir() -> Path:
+    """Where engines built at load time (ONNX Runtime's TensorRT provider) are kept."""
+    root = os.environ.get("DEFECTSCOPE_CACHE") or Path.home() / ".cache" / "defectscope"
+    return Path(root)
+
+
+def onnx_metadata(session, path: str | os.PathLike) -> ArtifactMetadata:
+    """The checked defectscope record of an ONNX Runtime session's model."""
+    custom = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in custom:
+        raise EngineError(
+            f"{path}: ONNX model has no defectscope metadata (not exported by defectscope)"
+        )
+    record = parse_metadata_json(custom[METADATA_KEY], str(path))
+    return ArtifactMetadata.from_record(record, str(path))
+
+
 class OnnxEngine(Engine):
     """ONNX Runtime: TensorRT and CUDA execution providers when present, else CPU.
 
-    On the CPU, inputs and outputs are bound to preallocated numpy buffers (IO
-    binding), so ONNX Runtime reads the tiler's buffer in place.
+    On CUDA the outputs stay on the device until the batch is done (IO binding); on
+    the CPU a plain ``run`` is as fast and copies less. The TensorRT provider keeps
+    the engines it builds in a cache folder (``DEFECTSCOPE_CACHE``), so a process
+    does not rebuild them for every start and batch size.
     """
 
     name = "onnxruntime"
 
     def __init__(
-        self, path: str | os.PathLike, threads: int = 0, providers: list[str] | None = None
+        self,
+        path: str | os.PathLike,
+        threads: int = 0,
+        providers: list[str] | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ):
-        import onnxruntime as ort
-
-        metadata = read_onnx_metadata(path)
-        super().__init__(ModelConfig.from_dict(metadata["model"]), metadata.get("temperature", 1.0))
-        self.precision = metadata.get("precision", "fp32")
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise EngineError(f"{path}: needs onnxruntime (pip install onnxruntime)") from exc
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -106,38 +149,102 @@ class OnnxEngine(Engine):
             options.intra_op_num_threads = threads
         available = ort.get_available_providers()
         if providers is None:
-            preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-            providers = [p for p in preferred if p in available] + ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+            providers = [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "ort-tensorrt"
+        provider_list: list = []
+        for provider in providers:
+            if provider == "TensorrtExecutionProvider":
+                cache.mkdir(parents=True, exist_ok=True)
+                provider_list.append(
+                    (
+                        provider,
+                        {
+                            "trt_engine_cache_enable": True,
+                            "trt_engine_cache_path": str(cache),
+                            "trt_timing_cache_enable": True,
+                            "trt_timing_cache_path": str(cache),
+                            "trt_fp16_enable": True,
+                        },
+                    )
+                )
+            else:
+                provider_list.append(provider)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=provider_list)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"{path}: not a loadable ONNX model ({exc})") from exc
+        metadata = onnx_metadata(self.session, path)
+        super().__init__(metadata.config, metadata.temperature)
+        self.precision = metadata.precision
+        self._check_io(path)
         self.providers = self.session.get_providers()
-        self._outputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.ort = ort
+        self.on_gpu = self.providers[0] in GPU_PROVIDERS
+
+    def _check_io(self, path) -> None:
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= outputs:
+            raise EngineError(
+                f"{path}: expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}, got "
+                f"{list(inputs)} and {sorted(outputs)}"
+            )
+        shape = inputs[INPUT_NAME]
+        if len(shape) != 4 or any(
+            isinstance(d, int) and d != want
+            for d, want in zip(shape[1:], self.input_shape, strict=True)
+        ):
+            raise EngineError(
+                f"{path}: input shape {shape} does not match the metadata's {self.input_shape}"
+            )
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "providers": self.providers, "precision": self.precision}
 
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-        n = len(inputs)
-        if self.providers[0] != "CPUExecutionProvider":
+        if not self.on_gpu:
             probs, emb = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs})
             return probs, emb
-        if n not in self._outputs:
-            self._outputs[n] = (
-                np.empty((n, len(self.classes)), np.float32),
-                np.empty((n, self.config.embedding_dim), np.float32),
-            )
-        probs, emb = self._outputs[n]
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_NAME, inputs)
-        for name, array in zip(OUTPUT_NAMES, (probs, emb), strict=True):
-            binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+        for name in OUTPUT_NAMES:
+            binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
-        return probs.copy(), emb.copy()
+        probs, emb = binding.copy_outputs_to_cpu()
+        return probs, emb
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        from cuda import cudart  # older cuda-python
+    return cudart
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """Whether TensorRT and a CUDA GPU can be used here, and why not."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, "the tensorrt Python package is not installed"
+    try:
+        cudart = _cudart()
+    except ImportError:
+        return False, "cuda-python is not installed (pip install cuda-python)"
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count < 1:
+        return False, "no CUDA GPU is visible"
+    return True, ""
 
 
 class TensorRTEngine(Engine):
-    """A serialized TensorRT engine run through its Python API with torch CUDA buffers."""
+    """A serialized TensorRT engine, run through its Python API and cuda-python.
+
+    Device buffers for the largest batch are allocated once. The input copy, the
+    inference and the output copies are queued on one CUDA stream, so they run in
+    order; every TensorRT and CUDA call's result is checked.
+    """
 
     name = "tensorrt"
 
@@ -146,39 +253,79 @@ class TensorRTEngine(Engine):
         if not ok:
             raise EngineError(f"{path}: cannot run a TensorRT engine here: {reason}")
         import tensorrt as trt
-        import torch
 
-        sidecar = Path(str(path) + ".json")
-        if not sidecar.is_file():
-            raise EngineError(f"{path}: missing metadata file {sidecar.name}")
-        metadata = json.loads(sidecar.read_text())
-        super().__init__(ModelConfig.from_dict(metadata["model"]), metadata.get("temperature", 1.0))
-        self.max_batch = int(metadata.get("max_batch", 256))
+        metadata = read_sidecar(path)
+        super().__init__(metadata.config, metadata.temperature)
+        self.max_batch = int(metadata.raw.get("max_batch", 256))
+        self.cudart = _cudart()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise EngineError(f"{path}: TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()
-        self.torch = torch
-        self.stream = torch.cuda.Stream()
+        if self.context is None:
+            raise EngineError(f"{path}: TensorRT could not create an execution context")
+        self.stream = self._cuda(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        widths = {
+            INPUT_NAME: int(np.prod(self.input_shape)),
+            OUTPUT_NAMES[0]: len(self.classes),
+            OUTPUT_NAMES[1]: self.config.embedding_dim,
+        }
+        self.widths = widths
+        self.device = {
+            name: self._cuda(self.cudart.cudaMalloc(self.max_batch * width * 4), "cudaMalloc")
+            for name, width in widths.items()
+        }
+        for name, pointer in self.device.items():
+            if not self.context.set_tensor_address(name, int(pointer)):
+                raise EngineError(f"{path}: TensorRT has no tensor named {name!r}")
+
+    def _cuda(self, result, what: str):
+        err, *values = result if isinstance(result, tuple) else (result,)
+        if int(err) != 0:
+            _, message = self.cudart.cudaGetErrorString(err)
+            raise EngineError(f"CUDA {what} failed: {message}")
+        return values[0] if len(values) == 1 else values
 
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        torch = self.torch
-        outs_p, outs_e = [], []
+        cudart = self.cudart
+        inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        probs = np.empty((len(inputs), len(self.classes)), np.float32)
+        emb = np.empty((len(inputs), self.config.embedding_dim), np.float32)
+        to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for start in range(0, len(inputs), self.max_batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(inputs[start : start + self.max_batch]))
-            x = chunk.cuda(non_blocking=True)
-            n = len(x)
-            probs = torch.empty((n, len(self.classes)), device="cuda")
-            emb = torch.empty((n, self.config.embedding_dim), device="cuda")
-            self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
-            for name, tensor in ((INPUT_NAME, x), (OUTPUT_NAMES[0], probs), (OUTPUT_NAMES[1], emb)):
-                self.context.set_tensor_address(name, tensor.data_ptr())
-            self.context.execute_async_v3(self.stream.cuda_stream)
-            self.stream.synchronize()
-            outs_p.append(probs.cpu().numpy())
-            outs_e.append(emb.cpu().numpy())
-        return np.concatenate(outs_p), np.concatenate(outs_e)
+            chunk = inputs[start : start + self.max_batch]
+            n = len(chunk)
+            if not self.context.set_input_shape(INPUT_NAME, (n, *self.input_shape)):
+                raise EngineError(f"TensorRT refused the input shape {(n, *self.input_shape)}")
+            self._cuda(
+                cudart.cudaMemcpyAsync(
+                    self.device[INPUT_NAME], chunk.ctypes.data, chunk.nbytes, to_device, self.stream
+                ),
+                "cudaMemcpyAsync",
+            )
+            if not self.context.execute_async_v3(self.stream):
+                raise EngineError("TensorRT inference failed (execute_async_v3 returned False)")
+            for name, host in zip(OUTPUT_NAMES, (probs, emb), strict=True):
+                part = host[start : start + n]
+                self._cuda(
+                    cudart.cudaMemcpyAsync(
+                        part.ctypes.data, self.device[name], part.nbytes, to_host, self.stream
+                    ),
+                    "cudaMemcpyAsync",
+                )
+            self._cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return probs, emb
+
+    def __del__(self):
+        cudart = getattr(self, "cudart", None)
+        if cudart is None:
+            return
+        for pointer in getattr(self, "device", {}).values():
+            cudart.cudaFree(pointer)
+        if getattr(self, "stream", None) is not None:
+            cudart.cudaStreamDestroy(self.stream)
 
 
 def artifact_kind(path: str | os.PathLike) -> str:
@@ -199,15 +346,26 @@ def artifact_kind(path: str | os.PathLike) -> str:
     )
 
 
+def gpu_providers_available() -> bool:
+    """True when ONNX Runtime here can run on a GPU (TensorRT or CUDA provider)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return any(p in ort.get_available_providers() for p in GPU_PROVIDERS)
+
+
 def load_engine(
     artifact: str | os.PathLike, backend: str = "auto", threads: int = 0, precision: str = "fp32"
 ) -> Engine:
     """Open ``artifact`` with ``backend``.
 
-    ``auto`` picks the fastest that can run it: a TensorRT engine runs on
-    TensorRT; an ONNX file on ONNX Runtime (TensorRT/CUDA providers first); a
-    model directory on PyTorch, or on ONNX Runtime when a ``model.onnx`` /
-    ``model.int8.onnx`` exported beside it exists (INT8 preferred on the CPU).
+    ``auto`` picks the fastest that can run it: a TensorRT engine runs on TensorRT;
+    an ONNX file on ONNX Runtime (TensorRT/CUDA providers first); a model directory
+    on ONNX Runtime when a model exported beside it exists, else on PyTorch. On the
+    CPU the INT8 model (``model.int8.onnx``, U8S8 for VNNI) is preferred; with a GPU
+    provider the FP32 ``model.onnx`` is taken (the TensorRT provider builds FP16 from
+    it), since the CPU INT8 model's asymmetric activations do not suit TensorRT.
     """
     if backend not in BACKENDS:
         raise EngineError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -222,9 +380,13 @@ def load_engine(
             raise EngineError(f"{artifact}: an ONNX model runs on the onnxruntime backend")
         return OnnxEngine(artifact, threads=threads)
     if backend == "tensorrt":
+        for name in ("model.int8.engine", "model.fp16.engine"):
+            if (artifact / name).is_file():
+                return TensorRTEngine(artifact / name)
         raise EngineError(f"{artifact}: export a TensorRT engine first (defectscope export)")
     if backend == "auto":
-        for name in ("model.int8.onnx", "model.onnx"):
+        names = ["model.onnx"] if gpu_providers_available() else ["model.int8.onnx", "model.onnx"]
+        for name in names:
             if (artifact / name).is_file():
                 return OnnxEngine(artifact / name, threads=threads)
         backend = "torch"
@@ -233,4 +395,18 @@ def load_engine(
         if not onnx_path.is_file():
             raise EngineError(f"{artifact}: no model.onnx; run 'defectscope export' first")
         return OnnxEngine(onnx_path, threads=threads)
-    return TorchEngine(artifact, precision=precision, threads=threads)
+    return TorchEngine(artifact, precision=precision)
+
+
+__all__ = [
+    "BACKENDS",
+    "Engine",
+    "EngineError",
+    "MetadataError",
+    "OnnxEngine",
+    "TensorRTEngine",
+    "TorchEngine",
+    "artifact_kind",
+    "load_engine",
+    "tensorrt_available",
+]

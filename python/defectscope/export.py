@@ -18,12 +18,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from defectscope.checkpoint import ModelConfig, load_checkpoint
+from defectscope.artifact import (
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    ArtifactMetadata,
+    ModelConfig,
+    parse_metadata_json,
+)
+from defectscope.checkpoint import load_checkpoint
+from defectscope.engines import tensorrt_available
 from defectscope.io import atomic_write_bytes, atomic_write_json
 
-METADATA_KEY = "defectscope"
-INPUT_NAME = "patches"
-OUTPUT_NAMES = ("probabilities", "embedding")
+# Where each INT8 model goes: ONNX Runtime on x86 CPUs runs U8S8 (unsigned activations,
+# VNNI); TensorRT takes only symmetric signed INT8 Q/DQ.
+INT8_FILES = {"cpu": "model.int8.onnx", "tensorrt": "model.int8.trt.onnx"}
 # float32 ONNX Runtime against PyTorch on the same inputs: larger means a broken export.
 PARITY_TOLERANCE = 1e-4
 
@@ -146,7 +155,9 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ExportError(f"{path}: not an ONNX model ({exc})") from exc
     for entry in proto.metadata_props:
         if entry.key == METADATA_KEY:
-            return json.loads(entry.value)
+            record = parse_metadata_json(entry.value, str(path))
+            ArtifactMetadata.from_record(record, str(path))
+            return record
     raise ExportError(
         f"{path}: ONNX model has no defectscope metadata (not exported by defectscope)"
     )
@@ -170,13 +181,21 @@ class _PatchReader:
 
 
 def quantize_onnx_int8(
-    fp32_path: str | os.PathLike, output: str | os.PathLike, calibration_inputs: np.ndarray
+    fp32_path: str | os.PathLike,
+    output: str | os.PathLike,
+    calibration_inputs: np.ndarray,
+    target: str = "cpu",
 ) -> Path:
     """Static INT8 quantization with ONNX Runtime: QDQ, per-channel weights.
 
-    Activations are unsigned 8-bit and weights signed 8-bit (U8S8), the pairing
-    that runs on x86 VNNI; ranges come from MinMax calibration on real patches.
+    ``target="cpu"``: activations unsigned 8-bit, weights signed 8-bit (U8S8), the
+    pairing that runs on x86 VNNI. ``target="tensorrt"``: signed, symmetric
+    activations and weights (QInt8, ``ActivationSymmetric``), the only INT8 Q/DQ form
+    TensorRT takes. Ranges come from MinMax calibration on real patches.
     """
+    if target not in INT8_FILES:
+        raise ExportError(f"INT8 target must be one of {', '.join(INT8_FILES)}, got {target!r}")
+    symmetric = target == "tensorrt"
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -201,9 +220,10 @@ def quantize_onnx_int8(
             Reader(np.ascontiguousarray(calibration_inputs, dtype=np.float32)),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
         )
         import onnx
 
@@ -211,7 +231,7 @@ def quantize_onnx_int8(
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
         entry.key = METADATA_KEY
-        entry.value = json.dumps({**metadata, "precision": "int8"})
+        entry.value = json.dumps({**metadata, "precision": "int8", "target": target})
         atomic_write_bytes(output, proto.SerializeToString())
     return output
 
@@ -245,17 +265,6 @@ def _run_batched(session, inputs: np.ndarray, batch_size: int = 64) -> np.ndarra
     return np.concatenate(parts)
 
 
-def tensorrt_available() -> tuple[bool, str]:
-    """Whether TensorRT and a CUDA GPU can be used here, and why not."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False, "the tensorrt Python package is not installed"
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible"
-    return True, ""
-
-
 def build_tensorrt_engine(
     onnx_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -265,8 +274,9 @@ def build_tensorrt_engine(
 ) -> Path:
     """Build a serialized TensorRT engine from an exported ONNX model.
 
-    ``precision`` is ``fp16``, or ``int8`` for a QDQ model from
-    :func:`quantize_onnx_int8` (TensorRT takes the scales from its Q/DQ nodes).
+    ``precision`` is ``fp16``, or ``int8`` for a symmetric QDQ model from
+    :func:`quantize_onnx_int8` with ``target="tensorrt"`` (TensorRT takes the scales
+    from its Q/DQ nodes).
     The metadata goes to ``<output>.json``.
     """
     ok, reason = tensorrt_available()
@@ -275,6 +285,11 @@ def build_tensorrt_engine(
     import tensorrt as trt
 
     metadata = read_onnx_metadata(onnx_path)
+    if precision == "int8" and metadata.get("target", "cpu") != "tensorrt":
+        raise ExportError(
+            f"{onnx_path}: is an INT8 model for the CPU (asymmetric activations); TensorRT "
+            f"needs {INT8_FILES['tensorrt']} (export --int8 writes both)"
+        )
     model = metadata["model"]
     shape = (model["normalization"]["channels"], model["patch_size"], model["patch_size"])
     logger = trt.Logger(trt.Logger.WARNING)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy")
 
 
@@ -104,9 +103,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Created with mode 0o666 so the kernel applies the process umask, as for any new
+    # file (mkstemp's 0600 would hide results from other users); reading the umask
+    # instead would mean changing it, process-wide.
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -142,6 +149,10 @@ RSCIIO_READERS = {
 FRAME_SUFFIXES = IMAGE_SUFFIXES + tuple(RSCIIO_READERS)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """Physical coordinates of pixel centres: ``offset + index * scale`` per axis.
@@ -160,6 +171,37 @@ class Calibration:
     offset: tuple[float, float] = (0.0, 0.0)
     unit: str = "px"
 
+    def __post_init__(self) -> None:
+        scale, offset = tuple(self.scale), tuple(self.offset)
+        if len(scale) != 2 or not all(_is_number(v) and math.isfinite(v) and v > 0 for v in scale):
+            raise ValueError(f"pixel size must be two finite numbers > 0, got {self.scale!r}")
+        if len(offset) != 2 or not all(_is_number(v) and math.isfinite(v) for v in offset):
+            raise ValueError(f"calibration offset must be two finite numbers, got {self.offset!r}")
+        if not isinstance(self.unit, str) or not self.unit.strip() or len(self.unit) > 32:
+            raise ValueError(f"unit must be a short name like 'nm', got {self.unit!r}")
+        object.__setattr__(self, "scale", (float(scale[0]), float(scale[1])))
+        object.__setattr__(self, "offset", (float(offset[0]), float(offset[1])))
+
+    @classmethod
+    def square(cls, pixel_size: float, unit: str = "nm") -> Calibration:
+        """Square pixels of ``pixel_size`` ``unit``, origin at pixel (0, 0)."""
+        return cls((pixel_size, pixel_size), (0.0, 0.0), unit)
+
+    def check_extent(self, shape: tuple[int, ...]) -> None:
+        """Raise when a frame of ``shape`` has coordinates a float cannot hold.
+
+        ``pixel_size = 1e308`` is finite, but 512 such pixels are not: every
+        calibrated position would be infinite, and JSON has no infinity.
+        """
+        for axis, length in enumerate(shape[:2]):
+            far = self.offset[axis] + length * self.scale[axis]
+            if not math.isfinite(far) or not math.isfinite(abs(self.offset[axis]) + far):
+                raise ValueError(
+                    f"pixel size {self.scale[axis]:g} {self.unit} with offset "
+                    f"{self.offset[axis]:g} over {length} pixels gives coordinates beyond the "
+                    "float range"
+                )
+
     def to_physical(self, y: float, x: float) -> list[float]:
         """``[y, x]`` in pixels to ``[y, x]`` in ``unit``."""
         return [self.offset[0] + y * self.scale[0], self.offset[1] + x * self.scale[1]]
@@ -176,6 +218,7 @@ class Frame:
     calibration: Calibration | None = None
     title: str = ""
     source: str = ""
+    stack: bool = False
 
 
 def _rsciio_module(suffix: str, path: Path):
@@ -212,7 +255,10 @@ def _calibration(signal: dict) -> Calibration | None:
     if not any(units) or units[0] != units[1] or units[0] in ("<undefined>", "px", "pixels"):
         return None
     offsets = [float(a.get("offset", 0.0) or 0.0) for a in axes]
-    return Calibration((scales[0], scales[1]), (offsets[0], offsets[1]), units[0])
+    try:
+        return Calibration((scales[0], scales[1]), (offsets[0], offsets[1]), units[0])
+    except ValueError:  # a zero, negative or infinite pixel size is no calibration
+        return None
 
 
 def _pick_signal(signals: list[dict], path: Path, channel: str | None) -> dict:
@@ -297,12 +343,27 @@ def _read_tiff_frame(path: Path, frame: int | None, sum_frames: bool) -> Frame:
     except Exception as exc:
         raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
     colour = "S" in axes or "C" in axes
-    if data.ndim == 3 and not colour:  # a stack of frames (ImageJ Z/T/I axes)
+    stack = data.ndim == 3 and not colour  # a stack of frames (ImageJ Z/T/I axes)
+    if stack:
         data = _frame_from_signal({"data": data}, path, frame, sum_frames)
     else:
         data = read_image(path)
     calibration, title = _tiff_calibration(path)
-    return Frame(data, calibration, title, str(path))
+    return Frame(data, calibration, title, str(path), stack=stack)
+
+
+def _read_npy_frame(path: Path, frame: int | None, sum_frames: bool) -> Frame:
+    """A 2-D ``.npy`` image, or one frame (or the sum) of a ``(n, H, W)`` stack."""
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 3 and data.shape[-1] not in (3, 4):
+        if data.dtype.kind not in "uif" or data.dtype == np.bool_:
+            raise ImageReadError(f"{path}: unsupported pixel dtype {data.dtype}")
+        data = _frame_from_signal({"data": data}, path, frame, sum_frames)
+        return Frame(data, None, "", str(path), stack=True)
+    return Frame(read_image(path), None, "", str(path))
 
 
 def read_frame(
@@ -333,10 +394,26 @@ def read_frame(
     Frame
     """
     path, suffix = _checked_path(path, FRAME_SUFFIXES)
-    if suffix in (".tif", ".tiff"):
-        return _read_tiff_frame(path, frame, sum_frames)
+    if frame is not None and sum_frames:
+        raise ImageReadError(f"{path}: choose a frame of the stack or --sum, not both")
     if suffix not in RSCIIO_READERS:
-        return Frame(read_image(path), None, "", str(path))
+        if channel is not None:
+            raise ImageReadError(
+                f"{path}: a {suffix} file holds one signal; --channel {channel!r} applies to "
+                "files with several (.emd, .emi, .dm4)"
+            )
+        if suffix in (".tif", ".tiff"):
+            result = _read_tiff_frame(path, frame, sum_frames)
+        elif suffix == ".npy":
+            result = _read_npy_frame(path, frame, sum_frames)
+        else:
+            result = Frame(read_image(path), None, "", str(path))
+        if (frame is not None or sum_frames) and not result.stack:
+            raise ImageReadError(
+                f"{path}: holds a single frame {result.data.shape}; --frame and --sum apply to "
+                "stacks"
+            )
+        return result
     reader = _rsciio_module(suffix, path)
     try:
         if suffix == ".emd":
@@ -357,6 +434,15 @@ def read_frame(
     if data.dtype.kind not in "uif":
         raise ImageReadError(f"{path}: unsupported pixel dtype {data.dtype}")
     index = next(i for i, s in enumerate(signals) if s is signal)
+    if (frame is not None or sum_frames) and np.ndim(signal["data"]) == 2:
+        raise ImageReadError(
+            f"{path}: holds a single frame {np.shape(signal['data'])}; --frame and --sum apply "
+            "to stacks"
+        )
     return Frame(
-        np.ascontiguousarray(data), _calibration(signal), _signal_title(signal, index), str(path)
+        np.ascontiguousarray(data),
+        _calibration(signal),
+        _signal_title(signal, index),
+        str(path),
+        stack=np.ndim(signal["data"]) == 3,
     )

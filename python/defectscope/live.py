@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,9 @@ import numpy as np
 
 from defectscope.detector import Detector
 from defectscope.io import Calibration
+from defectscope.rois import select_rois
 
+log = logging.getLogger(__name__)
 Policy = Literal["block", "drop_oldest", "latest_only"]
 
 
@@ -66,7 +69,8 @@ class LiveDetector:
     policy : {'block', 'drop_oldest', 'latest_only'}
     on_result : callable, optional
         Called with each :class:`LiveResult` from the worker thread; results are
-        also kept for :meth:`get`.
+        also kept for :meth:`get`. An exception it raises is logged and kept in
+        :attr:`callback_errors`; the detector goes on.
 
     Examples
     --------
@@ -105,6 +109,8 @@ class LiveDetector:
         self._closed = False
         self._busy = False
         self._errors: list[BaseException] = []
+        self.callback_errors: list[BaseException] = []
+        self._stopped: BaseException | None = None  # why the worker ended, if it did early
         self._worker = threading.Thread(target=self._run, name="defectscope-live", daemon=True)
         self._worker.start()
 
@@ -131,13 +137,16 @@ class LiveDetector:
             subregion = (y0, x0, y1, x1)
         calibration = None
         if pixel_size is not None:
-            calibration = Calibration((pixel_size, pixel_size), (0.0, 0.0), unit)
+            calibration = Calibration.square(pixel_size, unit)
+            calibration.check_extent(frame.shape)
         job = _Job(frame_id, frame, calibration, subregion, time.perf_counter())
         with self._cond:
-            if self._closed:
-                raise RuntimeError("LiveDetector is closed")
+            self._raise_if_unusable()
             if self.policy == "block":
-                self._cond.wait_for(lambda: len(self._pending) < self.capacity or self._closed)
+                self._cond.wait_for(
+                    lambda: len(self._pending) < self.capacity or self._closed or self._stopped
+                )
+                self._raise_if_unusable()
             else:
                 while len(self._pending) >= self.capacity:
                     self._pending.popleft()
@@ -145,9 +154,13 @@ class LiveDetector:
             self._pending.append(job)
             self._cond.notify_all()
 
-    def _process(self, job: _Job) -> LiveResult:
-        from defectscope.rois import select_rois
+    def _raise_if_unusable(self) -> None:
+        if self._stopped is not None:
+            raise RuntimeError(f"LiveDetector worker stopped: {self._stopped!r}")
+        if self._closed:
+            raise RuntimeError("LiveDetector is closed")
 
+    def _process(self, job: _Job) -> LiveResult:
         frame, origin = job.frame, (0, 0)
         if job.subregion is not None:
             y0, x0, y1, x1 = job.subregion
@@ -165,6 +178,15 @@ class LiveDetector:
         )
 
     def _run(self) -> None:
+        try:
+            self._serve_jobs()
+        except BaseException as exc:  # the worker must never end silently
+            with self._cond:
+                self._stopped = exc
+                self._busy = False
+                self._cond.notify_all()
+
+    def _serve_jobs(self) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending or self._closed)
@@ -175,14 +197,19 @@ class LiveDetector:
                 self._cond.notify_all()
             try:
                 live = self._process(job)
-            except Exception as exc:  # keep serving; the error is raised from get()
+            except BaseException as exc:  # SystemExit from an engine too: reported by get()
                 with self._cond:
                     self._errors.append(exc)
                     self._busy = False
                     self._cond.notify_all()
                 continue
             if self.on_result is not None:
-                self.on_result(live)
+                try:
+                    self.on_result(live)
+                except BaseException as exc:  # a callback's failure is the caller's to see
+                    log.warning("on_result raised %r for frame %r", exc, live.frame_id)
+                    with self._cond:
+                        self.callback_errors.append(exc)
             with self._cond:
                 self._results.append(live)
                 self._latencies.append(live.latency_ms)
@@ -190,20 +217,39 @@ class LiveDetector:
                 self._busy = False
                 self._cond.notify_all()
 
+    def _finished(self) -> bool:
+        """Nothing queued, nothing running, and no more frames can come."""
+        idle = not self._pending and not self._busy
+        return (self._closed and idle) or self._stopped is not None
+
     def get(self, timeout: float | None = None) -> LiveResult:
-        """The next result, waiting up to ``timeout`` seconds (TimeoutError after)."""
+        """The next result, waiting up to ``timeout`` seconds.
+
+        Raises the exception a frame's mapping raised; TimeoutError after
+        ``timeout``; RuntimeError when the detector is closed (or its worker
+        stopped) and no result is left.
+        """
         with self._cond:
-            ready = self._cond.wait_for(lambda: self._results or self._errors, timeout)
+            ready = self._cond.wait_for(
+                lambda: self._results or self._errors or self._finished(), timeout
+            )
             if self._errors:
                 raise self._errors.pop(0)
+            if self._results:
+                return self._results.popleft()
+            if self._finished():
+                self._raise_if_unusable()
             if not ready:
                 raise TimeoutError("no result within the timeout")
-            return self._results.popleft()
+            raise RuntimeError("LiveDetector has no result")
 
-    def drain(self, timeout: float | None = None) -> None:
-        """Wait until every queued frame has been processed."""
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every queued frame has been processed; False on timeout."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+            return self._cond.wait_for(
+                lambda: (not self._pending and not self._busy) or self._stopped is not None,
+                timeout,
+            )
 
     def latency_percentiles(self) -> dict[str, float]:
         """p50, p95 and p99 of submit-to-result latency in ms over the frames so far."""

@@ -17,7 +17,8 @@ import torch
 import torchvision
 from torch import nn
 
-N_BLOCKS = 5
+from defectscope.train_config import N_BLOCKS
+
 ARCHITECTURES = {
     "vgg16": (torchvision.models.vgg16, torchvision.models.VGG16_Weights.IMAGENET1K_V1),
     "vgg16_bn": (torchvision.models.vgg16_bn, torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscope.train import TrainConfig
+from defectscope.train_config import TrainConfig
 
 
 def run_pipeline(

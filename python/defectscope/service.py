@@ -16,6 +16,7 @@ anything but loopback requires CURVE keys.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import json
 import logging
@@ -29,14 +30,24 @@ from typing import Any
 import numpy as np
 
 from defectscope import __version__
-from defectscope.detector import Detector
+from defectscope.detector import Detector, MapCancelled
 from defectscope.io import Calibration
+from defectscope.rois import select_rois
 from defectscope.tiling import SUPPORTED_DTYPES
 
 log = logging.getLogger(__name__)
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 # 16384 x 16384: the largest frame a request may claim.
 DEFAULT_MAX_PIXELS = 16384 * 16384
+# The largest message part accepted (zmq.MAXMSGSIZE): 8192^2 float32 or 16384^2 uint8.
+DEFAULT_MAX_BYTES = 256 * 2**20
+# A map that runs longer is stopped and answered with an error.
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+# Map requests that may wait while one is mapped, and the bytes their frames may hold
+# together (by default twice the largest frame); beyond either they are answered "busy".
+DEFAULT_QUEUE = 64
+# On SIGTERM the map in flight gets this long to finish before it is cancelled.
+SHUTDOWN_GRACE_S = 5.0
 OPS = ("map", "rois", "ping", "info")
 
 
@@ -64,6 +75,14 @@ def _reject_constant(name: str):
     raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 parses to inf, which could be neither used nor echoed back.
+    value = float(text)
+    if not np.isfinite(value):
+        raise json.JSONDecodeError(f"number {text} is out of the float range", text, 0)
+    return value
+
+
 def _one_line(message: str) -> str:
     return " ".join(str(message).split())[:500]
 
@@ -86,11 +105,22 @@ class Service:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         default_stride: int = 16,
         default_top: int = 5,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     ):
+        for name, value in (("max_pixels", max_pixels), ("max_bytes", max_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(request_timeout_s, int | float) and request_timeout_s > 0):
+            raise ValueError(f"request time limit must be > 0 s, got {request_timeout_s!r}")
         self.detector = detector
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.request_timeout_s = float(request_timeout_s)
         self.default_stride = default_stride
         self.default_top = default_top
+        # Set from another thread to stop the map in flight (service shutdown).
+        self.cancel = threading.Event()
 
     def info(self) -> dict[str, Any]:
         engine = self.detector.engine
@@ -115,9 +145,13 @@ class Service:
             raise RequestError(f"shape must be [H, W] with positive integers, got {shape!r}")
         if shape[0] * shape[1] > self.max_pixels:
             raise RequestError(f"shape {shape} exceeds the limit of {self.max_pixels} pixels")
+        expected = shape[0] * shape[1] * np.dtype(dtype).itemsize
+        if expected > self.max_bytes:
+            raise RequestError(
+                f"{dtype} x {shape} is {expected} bytes, over the limit of {self.max_bytes}"
+            )
         if payload is None:
             raise RequestError("op needs the frame bytes as the second message part")
-        expected = shape[0] * shape[1] * np.dtype(dtype).itemsize
         if len(payload) != expected:
             raise RequestError(
                 f"frame has {len(payload)} bytes, but {dtype} x {shape} needs {expected}"
@@ -127,16 +161,32 @@ class Service:
             raise RequestError("frame contains NaN or infinite values")
         return frame
 
+    def _parse_header(self, header_bytes: bytes) -> dict:
+        try:
+            header = json.loads(
+                header_bytes.decode("utf-8"),
+                parse_constant=_reject_constant,
+                parse_float=_finite_float,
+            )
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise RequestError(f"header is not UTF-8 JSON ({exc})") from exc
+        if not isinstance(header, dict):
+            raise RequestError("header must be a JSON object")
+        return header
+
+    def refusal(self, header_bytes: bytes, message: str) -> dict[str, Any]:
+        """An ok=false reply to a request that is not run, with its id when readable."""
+        try:
+            request_id = self._parse_header(header_bytes).get("id")
+        except RequestError:
+            request_id = None
+        return {"id": request_id, "ok": False, "error": message}
+
     def handle(self, header_bytes: bytes, payload: bytes | None) -> dict[str, Any]:
         """Answer one request; never raises."""
         request_id = None
         try:
-            try:
-                header = json.loads(header_bytes.decode("utf-8"), parse_constant=_reject_constant)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                raise RequestError(f"header is not UTF-8 JSON ({exc})") from exc
-            if not isinstance(header, dict):
-                raise RequestError("header must be a JSON object")
+            header = self._parse_header(header_bytes)
             request_id = header.get("id")
             op = header.get("op")
             if op not in OPS:
@@ -146,7 +196,7 @@ class Service:
             if op == "info":
                 return {"id": request_id, "ok": True, **self.info()}
             return {"id": request_id, "ok": True, **self._map(header, payload, op)}
-        except RequestError as exc:
+        except (RequestError, MapCancelled) as exc:
             return {"id": request_id, "ok": False, "error": _one_line(exc)}
         except Exception as exc:  # a bad frame must never stop the service
             log.exception("request failed")
@@ -157,8 +207,6 @@ class Service:
             }
 
     def _map(self, header: dict, payload: bytes | None, op: str) -> dict[str, Any]:
-        from defectscope.rois import select_rois
-
         started = time.perf_counter()
         frame = self._frame(header, payload)
         stride = header.get("stride", self.default_stride)
@@ -178,11 +226,21 @@ class Service:
             unit = header.get("unit", "nm")
             if not isinstance(unit, str):
                 raise RequestError(f"unit must be a string, got {unit!r}")
-            calibration = Calibration((float(pixel_size),) * 2, (0.0, 0.0), unit)
+            try:
+                calibration = Calibration.square(float(pixel_size), unit)
+                calibration.check_extent(frame.shape)
+            except ValueError as exc:
+                raise RequestError(str(exc)) from exc
         size = self.detector.engine.config.patch_size
         if frame.shape[0] < size or frame.shape[1] < size:
             raise RequestError(f"frame {list(frame.shape)} is smaller than the {size}x{size} patch")
-        result = self.detector.map(frame, stride=stride, calibration=calibration)
+        result = self.detector.map(
+            frame,
+            stride=stride,
+            calibration=calibration,
+            timeout_s=self.request_timeout_s,
+            cancel=self.cancel.is_set,
+        )
         reply: dict[str, Any] = {"regions": result.regions()}
         if op == "rois":
             reply["rois"] = select_rois(result, top)
@@ -193,11 +251,13 @@ class Service:
         return reply
 
 
-def _encode(reply: dict[str, Any]) -> bytes:
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    """The reply as UTF-8 JSON; one that cannot be encoded becomes an error reply."""
     try:
         return json.dumps(reply, allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:  # e.g. an id that cannot be echoed
-        return json.dumps({"id": None, "ok": False, "error": _one_line(str(exc))}).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # e.g. an id that cannot be echoed
+        message = _one_line(f"reply could not be encoded as JSON: {exc}")
+        return json.dumps({"id": None, "ok": False, "error": message}).encode()
 
 
 def _curve_setup(context, socket, secret_key_file: Path, clients_dir: Path):
@@ -220,6 +280,90 @@ def _curve_setup(context, socket, secret_key_file: Path, clients_dir: Path):
     return auth
 
 
+def _split_envelope(parts: list) -> tuple[list, list]:
+    """ROUTER parts to (envelope, request parts): REQ clients add an empty delimiter."""
+    identity, rest = parts[0], parts[1:]
+    envelope = [identity]
+    if rest and len(rest[0]) == 0:
+        envelope.append(rest[0])
+        rest = rest[1:]
+    return envelope, rest
+
+
+class _MapWorker:
+    """Runs map requests one at a time beside the socket loop.
+
+    The loop keeps answering ``ping`` and ``info`` and keeps watching for signals
+    while a frame is mapped; finished replies are collected with :meth:`done`.
+    """
+
+    def __init__(self, service: Service, queue_size: int, queue_bytes: int):
+        self.service = service
+        self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
+        self._waiting_bytes = 0
+        self._jobs: collections.deque = collections.deque()
+        self._done: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="defectscope-map", daemon=True)
+        self._thread.start()
+
+    def submit(self, envelope: list, header: bytes, payload) -> bool:
+        """Queue a request; False when the queue is full."""
+        size = len(header) + (payload.nbytes if hasattr(payload, "nbytes") else len(payload))
+        with self._cond:
+            if len(self._jobs) >= self.queue_size or (
+                self._jobs and self._waiting_bytes + size > self.queue_bytes
+            ):
+                return False
+            self._waiting_bytes += size
+            self._jobs.append((envelope, header, payload, size))
+            self._cond.notify_all()
+            return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._jobs or self._closed)
+                if not self._jobs:
+                    return
+                envelope, header, payload, size = self._jobs.popleft()
+                self._waiting_bytes -= size
+                self._busy = True
+            reply = self.service.handle(header, payload)  # never raises
+            with self._cond:
+                self._done.append((envelope, reply))
+                self._busy = False
+                self._cond.notify_all()
+
+    def done(self) -> list:
+        with self._cond:
+            finished = list(self._done)
+            self._done.clear()
+        return finished
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._jobs and not self._busy
+
+    def drop_waiting(self) -> list:
+        """Take the requests that have not started (answered 'shutting down')."""
+        with self._cond:
+            waiting = [(envelope, header) for envelope, header, _, _ in self._jobs]
+            self._jobs.clear()
+            self._waiting_bytes = 0
+            return waiting
+
+    def close(self, timeout: float) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+
 def serve(
     artifact: str | Path,
     bind: str = DEFAULT_BIND,
@@ -229,14 +373,28 @@ def serve(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     ready: Any = None,
     stop: Any = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    queue_size: int = DEFAULT_QUEUE,
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S,
 ) -> int:
-    """Serve requests until SIGTERM or SIGINT; the frame in flight is finished first.
+    """Serve requests until SIGTERM or SIGINT.
 
     Binding to a non-loopback address needs ``curve_secret`` (the server's secret
     key file from ``zmq.auth.create_certificates``) and ``curve_clients`` (a folder
     of authorized client public keys); without them it refuses to start.
     ``ready`` (a ``threading.Event``) is set once the socket is bound; setting
     ``stop`` (another one) ends the loop like SIGTERM, for callers in a thread.
+
+    Limits: a message part over ``max_bytes`` is dropped by ZeroMQ before it is
+    read (``zmq.MAXMSGSIZE``; the sender's connection is closed and it gets no
+    reply); a header claiming more than ``max_pixels`` pixels or ``max_bytes``
+    bytes, and a map running past ``request_timeout_s``, are answered with an
+    error. Maps run in a worker thread, so ``ping`` and ``info`` are answered while
+    a frame is mapped; up to ``queue_size`` map requests holding at most twice
+    ``max_bytes`` wait, more are answered "busy". On SIGTERM/SIGINT the map in
+    flight has ``shutdown_grace_s`` to finish, then it is cancelled; every request
+    received gets its reply before exit.
     Returns the number of requests answered.
     """
     import zmq
@@ -249,19 +407,28 @@ def serve(
         )
     if secure and (curve_secret is None or curve_clients is None):
         raise ValueError("CURVE needs both --curve-secret and --curve-clients")
+    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        raise ValueError(f"queue size must be a positive integer, got {queue_size!r}")
     detector = Detector.load(artifact, backend=backend)
-    service = Service(detector, max_pixels=max_pixels)
+    service = Service(
+        detector, max_pixels=max_pixels, max_bytes=max_bytes, request_timeout_s=request_timeout_s
+    )
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 1000)
+    # The header is small; the frame part is at most max_bytes (+ slack for the header).
+    socket.setsockopt(zmq.MAXMSGSIZE, max_bytes + 65536)
+    socket.setsockopt(zmq.RCVHWM, 8)
     auth = None
     if secure:
         auth = _curve_setup(context, socket, Path(curve_secret), Path(curve_clients))
     socket.bind(bind)
-    stopping = {"flag": False}
+    worker = _MapWorker(service, queue_size, queue_bytes=2 * max_bytes)
+    stopping = {"since": None}
 
     def on_signal(signum, _frame):
-        stopping["flag"] = True
+        if stopping["since"] is None:
+            stopping["since"] = time.monotonic()
 
     previous = {}
     try:
@@ -275,30 +442,50 @@ def serve(
     poller = zmq.Poller()
     poller.register(socket, zmq.POLLIN)
     served = 0
+
+    def send(envelope: list, reply: dict) -> None:
+        nonlocal served
+        socket.send_multipart([*envelope, encode_reply(reply)])
+        served += 1
+
     try:
-        while not stopping["flag"] and not (stop is not None and stop.is_set()):
-            if not poller.poll(100):
+        while True:
+            if stopping["since"] is None and stop is not None and stop.is_set():
+                stopping["since"] = time.monotonic()
+            if stopping["since"] is not None:
+                for envelope, header in worker.drop_waiting():
+                    send(envelope, service.refusal(header, "service is shutting down"))
+                if time.monotonic() - stopping["since"] > shutdown_grace_s:
+                    service.cancel.set()
+                if worker.idle:
+                    for envelope, reply in worker.done():
+                        send(envelope, reply)
+                    break
+            for envelope, reply in worker.done():
+                send(envelope, reply)
+            if not poller.poll(20):
                 continue
-            parts = socket.recv_multipart(copy=False)
-            identity, rest = parts[0], parts[1:]
-            envelope = [identity]
-            if rest and len(rest[0]) == 0:  # REQ clients send an empty delimiter
-                envelope.append(rest[0])
-                rest = rest[1:]
+            envelope, rest = _split_envelope(socket.recv_multipart(copy=False))
             if not rest:
-                reply = {"id": None, "ok": False, "error": "empty request"}
+                send(envelope, {"id": None, "ok": False, "error": "empty request"})
             elif len(rest) > 2:
-                reply = {
-                    "id": None,
-                    "ok": False,
-                    "error": f"expected 1 or 2 parts, got {len(rest)}",
-                }
-            else:
-                payload = rest[1].buffer if len(rest) == 2 else None
-                reply = service.handle(rest[0].bytes, payload)
-            socket.send_multipart([*envelope, json.dumps(reply, allow_nan=False).encode()])
-            served += 1
+                send(
+                    envelope,
+                    {"id": None, "ok": False, "error": f"expected 1 or 2 parts, got {len(rest)}"},
+                )
+            elif len(rest) == 1 or stopping["since"] is not None:
+                # ping, info and malformed requests are answered at once, maps never wait here
+                header = rest[0].bytes
+                if stopping["since"] is not None and len(rest) == 2:
+                    send(envelope, service.refusal(header, "service is shutting down"))
+                else:
+                    send(envelope, service.handle(header, None))
+            elif not worker.submit(envelope, rest[0].bytes, rest[1].buffer):
+                message = "busy: the queue of map requests is full; retry later"
+                send(envelope, service.refusal(rest[0].bytes, message))
     finally:
+        service.cancel.set()
+        worker.close(timeout=30)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         socket.close()

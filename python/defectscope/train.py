@@ -14,32 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from defectscope.augment import Augmentation, augment_batch
+from defectscope.augment import augment_batch
 from defectscope.checkpoint import ModelConfig, guess_background, save_checkpoint
 from defectscope.datasets import PatchSet
-from defectscope.model import N_BLOCKS, DefectNet, build_model
+from defectscope.model import DefectNet, build_model
 from defectscope.tiling import Normalization, tile
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Training hyper-parameters; stored in the checkpoint's JSON."""
-
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-4
-    seed: int = 0
-    weights: str = "none"
-    # With batch norm, random-init training converges in a few CPU epochs; plain
-    # VGG-16 stays near chance for 10+ epochs on the public data.
-    architecture: str = "vgg16_bn"
-    trainable_blocks: int = N_BLOCKS
-    patience: int = 6
-    precision: str = "auto"  # auto | fp32 | bf16
-    embedding_dim: int = 256
-    augmentation: Augmentation = Augmentation()
-    normalization: Normalization = Normalization()
+from defectscope.train_config import TrainConfig
 
 
 @dataclasses.dataclass
@@ -107,6 +87,40 @@ def predict_logits(
     return np.concatenate(logits), np.concatenate(embeddings)
 
 
+# Patches used to re-estimate batch-norm statistics after each epoch.
+BATCHNORM_PATCHES = 512
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, inputs: np.ndarray, batch_size: int = 32) -> bool:
+    """Re-estimate every batch-norm layer's running mean and variance on ``inputs``.
+
+    The running statistics are an exponential average (momentum 0.1) over training
+    batches whose weights kept changing; after a few epochs on a small data set they
+    are far from the statistics of the final weights, and the model in eval mode
+    classifies everything as one class although it fits its training data. Averaging
+    over fresh passes of the current weights ("precise BN") fixes that. Returns
+    False, doing nothing, for a model without batch norm.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers or len(inputs) == 0:
+        return False
+    was_training = model.training
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over the passes below
+    model.train()
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        if len(batch) > 1:
+            model(torch.from_numpy(np.ascontiguousarray(batch)))
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.train(was_training)
+    return True
+
+
 def _epoch_loss(model: DefectNet, inputs: np.ndarray, labels: np.ndarray, precision: str):
     logits, _ = predict_logits(model, inputs, precision=precision)
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
@@ -165,6 +179,8 @@ def train_classifier(
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state, stale = np.inf, -1, None, 0
     n = len(train.labels)
+    bn_subset = rng.permutation(n)[:BATCHNORM_PATCHES]
+    bn_inputs = patches_to_inputs(train.images[bn_subset], norm)
     epochs = tqdm(range(config.epochs), desc="epochs", disable=not progress)
     for epoch in epochs:
         model.train()
@@ -186,6 +202,8 @@ def train_classifier(
             total += loss.item() * len(index)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(index)
+        # Eval-mode statistics of this epoch's weights, before it is judged or kept.
+        recalibrate_batchnorm(model, bn_inputs, config.batch_size)
         record = {"epoch": epoch, "train_loss": total / seen, "train_accuracy": correct / seen}
         if val_inputs is not None:
             val_loss, val_acc = _epoch_loss(model, val_inputs, validation.labels, config.precision)
