@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -112,3 +114,54 @@ def test_atomic_json_leaves_nothing_on_failure(tmp_path):
         atomic_write_json(target, {"a": float("nan")})
     assert target.read_text().strip().endswith("}")
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_shared_data_is_the_pinned_commit(public_data):
+    from defectscope.datasets import UPSTREAM_DATA_FILES, UPSTREAM_DATA_SHA256, data_digest
+
+    assert data_digest(public_data) == (UPSTREAM_DATA_SHA256, UPSTREAM_DATA_FILES)
+
+
+def test_download_checks_every_file_and_keeps_nothing_wrong(tmp_path, monkeypatch):
+    import pooch
+
+    from defectscope import datasets
+
+    def fake_retrieve(url, known_hash, fname, path, processor, progressbar):
+        assert datasets.UPSTREAM_COMMIT in url  # the pinned commit, not a branch
+        top = Path(path) / processor.extract_dir / "repo-main"
+        (top / "Image Data" / "DataSet_STO").mkdir(parents=True)
+        (top / "Image Data" / "DataSet_STO" / "Bulk_0.tif").write_bytes(b"tampered")
+        return [str(top / "Image Data" / "DataSet_STO" / "Bulk_0.tif")]
+
+    monkeypatch.setattr(pooch, "retrieve", fake_retrieve)
+    with pytest.raises(datasets.DatasetError, match="does not match commit"):
+        datasets._download_upstream(tmp_path)
+    assert not (tmp_path / datasets.UPSTREAM_NAME).exists()
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(pooch, "retrieve", offline)
+    with pytest.raises(datasets.DatasetError, match="--data PATH"):
+        datasets._download_upstream(tmp_path)
+
+
+def test_download_of_the_right_files_is_accepted(public_data, tmp_path, monkeypatch):
+    import shutil
+
+    import pooch
+
+    from defectscope import datasets
+
+    def fake_retrieve(url, known_hash, fname, path, processor, progressbar):
+        top = Path(path) / processor.extract_dir / f"repo-{datasets.UPSTREAM_COMMIT}"
+        shutil.copytree(public_data / "Image Data", top / "Image Data")
+        for name in datasets.DATASET_FRAMES.values():
+            shutil.copy(public_data / name, top / name)
+        return [str(p) for p in top.rglob("*") if p.is_file()]
+
+    monkeypatch.setattr(pooch, "retrieve", fake_retrieve)
+    final = datasets._download_upstream(tmp_path)
+    assert final == tmp_path / datasets.UPSTREAM_NAME
+    assert (final / "Image Data" / "DataSet_CdTe").is_dir()

@@ -10,12 +10,10 @@ Two layouts are read:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import shutil
-import urllib.error
-import urllib.request
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +21,13 @@ import numpy as np
 from defectscope.io import IMAGE_SUFFIXES, ImageReadError, read_image
 
 UPSTREAM_NAME = "defect-classification-in-stem-images"
-UPSTREAM_ARCHIVE = (
-    "https://github.com/RAW-Ayyubi/defect-classification-in-stem-images/archive/refs/heads/main.zip"
-)
+# The public repository's data, pinned: the commit downloaded, and the SHA-256 of its data
+# files' manifest (see data_digest). GitHub makes its zip archives on the fly and does not
+# promise the same bytes twice, so the files inside are checked rather than the archive.
+UPSTREAM_COMMIT = "c4cf67a7528a8e234d15238211c766c05bc3a8f4"
+UPSTREAM_ARCHIVE = f"https://github.com/RAW-Ayyubi/{UPSTREAM_NAME}/archive/{UPSTREAM_COMMIT}.zip"
+UPSTREAM_DATA_SHA256 = "576e19e7370e6742aa866612d868ab68cf0a039fe7836d50680d6a34609012b7"
+UPSTREAM_DATA_FILES = 1885
 DATASET_FOLDERS = {"cdte": "DataSet_CdTe", "sto": "DataSet_STO"}
 # The large frames many of each dataset's patches were cropped from.
 DATASET_FRAMES = {"cdte": "CdTe_Training_Image.tif", "sto": "STO_Training_Image.jpg"}
@@ -207,26 +209,66 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DEFECTSCOPE_CACHE", Path.home() / ".cache" / "defectscope"))
 
 
+def data_files(root: Path) -> list[str]:
+    """The public data's files under ``root``: ``Image Data/**`` and the two large frames."""
+    names = [
+        p.relative_to(root).as_posix() for p in (root / "Image Data").rglob("*") if p.is_file()
+    ]
+    names += [name for name in DATASET_FRAMES.values() if (root / name).is_file()]
+    return sorted(names)
+
+
+def data_digest(root: str | os.PathLike) -> tuple[str, int]:
+    """SHA-256 of the manifest ``"<sha256>  <path>"`` (one line per data file, sorted).
+
+    Equal to :data:`UPSTREAM_DATA_SHA256` exactly when ``root`` holds the pinned
+    commit's data files, byte for byte, and no others.
+    """
+    root = Path(root)
+    lines = []
+    for name in data_files(root):
+        digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
+        lines.append(f"{digest}  {name}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest(), len(lines)
+
+
 def _download_upstream(target: Path) -> Path:
-    target.mkdir(parents=True, exist_ok=True)
-    archive = target / "upstream.zip"
+    """Download the pinned commit with pooch, unzip it and check every data file."""
     try:
-        with urllib.request.urlopen(UPSTREAM_ARCHIVE, timeout=30) as response:
-            with open(archive, "wb") as handle:
-                shutil.copyfileobj(response, handle)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        archive.unlink(missing_ok=True)
+        import pooch
+    except ImportError as exc:
+        raise DatasetError(
+            "downloading the public STEM data needs pooch (pip install 'defectscope[train]'), "
+            "or pass the data folder with --data PATH"
+        ) from exc
+    target.mkdir(parents=True, exist_ok=True)
+    final = target / UPSTREAM_NAME
+    try:
+        members = pooch.retrieve(
+            UPSTREAM_ARCHIVE,
+            known_hash=None,  # checked file by file below
+            fname=f"{UPSTREAM_NAME}-{UPSTREAM_COMMIT[:12]}.zip",
+            path=target,
+            processor=pooch.Unzip(extract_dir=f"{UPSTREAM_NAME}-extract"),
+            progressbar=True,
+        )
+    except Exception as exc:  # requests' and pooch's errors: no network, 404, disk
         raise DatasetError(
             "the STEM patch data was not found locally and could not be downloaded "
-            f"({exc}). Get the public repository RAW-Ayyubi/{UPSTREAM_NAME} on a connected "
-            "machine and pass its folder with --data PATH or DEFECTSCOPE_DATA=PATH."
+            f"({type(exc).__name__}: {exc}). Get the public repository RAW-Ayyubi/"
+            f"{UPSTREAM_NAME} (commit {UPSTREAM_COMMIT}) on a connected machine and pass "
+            "its folder with --data PATH or DEFECTSCOPE_DATA=PATH."
         ) from exc
-    extracted = target / "extract"
-    with zipfile.ZipFile(archive) as zf:
-        zf.extractall(extracted)
-    archive.unlink()
-    top = next(p for p in extracted.iterdir() if p.is_dir())
-    final = target / UPSTREAM_NAME
+    extracted = target / f"{UPSTREAM_NAME}-extract"
+    top = next((extracted / Path(m).relative_to(extracted).parts[0] for m in members), extracted)
+    digest, count = data_digest(top)
+    if digest != UPSTREAM_DATA_SHA256 or count != UPSTREAM_DATA_FILES:
+        shutil.rmtree(extracted, ignore_errors=True)
+        raise DatasetError(
+            f"downloaded data ({count} files) does not match commit {UPSTREAM_COMMIT} "
+            f"(manifest SHA-256 {digest}, expected {UPSTREAM_DATA_SHA256}); nothing was kept"
+        )
+    shutil.rmtree(final, ignore_errors=True)
     top.rename(final)
     shutil.rmtree(extracted, ignore_errors=True)
     return final

@@ -39,22 +39,31 @@ def run_pipeline(
     frame_path = frame_path if frame_path.is_file() else None
     patches = load_patches(folder)
     print(f"{folder}: {len(patches.labels)} patches, classes {patches.counts()}")
-    run_study(patches, out, config, dataset_name=dataset, frame=frame_path)
+    study = run_study(patches, out, config, dataset_name=dataset, frame=frame_path)
     print((out / "summary.md").read_text())
 
+    # The exported model is the grouped split's: INT8 is calibrated on patches it trained
+    # on and scored on its grouped test split, regions it never saw, as FP32 was.
     model_dir = out / "model"
+    grouped = study["grouped"]
+    train_index = np.asarray(grouped["train_index"], dtype=np.int64)
+    evaluable = [patches.classes.index(c) for c in grouped["split"]["evaluable_classes"]]
+    test_index = np.asarray(grouped["test_index"], dtype=np.int64)
+    test_index = test_index[np.isin(patches.labels[test_index], evaluable)]
     inputs = patches_to_inputs(patches.images, config.normalization)
-    order = np.random.default_rng(config.seed).permutation(len(inputs))
-    calib, held = order[:calibration_size], order[calibration_size:]
-    export = {"onnx": export_onnx(model_dir, model_dir / "model.onnx", inputs[held[:64]])}
+    rng = np.random.default_rng(config.seed)
+    calib = rng.permutation(train_index)[:calibration_size]
+    export = {"onnx": export_onnx(model_dir, model_dir / "model.onnx", inputs[test_index[:64]])}
     quantize_onnx_int8(model_dir / "model.onnx", model_dir / "model.int8.onnx", inputs[calib])
     export["int8"] = {
         "n_calibration": len(calib),
+        "calibration_patches": "grouped split, training part",
+        "evaluation_patches": "grouped split, test part, evaluable classes",
         **compare_engines(
             model_dir / "model.onnx",
             model_dir / "model.int8.onnx",
-            inputs[held],
-            patches.labels[held],
+            inputs[test_index],
+            patches.labels[test_index],
         ),
     }
     atomic_write_json(model_dir / "export.json", export)

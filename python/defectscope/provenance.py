@@ -8,32 +8,20 @@ positions of the crops of each class say where that class must be mapped.
 from __future__ import annotations
 
 import numpy as np
-from scipy.signal import fftconvolve
 
 
 def match_template(frame: np.ndarray, template: np.ndarray) -> np.ndarray:
     """Normalized cross-correlation of ``template`` at every valid position of ``frame``.
 
-    Returns an array of shape ``(H - h + 1, W - w + 1)`` in [-1, 1]; flat frame
-    windows give 0.
+    ``skimage.feature.match_template`` (FFT correlation, window statistics from
+    integral images). Returns an array of shape ``(H - h + 1, W - w + 1)`` in
+    [-1, 1]; flat frame windows give 0.
     """
+    from skimage.feature import match_template as skimage_match_template
+
     frame = np.asarray(frame, dtype=np.float64)
-    t = np.asarray(template, dtype=np.float64)
-    t = t - t.mean()
-    h, w = t.shape
-    n = t.size
-    numerator = fftconvolve(frame, t[::-1, ::-1], mode="valid")
-    # Sums over every h x w window from integral images.
-    integral = np.pad(frame, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    integral_sq = np.pad(frame**2, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-
-    def window_sum(s: np.ndarray) -> np.ndarray:
-        return s[h:, w:] - s[:-h, w:] - s[h:, :-w] + s[:-h, :-w]
-
-    s1, s2 = window_sum(integral), window_sum(integral_sq)
-    variance_sum = np.maximum(s2 - s1**2 / n, 0.0)
-    denominator = np.sqrt(variance_sum * (t**2).sum())
-    return np.where(denominator > 1e-9 * n, numerator / np.maximum(denominator, 1e-300), 0.0)
+    template = np.asarray(template, dtype=np.float64)
+    return skimage_match_template(frame, template)
 
 
 def locate_patches(

@@ -168,10 +168,11 @@ def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
             ]
             if "int8" in export:
                 q = export["int8"]
+                scored_on = q.get("evaluation_patches", "held-out patches")
                 rows += [
                     ["ONNX INT8 vs FP32", "agreement", q["agreement"]],
-                    ["FP32 accuracy (held-out patches)", "accuracy", q["accuracy_reference"]],
-                    ["INT8 accuracy (held-out patches)", "accuracy", q["accuracy_candidate"]],
+                    [f"FP32 accuracy ({scored_on})", "accuracy", q["accuracy_reference"]],
+                    [f"INT8 accuracy ({scored_on})", "accuracy", q["accuracy_candidate"]],
                 ]
             parts.append(_table(["comparison", "measure", "value"], rows))
         cluster = _read_json(run / "cluster" / "cluster.json")

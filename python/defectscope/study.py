@@ -63,6 +63,9 @@ def evaluate_split(
         "best_epoch": result.best_epoch,
         "train_wall_time_s": round(result.wall_time_s, 1),
         "model_dir": str(model_dir),
+        # Which patches trained and which tested: INT8 is calibrated and scored on these.
+        "train_index": split.train.tolist(),
+        "test_index": split.test.tolist(),
     }
 
 
