@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,70 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "broken" / "model.json").write_text("{")
     with pytest.raises(CheckpointError, match="invalid model metadata"):
         load_checkpoint(tmp_path / "broken")
+
+
+def _frozen_at_chance(monkeypatch):
+    """Make build_model return a network whose head outputs zeros: it can only guess class 0."""
+    import defectscope.train as train_module
+
+    original = train_module.build_model
+
+    def build(*args, **kwargs):
+        model = original(*args, **kwargs)
+        torch.nn.init.zeros_(model.classifier.weight)
+        torch.nn.init.zeros_(model.classifier.bias)
+        for param in model.parameters():
+            param.requires_grad = False
+        model.classifier.weight.requires_grad = True  # the optimizer needs something
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build)
+
+
+def test_a_model_that_never_learned_is_not_kept_quietly(monkeypatch):
+    _frozen_at_chance(monkeypatch)
+    config = TrainConfig(epochs=3, batch_size=8, learning_rate=0.0, precision="fp32")
+    result = train_classifier(toy_patches(6), toy_patches(3, seed=2), config, progress=False)
+    # No epoch beat chance, so none was "best": the last is kept, and the run says so.
+    assert result.best_epoch == len(result.history) - 1
+    assert result.untrained
+    assert result.fit["train_accuracy"] == pytest.approx(0.5)
+    assert any("near chance on its own training data" in w for w in result.warnings)
+    assert any("near chance on validation" in w for w in result.warnings)
+
+
+def test_train_cli_fails_loudly_when_nothing_was_learned(monkeypatch, tmp_path, capsys):
+    import tifffile
+
+    from defectscope.cli import main
+
+    _frozen_at_chance(monkeypatch)
+    data = tmp_path / "DataSet_Toy"
+    data.mkdir()
+    patches = toy_patches(6)
+    for i, (image, label) in enumerate(zip(patches.images, patches.labels, strict=True)):
+        tifffile.imwrite(data / f"{patches.classes[label]}_{i}.tif", image)
+    out = tmp_path / "model"
+    args = ["train", str(data), "--out", str(out), "--epochs", "2", "--lr", "0"]
+    code = main([*args, "--validation", "random", "--precision", "fp32"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "warning: the kept model" in err and "error:" in err and "did not learn" in err
+    record = json.loads((out / "model.json").read_text())
+    assert record["warnings"] and record["fit"]["train_accuracy"] < record["fit"]["learned_above"]
+
+
+def test_batchnorm_statistics_are_recalibrated_to_the_final_weights():
+    from defectscope.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(2, architecture="vgg16_bn").eval()
+    inputs = patches_to_inputs(toy_patches(4).images, Normalization())
+    assert recalibrate_batchnorm(model, inputs, batch_size=4)
+    bn = model.features[1]
+    # The first BN layer's running mean is the mean of its input (conv output) over the data.
+    with torch.no_grad():
+        conv = model.features[0](torch.from_numpy(inputs))
+    np.testing.assert_allclose(bn.running_mean.numpy(), conv.mean((0, 2, 3)).numpy(), atol=1e-4)
+    assert bn.momentum == 0.1 and not model.training
+    assert not recalibrate_batchnorm(build_model(2, architecture="vgg16"), inputs)

@@ -53,6 +53,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         patches, args.out, _train_config(args), args.validation, {"data": str(args.data)}
     )
     print(f"saved {args.out} ({len(result.history)} epochs, {result.wall_time_s:.0f} s)")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if result.untrained:
+        raise RuntimeError(
+            f"{args.out}: training did not learn; the model was saved for inspection, with "
+            "the warning in model.json"
+        )
     return 0
 
 

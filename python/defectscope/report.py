@@ -25,6 +25,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 .missing { color: #a33; font-style: italic; }
+.warning { border: 2px solid #c60; background: #fff4e5; padding: 0.4em 1em; margin: 1em 0; }
 .grid { display: flex; flex-wrap: wrap; gap: 1em; }
 .grid > div { flex: 1 1 45%; }
 """
@@ -142,6 +143,14 @@ def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         if study:
+            warnings = [
+                f"{name} split model: {w}"
+                for name in ("random", "grouped")
+                for w in study[name].get("warnings", [])
+            ]
+            if warnings:
+                items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+                parts.append(f'<div class="warning"><strong>Warning</strong><ul>{items}</ul></div>')
             parts += _study_section(run, study, scratch)
             check = study.get("frame_check")
             if check:

@@ -61,6 +61,8 @@ def evaluate_split(
         "calibration": calibration,
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
+        "fit": result.fit,
+        "warnings": result.warnings,
         "train_wall_time_s": round(result.wall_time_s, 1),
         "model_dir": str(model_dir),
         # Which patches trained and which tested: INT8 is calibrated and scored on these.
@@ -110,6 +112,9 @@ def summary_markdown(report: dict) -> str:
             f"| {name} | {part['split']['n_test']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} "
             f"({len(m['macro_f1_classes'])}) | {cal['ece_before']:.3f} | {cal['ece_after']:.3f} |"
         )
+    for name, part in (("random", rnd), ("grouped", grp)):
+        for warning in part.get("warnings", []):
+            lines += ["", f"**Warning ({name} split model):** {warning}"]
     if "frame_check" in report:
         check = report["frame_check"]
         lines += [

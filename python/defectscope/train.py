@@ -31,6 +31,15 @@ class TrainResult:
     history: list[dict[str, float]]
     best_epoch: int
     wall_time_s: float
+    # What the kept model scores on (a subset of) its own training patches and on the
+    # validation patches, in eval mode, and the chance level it is compared with.
+    fit: dict[str, float] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def untrained(self) -> bool:
+        """True when the kept model is near chance on its own training data."""
+        return bool(self.fit) and self.fit["train_accuracy"] < self.fit["learned_above"]
 
 
 @lru_cache(maxsize=1)
@@ -181,6 +190,9 @@ def train_classifier(
     n = len(train.labels)
     bn_subset = rng.permutation(n)[:BATCHNORM_PATCHES]
     bn_inputs = patches_to_inputs(train.images[bn_subset], norm)
+    chance = chance_level(train.labels, len(classes))
+    learned_above = chance + LEARNED_MARGIN * (1.0 - chance)
+    started_learning = False
     epochs = tqdm(range(config.epochs), desc="epochs", disable=not progress)
     for epoch in epochs:
         model.train()
@@ -205,13 +217,18 @@ def train_classifier(
         # Eval-mode statistics of this epoch's weights, before it is judged or kept.
         recalibrate_batchnorm(model, bn_inputs, config.batch_size)
         record = {"epoch": epoch, "train_loss": total / seen, "train_accuracy": correct / seen}
+        # An epoch before the model fits its training data beyond chance cannot be kept, and
+        # patience only counts from there: a small validation fold can favour an untrained
+        # model's near-uniform outputs.
+        learning = record["train_accuracy"] >= learned_above
+        started_learning = started_learning or learning
         if val_inputs is not None:
             val_loss, val_acc = _epoch_loss(model, val_inputs, validation.labels, config.precision)
             record.update(val_loss=val_loss, val_accuracy=val_acc)
-            if val_loss < best_loss - 1e-4:
+            if learning and val_loss < best_loss - 1e-4:
                 best_loss, best_epoch, stale = val_loss, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
-            else:
+            elif started_learning:
                 stale += 1
         history.append(record)
         epochs.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"})
@@ -222,7 +239,63 @@ def train_classifier(
     else:
         best_epoch = len(history) - 1
     model.eval()
-    return TrainResult(model, model_config, history, best_epoch, time.perf_counter() - started)
+    result = TrainResult(model, model_config, history, best_epoch, time.perf_counter() - started)
+    check_learning(result, bn_inputs, train.labels[bn_subset], val_inputs, validation, config)
+    return result
+
+
+# The kept model must beat chance by this share of the way from chance to perfect.
+LEARNED_MARGIN = 0.2
+
+
+def chance_level(labels: np.ndarray, n_classes: int) -> float:
+    """Accuracy of always answering the most common class (at least 1 / classes)."""
+    if len(labels) == 0:
+        return 1.0 / max(n_classes, 1)
+    return max(float(np.bincount(labels, minlength=n_classes).max() / len(labels)), 1 / n_classes)
+
+
+def check_learning(
+    result: TrainResult,
+    train_inputs: np.ndarray,
+    train_labels: np.ndarray,
+    val_inputs: np.ndarray | None,
+    validation: PatchSet | None,
+    config: TrainConfig,
+) -> None:
+    """Score the kept model on training and validation patches; warn when it is near chance.
+
+    Fills ``result.fit`` and ``result.warnings``. Near chance on its own training data
+    means the run did not learn at all (``result.untrained``); near chance on
+    validation means it learned something that does not carry to held-out regions.
+    """
+    n_classes = len(result.config.classes)
+    logits, _ = predict_logits(result.model, train_inputs, precision=config.precision)
+    train_accuracy = float((logits.argmax(1) == train_labels).mean())
+    chance = chance_level(train_labels, n_classes)
+    fit = {
+        "train_accuracy": train_accuracy,
+        "train_chance": chance,
+        "learned_above": chance + LEARNED_MARGIN * (1 - chance),
+        "n_train_checked": len(train_labels),
+    }
+    if train_accuracy < fit["learned_above"]:
+        result.warnings.append(
+            f"the kept model (epoch {result.best_epoch}) is near chance on its own training "
+            f"data: accuracy {train_accuracy:.3f} against chance {chance:.3f}; it did not learn "
+            "(try more epochs, another learning rate or --weights imagenet)"
+        )
+    if val_inputs is not None and validation is not None and len(validation.labels):
+        val_logits, _ = predict_logits(result.model, val_inputs, precision=config.precision)
+        val_accuracy = float((val_logits.argmax(1) == validation.labels).mean())
+        val_chance = chance_level(validation.labels, n_classes)
+        fit.update(validation_accuracy=val_accuracy, validation_chance=val_chance)
+        if val_accuracy < val_chance + LEARNED_MARGIN * (1 - val_chance):
+            result.warnings.append(
+                f"the kept model is near chance on validation: accuracy {val_accuracy:.3f} "
+                f"against chance {val_chance:.3f} on {len(validation.labels)} held-out patches"
+            )
+    result.fit = fit
 
 
 def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, Any] | None = None):
@@ -233,6 +306,8 @@ def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, A
         "training": training,
         "history": result.history,
         "best_epoch": result.best_epoch,
+        "fit": result.fit,
+        "warnings": result.warnings,
         "wall_time_s": round(result.wall_time_s, 2),
         "torch_version": torch.__version__,
         **(extra or {}),
