@@ -27,6 +27,7 @@ LAYERS = {
     "provenance": 0,
     "cluster": 0,
     "figures": 0,
+    "density": 0,
     "tiling": 1,
     "__init__": 2,
     "artifact": 2,
@@ -54,6 +55,7 @@ LAYERS = {
 # What an instrument PC runs: these import no training module at module level.
 RUNTIME = {
     "__init__", "_tiling", "io", "tiling", "artifact", "engines", "maps", "rois", "detector",
+    "density",
     "figures", "outputs", "cluster", "cluster_run", "live", "service", "client", "lattice",
     "nion", "cli", "train_config", "augment",
 }  # fmt: skip

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from defectscope.density import FeatureDensity
 from defectscope.tiling import Normalization
 
 FORMAT_VERSION = 1
@@ -146,6 +147,7 @@ class ArtifactMetadata:
     temperature: float = 1.0
     precision: str = "fp32"
     raw: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    density: FeatureDensity | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_record(cls, record: Any, source: str) -> ArtifactMetadata:
@@ -165,7 +167,15 @@ class ArtifactMetadata:
             precision = record.get("precision", "fp32")
             if not isinstance(precision, str):
                 raise MetadataError(f"precision must be a name, got {precision!r}")
-            return cls(config, check_temperature(temperature), precision, record)
+            density = None
+            if record.get("density") is not None:
+                try:
+                    density = FeatureDensity.from_dict(
+                        record["density"], len(config.classes), config.embedding_dim
+                    )
+                except ValueError as exc:
+                    raise MetadataError(str(exc)) from None
+            return cls(config, check_temperature(temperature), precision, record, density)
         except MetadataError as exc:
             raise MetadataError(f"{source}: invalid model metadata: {exc}") from None
 

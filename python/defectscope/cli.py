@@ -215,10 +215,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     from defectscope.detector import Detector
-    from defectscope.outputs import refuse_overwrite, write_map_outputs
+    from defectscope.outputs import MAP_FILES, refuse_overwrite, write_map_outputs
 
     inputs = [args.artifact, args.frame]
-    for name in ("windows.csv", "regions.json", "overlay.png", "confidence.png"):
+    for name in MAP_FILES:
         refuse_overwrite(args.out / name, inputs)
     frame = _read_frame(args.frame, args)
     with Detector.load(
@@ -227,9 +227,10 @@ def cmd_map(args: argparse.Namespace) -> int:
         result = det.map(frame, stride=args.stride)
         write_map_outputs(frame.data, result, args.out, inputs=inputs)
     regions = result.regions()
+    unknown = f", {int(result.unknown.sum())} unknown windows" if result.unknown is not None else ""
     print(
-        f"{result.grid_shape[0] * result.grid_shape[1]} windows, {len(regions)} regions, "
-        f"{result.timing_ms['total']:.0f} ms ({det.engine.name}) -> {args.out}"
+        f"{result.grid_shape[0] * result.grid_shape[1]} windows{unknown}, {len(regions)} "
+        f"regions, {result.timing_ms['total']:.0f} ms ({det.engine.name}) -> {args.out}"
     )
     return 0
 
@@ -274,7 +275,7 @@ def cmd_roi(args: argparse.Namespace) -> int:
     refuse_overwrite(args.out, [args.artifact, args.frame])
     frame = _read_frame(args.frame, args)
     with Detector.load(args.artifact, backend=args.backend, background=args.background) as det:
-        rois = det.rois(frame, args.top, args.stride, args.min_spacing)
+        rois = det.rois(frame, args.top, args.stride, args.min_spacing, unknown=args.unknown)
     atomic_write_json(args.out, rois)
     print(f"{len(rois)} ROIs -> {args.out}")
     return 0
@@ -467,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="rois.json to write")
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--min-spacing", type=float, help="pixels between ROI centres (default: patch)")
+    p.add_argument(
+        "--unknown",
+        choices=["ignore", "explore"],
+        default="ignore",
+        help="regions unlike the training data: never ROIs, or ranked by their uncertainty",
+    )
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--background", help="name of the defect-free class")
     _add_frame_options(p)

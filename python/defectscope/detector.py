@@ -171,6 +171,9 @@ class Detector:
         embeddings = (
             np.empty((n, self.engine.config.embedding_dim), np.float32) if keep_embeddings else None
         )
+        density = self.engine.density
+        uncertainty = np.empty(n, np.float32) if density is not None else None
+        unknown = np.empty(n, bool) if density is not None else None
 
         def fill(batch: int) -> int:
             chunk = origins[batch * self.batch_size : (batch + 1) * self.batch_size]
@@ -219,6 +222,10 @@ class Detector:
                     probabilities[start : start + count] = probs
                     if embeddings is not None:
                         embeddings[start : start + count] = emb
+                    if density is not None:
+                        _, u, k = density.score(emb)
+                        uncertainty[start : start + count] = u
+                        unknown[start : start + count] = k
             finally:
                 pending.cancel()
                 # The tiler must not write into a buffer the next map uses.
@@ -239,6 +246,8 @@ class Detector:
             patch_size=size,
             timing_ms={"total": total, "tiling_wait": waited * 1000, "engine": engine_time * 1000},
             calibration=calibration,
+            uncertainty=None if uncertainty is None else uncertainty.reshape(rows, cols),
+            unknown=None if unknown is None else unknown.reshape(rows, cols),
         )
 
     def rois(
@@ -249,11 +258,13 @@ class Detector:
         min_spacing: float | None = None,
         pixel_size: float | None = None,
         unit: str | None = None,
+        unknown: str = "ignore",
     ) -> list[dict]:
         """Map ``frame`` and return its ``k`` best regions of interest (see :mod:`rois`).
 
         ``pixel_size`` and ``unit`` calibrate a bare array; a
-        :class:`~defectscope.io.Frame` with a calibration needs neither.
+        :class:`~defectscope.io.Frame` with a calibration needs neither. ``unknown``
+        ('ignore' or 'explore') says what regions unlike the training data do.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"the number of ROIs must be a positive integer, got {k!r}")
@@ -261,7 +272,7 @@ class Detector:
         if pixel_size is not None:
             calibration = Calibration.square(pixel_size, unit or "px")
         result = self.map(frame, stride=stride, keep_embeddings=True, calibration=calibration)
-        return select_rois(result, k, min_spacing)
+        return select_rois(result, k, min_spacing, unknown=unknown)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

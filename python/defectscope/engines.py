@@ -26,6 +26,7 @@ from defectscope.artifact import (
     parse_metadata_json,
     read_sidecar,
 )
+from defectscope.density import FeatureDensity
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -40,9 +41,13 @@ class Engine:
 
     name = "engine"
 
-    def __init__(self, config: ModelConfig, temperature: float = 1.0):
+    def __init__(
+        self, config: ModelConfig, temperature: float = 1.0, density: FeatureDensity | None = None
+    ):
         self.config = config
         self.temperature = float(temperature)
+        # The embedding's training density, when the artifact carries one (uncertainty).
+        self.density = density
 
     @property
     def classes(self) -> list[str]:
@@ -83,7 +88,7 @@ class TorchEngine(Engine):
 
         model, config, record = load_checkpoint(model_dir)
         metadata = ArtifactMetadata.from_record(record, str(Path(model_dir) / META_FILE))
-        super().__init__(config, metadata.temperature)
+        super().__init__(config, metadata.temperature, metadata.density)
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
@@ -174,7 +179,7 @@ class OnnxEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"{path}: not a loadable ONNX model ({exc})") from exc
         metadata = onnx_metadata(self.session, path)
-        super().__init__(metadata.config, metadata.temperature)
+        super().__init__(metadata.config, metadata.temperature, metadata.density)
         self.precision = metadata.precision
         self._check_io(path)
         self.providers = self.session.get_providers()
@@ -255,7 +260,7 @@ class TensorRTEngine(Engine):
         import tensorrt as trt
 
         metadata = read_sidecar(path)
-        super().__init__(metadata.config, metadata.temperature)
+        super().__init__(metadata.config, metadata.temperature, metadata.density)
         self.max_batch = int(metadata.raw.get("max_batch", 256))
         self.cudart = _cudart()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))

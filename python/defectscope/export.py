@@ -55,9 +55,12 @@ class _ExportWrapper(nn.Module):
 
 
 def artifact_metadata(config: ModelConfig, record: dict[str, Any]) -> dict[str, Any]:
-    """What a runtime needs beside the network: model config plus temperature."""
+    """What a runtime needs beside the network: config, temperature and the density."""
     temperature = record.get("calibration", {}).get("temperature", 1.0)
-    return {"model": config.to_dict(), "temperature": float(temperature), "format_version": 1}
+    metadata = {"model": config.to_dict(), "temperature": float(temperature), "format_version": 1}
+    if record.get("density") is not None:
+        metadata["density"] = record["density"]  # uncertainty travels with every artifact
+    return metadata
 
 
 def export_onnx(

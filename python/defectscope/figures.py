@@ -204,9 +204,14 @@ def map_overlay(frame: np.ndarray, result, path: str | Path) -> Path:
         for c in result.classes
         if c != result.background
     ]
+    if result.unknown is not None and result.unknown.any():
+        unknown = result.unknown[np.ix_(rows, cols)].astype(float)
+        ax.contourf(unknown, levels=[0.5, 1.5], colors="none", hatches=["////"])
+        ax.contour(unknown, levels=[0.5], colors="white", linewidths=0.8)
+        handles.append(Patch(facecolor="none", edgecolor="black", hatch="////", label="unknown"))
     ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.8)
     ax.set_axis_off()
-    ax.set_title("defect classes (alpha = confidence)")
+    ax.set_title("defect classes (alpha = confidence; hatched: unlike the training data)")
     return save(fig, path, dpi=110)
 
 
@@ -219,4 +224,28 @@ def map_confidence(result, path: str | Path) -> Path:
     image = ax.imshow(result.confidence[np.ix_(rows, cols)], vmin=0, vmax=1, cmap="viridis")
     fig.colorbar(image, ax=ax, label="confidence of predicted class")
     ax.set_axis_off()
+    return save(fig, path, dpi=110)
+
+
+def map_uncertainty(frame: np.ndarray, result, path: str | Path) -> Path:
+    """Uncertainty (unlike the training data, 0..1) over the frame, unknown outlined."""
+    from defectscope.maps import pixel_grid_index
+
+    rows, cols = pixel_grid_index(result)
+    height, width = frame.shape
+    fig, ax = subplots(figsize=(8, 8 * height / width + 0.6), dpi=110)
+    ax.imshow(frame, cmap="gray", interpolation="nearest")
+    image = ax.imshow(
+        result.uncertainty[np.ix_(rows, cols)], vmin=0, vmax=1, cmap="magma", alpha=0.6
+    )
+    if result.unknown is not None and result.unknown.any():
+        ax.contour(
+            result.unknown[np.ix_(rows, cols)].astype(float),
+            levels=[0.5],
+            colors="cyan",
+            linewidths=1.0,
+        )
+    fig.colorbar(image, ax=ax, label="uncertainty (share of in-distribution windows closer)")
+    ax.set_axis_off()
+    ax.set_title("uncertainty; cyan outline: unknown (beyond the validation threshold)")
     return save(fig, path, dpi=110)

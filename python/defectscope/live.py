@@ -26,7 +26,7 @@ import numpy as np
 
 from defectscope.detector import Detector
 from defectscope.io import Calibration
-from defectscope.rois import select_rois
+from defectscope.rois import UNKNOWN_POLICIES, select_rois
 
 log = logging.getLogger(__name__)
 Policy = Literal["block", "drop_oldest", "latest_only"]
@@ -71,6 +71,8 @@ class LiveDetector:
         Called with each :class:`LiveResult` from the worker thread; results are
         also kept for :meth:`get`. An exception it raises is logged and kept in
         :attr:`callback_errors`; the detector goes on.
+    unknown : {'ignore', 'explore'}
+        Whether regions unlike the training data can be ROIs (see :func:`select_rois`).
 
     Examples
     --------
@@ -89,6 +91,7 @@ class LiveDetector:
         queue_size: int = 4,
         policy: Policy = "block",
         on_result: Callable[[LiveResult], None] | None = None,
+        unknown: str = "ignore",
     ):
         if policy not in ("block", "drop_oldest", "latest_only"):
             raise ValueError(f"policy must be block, drop_oldest or latest_only, got {policy!r}")
@@ -100,6 +103,11 @@ class LiveDetector:
         self.policy = policy
         self.capacity = 1 if policy == "latest_only" else queue_size
         self.on_result = on_result
+        if unknown not in UNKNOWN_POLICIES:
+            raise ValueError(
+                f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}"
+            )
+        self.unknown = unknown
         self.dropped = 0
         self.processed = 0
         self._pending: collections.deque[_Job] = collections.deque()
@@ -171,7 +179,7 @@ class LiveDetector:
             result.origins = result.origins + np.asarray(origin)
             result.frame_shape = tuple(job.frame.shape)
         regions = result.regions()
-        rois = select_rois(result, self.top)
+        rois = select_rois(result, self.top, unknown=self.unknown)
         latency = (time.perf_counter() - job.submitted) * 1000
         return LiveResult(
             job.frame_id, regions, rois, latency, result.timing_ms["total"], job.subregion

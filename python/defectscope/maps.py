@@ -36,6 +36,13 @@ class MapResult:
         ``total``, ``tiling`` (time the engine waited for patches) and ``engine``.
     calibration : Calibration or None
         Physical pixel coordinates, when the frame carried them.
+    uncertainty : ndarray of float32, shape (rows, cols), or None
+        How unlike the training data each window's embedding is, 0..1: the share of
+        held-out in-distribution windows closer to the training classes (see
+        :mod:`~defectscope.density`). None when the model carries no density.
+    unknown : ndarray of bool, shape (rows, cols), or None
+        Windows beyond the density's threshold: "not like anything trained on". They
+        form their own regions, labelled ``"unknown"``, whatever their softmax says.
     """
 
     origins: np.ndarray
@@ -48,6 +55,8 @@ class MapResult:
     patch_size: int
     timing_ms: dict[str, float]
     calibration: Calibration | None = None
+    uncertainty: np.ndarray | None = None
+    unknown: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -71,8 +80,15 @@ class MapResult:
             return self.confidence
         return 1.0 - self.probabilities[..., self.classes.index(self.background)]
 
+    @property
+    def unknown_mask(self) -> np.ndarray:
+        """``unknown``, or all False when the model has no density."""
+        if self.unknown is None:
+            return np.zeros(self.grid_shape, dtype=bool)
+        return self.unknown
+
     def regions(self, min_windows: int = 1) -> list[dict]:
-        """Connected regions of non-background windows, best first (see :mod:`maps`)."""
+        """Connected regions of defect windows, then of unknown windows (see :mod:`maps`)."""
         return find_regions(self, min_windows=min_windows)
 
 
@@ -87,21 +103,33 @@ def scan_fraction(y: float, x: float, shape: tuple[int, int]) -> list[float]:
     return [min(max((y + 0.5) / height, 0.0), 1.0), min(max((x + 0.5) / width, 0.0), 1.0)]
 
 
-def label_regions(result: MapResult) -> tuple[np.ndarray, int]:
-    """Connected components (8-neighbourhood) of non-background windows on the grid."""
-    labels = result.labels
-    if result.background is not None:
-        defect = labels != result.classes.index(result.background)
+def label_regions(result: MapResult, unknown: bool = False) -> tuple[np.ndarray, int]:
+    """Connected components (8-neighbourhood) on the window grid.
+
+    Of the known windows whose label is not the background (``unknown=False``), or of
+    the unknown windows (``unknown=True``).
+    """
+    if unknown:
+        mask = result.unknown_mask
     else:
-        defect = np.ones_like(labels, dtype=bool)
-    return ndimage.label(defect, structure=np.ones((3, 3), dtype=int))
+        labels = result.labels
+        if result.background is not None:
+            mask = labels != result.classes.index(result.background)
+        else:
+            mask = np.ones_like(labels, dtype=bool)
+        mask = mask & ~result.unknown_mask
+    return ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
 
 
-def region_records(result: MapResult, components: np.ndarray, count: int) -> list[dict]:
+def region_records(
+    result: MapResult, components: np.ndarray, count: int, unknown: bool = False
+) -> list[dict]:
     """The JSON record of every labelled region of ``components``, in label order.
 
     Properties come from ``scipy.ndimage`` over the whole label image at once
-    (``sum_labels``, ``find_objects``), not one mask per region.
+    (``sum_labels``, ``find_objects``), not one mask per region. Regions of unknown
+    windows (``unknown=True``) are labelled ``"unknown"``, score their mean
+    uncertainty and are centred on their windows' plain mean.
     """
     if count == 0:
         return []
@@ -116,7 +144,15 @@ def region_records(result: MapResult, components: np.ndarray, count: int) -> lis
         [ndimage.sum_labels(probs[..., c], components, index) for c in range(probs.shape[-1])],
         axis=1,
     )
-    weight = result.defect_probability.astype(np.float64)
+    if unknown:
+        weight = result.uncertainty.astype(np.float64)
+    else:
+        weight = result.defect_probability.astype(np.float64)
+    uncertainty_sum = (
+        ndimage.sum_labels(result.uncertainty.astype(np.float64), components, index)
+        if result.uncertainty is not None
+        else None
+    )
     grid = result.origins.reshape(*result.grid_shape, 2).astype(np.float64) + (size - 1) / 2.0
     n_windows = ndimage.sum_labels(np.ones_like(weight), components, index)
     weight_sum = ndimage.sum_labels(weight, components, index)
@@ -126,12 +162,12 @@ def region_records(result: MapResult, components: np.ndarray, count: int) -> lis
     col_origins = result.origins.reshape(*result.grid_shape, 2)[0, :, 1]
     records = []
     for k, (rows, cols) in enumerate(ndimage.find_objects(components, max_label=count)):
-        if weight_sum[k] > 1e-12:
+        if weight_sum[k] > 1e-12 and not unknown:
             cy, cx = weighted[0][k] / weight_sum[k], weighted[1][k] / weight_sum[k]
         else:
             cy, cx = plain[0][k] / n_windows[k], plain[1][k] / n_windows[k]
         record = {
-            "label": result.classes[int(class_sums[k].argmax())],
+            "label": "unknown" if unknown else result.classes[int(class_sums[k].argmax())],
             "score": float(weight_sum[k] / n_windows[k]),
             "centroid": [float(cy), float(cx)],
             "bbox": [
@@ -143,6 +179,12 @@ def region_records(result: MapResult, components: np.ndarray, count: int) -> lis
             "n_windows": int(n_windows[k]),
             "centroid_norm": scan_fraction(float(cy), float(cx), (height, width)),
         }
+        if uncertainty_sum is not None:
+            record["uncertainty"] = float(uncertainty_sum[k] / n_windows[k])
+            record["unknown"] = unknown
+            if unknown:
+                # What the softmax would have called it, for the record.
+                record["nearest_class"] = result.classes[int(class_sums[k].argmax())]
         if result.calibration is not None:
             record["centroid_calibrated"] = result.calibration.to_physical(cy, cx)
             record["unit"] = result.calibration.unit
@@ -151,20 +193,30 @@ def region_records(result: MapResult, components: np.ndarray, count: int) -> lis
 
 
 def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
-    """Connected regions (8-neighbourhood on the window grid) of non-background windows.
+    """Connected regions (8-neighbourhood on the window grid) of defect windows, then unknown.
 
     Each region is ``{"label", "score", "centroid": [y, x], "bbox": [y0, x0, y1, x1],
-    "n_windows", "centroid_norm": [(y+0.5)/H, (x+0.5)/W]}`` (:func:`scan_fraction`).
+    "n_windows", "centroid_norm": [(y+0.5)/H, (x+0.5)/W]}`` (:func:`scan_fraction`),
+    plus ``"uncertainty"`` (mean over its windows) and ``"unknown"`` when the model has
+    a density. Defect regions: known windows whose label is not the background;
     ``label`` is the class with the largest summed probability over the region's
-    windows; ``score`` is the mean defect probability (1 - p(background)) of its
-    windows; the centroid is the defect-probability-weighted mean of window centres;
-    the bbox spans the windows' pixels (end exclusive). Sorted by score, highest first.
+    windows; ``score`` the mean defect probability (1 - p(background)); the centroid is
+    the defect-probability-weighted mean of window centres; the bbox spans the
+    windows' pixels (end exclusive); sorted by score, highest first. Unknown regions
+    (``"label": "unknown"``, ``"unknown": true``, ``"nearest_class"``) follow, made of
+    windows unlike anything trained on whatever their softmax says, scored by their
+    mean uncertainty.
     """
-    components, count = label_regions(result)
-    regions = [
-        r for r in region_records(result, components, count) if r["n_windows"] >= min_windows
-    ]
-    regions.sort(key=lambda r: (-r["score"], -r["n_windows"]))
+    regions = []
+    for unknown in (False, True) if result.unknown is not None else (False,):
+        components, count = label_regions(result, unknown=unknown)
+        found = [
+            r
+            for r in region_records(result, components, count, unknown=unknown)
+            if r["n_windows"] >= min_windows
+        ]
+        found.sort(key=lambda r: (-r["score"], -r["n_windows"]))
+        regions += found
     return regions
 
 
@@ -192,17 +244,26 @@ def window_coordinates(result: MapResult) -> tuple[list[str], list[list[str]]]:
 def windows_csv(result: MapResult) -> str:
     """One CSV row per window: where it is, its label, confidence and probabilities.
 
-    Columns: those of :func:`window_coordinates`, then ``label,confidence,p_<class>...``.
+    Columns: those of :func:`window_coordinates`, then ``label,confidence,p_<class>...``,
+    and ``uncertainty,unknown`` (0/1) when the model has a density.
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     header, coordinates = window_coordinates(result)
-    writer.writerow(header + ["label", "confidence"] + [f"p_{c}" for c in result.classes])
+    extra = ["uncertainty", "unknown"] if result.uncertainty is not None else []
+    writer.writerow(header + ["label", "confidence"] + [f"p_{c}" for c in result.classes] + extra)
     probs = result.probabilities.reshape(-1, len(result.classes))
     labels = result.labels.ravel()
-    for cells, label, p in zip(coordinates, labels, probs, strict=True):
+    if result.uncertainty is not None:
+        tails = [
+            [f"{u:.6f}", str(int(k))]
+            for u, k in zip(result.uncertainty.ravel(), result.unknown_mask.ravel(), strict=True)
+        ]
+    else:
+        tails = [[]] * len(labels)
+    for cells, label, p, tail in zip(coordinates, labels, probs, tails, strict=True):
         writer.writerow(
-            cells + [result.classes[label], f"{p[label]:.6f}"] + [f"{v:.6f}" for v in p]
+            cells + [result.classes[label], f"{p[label]:.6f}"] + [f"{v:.6f}" for v in p] + tail
         )
     return buffer.getvalue()
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from defectscope.maps import MapResult, windows_csv
 
-MAP_FILES = ("windows.csv", "regions.json", "overlay.png", "confidence.png")
+MAP_FILES = ("windows.csv", "regions.json", "overlay.png", "confidence.png", "uncertainty.png")
 
 
 class OutputPathError(ValueError):
@@ -85,7 +85,8 @@ def write_map_outputs(
     out_dir: str | os.PathLike,
     inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Write ``windows.csv``, ``regions.json``, ``overlay.png`` and ``confidence.png``.
+    """Write ``windows.csv``, ``regions.json``, ``overlay.png``, ``confidence.png`` and,
+    when the model has a density, ``uncertainty.png``.
 
     Everything is written in a staging folder beside ``out_dir`` first and then
     moved in, so a failure leaves nothing partial in ``out_dir``. ``inputs`` (the
@@ -110,6 +111,8 @@ def write_map_outputs(
         (staging / "regions.json").write_text(json.dumps(regions, indent=2, allow_nan=False) + "\n")
         figures.map_overlay(np.asarray(frame), result, staging / "overlay.png")
         figures.map_confidence(result, staging / "confidence.png")
+        if result.uncertainty is not None:
+            figures.map_uncertainty(np.asarray(frame), result, staging / "uncertainty.png")
         if not out_dir.exists():
             os.replace(staging, out_dir)
         else:

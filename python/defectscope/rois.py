@@ -13,7 +13,10 @@ a score that says where to look next:
   ``d_bulk`` the mean distance of background windows from that centroid; 0.5
   means "as far as ordinary bulk varies", near 1 means unlike anything in bulk.
 
-Default weights are 0.5, 0.2 and 0.3. Regions are taken best first, skipping any
+Default weights are 0.5, 0.2 and 0.3. With a model that carries a density, regions of
+unknown windows (unlike anything trained on) are left out (``unknown="ignore"``), or
+compete with their mean uncertainty in place of the defect probability
+(``unknown="explore"``). Regions are taken best first, skipping any
 whose centre lies closer than ``min_spacing`` pixels to one already taken, so a
 microscope is not sent to the same place twice.
 """
@@ -39,7 +42,10 @@ class RoiWeights:
 def _bulk_reference(result: MapResult) -> tuple[np.ndarray, float]:
     embeddings = result.embeddings.reshape(-1, result.embeddings.shape[-1]).astype(np.float64)
     if result.background is not None:
-        bulk = embeddings[result.labels.ravel() == result.classes.index(result.background)]
+        known_bulk = (result.labels == result.classes.index(result.background)) & ~(
+            result.unknown_mask
+        )
+        bulk = embeddings[known_bulk.ravel()]
     else:
         bulk = embeddings[:0]
     if len(bulk) == 0:
@@ -51,11 +57,15 @@ def _bulk_reference(result: MapResult) -> tuple[np.ndarray, float]:
     return centroid, max(spread, 1e-9)
 
 
+UNKNOWN_POLICIES = ("ignore", "explore")
+
+
 def select_rois(
     result: MapResult,
     top: int = 5,
     min_spacing: float | None = None,
     weights: RoiWeights = RoiWeights(),
+    unknown: str = "ignore",
 ) -> list[dict]:
     """The ``top`` regions of interest of a map, best first.
 
@@ -68,6 +78,13 @@ def select_rois(
     min_spacing : float, optional
         Least distance in pixels between ROI centres (default: the patch size).
     weights : RoiWeights
+    unknown : {'ignore', 'explore'}
+        What to do with regions of unknown windows (unlike anything trained on, see
+        :mod:`~defectscope.density`). ``ignore``: they are never ROIs, so the
+        microscope goes only where the classifier can be trusted. ``explore``: they
+        compete with defect regions, their mean ``uncertainty`` standing in for the
+        defect probability in the score (``"unknown": true`` in the record), for a
+        scientist who wants to see what the model has not.
 
     Returns
     -------
@@ -80,41 +97,50 @@ def select_rois(
     """
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
+    if unknown not in UNKNOWN_POLICIES:
+        raise ValueError(f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
     if result.embeddings is None:
         raise ValueError("ROI novelty needs embeddings: map with keep_embeddings=True")
     spacing = float(result.patch_size if min_spacing is None else min_spacing)
     centroid, spread = _bulk_reference(result)
-    components, count = label_regions(result)
-    records = region_records(result, components, count)
-    # Mean embedding of every region at once: sums over the label image.
-    flat = result.embeddings.reshape(-1, result.embeddings.shape[-1]).astype(np.float64)
-    sums = np.zeros((count + 1, flat.shape[1]))
-    np.add.at(sums, components.ravel(), flat)
     candidates = []
-    for index, record in enumerate(records, start=1):
-        distance = float(np.linalg.norm(sums[index] / record["n_windows"] - centroid))
-        novelty = distance / (distance + spread)
-        size = record["n_windows"] / (record["n_windows"] + 4.0)
-        score = (
-            weights.probability * record["score"] + weights.size * size + weights.novelty * novelty
-        )
-        cy, cx = record["centroid"]
-        roi = {
-            "label": record["label"],
-            "score": float(score),
-            "defect_probability": record["score"],
-            "size": float(size),
-            "novelty": float(novelty),
-            "center": [cy, cx],
-            "center_norm": scan_fraction(cy, cx, result.frame_shape),
-            "bbox": record["bbox"],
-            "n_windows": record["n_windows"],
-        }
-        roi["center_norm_xy"] = roi["center_norm"][::-1]
-        if result.calibration is not None:
-            roi["center_calibrated"] = result.calibration.to_physical(cy, cx)
-            roi["unit"] = result.calibration.unit
-        candidates.append(roi)
+    kinds = [False, True] if unknown == "explore" and result.unknown is not None else [False]
+    flat = result.embeddings.reshape(-1, result.embeddings.shape[-1]).astype(np.float64)
+    for is_unknown in kinds:
+        components, count = label_regions(result, unknown=is_unknown)
+        records = region_records(result, components, count, unknown=is_unknown)
+        # Mean embedding of every region at once: sums over the label image.
+        sums = np.zeros((count + 1, flat.shape[1]))
+        np.add.at(sums, components.ravel(), flat)
+        for index, record in enumerate(records, start=1):
+            distance = float(np.linalg.norm(sums[index] / record["n_windows"] - centroid))
+            novelty = distance / (distance + spread)
+            size = record["n_windows"] / (record["n_windows"] + 4.0)
+            score = (
+                weights.probability * record["score"]
+                + weights.size * size
+                + weights.novelty * novelty
+            )
+            cy, cx = record["centroid"]
+            roi = {
+                "label": record["label"],
+                "score": float(score),
+                "defect_probability": None if is_unknown else record["score"],
+                "size": float(size),
+                "novelty": float(novelty),
+                "center": [cy, cx],
+                "center_norm": scan_fraction(cy, cx, result.frame_shape),
+                "bbox": record["bbox"],
+                "n_windows": record["n_windows"],
+            }
+            roi["center_norm_xy"] = roi["center_norm"][::-1]
+            if "uncertainty" in record:
+                roi["uncertainty"] = record["uncertainty"]
+                roi["unknown"] = is_unknown
+            if result.calibration is not None:
+                roi["center_calibrated"] = result.calibration.to_physical(cy, cx)
+                roi["unit"] = result.calibration.unit
+            candidates.append(roi)
     candidates.sort(key=lambda r: -r["score"])
     chosen: list[dict] = []
     for roi in candidates:

@@ -32,7 +32,7 @@ import numpy as np
 from defectscope import __version__
 from defectscope.detector import Detector, MapCancelled
 from defectscope.io import Calibration
-from defectscope.rois import select_rois
+from defectscope.rois import UNKNOWN_POLICIES, select_rois
 from defectscope.tiling import SUPPORTED_DTYPES
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,11 @@ class Service:
         for name, value in (("stride", stride), ("top", top)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
+        unknown = header.get("unknown", "ignore")
+        if unknown not in UNKNOWN_POLICIES:
+            raise RequestError(
+                f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}"
+            )
         calibration = None
         pixel_size = header.get("pixel_size")
         if pixel_size is not None:
@@ -243,7 +248,7 @@ class Service:
         )
         reply: dict[str, Any] = {"regions": result.regions()}
         if op == "rois":
-            reply["rois"] = select_rois(result, top)
+            reply["rois"] = select_rois(result, top, unknown=unknown)
         reply["timing_ms"] = {
             **{k: round(v, 3) for k, v in result.timing_ms.items()},
             "request": round((time.perf_counter() - started) * 1000, 3),

@@ -29,6 +29,7 @@ from defectscope.grouping import Groups, find_groups
 from defectscope.io import atomic_write_json, atomic_write_text
 from defectscope.train import (
     TrainConfig,
+    fit_model_density,
     patches_to_inputs,
     predict_logits,
     save_training,
@@ -53,7 +54,13 @@ def evaluate_split(
     )
     calibration = calibration_report(val_logits, val.labels, test_logits, test.labels)
     metrics["mean_confidence"] = float(softmax(test_logits, axis=1).max(axis=1).mean())
-    extra = {"metrics": metrics, "calibration": calibration, "split": split.describe()}
+    density = fit_model_density(result.model, train, val, norm)
+    extra = {
+        "metrics": metrics,
+        "calibration": calibration,
+        "split": split.describe(),
+        "density": density.to_dict(),
+    }
     save_training(model_dir, result, config, extra_record=extra)
     return {
         "split": split.describe(),

@@ -298,6 +298,31 @@ def check_learning(
     result.fit = fit
 
 
+def fit_model_density(
+    model: DefectNet,
+    train: PatchSet,
+    validation: PatchSet | None,
+    normalization: Normalization,
+    precision: str = "fp32",
+):
+    """The feature density of ``model``'s embedding (see :mod:`defectscope.density`).
+
+    Fitted on the training patches without augmentation; its threshold set on the
+    validation patches, in-distribution data the model did not train on.
+    """
+    from defectscope.density import fit_density
+
+    _, train_embeddings = predict_logits(
+        model, patches_to_inputs(train.images, normalization), precision=precision
+    )
+    held_out = None
+    if validation is not None and len(validation.labels) >= 2:
+        _, held_out = predict_logits(
+            model, patches_to_inputs(validation.images, normalization), precision=precision
+        )
+    return fit_density(train_embeddings, train.labels, len(train.classes), held_out)
+
+
 def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, Any] | None = None):
     """JSON-ready description of a training run for the checkpoint."""
     training = dataclasses.asdict(config)
@@ -365,8 +390,11 @@ def train_model_dir(
         held = random_split(patches.labels, patches.classes, seed=config.seed).validation
     val_set = patches.subset(held) if len(held) else None
     train_index = np.setdiff1d(np.arange(len(patches.labels)), held)
-    result = train_classifier(patches.subset(train_index), val_set, config)
+    train_set = patches.subset(train_index)
+    result = train_classifier(train_set, val_set, config)
     record = {**(extra_record or {}), "validation": used}
+    density = fit_model_density(result.model, train_set, val_set, config.normalization)
+    record["density"] = density.to_dict()
     if val_set is not None:
         logits, _ = predict_logits(
             result.model, patches_to_inputs(val_set.images, config.normalization)
