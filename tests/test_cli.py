@@ -116,3 +116,13 @@ def test_console_script_runs():
         [sys.executable, "-m", "defectscope.cli", "--version"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "defectscope" in result.stdout
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["roi", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "number of ROIs (default: 5)" in text
+    assert "window step in pixels (default: 16)" in text
+    assert "(default: None)" not in text

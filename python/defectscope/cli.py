@@ -303,6 +303,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.curve_secret,
         args.curve_clients,
         args.max_pixels,
+        max_bytes=args.max_bytes,
+        request_timeout_s=args.request_timeout,
     )
     print(f"stopped after {served} requests")
     return 0
@@ -373,6 +375,54 @@ def _read_frame(path: Path, args: argparse.Namespace):
     return frame
 
 
+# Descriptions of options used by several commands; --help adds each default.
+OPTION_HELP = {
+    "--epochs": "training epochs at most (early stopping may end sooner)",
+    "--seed": "random seed (splits, initialization, shuffling)",
+    "--batch-size": "patches per training step or engine call",
+    "--lr": "learning rate (AdamW)",
+    "--patience": "epochs without a better validation loss before stopping",
+    "--precision": "auto uses bf16 autocast on CPUs with AVX-512 BF16 or AMX",
+    "--stride": "window step in pixels",
+    "--out": "where to write the results",
+    "--backend": "inference backend; auto picks the fastest that can run the artifact",
+    "--json": "JSON file to write",
+    "--skip-bad": "leave unreadable or odd-sized files out and list them",
+    "--format": "what to export",
+    "--k-min": "smallest k tried",
+    "--k-max": "largest k tried",
+    "--top": "number of ROIs",
+    "--dataset": "public dataset(s)",
+    "--bind": "ZeroMQ endpoint; anything but loopback needs CURVE keys",
+    "--max-pixels": "largest frame (H x W) a request may claim",
+    "--max-bytes": "largest frame in bytes; bigger message parts are dropped unread",
+    "--request-timeout": "seconds a map may run before it is stopped with an error",
+    "-v": "log progress",
+    "data": "patch dataset folder (upstream DataSet_X/ or one folder per class)",
+    "model": "model directory",
+    "files": "patch image files",
+    "frame": "frame file (.npy, TIFF, PNG, JPEG, .dm3/.dm4, .emd, .ser/.emi, .mrc)",
+    "artifact": "model directory, .onnx file or TensorRT engine",
+    "run_dir": "run directory of the main job",
+}
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Adds each option's default to its help, unless there is none to show."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in help_text
+            or "default:" in help_text
+            or default in (None, False, argparse.SUPPRESS)
+            or action.required
+        ):
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
 class ArgumentError(ValueError):
     """A command-line argument is missing or malformed."""
 
@@ -384,8 +434,13 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if "help" not in kwargs and args and args[0] in OPTION_HELP:
+            kwargs["help"] = OPTION_HELP[args[0]]
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str):
         raise ArgumentError(f"{self.prog}: {message}")
@@ -395,7 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="defectscope",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -494,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-secret", type=Path, help="server secret key file (CURVE)")
     p.add_argument("--curve-clients", type=Path, help="folder of authorized client public keys")
     p.add_argument("--max-pixels", type=int, default=16384 * 16384)
+    p.add_argument("--max-bytes", type=int, default=256 * 2**20)
+    p.add_argument("--request-timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="self-contained HTML report of a run directory")
