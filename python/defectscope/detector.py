@@ -21,6 +21,8 @@ from defectscope.maps import MapResult
 from defectscope.rois import select_rois
 from defectscope.tiling import NanPolicy, check_frame, tile, window_origins
 
+SYMMETRIES = ("none", "d4")
+
 
 class MapCancelled(RuntimeError):
     """A map was stopped before it finished (time limit or a cancel request)."""
@@ -119,6 +121,7 @@ class Detector:
         calibration: Calibration | None = None,
         timeout_s: float | None = None,
         cancel: Callable[[], bool] | None = None,
+        symmetry: str = "none",
     ) -> MapResult:
         """Classify every window of ``frame``.
 
@@ -144,6 +147,11 @@ class Detector:
         cancel : callable, optional
             Called between batches; when it returns True the map stops with
             :class:`MapCancelled` (a service shutting down, a newer frame).
+        symmetry : {'none', 'd4'}
+            ``d4`` averages each window's probabilities and embedding over the eight
+            rotations and reflections of the square (the lattice's own symmetry in
+            projection), at eight times the engine's cost. The uncertainty is scored
+            on the averaged embedding.
 
         Raises
         ------
@@ -160,6 +168,8 @@ class Detector:
         frame = self._check_frame(frame)
         size = self.engine.config.patch_size
         stride = check_stride(stride, size)
+        if symmetry not in SYMMETRIES:
+            raise ValueError(f"symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
         if calibration is not None:
             calibration.check_extent(frame.shape)
         norm = self.engine.config.normalization
@@ -210,7 +220,7 @@ class Detector:
                     if batch + 1 < n_batches:
                         pending = self._pool.submit(fill, batch + 1)
                     t1 = time.perf_counter()
-                    probs, emb = self.engine.run(self._buffers[batch % 2][:count])
+                    probs, emb = self._run(self._buffers[batch % 2][:count], symmetry)
                     engine_time += time.perf_counter() - t1
                     start = batch * self.batch_size
                     if not np.isfinite(probs).all():
@@ -249,6 +259,18 @@ class Detector:
             uncertainty=None if uncertainty is None else uncertainty.reshape(rows, cols),
             unknown=None if unknown is None else unknown.reshape(rows, cols),
         )
+
+    def _run(self, inputs: np.ndarray, symmetry: str) -> tuple[np.ndarray, np.ndarray]:
+        if symmetry == "none":
+            return self.engine.run(inputs)
+        probs = emb = None
+        for turns in range(4):
+            rotated = np.rot90(inputs, turns, axes=(2, 3))
+            for view in (rotated, rotated[..., ::-1]):
+                p, e = self.engine.run(np.ascontiguousarray(view))
+                probs = p.astype(np.float64) if probs is None else probs + p
+                emb = e.astype(np.float64) if emb is None else emb + e
+        return (probs / 8).astype(np.float32), (emb / 8).astype(np.float32)
 
     def rois(
         self,
