@@ -224,7 +224,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     with Detector.load(
         args.artifact, backend=args.backend, batch_size=args.batch_size, background=args.background
     ) as det:
-        result = det.map(frame, stride=args.stride)
+        result = det.map(frame, stride=args.stride, symmetry=args.symmetry)
         write_map_outputs(frame.data, result, args.out, inputs=inputs)
     regions = result.regions()
     unknown = f", {int(result.unknown.sum())} unknown windows" if result.unknown is not None else ""
@@ -497,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--symmetry",
+        choices=["none", "d4"],
+        default="none",
+        help="d4: average each window over its 8 rotations and reflections (8x the cost)",
+    )
     p.add_argument("--background", help="name of the defect-free class")
     _add_frame_options(p)
     p.set_defaults(func=cmd_map)
