@@ -245,3 +245,15 @@ def test_cluster_frame_windows(run_dir, tmp_path):
         assert float(row["cy"]) == int(row["row"]) + 31.5
         assert float(row["cx_nm"]) == pytest.approx(float(row["cx"]) * 0.05)
     assert (out / "cluster_map.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_region_covering_most_of_the_frame_is_not_an_roi():
+    grid = np.ones((6, 6), int)
+    grid[0, :] = 0  # 30 of 36 windows are "defect": the model calls the frame a defect
+    grid[5, 5] = 0
+    emb = np.random.default_rng(2).normal(size=(6, 6, 4)).astype(np.float32)
+    result = _map(grid, emb)
+    (region,) = result.regions()
+    assert region["frame_fraction"] == pytest.approx(29 / 36)
+    assert select_rois(result, top=3) == []
+    assert len(select_rois(result, top=3, max_frame_fraction=0.9)) == 1

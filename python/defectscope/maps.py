@@ -177,6 +177,7 @@ def region_records(
                 int(col_origins[cols.stop - 1] + size),
             ],
             "n_windows": int(n_windows[k]),
+            "frame_fraction": float(n_windows[k] / components.size),
             "centroid_norm": scan_fraction(float(cy), float(cx), (height, width)),
         }
         if uncertainty_sum is not None:
@@ -196,7 +197,8 @@ def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
     """Connected regions (8-neighbourhood on the window grid) of defect windows, then unknown.
 
     Each region is ``{"label", "score", "centroid": [y, x], "bbox": [y0, x0, y1, x1],
-    "n_windows", "centroid_norm": [(y+0.5)/H, (x+0.5)/W]}`` (:func:`scan_fraction`),
+    "n_windows", "frame_fraction" (its share of all windows),
+    "centroid_norm": [(y+0.5)/H, (x+0.5)/W]}`` (:func:`scan_fraction`),
     plus ``"uncertainty"`` (mean over its windows) and ``"unknown"`` when the model has
     a density. Defect regions: known windows whose label is not the background;
     ``label`` is the class with the largest summed probability over the region's

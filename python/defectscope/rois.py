@@ -66,6 +66,7 @@ def select_rois(
     min_spacing: float | None = None,
     weights: RoiWeights = RoiWeights(),
     unknown: str = "ignore",
+    max_frame_fraction: float = 0.5,
 ) -> list[dict]:
     """The ``top`` regions of interest of a map, best first.
 
@@ -85,6 +86,10 @@ def select_rois(
         compete with defect regions, their mean ``uncertainty`` standing in for the
         defect probability in the score (``"unknown": true`` in the record), for a
         scientist who wants to see what the model has not.
+    max_frame_fraction : float
+        A region holding more than this share of the frame's windows is not a place
+        to look at but a sign that the model calls the whole frame a defect (a frame
+        unlike its training data): it is never an ROI.
 
     Returns
     -------
@@ -113,6 +118,8 @@ def select_rois(
         sums = np.zeros((count + 1, flat.shape[1]))
         np.add.at(sums, components.ravel(), flat)
         for index, record in enumerate(records, start=1):
+            if record["frame_fraction"] > max_frame_fraction:
+                continue
             distance = float(np.linalg.norm(sums[index] / record["n_windows"] - centroid))
             novelty = distance / (distance + spread)
             size = record["n_windows"] / (record["n_windows"] + 4.0)
