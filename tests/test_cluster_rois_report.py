@@ -257,3 +257,18 @@ def test_a_region_covering_most_of_the_frame_is_not_an_roi():
     assert region["frame_fraction"] == pytest.approx(29 / 36)
     assert select_rois(result, top=3) == []
     assert len(select_rois(result, top=3, max_frame_fraction=0.9)) == 1
+
+
+def test_share_of_a_class_mapped_outside_its_crops():
+    from defectscope.study import outside_crop_extent
+
+    grid = np.zeros((6, 6), int)
+    grid[0:2, 0:2] = 1  # where the class's crops were cut
+    grid[5, 5] = 1  # far away: a false alarm
+    result = _map(grid, np.zeros((6, 6, 4), np.float32))
+    crops = np.array([[0, 0], [16, 16], [-1, -1]])  # the last crop was not found
+    report = outside_crop_extent(result, crops, np.array([1, 1, 1]))
+    assert report["A"] == {"windows": 5, "outside": 1 / 36, "outside_known": 1 / 36}
+    result.unknown = np.zeros((6, 6), bool)
+    result.unknown[5, 5] = True
+    assert outside_crop_extent(result, crops, np.array([1, 1, 1]))["A"]["outside_known"] == 0

@@ -156,6 +156,15 @@ def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
             if check:
                 parts.append("<h2>Defect map of the large frame</h2>")
                 parts.append(_img(run / "frame_map" / "overlay.png", "defect map overlay"))
+                if (run / "frame_map" / "uncertainty.png").is_file():
+                    unknown = check.get("unknown_share")
+                    share = f" {unknown:.1%} of windows are unknown." if unknown is not None else ""
+                    parts.append(
+                        "<p>Uncertainty: how unlike the training data each window is; "
+                        "outlined windows are unknown (beyond the validation threshold)."
+                        f"{share}</p>"
+                    )
+                    parts.append(_img(run / "frame_map" / "uncertainty.png", "uncertainty map"))
                 rows = [
                     [c, r["located"], r["recovered"]]
                     for c, r in check["recall_at_crop_sources"].items()

@@ -166,7 +166,7 @@ def frame_check(
     positions, _ = locate_patches(frame, patches.images, threshold=0.9)
     recall = recall_at_sources(result, positions, patches.labels, patches.classes)
     counts = np.bincount(result.labels.ravel(), minlength=len(result.classes))
-    return {
+    report = {
         "frame": str(frame_path),
         "stride": stride,
         "map_dir": str(out_dir),
@@ -174,7 +174,44 @@ def frame_check(
         "windows_per_class": {c: int(n) for c, n in zip(result.classes, counts, strict=True)},
         "n_regions": len(result.regions()),
         "recall_at_crop_sources": recall,
+        "outside_crop_extent": outside_crop_extent(result, positions, patches.labels),
     }
+    if result.unknown is not None:
+        report["unknown_share"] = float(result.unknown.mean())
+    return report
+
+
+def outside_crop_extent(result, positions: np.ndarray, labels: np.ndarray) -> dict:
+    """Per class: share of the frame's windows given that class outside its crops' extent.
+
+    The extent is the rows and columns spanned by the class's crops located in the
+    frame. A class mapped far from where any of its crops were cut (SF2 across the
+    upper half of the CdTe frame) is a false alarm; counted over all windows, and over
+    known windows only (unknown ones are not claimed as that class).
+    """
+    size = result.patch_size
+    centres = result.centers
+    predicted = result.labels.ravel()
+    known = ~result.unknown_mask.ravel()
+    report = {}
+    for index, name in enumerate(result.classes):
+        located = positions[(labels == index) & (positions[:, 0] >= 0)]
+        mine = predicted == index
+        if len(located) == 0 or not mine.any():
+            continue
+        (y0, x0), (y1, x1) = located.min(0), located.max(0) + size
+        inside = (
+            (centres[:, 0] >= y0)
+            & (centres[:, 0] < y1)
+            & (centres[:, 1] >= x0)
+            & (centres[:, 1] < x1)
+        )
+        report[name] = {
+            "windows": int(mine.sum()),
+            "outside": float((mine & ~inside).sum() / len(predicted)),
+            "outside_known": float((mine & ~inside & known).sum() / len(predicted)),
+        }
+    return report
 
 
 def run_study(
