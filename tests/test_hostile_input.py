@@ -235,6 +235,7 @@ def test_non_finite_engine_output_is_an_error(detector):
         config = detector.engine.config
         classes = detector.engine.classes
         input_shape = detector.engine.input_shape
+        density = None
 
         def run(self, inputs):
             n = len(inputs)

@@ -181,7 +181,7 @@ class Detector:
         embeddings = (
             np.empty((n, self.engine.config.embedding_dim), np.float32) if keep_embeddings else None
         )
-        density = self.engine.density
+        density = getattr(self.engine, "density", None)  # duck-typed engines may lack one
         uncertainty = np.empty(n, np.float32) if density is not None else None
         unknown = np.empty(n, bool) if density is not None else None
 
