@@ -196,7 +196,8 @@ def test_map_cli_writes_everything(model_dir, frame, tmp_path):
         assert float(row["confidence"]) == pytest.approx(float(row[f"p_{row['label']}"]))
     regions = json.loads((out / "regions.json").read_text())
     for region in regions:
-        assert set(region) == {"label", "score", "centroid", "bbox", "n_windows", "centroid_norm"}
+        keys = {"label", "score", "centroid", "bbox", "n_windows", "centroid_norm"}
+        assert set(region) == keys | {"frame_fraction"}
         assert region["label"] == "Vacancy"
     assert (out / "overlay.png").read_bytes()[:4] == b"\x89PNG"
 
