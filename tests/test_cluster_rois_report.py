@@ -103,7 +103,7 @@ def run_dir(tmp_path_factory):
     tifffile.imwrite(frame_path, frame.clip(0, 255).astype(np.uint8))
     run = root / "toy"
     config = TrainConfig(epochs=2, batch_size=8, precision="fp32")
-    run_study(patches, run, config, "toy", progress=False, frame=frame_path)
+    run_study(patches, run, config, "toy", progress=False, frame=frame_path, folds=3, loco=True)
     assert (
         main(
             [
@@ -139,6 +139,28 @@ def run_dir(tmp_path_factory):
     )
     assert main(["report", str(run)]) == 0
     return run
+
+
+def test_study_cross_validates_every_group_once(run_dir):
+    study = json.loads((run_dir / "study.json").read_text())
+    cv = study["cross_validation"]
+    assert cv["n_folds"] == 3 and len(cv["folds"]) == 3
+    # The first fold is the grouped split whose model is kept, not a second training.
+    assert cv["folds"][0]["metrics"]["accuracy"] == study["grouped"]["metrics"]["accuracy"]
+    accuracies = [fold["metrics"]["accuracy"] for fold in cv["folds"]]
+    assert cv["accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
+    assert cv["accuracy"]["std"] == pytest.approx(np.std(accuracies))
+    # Every testable patch is tested exactly once over the folds.
+    assert cv["n_test"] == sum(fold["n_test"] for fold in cv["folds"]) == 16
+    for c, m in cv["per_class"].items():
+        assert m["support"] == 8 and m["f1"]["n"] == 3, c
+    # Two classes: leaving one out leaves nothing to classify, which is said, not hidden.
+    loco = study["leave_one_class_out"]
+    assert set(loco) == {"Bulk", "Vacancy"}
+    assert all("skipped" in r for r in loco.values())
+    summary = (run_dir / "summary.md").read_text()
+    assert "Grouped 3-fold cross-validation" in summary and "±" in summary
+    assert "Grouped 3-fold cross-validation" in (run_dir / "report.html").read_text()
 
 
 def test_cluster_outputs_compare_with_raw_pixels(run_dir):

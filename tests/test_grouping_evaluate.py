@@ -10,6 +10,7 @@ from defectscope.evaluate import (
     classification_metrics,
     expected_calibration_error,
     fit_temperature,
+    grouped_folds,
     grouped_split,
     random_split,
 )
@@ -78,6 +79,30 @@ def test_grouped_split_never_leaks_groups():
     assert 0 not in labels[split.test] and 0 not in labels[split.validation]
     assert len(split.train) + len(split.validation) + len(split.test) == len(labels)
     assert set(labels[split.test]) == {1, 2}
+
+
+def test_grouped_folds_test_every_group_exactly_once():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1, 2], 60)
+    groups = np.concatenate(
+        [np.zeros(60), rng.integers(1, 12, 60), rng.integers(12, 30, 60)]
+    ).astype(int)
+    splits = grouped_folds(labels, groups, ["Bulk", "A", "B"], n_folds=4, seed=0)
+    assert len(splits) == 4
+    tested = np.concatenate([s.test for s in splits])
+    # Every patch of a testable group (classes A and B only) is tested exactly once.
+    assert sorted(tested.tolist()) == np.flatnonzero(labels > 0).tolist()
+    for index, split in enumerate(splits):
+        sets = [set(groups[ix]) for ix in (split.train, split.validation, split.test)]
+        assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+        assert len(split.train) + len(split.validation) + len(split.test) == len(labels)
+        # The validation fold is the next fold's test part: grouped as well.
+        assert np.array_equal(split.validation, splits[(index + 1) % 4].test)
+        assert 0 in labels[split.train]
+    first = grouped_split(labels, groups, ["Bulk", "A", "B"], n_folds=4, seed=0)
+    assert np.array_equal(first.test, splits[0].test)
+    with pytest.raises(ValueError, match="at least 3 folds"):
+        grouped_folds(labels, groups, ["Bulk", "A", "B"], n_folds=2)
 
 
 def test_random_split_is_stratified_partition():

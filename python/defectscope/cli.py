@@ -113,7 +113,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     _report_skipped(patches)
     print(f"{folder}: {len(patches.labels)} patches, classes {patches.counts()}")
     report = run_study(
-        patches, args.out, _train_config(args), dataset_name=args.dataset, frame=frame
+        patches,
+        args.out,
+        _train_config(args),
+        dataset_name=args.dataset,
+        frame=frame,
+        folds=args.folds,
+        loco=args.loco,
     )
     print((Path(args.out) / "summary.md").read_text())
     print(f"wall time {report['wall_time_s']} s; results in {args.out}")
@@ -286,7 +292,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = _train_config(args)
     for dataset in args.dataset:
-        report = run_pipeline(dataset, args.out / dataset, args.data, config, args.top)
+        report = run_pipeline(
+            dataset,
+            args.out / dataset,
+            args.data,
+            config,
+            args.top,
+            folds=args.folds,
+            loco=args.loco,
+        )
         print(f"{dataset}: report -> {report}")
     return 0
 
@@ -376,7 +390,21 @@ def _read_frame(path: Path, args: argparse.Namespace):
 
 
 # Descriptions of options used by several commands; --help adds each default.
+def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--folds", type=_fold_count, default=5)
+    p.add_argument("--loco", action=argparse.BooleanOptionalAction, default=True)
+
+
+def _fold_count(text: str) -> int:
+    value = int(text)
+    if value != 0 and value < 3:
+        raise argparse.ArgumentTypeError(f"folds must be 0 (off) or at least 3, got {value}")
+    return value
+
+
 OPTION_HELP = {
+    "--folds": "grouped k-fold cross-validation (one training per fold; 0 turns it off)",
+    "--loco": "leave-one-class-out test of the uncertainty (one training per class)",
     "--epochs": "training epochs at most (early stopping may end sooner)",
     "--seed": "random seed (splits, initialization, shuffling)",
     "--batch-size": "patches per training step or engine call",
@@ -545,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs"))
     p.add_argument("--top", type=int, default=10, help="ROIs to rank in the large frame")
     _add_training_options(p)
+    _add_evaluation_options(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="ZeroMQ service for acquisition software")
@@ -568,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="public data folder or a dataset folder")
     p.add_argument("--out", type=Path, required=True)
     _add_training_options(p)
+    _add_evaluation_options(p)
     p.set_defaults(func=cmd_study)
     return parser
 

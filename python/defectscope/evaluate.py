@@ -60,6 +60,21 @@ def classification_metrics(
     }
 
 
+def mean_std(values: list[float]) -> dict:
+    """``{"mean", "std", "n", "values"}`` of a list (mean and std None when empty)."""
+    return {
+        "mean": float(np.mean(values)) if values else None,
+        "std": float(np.std(values)) if values else None,
+        "n": len(values),
+        "values": [float(v) for v in values],
+    }
+
+
+def format_mean_std(stat: dict) -> str:
+    """``"0.912 ± 0.034"`` for a :func:`mean_std` record, "n/a" when it is empty."""
+    return "n/a" if stat["mean"] is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15):
     """Expected calibration error of the top-class confidence (equal-width bins)."""
     confidence = probabilities.max(axis=1)
@@ -152,17 +167,28 @@ def random_split(
     return Split("random", np.sort(train), np.sort(val), np.sort(test), list(classes))
 
 
-def grouped_split(
+def grouped_folds(
     labels: np.ndarray, groups: np.ndarray, classes: list[str], n_folds: int = 5, seed: int = 0
-) -> Split:
-    """Split by independent group; classes with a single group are never tested.
+) -> list[Split]:
+    """Grouped k-fold cross-validation: every testable group is tested exactly once.
 
     A class is evaluable when it occurs in at least three groups (one each for
     training, validation and test). Groups holding only evaluable classes are
-    distributed over ``n_folds`` stratified group folds: one fold is the test set,
-    the next the validation set; every other patch trains, so single-region
-    classes are still learned but never scored.
+    distributed over ``n_folds`` folds stratified by class (scikit-learn's
+    ``StratifiedGroupKFold``). Split ``i`` tests fold ``i``, early-stops and fits its
+    temperature on fold ``i + 1`` (so validation is grouped too) and trains on every
+    other patch, so single-region classes are still learned but never scored.
+
+    Returns
+    -------
+    list of Split
+        One per fold; a single split with empty test and validation parts when
+        fewer than three groups can be tested.
     """
+    if n_folds < 3:
+        raise ValueError(
+            f"grouped folds need at least 3 folds (train, validation, test), got {n_folds}"
+        )
     groups_per_class = {c: len(np.unique(groups[labels == i])) for i, c in enumerate(classes)}
     evaluable = [c for c in classes if groups_per_class[c] >= 3]
     evaluable_index = {classes.index(c) for c in evaluable}
@@ -172,7 +198,7 @@ def grouped_split(
     candidate = np.flatnonzero(np.isin(groups, testable_groups))
     if len(evaluable) == 0 or len(testable_groups) < 3:
         empty = np.array([], dtype=np.int64)
-        return Split("grouped", np.arange(len(labels)), empty, empty, [], groups_per_class)
+        return [Split("grouped", np.arange(len(labels)), empty, empty, [], groups_per_class)]
     folds = min(n_folds, len(testable_groups))
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     assignment = np.full(len(labels), -1)
@@ -180,7 +206,17 @@ def grouped_split(
         splitter.split(candidate, labels[candidate], groups[candidate])
     ):
         assignment[candidate[held]] = fold
-    test = np.flatnonzero(assignment == 0)
-    val = np.flatnonzero(assignment == 1)
-    train = np.flatnonzero((assignment != 0) & (assignment != 1))
-    return Split("grouped", train, val, test, evaluable, groups_per_class)
+    splits = []
+    for fold in range(folds):
+        test = np.flatnonzero(assignment == fold)
+        val = np.flatnonzero(assignment == (fold + 1) % folds)
+        train = np.flatnonzero((assignment != fold) & (assignment != (fold + 1) % folds))
+        splits.append(Split("grouped", train, val, test, evaluable, groups_per_class))
+    return splits
+
+
+def grouped_split(
+    labels: np.ndarray, groups: np.ndarray, classes: list[str], n_folds: int = 5, seed: int = 0
+) -> Split:
+    """The first split of :func:`grouped_folds`: one grouped train/validation/test split."""
+    return grouped_folds(labels, groups, classes, n_folds=n_folds, seed=seed)[0]

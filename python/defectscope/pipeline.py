@@ -21,6 +21,8 @@ def run_pipeline(
     config: TrainConfig = TrainConfig(),
     top_rois: int = 10,
     calibration_size: int = 256,
+    folds: int = 5,
+    loco: bool = True,
 ) -> Path:
     """Run every step of the demo for ``dataset`` ('cdte' or 'sto'); returns the report path."""
     from defectscope.cluster_run import cluster_dataset
@@ -39,7 +41,9 @@ def run_pipeline(
     frame_path = frame_path if frame_path.is_file() else None
     patches = load_patches(folder)
     print(f"{folder}: {len(patches.labels)} patches, classes {patches.counts()}")
-    study = run_study(patches, out, config, dataset_name=dataset, frame=frame_path)
+    study = run_study(
+        patches, out, config, dataset_name=dataset, frame=frame_path, folds=folds, loco=loco
+    )
     print((out / "summary.md").read_text())
 
     # The exported model is the grouped split's: INT8 is calibrated on patches it trained

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from defectscope import figures
+from defectscope.evaluate import format_mean_std
 from defectscope.io import atomic_write_text
 
 STYLE = """
@@ -103,6 +104,50 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
             rows,
         )
     )
+    cv = study.get("cross_validation")
+    if cv:
+        parts.append(
+            f"<h3>Grouped {cv['n_folds']}-fold cross-validation</h3><p>Each independent "
+            "group is tested exactly once; mean ± standard deviation over folds.</p>"
+        )
+        rows = [
+            [c, m["f1"]["n"], m["support"], format_mean_std(m["f1"]), format_mean_std(m["recall"])]
+            for c, m in cv["per_class"].items()
+        ]
+        parts.append(_table(["class", "folds tested", "test patches", "F1", "recall"], rows))
+        parts.append(
+            _table(
+                ["accuracy", "macro-F1", "ECE before", "ECE after"],
+                [
+                    [
+                        format_mean_std(cv[k])
+                        for k in ("accuracy", "macro_f1", "ece_before", "ece_after")
+                    ]
+                ],
+            )
+        )
+    loco = study.get("leave_one_class_out")
+    if loco:
+        parts.append(
+            "<h3>Leave one class out</h3><p>A model trained without the class; AUROC of "
+            "&ldquo;the class is unknown&rdquo; against grouped held-out patches of the "
+            "trained classes, by the feature density and by the softmax alone.</p>"
+        )
+        rows = [
+            [c, "skipped: " + r["skipped"], "", "", "", ""]
+            if "skipped" in r
+            else [
+                c,
+                r["n_novel"],
+                r["auroc_density"],
+                r["auroc_softmax"],
+                r["novel_unknown"],
+                r["known_unknown"],
+            ]
+            for c, r in loco.items()
+        ]
+        header = ["left out", "its patches", "AUROC density", "AUROC softmax"]
+        parts.append(_table([*header, "left-out unknown", "known unknown"], rows))
     parts.append('<div class="grid">')
     for name, part in (("random", rnd), ("grouped", grouped)):
         cm = figures.confusion(

@@ -22,9 +22,11 @@ from defectscope.evaluate import (
     Split,
     calibration_report,
     classification_metrics,
-    grouped_split,
+    grouped_folds,
+    mean_std,
     random_split,
 )
+from defectscope.evaluate import format_mean_std as fmt
 from defectscope.grouping import Groups, find_groups
 from defectscope.io import atomic_write_json, atomic_write_text
 from defectscope.train import (
@@ -39,22 +41,38 @@ from defectscope.train import (
 log = logging.getLogger(__name__)
 
 
-def evaluate_split(
-    patches: PatchSet, split: Split, config: TrainConfig, model_dir: Path, progress: bool = True
-) -> dict:
+def _score_split(patches: PatchSet, split: Split, config: TrainConfig, name: str, progress: bool):
     """Train on ``split.train``, early-stop on ``split.validation``, score ``split.test``."""
     train, val, test = (patches.subset(ix) for ix in (split.train, split.validation, split.test))
-    result = train_classifier(train, val, config, progress=progress)
+    result = train_classifier(train, val, config, progress=progress, name=name)
     norm = config.normalization
     val_logits, _ = predict_logits(result.model, patches_to_inputs(val.images, norm))
     test_logits, _ = predict_logits(result.model, patches_to_inputs(test.images, norm))
-    predictions = test_logits.argmax(axis=1)
     metrics = classification_metrics(
-        test.labels, predictions, patches.classes, scored_classes=split.evaluable_classes
+        test.labels, test_logits.argmax(axis=1), patches.classes, split.evaluable_classes
     )
     calibration = calibration_report(val_logits, val.labels, test_logits, test.labels)
     metrics["mean_confidence"] = float(softmax(test_logits, axis=1).max(axis=1).mean())
-    density = fit_model_density(result.model, train, val, norm)
+    return result, metrics, calibration
+
+
+def evaluate_split(
+    patches: PatchSet,
+    split: Split,
+    config: TrainConfig,
+    model_dir: Path,
+    progress: bool = True,
+    name: str | None = None,
+) -> dict:
+    """Train on ``split.train``, early-stop on ``split.validation``, score ``split.test``.
+
+    The model is saved in ``model_dir`` with its feature density and metrics.
+    """
+    result, metrics, calibration = _score_split(
+        patches, split, config, name or f"{split.name} split", progress
+    )
+    train, val = patches.subset(split.train), patches.subset(split.validation)
+    density = fit_model_density(result.model, train, val, config.normalization)
     extra = {
         "metrics": metrics,
         "calibration": calibration,
@@ -76,6 +94,142 @@ def evaluate_split(
         "train_index": split.train.tolist(),
         "test_index": split.test.tolist(),
     }
+
+
+def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
+    """Mean and standard deviation over folds, overall and per class.
+
+    A class's figures are averaged over the folds whose test part holds it.
+    """
+    summary = {
+        "n_folds": len(folds),
+        "n_test": int(sum(f["n_test"] for f in folds)),
+        "accuracy": mean_std([f["metrics"]["accuracy"] for f in folds]),
+        "macro_f1": mean_std([f["metrics"]["macro_f1"] for f in folds]),
+        "ece_before": mean_std([f["calibration"]["ece_before"] for f in folds]),
+        "ece_after": mean_std([f["calibration"]["ece_after"] for f in folds]),
+        "per_class": {},
+    }
+    evaluable = folds[0]["evaluable_classes"] if folds else []
+    for c in classes:
+        if c not in evaluable:
+            continue
+        tested = [f["metrics"]["per_class"][c] for f in folds]
+        tested = [m for m in tested if m["support"] > 0]
+        summary["per_class"][c] = {
+            "f1": mean_std([m["f1"] for m in tested]),
+            "recall": mean_std([m["recall"] for m in tested]),
+            "support": int(sum(m["support"] for m in tested)),
+        }
+    return summary
+
+
+def cross_validate(
+    patches: PatchSet,
+    splits: list[Split],
+    config: TrainConfig,
+    first: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Grouped k-fold cross-validation: a model per fold, each group tested once.
+
+    ``first``, the record of :func:`evaluate_split` on ``splits[0]``, is reused
+    rather than trained again.
+    """
+    folds = []
+    for index, split in enumerate(splits):
+        if index == 0 and first is not None:
+            metrics, calibration = first["metrics"], first["calibration"]
+            epochs, warnings = first["epochs_run"], first["warnings"]
+        else:
+            result, metrics, calibration = _score_split(
+                patches, split, config, f"grouped fold {index + 1}/{len(splits)}", progress
+            )
+            epochs, warnings = len(result.history), result.warnings
+        calibration = {k: v for k, v in calibration.items() if k != "reliability"}
+        folds.append(
+            {
+                "fold": index,
+                "n_train": len(split.train),
+                "n_validation": len(split.validation),
+                "n_test": len(split.test),
+                "evaluable_classes": split.evaluable_classes,
+                "metrics": {k: v for k, v in metrics.items() if k != "confusion"},
+                "calibration": calibration,
+                "epochs_run": epochs,
+                "warnings": warnings,
+            }
+        )
+    return {"folds": folds, **summarize_folds(folds, patches.classes)}
+
+
+def _drop_class(patches: PatchSet, index: np.ndarray, drop: int) -> PatchSet:
+    """The patches at ``index`` that are not of class ``drop``, labels renumbered."""
+    index = index[patches.labels[index] != drop]
+    mapping = np.cumsum(np.arange(len(patches.classes)) != drop) - 1
+    return PatchSet(
+        patches.images[index],
+        mapping[patches.labels[index]].astype(np.int64),
+        [c for i, c in enumerate(patches.classes) if i != drop],
+        [patches.paths[i] for i in index],
+    )
+
+
+def leave_one_class_out(
+    patches: PatchSet, split: Split, config: TrainConfig, progress: bool = True
+) -> dict:
+    """How well the uncertainty flags a class the model never saw.
+
+    For each class X: train on the split's training part without X (validation
+    likewise), fit the feature density, then score the split's test patches of the
+    other classes (held-out regions of trained classes) against every patch of X.
+    Reports the AUROC of "X is unknown" for the density distance and, for
+    comparison, for the softmax (one minus the top probability), and the shares of
+    X and of the held-out patches beyond the unknown threshold.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    norm = config.normalization
+    report = {}
+    for drop, name in enumerate(patches.classes):
+        known_test = _drop_class(patches, split.test, drop)
+        novel = np.flatnonzero(patches.labels == drop)
+        if len(known_test.labels) < 2 or len(novel) < 2:
+            report[name] = {"skipped": "no held-out patches of the other classes"}
+            continue
+        train = _drop_class(patches, split.train, drop)
+        val = _drop_class(patches, split.validation, drop)
+        if len(np.unique(train.labels)) < 2:
+            report[name] = {"skipped": "fewer than two classes left to train on"}
+            continue
+        result = train_classifier(
+            train,
+            val if len(val.labels) else None,
+            config,
+            progress=progress,
+            name=f"without {name}",
+        )
+        density = fit_model_density(result.model, train, val, norm)
+        scores = {}
+        for part, images in (("known", known_test.images), ("novel", patches.images[novel])):
+            logits, embeddings = predict_logits(result.model, patches_to_inputs(images, norm))
+            distance, _, unknown = density.score(embeddings)
+            scores[part] = (distance, 1 - softmax(logits, axis=1).max(axis=1), unknown)
+        truth = np.r_[np.zeros(len(known_test.labels)), np.ones(len(novel))]
+        report[name] = {
+            "n_known": len(known_test.labels),
+            "n_novel": len(novel),
+            "auroc_density": float(
+                roc_auc_score(truth, np.r_[scores["known"][0], scores["novel"][0]])
+            ),
+            "auroc_softmax": float(
+                roc_auc_score(truth, np.r_[scores["known"][1], scores["novel"][1]])
+            ),
+            "novel_unknown": float(scores["novel"][2].mean()),
+            "known_unknown": float(scores["known"][2].mean()),
+            "warnings": result.warnings,
+        }
+    return report
 
 
 def write_groups_csv(path: Path, patches: PatchSet, groups: Groups) -> None:
@@ -119,6 +273,8 @@ def summary_markdown(report: dict) -> str:
             f"| {name} | {part['split']['n_test']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} "
             f"({len(m['macro_f1_classes'])}) | {cal['ece_before']:.3f} | {cal['ece_after']:.3f} |"
         )
+    lines += cross_validation_markdown(report)
+    lines += loco_markdown(report)
     for name, part in (("random", rnd), ("grouped", grp)):
         for warning in part.get("warnings", []):
             lines += ["", f"**Warning ({name} split model):** {warning}"]
@@ -144,6 +300,60 @@ def summary_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def cross_validation_markdown(report: dict) -> list[str]:
+    """The grouped k-fold table, next to the random split, as Markdown lines."""
+    cv = report.get("cross_validation")
+    if not cv:
+        return []
+    rnd = report["random"]["metrics"]
+    lines = [
+        "",
+        f"Grouped {cv['n_folds']}-fold cross-validation ({cv['n_test']} test patches, each "
+        "independent group tested once; mean ± standard deviation over folds):",
+        "",
+        "| class | folds tested | test patches | grouped F1 | grouped recall | random-split F1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, m in cv["per_class"].items():
+        lines.append(
+            f"| {c} | {m['f1']['n']} | {m['support']} | {fmt(m['f1'])} | {fmt(m['recall'])} "
+            f"| {rnd['per_class'][c]['f1']:.3f} |"
+        )
+    lines += [
+        "",
+        "| protocol | accuracy | macro-F1 | ECE before | ECE after T |",
+        "|---|---|---|---|---|",
+        f"| grouped {cv['n_folds']}-fold | {fmt(cv['accuracy'])} | {fmt(cv['macro_f1'])} | "
+        f"{fmt(cv['ece_before'])} | {fmt(cv['ece_after'])} |",
+    ]
+    return lines
+
+
+def loco_markdown(report: dict) -> list[str]:
+    """The leave-one-class-out table as Markdown lines."""
+    loco = report.get("leave_one_class_out")
+    if not loco:
+        return []
+    lines = [
+        "",
+        'Leave one class out: trained without the class, AUROC of "the class is unknown" '
+        "against held-out (grouped test) patches of the trained classes:",
+        "",
+        "| left out | its patches | held-out known | AUROC density | AUROC softmax "
+        "| left-out flagged unknown | known flagged unknown |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c, r in loco.items():
+        if "skipped" in r:
+            lines.append(f"| {c} | skipped: {r['skipped']} | | | | | |")
+            continue
+        lines.append(
+            f"| {c} | {r['n_novel']} | {r['n_known']} | {r['auroc_density']:.3f} | "
+            f"{r['auroc_softmax']:.3f} | {r['novel_unknown']:.3f} | {r['known_unknown']:.3f} |"
+        )
+    return lines
 
 
 def frame_check(
@@ -222,12 +432,23 @@ def run_study(
     overlap_threshold: float = 0.95,
     progress: bool = True,
     frame: Path | None = None,
+    folds: int = 5,
+    loco: bool = True,
 ) -> dict:
     """Run the random-versus-grouped study and write it under ``out_dir``.
 
     Writes ``study.json``, ``summary.md``, ``groups.csv``, ``model/`` (trained on
-    the grouped split, with honest metrics) and ``model_random/``; with ``frame``,
-    also ``frame_map/`` and a check of the map against the crops' positions.
+    the first grouped split, with honest metrics) and ``model_random/``; with
+    ``frame``, also ``frame_map/`` and a check of the map against the crops'
+    positions.
+
+    Parameters
+    ----------
+    folds : int
+        Grouped k-fold cross-validation over this many folds (each fold one more
+        training); 0 scores the first grouped split only.
+    loco : bool
+        Leave-one-class-out test of the uncertainty (one training per class).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +459,10 @@ def run_study(
     log.info("%d patches in %d independent groups", len(patches.labels), groups.n_groups)
 
     rnd = random_split(patches.labels, patches.classes, seed=config.seed)
-    grp = grouped_split(patches.labels, groups.ids, patches.classes, seed=config.seed)
+    splits = grouped_folds(
+        patches.labels, groups.ids, patches.classes, n_folds=folds or 5, seed=config.seed
+    )
+    grp = splits[0]
     if not grp.evaluable_classes:
         raise ValueError(
             f"{dataset_name}: no class has three independent groups, so nothing can be "
@@ -261,6 +485,12 @@ def run_study(
         "random": evaluate_split(patches, rnd, config, out_dir / "model_random", progress),
         "grouped": evaluate_split(patches, grp, config, out_dir / "model", progress),
     }
+    if folds:
+        report["cross_validation"] = cross_validate(
+            patches, splits, config, first=report["grouped"], progress=progress
+        )
+    if loco:
+        report["leave_one_class_out"] = leave_one_class_out(patches, grp, config, progress)
     if frame is not None:
         report["frame_check"] = frame_check(
             out_dir / "model", frame, patches, out_dir / "frame_map"

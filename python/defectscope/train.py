@@ -141,6 +141,7 @@ def train_classifier(
     validation: PatchSet | None = None,
     config: TrainConfig = TrainConfig(),
     progress: bool = True,
+    name: str = "training",
 ) -> TrainResult:
     """Fine-tune VGG-16 on ``train``, early-stopping on ``validation`` loss.
 
@@ -154,6 +155,8 @@ def train_classifier(
     config : TrainConfig
     progress : bool
         Show tqdm progress bars.
+    name : str
+        What is being trained (which split or fold), shown on the progress bar.
 
     Returns
     -------
@@ -193,7 +196,7 @@ def train_classifier(
     chance = chance_level(train.labels, len(classes))
     learned_above = chance + LEARNED_MARGIN * (1.0 - chance)
     started_learning = False
-    epochs = tqdm(range(config.epochs), desc="epochs", disable=not progress)
+    epochs = tqdm(range(config.epochs), desc=f"{name}: epochs", unit="epoch", disable=not progress)
     for epoch in epochs:
         model.train()
         order = rng.permutation(n)
