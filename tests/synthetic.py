@@ -56,3 +56,31 @@ def toy_patches(n_per_class: int = 12, seed: int = 0, noise: float = 0.05) -> Pa
     return PatchSet(
         images, np.array(labels), ["Bulk", "Vacancy"], [f"p{i}" for i in range(len(labels))]
     )
+
+
+def acquired_lattice(
+    shape: tuple[int, int],
+    clusters: list[tuple[int, int]],
+    spacing: float = 8.0,
+    dose: float = 60.0,
+    jitter: float = 0.3,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A lattice frame as an instrument records it, with 2x2 vacancy clusters.
+
+    ``clusters`` are lattice indices (row, col) of each cluster's top-left column;
+    ``dose`` is the expected electron count at a column's peak (Poisson shot noise);
+    ``jitter`` the standard deviation, in pixels, of each scan line's offset along x.
+    Returns the uint8 frame and the clusters' centres in pixels, shape (n, 2).
+    """
+    rng = np.random.default_rng(seed)
+    vacancies = [(i + di, j + dj) for i, j in clusters for di in (0, 1) for dj in (0, 1)]
+    clean = lattice(shape, spacing=spacing, vacancies=vacancies, noise=0.0, seed=seed)
+    # Scan-line jitter: each row is read at a slightly shifted x.
+    x = np.arange(shape[1], dtype=np.float64)
+    shifts = rng.normal(0.0, jitter, shape[0])
+    jittered = np.stack([np.interp(x + s, x, row) for s, row in zip(shifts, clean, strict=True)])
+    counts = rng.poisson(np.clip(jittered, 0, None) * dose) / dose
+    frame = (counts * 200).clip(0, 255).astype(np.uint8)
+    centres = np.array([((i + 1) * spacing, (j + 1) * spacing) for i, j in clusters], float)
+    return frame, centres.reshape(-1, 2)
