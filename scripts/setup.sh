@@ -11,7 +11,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: pip takes this exact pair from the local wheel store where one exists.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[train,dev,formats,nion]"
+.venv/bin/python -m pip install -q -e ".[train,dev,formats,nion,scale]"
 .venv/bin/python -c "import defectscope._tiling, defectscope; print('defectscope', defectscope.__version__, 'ready')"
 if [ ! -x .venv-runtime/bin/python ]; then
   "$PYTHON" -m venv .venv-runtime

@@ -46,6 +46,7 @@ LAYERS = {
     "report": 5,
     "live": 6,
     "service": 6,
+    "batch": 6,
     "nion": 6,
     "classifier": 6,
     "study": 6,
@@ -57,7 +58,7 @@ RUNTIME = {
     "__init__", "_tiling", "io", "tiling", "artifact", "engines", "maps", "rois", "detector",
     "density",
     "figures", "outputs", "cluster", "cluster_run", "live", "service", "client", "lattice",
-    "nion", "cli", "train_config", "augment",
+    "nion", "cli", "train_config", "augment", "batch",
 }  # fmt: skip
 
 

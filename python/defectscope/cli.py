@@ -305,6 +305,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from defectscope.batch import run_batch
+    from defectscope.outputs import refuse_overwrite
+
+    refuse_overwrite(args.out, [args.model, *args.sources])
+    rows = run_batch(
+        args.sources,
+        args.model,
+        args.out,
+        stride=args.stride,
+        top=args.top,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        backend=args.backend,
+        background=args.background,
+        unknown=args.unknown,
+        channel=args.channel,
+        frame_index=args.frame_index,
+        sum_frames=args.sum,
+    )
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "error")}
+    print(
+        f"{len(rows)} files: {counts['ok']} mapped, {counts['skipped']} already done, "
+        f"{counts['error']} errors -> {args.out / 'index.parquet'}"
+    )
+    for row in rows:
+        if row["status"] == "error":
+            print(f"  {row['error']}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from defectscope.service import serve
 
@@ -403,6 +434,8 @@ def _fold_count(text: str) -> int:
 
 
 OPTION_HELP = {
+    "--scheduler": "'local' starts a Dask LocalCluster here; tcp://HOST:8786 uses a running one",
+    "--workers": "worker processes of the local cluster (default: cores / 2)",
     "--folds": "grouped k-fold cross-validation (one training per fold; 0 turns it off)",
     "--loco": "leave-one-class-out test of the uncertainty (one training per class)",
     "--epochs": "training epochs at most (early stopping may end sooner)",
@@ -575,6 +608,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(p)
     _add_evaluation_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("batch", help="map many microscope files on Dask, resumably")
+    p.add_argument("sources", nargs="+", help="files, folders (recursive) or globs")
+    p.add_argument("--model", required=True, help="model dir, .onnx or TensorRT engine")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--scheduler", default="local")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    p.add_argument("--background", help="name of the defect-free class")
+    p.add_argument("--unknown", choices=["ignore", "explore"], default="ignore")
+    p.add_argument("--channel", help="signal to read from a file holding several")
+    p.add_argument("--frame", dest="frame_index", type=int, help="frame of a stack")
+    p.add_argument("--sum", action="store_true", help="sum the frames of a stack")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("serve", help="ZeroMQ service for acquisition software")
     p.add_argument("artifact", type=Path, help="model dir, .onnx or TensorRT engine")
