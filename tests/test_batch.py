@@ -159,3 +159,69 @@ def test_local_cluster_route_and_sources(onnx_artifact, tmp_path):
         [tmp_path / "data"], onnx_artifact, tmp_path / "out", workers=1, progress=False
     )
     assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize(("height", "band", "bands"), [(300, 96, 3), (200, 64, 3), (260, 128, 2)])
+def test_map_overlap_bands_equal_one_map(density_model_dir, cluster, height, band, bands):
+    """Bands of a frame across workers give the windows and regions of one map."""
+    from defectscope.batch import map_large_frame
+
+    vacancy = [(20, 9), (20, 10), (21, 9), (21, 10), (3, 3), (3, 4), (4, 3), (4, 4)]
+    frame = (lattice((height, 200), vacancies=vacancy, seed=5) * 200).clip(0, 255)
+    frame = frame.astype(np.uint8)
+    frame[:, 150:] = np.random.default_rng(1).integers(0, 255, (height, 50))  # unknown part
+    with Detector.load(density_model_dir, backend="torch") as det:
+        reference = det.map(frame, stride=16)
+    with distributed.Client(cluster.scheduler_address) as client:
+        result = map_large_frame(
+            frame, density_model_dir, client, stride=16, band=band, backend="torch"
+        )
+    # The remainder shorter than a patch joins the last band, which holds the bottom edge.
+    assert result.timing_ms["bands"] == bands
+    np.testing.assert_array_equal(result.origins, reference.origins)
+    np.testing.assert_array_equal(result.labels, reference.labels)
+    np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=1e-5)
+    np.testing.assert_allclose(result.embeddings, reference.embeddings, atol=1e-4)
+    np.testing.assert_array_equal(result.unknown, reference.unknown)
+    assert result.regions() == reference.regions()
+
+
+def test_map_overlap_refuses_bad_bands(onnx_artifact):
+    from defectscope.batch import map_large_frame
+
+    frame = np.zeros((200, 200), np.uint8)
+    for band in (40, 100, True):
+        with pytest.raises(ValueError, match="band must be a multiple"):
+            map_large_frame(frame, onnx_artifact, stride=16, band=band)
+
+
+def test_batch_maps_a_large_frame_in_bands(onnx_artifact, tmp_path, cluster):
+    frame = (lattice((400, 256), vacancies=[(30, 9), (30, 10)], seed=9) * 200).clip(0, 255)
+    path = tmp_path / "big.npy"
+    np.save(path, frame.astype(np.uint8))
+    rows = run_batch(
+        [path],
+        onnx_artifact,
+        tmp_path / "out",
+        scheduler=cluster.scheduler_address,
+        large_pixels=256 * 256,
+        band=128,
+        progress=False,
+    )
+    assert rows[0]["status"] == "ok", rows[0]
+    with Detector.load(onnx_artifact, backend="onnxruntime") as det:
+        reference = det.map(frame.astype(np.uint8), stride=16)
+    folder = output_folder(tmp_path / "out", path.resolve(), file_hash(path))
+    regions = json.loads((folder / "regions.json").read_text())
+    assert [r["bbox"] for r in regions] == [r["bbox"] for r in reference.regions()]
+    assert rows[0]["n_windows"] == reference.labels.size
+    again = run_batch(
+        [path],
+        onnx_artifact,
+        tmp_path / "out",
+        scheduler=cluster.scheduler_address,
+        large_pixels=256 * 256,
+        band=128,
+        progress=False,
+    )
+    assert again[0]["status"] == "skipped"

@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from defectscope.io import FRAME_SUFFIXES, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 INDEX_COLUMNS = (
@@ -137,6 +139,58 @@ def _detector(artifact: str, backend: str, threads: int, background: str | None)
     return _DETECTORS[key]
 
 
+def frame_pixels(path: str | os.PathLike) -> int | None:
+    """Pixels of a 2-D ``.npy`` or TIFF frame from its header (None for other formats)."""
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        elif suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape
+        else:
+            return None
+    except Exception:  # unreadable: the normal path reports why
+        return None
+    return int(np.prod(shape[:2])) if len(shape) == 2 else None
+
+
+def open_large_frame(path: str | os.PathLike) -> np.ndarray:
+    """A 2-D ``.npy`` or uncompressed TIFF frame as a read-only memory map (else read)."""
+    from defectscope.io import read_frame
+
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            return tifffile.memmap(path, mode="r")
+    except (ValueError, OSError):  # compressed or tiled: read it whole
+        pass
+    return read_frame(path).data
+
+
+def _describe_map(row: dict, result, rois: list[dict]) -> None:
+    """The map's figures in its index row."""
+    row.update(
+        n_windows=int(result.labels.size),
+        n_regions=len(result.regions()),
+        n_unknown_windows=int(result.unknown.sum()) if result.unknown is not None else None,
+        map_ms=round(float(result.timing_ms["total"]), 1),
+    )
+    if rois:
+        row.update(
+            top_roi_label=rois[0]["label"],
+            top_roi_score=float(rois[0]["score"]),
+            top_roi_center_y=float(rois[0]["center"][0]),
+            top_roi_center_x=float(rois[0]["center"][1]),
+        )
+
+
 def map_file(
     path: str,
     out: str,
@@ -151,11 +205,14 @@ def map_file(
     channel: str | None = None,
     frame_index: int | None = None,
     sum_frames: bool = False,
+    large_pixels: int | None = None,
 ) -> dict:
     """Map one file into its output folder and return its index row (never raises).
 
     A frame whose outputs are already complete for the same file and model hashes
-    is not mapped again; its stored row is returned with ``status`` 'skipped'.
+    is not mapped again; its stored row is returned with ``status`` 'skipped'. A
+    2-D frame of more than ``large_pixels`` pixels is not read here: its row comes
+    back with ``status`` 'large', for :func:`map_large_frame` to map in bands.
     """
     from defectscope.io import read_frame
     from defectscope.outputs import write_map_outputs
@@ -173,6 +230,9 @@ def map_file(
     done = _completed(folder, digest, model_hash)
     if done is not None:
         return {**done, "status": "skipped" if done["status"] == "ok" else done["status"]}
+    pixels = frame_pixels(path) if large_pixels else None
+    if pixels is not None and pixels > large_pixels:
+        return {**row, "status": "large"}
     try:
         frame = read_frame(path, channel, frame_index, sum_frames)
         height, width = frame.data.shape
@@ -181,27 +241,186 @@ def map_file(
             row.update(pixel_size=frame.calibration.scale[0], unit=frame.calibration.unit)
         detector = _detector(artifact, backend, threads, background)
         result = detector.map(frame, stride=stride)
-        write_map_outputs(frame.data, result, folder, inputs=[path, artifact])
         rois = select_rois(result, top, unknown=unknown)
+        write_map_outputs(frame.data, result, folder, inputs=[path, artifact], rois=rois)
         atomic_write_json(folder / "rois.json", rois)
-        row.update(
-            n_windows=int(result.labels.size),
-            n_regions=len(result.regions()),
-            n_unknown_windows=int(result.unknown.sum()) if result.unknown is not None else None,
-            map_ms=round(float(result.timing_ms["total"]), 1),
-        )
-        if rois:
-            row.update(
-                top_roi_label=rois[0]["label"],
-                top_roi_score=float(rois[0]["score"]),
-                top_roi_center_y=float(rois[0]["center"][0]),
-                top_roi_center_x=float(rois[0]["center"][1]),
-            )
+        _describe_map(row, result, rois)
         row["status"] = "ok"
     except Exception as exc:  # one bad file is a row with its error, the run goes on
         row.update(status="error", error=f"{path}: {type(exc).__name__}: {exc}")
     row["total_ms"] = round((time.perf_counter() - started) * 1e3, 1)
     if row["status"] == "ok":  # written last: the outputs are complete (errors are redone)
+        atomic_write_json(folder / RECORD, row)
+    return row
+
+
+def _band_chunks(height: int, band: int, patch: int) -> tuple[int, ...]:
+    """Row chunks of ``band`` rows; a remainder shorter than a patch joins the last one,
+    so the chunk that holds the frame's bottom edge always holds a whole window."""
+    chunks = [band] * (height // band)
+    remainder = height - sum(chunks)
+    if remainder and (remainder >= patch or not chunks):
+        chunks.append(remainder)
+    elif remainder:
+        chunks[-1] += remainder
+    return tuple(chunks)
+
+
+def _map_band(
+    band: np.ndarray,
+    artifact: str,
+    backend: str,
+    threads: int,
+    stride: int,
+    patch: int,
+    values: int,
+) -> np.ndarray:
+    """One band's windows as ``(rows, cols, classes + embedding + 2)``: probabilities,
+    embedding, uncertainty (NaN without a density) and unknown (0/1)."""
+    detector = _detector(artifact, backend, threads, None)
+    result = detector.map(np.ascontiguousarray(band), stride=stride)
+    rows, cols = result.grid_shape
+    out = np.full((rows, cols, values), np.nan, np.float32)
+    n_classes = result.probabilities.shape[-1]
+    out[..., :n_classes] = result.probabilities
+    out[..., n_classes : values - 2] = result.embeddings
+    if result.uncertainty is not None:
+        out[..., -2] = result.uncertainty
+        out[..., -1] = result.unknown
+    return out
+
+
+def map_large_frame(
+    frame: np.ndarray,
+    artifact: str | os.PathLike,
+    client=None,
+    stride: int = 16,
+    band: int = 1024,
+    backend: str = "auto",
+    threads: int = 1,
+    calibration=None,
+):
+    """Map one frame too large for a worker in bands across Dask workers.
+
+    The frame becomes a Dask array of ``band``-row chunks (``band`` a multiple of the
+    stride); ``dask.array.map_overlap`` gives each chunk a trailing halo of
+    ``patch - stride`` rows, so every window whose top-left corner lies in the chunk
+    is whole, and each worker maps its band with its own engine. The windows,
+    probabilities, embeddings, uncertainty and regions equal those of
+    ``Detector.map`` on the whole frame.
+
+    Parameters
+    ----------
+    frame : ndarray (H, W)
+        In memory or a ``np.memmap`` (bands are read where they are mapped).
+    client : distributed.Client, optional
+        Default: the current client, or Dask's local scheduler without one.
+
+    Returns
+    -------
+    MapResult
+    """
+    import dask.array as da
+
+    from defectscope.detector import Detector, check_stride
+    from defectscope.maps import MapResult
+    from defectscope.tiling import check_frame, window_origins
+
+    artifact = str(artifact)
+    with Detector.load(artifact, backend=backend, warmup=False) as det:
+        config, classes, background = det.engine.config, det.classes, det.background
+    frame = check_frame(frame)
+    patch = config.patch_size
+    if frame.shape[0] < patch or frame.shape[1] < patch:
+        raise ValueError(f"frame {frame.shape} is smaller than the {patch}x{patch} patch")
+    stride = check_stride(stride, patch)
+    if isinstance(band, bool) or not isinstance(band, int) or band < patch or band % stride:
+        raise ValueError(
+            f"band must be a multiple of the stride ({stride}) of at least {patch} rows, "
+            f"got {band!r}"
+        )
+    if calibration is not None:
+        calibration.check_extent(frame.shape)
+    height, width = frame.shape
+    chunks = _band_chunks(height, band, patch)
+    n_classes = len(classes)
+    values = n_classes + config.embedding_dim + 2
+    origins = window_origins(frame.shape, patch, stride)
+    n_cols = len(np.unique(origins[:, 1]))
+    band_rows = []
+    for index, rows in enumerate(chunks):
+        start = sum(chunks[:index])
+        # Windows whose top-left row lies in this chunk (the last chunk sees the edge).
+        inside = (origins[::n_cols, 0] >= start) & (origins[::n_cols, 0] < start + rows)
+        band_rows.append(int(inside.sum()))
+    lazy = da.from_array(frame, chunks=(chunks, width))
+    mapped = da.map_overlap(
+        _map_band,
+        lazy,
+        depth={0: (0, patch - stride), 1: 0},
+        boundary="none",
+        trim=False,
+        dtype=np.float32,
+        chunks=(tuple(band_rows), (n_cols,), (values,)),
+        new_axis=[2],
+        artifact=artifact,
+        backend=backend,
+        threads=threads,
+        stride=stride,
+        patch=patch,
+        values=values,
+    )
+    started = time.perf_counter()
+    grid = client.compute(mapped).result() if client is not None else mapped.compute()
+    rows = len(origins) // n_cols
+    if grid.shape != (rows, n_cols, values):
+        raise RuntimeError(f"bands gave a {grid.shape[:2]} window grid, expected {(rows, n_cols)}")
+    uncertainty = grid[..., -2]
+    has_density = not np.isnan(uncertainty).all()
+    return MapResult(
+        origins=origins,
+        grid_shape=(rows, n_cols),
+        probabilities=np.ascontiguousarray(grid[..., :n_classes]),
+        embeddings=np.ascontiguousarray(grid[..., n_classes:-2]),
+        classes=classes,
+        background=background,
+        frame_shape=(height, width),
+        patch_size=patch,
+        timing_ms={"total": (time.perf_counter() - started) * 1000, "bands": len(chunks)},
+        calibration=calibration,
+        uncertainty=np.ascontiguousarray(uncertainty) if has_density else None,
+        unknown=grid[..., -1].astype(bool) if has_density else None,
+    )
+
+
+def _map_large_file(row: dict, client, artifact: str, options: dict, top: int, band: int):
+    """Map a frame flagged 'large' in bands across the workers; its finished row."""
+    from defectscope.outputs import write_map_outputs
+    from defectscope.rois import select_rois
+
+    started = time.perf_counter()
+    path, folder = row["file"], Path(row["output"])
+    try:
+        frame = open_large_frame(path)
+        row.update(height=frame.shape[0], width=frame.shape[1])
+        result = map_large_frame(
+            frame,
+            artifact,
+            client,
+            stride=options["stride"],
+            band=band,
+            backend=options["backend"],
+            threads=options["threads"],
+        )
+        rois = select_rois(result, top, unknown=options["unknown"])
+        write_map_outputs(frame, result, folder, inputs=[path, artifact], rois=rois)
+        atomic_write_json(folder / "rois.json", rois)
+        _describe_map(row, result, rois)
+        row["status"] = "ok"
+    except Exception as exc:
+        row.update(status="error", error=f"{path}: {type(exc).__name__}: {exc}")
+    row["total_ms"] = round((time.perf_counter() - started) * 1e3, 1)
+    if row["status"] == "ok":
         atomic_write_json(folder / RECORD, row)
     return row
 
@@ -264,6 +483,8 @@ def run_batch(
     frame_index: int | None = None,
     sum_frames: bool = False,
     progress: bool = True,
+    large_pixels: int = 8192 * 8192,
+    band: int = 1024,
 ) -> list[dict]:
     """Map every frame of ``sources`` on Dask and write the index under ``out``.
 
@@ -281,6 +502,10 @@ def run_batch(
     workers : int, optional
         Worker processes of the local cluster (default: one per two cores, at
         least one); engine threads per worker are cores // workers.
+    large_pixels : int
+        A 2-D ``.npy`` or TIFF frame with more pixels is mapped in bands of
+        ``band`` rows across the workers (:func:`map_large_frame`) instead of by
+        one worker.
 
     Returns
     -------
@@ -328,6 +553,7 @@ def run_batch(
             "channel": channel,
             "frame_index": frame_index,
             "sum_frames": sum_frames,
+            "large_pixels": large_pixels,
         }
         futures = [
             client.submit(
@@ -359,6 +585,9 @@ def run_batch(
                 )
             bar.update()
         bar.close()
+        for index, row in enumerate(rows):
+            if row["status"] == "large":
+                rows[index] = _map_large_file(row, client, artifact, options, top, band)
     finally:
         client.close()
         if cluster is not None:

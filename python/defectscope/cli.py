@@ -222,6 +222,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_map(args: argparse.Namespace) -> int:
     from defectscope.detector import Detector
     from defectscope.outputs import MAP_FILES, refuse_overwrite, write_map_outputs
+    from defectscope.rois import select_rois
 
     inputs = [args.artifact, args.frame]
     for name in MAP_FILES:
@@ -231,7 +232,9 @@ def cmd_map(args: argparse.Namespace) -> int:
         args.artifact, backend=args.backend, batch_size=args.batch_size, background=args.background
     ) as det:
         result = det.map(frame, stride=args.stride, symmetry=args.symmetry)
-        write_map_outputs(frame.data, result, args.out, inputs=inputs)
+        # The overlay marks the five best ROIs (what `roi` would rank first).
+        rois = select_rois(result, 5)
+        write_map_outputs(frame.data, result, args.out, inputs=inputs, rois=rois)
     regions = result.regions()
     unknown = f", {int(result.unknown.sum())} unknown windows" if result.unknown is not None else ""
     print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.lines
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -180,9 +181,38 @@ def class_colors(classes: list[str], background: str | None) -> dict[str, tuple]
     return colors
 
 
-def map_overlay(frame: np.ndarray, result, path: str | Path) -> Path:
-    """Frame in gray with defect classes coloured, alpha by confidence, and a legend."""
-    from matplotlib.patches import Patch
+def _frame_axes(ax, frame: np.ndarray, result) -> None:
+    """The frame in gray with pixel axes and, when calibrated, a scale bar in its unit."""
+    ax.imshow(frame, cmap="gray", interpolation="nearest")
+    ax.set_xlabel("x (px)")
+    ax.set_ylabel("y (px)")
+    calibration = getattr(result, "calibration", None)
+    if calibration is None or calibration.scale[1] <= 0:
+        return
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    # A round length near a fifth of the frame's width.
+    width = frame.shape[1] * calibration.scale[1]
+    length = 10 ** np.floor(np.log10(width / 5))
+    length *= max((m for m in (1, 2, 5) if m * length <= width / 4), default=1)
+    bar = AnchoredSizeBar(
+        ax.transData,
+        length / calibration.scale[1],
+        f"{length:g} {calibration.unit}",
+        "lower left",
+        pad=0.5,
+        color="white",
+        frameon=False,
+        size_vertical=max(frame.shape[0] / 150, 1),
+    )
+    ax.add_artist(bar)
+
+
+def map_overlay(frame: np.ndarray, result, path: str | Path, rois: list[dict] | None = None):
+    """Frame in gray with defect classes coloured (alpha by confidence), region boxes,
+    numbered ROI markers, hatched unknown windows, a legend of every class and, when
+    the frame is calibrated, a scale bar."""
+    from matplotlib.patches import Patch, Rectangle
 
     from defectscope.maps import pixel_grid_index
 
@@ -197,33 +227,83 @@ def map_overlay(frame: np.ndarray, result, path: str | Path) -> Path:
         rgba[labels == result.classes.index(result.background), 3] = 0.0
     height, width = frame.shape
     fig, ax = subplots(figsize=(8, 8 * height / width + 0.6), dpi=110)
-    ax.imshow(frame, cmap="gray", interpolation="nearest")
+    _frame_axes(ax, frame, result)
     ax.imshow(rgba, interpolation="nearest")
     handles = [
-        Patch(color=colors[c], label=plain_text(c))
+        Patch(
+            facecolor="none" if c == result.background else colors[c],
+            edgecolor="gray",
+            label=plain_text(c) + (" (background, not coloured)" if c == result.background else ""),
+        )
         for c in result.classes
-        if c != result.background
     ]
     if result.unknown is not None and result.unknown.any():
         unknown = result.unknown[np.ix_(rows, cols)].astype(float)
         ax.contourf(unknown, levels=[0.5, 1.5], colors="none", hatches=["////"])
         ax.contour(unknown, levels=[0.5], colors="white", linewidths=0.8)
         handles.append(Patch(facecolor="none", edgecolor="black", hatch="////", label="unknown"))
-    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.8)
-    ax.set_axis_off()
+    for region in result.regions():
+        y0, x0, y1, x1 = region["bbox"]
+        edge = "white" if region.get("unknown") else colors.get(region["label"], "white")
+        ax.add_patch(
+            Rectangle(
+                (x0 - 0.5, y0 - 0.5),
+                x1 - x0,
+                y1 - y0,
+                fill=False,
+                edgecolor=edge,
+                linewidth=1.0,
+                linestyle="--" if region.get("unknown") else "-",
+            )
+        )
+    for roi in rois or []:
+        cy, cx = roi["center"]
+        ax.plot(cx, cy, marker="o", markersize=12, markerfacecolor="none", color="yellow")
+        ax.annotate(
+            str(roi["rank"]),
+            (cx, cy),
+            xytext=(7, 7),
+            textcoords="offset points",
+            color="yellow",
+            fontsize=9,
+            fontweight="bold",
+        )
+    if rois:
+        handles.append(
+            matplotlib.lines.Line2D(
+                [],
+                [],
+                marker="o",
+                color="yellow",
+                markerfacecolor="none",
+                linestyle="",
+                label="ROI (rank)",
+            )
+        )
+    handles.append(Patch(facecolor="none", edgecolor="white", label="region box"))
+    ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
     ax.set_title("defect classes (alpha = confidence; hatched: unlike the training data)")
     return save(fig, path, dpi=110)
 
 
-def map_confidence(result, path: str | Path) -> Path:
-    """Confidence of the predicted class, pixel by nearest window."""
+def map_confidence(result, path: str | Path, frame: np.ndarray | None = None) -> Path:
+    """Confidence of the predicted class, pixel by nearest window, over the frame."""
     from defectscope.maps import pixel_grid_index
 
     rows, cols = pixel_grid_index(result)
-    fig, ax = subplots(figsize=(8, 7), dpi=110)
-    image = ax.imshow(result.confidence[np.ix_(rows, cols)], vmin=0, vmax=1, cmap="viridis")
-    fig.colorbar(image, ax=ax, label="confidence of predicted class")
-    ax.set_axis_off()
+    height, width = result.frame_shape
+    fig, ax = subplots(figsize=(8, 8 * height / width + 0.6), dpi=110)
+    alpha = 1.0
+    if frame is not None:
+        _frame_axes(ax, np.asarray(frame), result)
+        alpha = 0.6
+    image = ax.imshow(
+        result.confidence[np.ix_(rows, cols)], vmin=0, vmax=1, cmap="viridis", alpha=alpha
+    )
+    fig.colorbar(image, ax=ax, label="confidence of predicted class (calibrated softmax)")
+    ax.set_title("confidence of the predicted class, by nearest window")
     return save(fig, path, dpi=110)
 
 
@@ -234,7 +314,7 @@ def map_uncertainty(frame: np.ndarray, result, path: str | Path) -> Path:
     rows, cols = pixel_grid_index(result)
     height, width = frame.shape
     fig, ax = subplots(figsize=(8, 8 * height / width + 0.6), dpi=110)
-    ax.imshow(frame, cmap="gray", interpolation="nearest")
+    _frame_axes(ax, frame, result)
     image = ax.imshow(
         result.uncertainty[np.ix_(rows, cols)], vmin=0, vmax=1, cmap="magma", alpha=0.6
     )
@@ -246,6 +326,5 @@ def map_uncertainty(frame: np.ndarray, result, path: str | Path) -> Path:
             linewidths=1.0,
         )
     fig.colorbar(image, ax=ax, label="uncertainty (share of in-distribution windows closer)")
-    ax.set_axis_off()
     ax.set_title("uncertainty; cyan outline: unknown (beyond the validation threshold)")
     return save(fig, path, dpi=110)

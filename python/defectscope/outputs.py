@@ -84,13 +84,15 @@ def write_map_outputs(
     result: MapResult,
     out_dir: str | os.PathLike,
     inputs: Iterable[str | os.PathLike] = (),
+    rois: list[dict] | None = None,
 ) -> Path:
     """Write ``windows.csv``, ``regions.json``, ``overlay.png``, ``confidence.png`` and,
     when the model has a density, ``uncertainty.png``.
 
     Everything is written in a staging folder beside ``out_dir`` first and then
     moved in, so a failure leaves nothing partial in ``out_dir``. ``inputs`` (the
-    frame file, the model) are never overwritten.
+    frame file, the model) are never overwritten. ``rois`` are drawn on the overlay
+    as numbered markers.
     """
     from defectscope import figures
 
@@ -109,8 +111,8 @@ def write_map_outputs(
         (staging / "windows.csv").write_text(windows_csv(result))
         regions = result.regions()
         (staging / "regions.json").write_text(json.dumps(regions, indent=2, allow_nan=False) + "\n")
-        figures.map_overlay(np.asarray(frame), result, staging / "overlay.png")
-        figures.map_confidence(result, staging / "confidence.png")
+        figures.map_overlay(np.asarray(frame), result, staging / "overlay.png", rois=rois)
+        figures.map_confidence(result, staging / "confidence.png", frame=np.asarray(frame))
         if result.uncertainty is not None:
             figures.map_uncertainty(np.asarray(frame), result, staging / "uncertainty.png")
         if not out_dir.exists():
