@@ -132,6 +132,32 @@ def report(rows: list[dict]) -> str:
                     f"| {transport} |"
                 )
         lines.append("")
+    archive = [r for r in rows if r["name"].startswith("test_archive_throughput")]
+    if archive:
+        by = {r["params"]["mode"]: r for r in archive}
+        frames = archive[0]["extra"]["frames"]
+        lines += [
+            f"## archive: {frames} frames 1024^2, stride 32, INT8 ONNX, full outputs per frame",
+            "",
+            "| route | seconds | frames/s | vs serial | mean map ms | overhead per frame ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        serial = by.get("serial")
+        for mode in ("serial", "batch-1-worker", "batch-2-workers"):
+            if mode not in by:
+                continue
+            e, seconds = by[mode]["extra"], by[mode]["min"]
+            ratio = f"{serial['min'] / seconds:.2f}x" if serial else "n/a"
+            overhead = (
+                f"{(seconds - serial['min']) / frames * 1000:.0f}"
+                if serial and mode != "serial"
+                else ""
+            )
+            lines.append(
+                f"| {mode} | {seconds:.1f} | {e['frames_per_s']:.2f} | {ratio} | "
+                f"{e['mean_map_ms']:.0f} | {overhead} |"
+            )
+        lines.append("")
     memory = [r for r in rows if r["name"].startswith("test_memmap_16k")]
     for r in memory:
         e = r["extra"]
