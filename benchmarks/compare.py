@@ -8,7 +8,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections import defaultdict
@@ -16,18 +15,9 @@ from pathlib import Path
 
 
 def machine() -> str:
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
-    shown = ", ".join(f for f in wanted if f in flags) or "none of note"
-    return f"{model}; {os.cpu_count()} cores; flags: {shown}"
+    from defectscope.system import cpu_description
+
+    return cpu_description()
 
 
 def load(paths: list[str]) -> list[dict]:

@@ -160,6 +160,10 @@ def test_study_cross_validates_every_group_once(run_dir):
     assert all("skipped" in r for r in loco.values())
     summary = (run_dir / "summary.md").read_text()
     assert "Grouped 3-fold cross-validation" in summary and "±" in summary
+    html = (run_dir / "report.html").read_text()
+    # The report opens with the run's settings, the CPU among them.
+    assert html.index("Run settings") < html.index("Evaluation: random versus grouped")
+    assert study["run"]["machine"] in html and "cores" in study["run"]["machine"]
     assert "Grouped 3-fold cross-validation" in (run_dir / "report.html").read_text()
 
 
@@ -181,6 +185,8 @@ def test_roi_cli_json(run_dir):
         assert 0 <= roi["center_norm"][0] <= 1 and 0 <= roi["center_norm"][1] <= 1
         assert roi["unit"] == "nm"
         assert roi["center_calibrated"][0] == pytest.approx(roi["center"][0] * 0.05)
+        y0, x0, y1, x1 = roi["bbox"]
+        assert roi["size_calibrated"] == pytest.approx([(y1 - y0) * 0.05, (x1 - x0) * 0.05])
 
 
 def _chromium() -> str | None:

@@ -103,22 +103,32 @@ def montage(
 def grid_map(
     frame: np.ndarray, values: np.ndarray, rows: np.ndarray, cols: np.ndarray, path, title: str
 ) -> Path:
-    """Frame with a categorical per-window map laid over it (pixel -> nearest window)."""
-    from matplotlib.colors import ListedColormap
+    """Frame with a categorical per-window map laid over it (pixel -> nearest window).
+
+    A legend of one patch per category, drawn with the map's own colour and alpha,
+    says which colour is which; category borders are outlined.
+    """
+    from matplotlib.patches import Patch
 
     k = int(values.max()) + 1
+    palette = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
+    colors = np.array([palette(i % palette.N) for i in range(k)])
+    alpha = 0.5
+    pixels = values[np.ix_(rows, cols)]
     fig, ax = subplots(figsize=(7, 7 * frame.shape[0] / frame.shape[1] + 0.5))
     ax.imshow(frame, cmap="gray")
-    cmap = ListedColormap([tab10(i) for i in range(k)])
-    image = ax.imshow(
-        values[np.ix_(rows, cols)],
-        cmap=cmap,
-        vmin=-0.5,
-        vmax=k - 0.5,
-        alpha=0.45,
-        interpolation="nearest",
+    rgba = colors[pixels].copy()
+    rgba[..., 3] = alpha
+    ax.imshow(rgba, interpolation="nearest")
+    if k > 1:
+        ax.contour(pixels, levels=np.arange(k - 1) + 0.5, colors="white", linewidths=0.5)
+    handles = [
+        Patch(facecolor=colors[i], alpha=alpha, edgecolor="black", label=f"cluster {i}")
+        for i in range(k)
+    ]
+    ax.legend(
+        handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False
     )
-    fig.colorbar(image, ax=ax, fraction=0.046, label="cluster", ticks=range(k))
     ax.set_axis_off()
     ax.set_title(title)
     return save(fig, path)

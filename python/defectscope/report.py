@@ -176,6 +176,39 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
     return parts
 
 
+# Grouped accuracy this far below the random split's means the random split memorized.
+MEMORIZATION_GAP = 0.10
+
+
+def _settings(study: dict) -> str:
+    """The run's settings, first thing in the report."""
+    config = study.get("train_config", {})
+    run = study.get("run", {})
+    rows = [
+        ["data", f"{study['dataset']}: {study['n_patches']} patches, {study['n_groups']} groups"],
+        ["model", f"{config.get('architecture')} ({config.get('weights')} weights)"],
+        ["epochs (at most) / patience", f"{config.get('epochs')} / {config.get('patience')}"],
+        ["seed", config.get("seed")],
+        ["defectscope", run.get("defectscope", "unknown")],
+        ["CPU", run.get("machine", "unknown")],
+        ["started", run.get("started", "unknown")],
+        ["wall time", f"{study.get('wall_time_s', 'unknown')} s"],
+    ]
+    return "<h2>Run settings</h2>" + _table(["setting", "value"], rows)
+
+
+def _gap_warnings(study: dict) -> list[str]:
+    random_accuracy = study["random"]["metrics"]["accuracy"]
+    grouped_accuracy = study["grouped"]["metrics"]["accuracy"]
+    if random_accuracy - grouped_accuracy <= MEMORIZATION_GAP:
+        return []
+    return [
+        f"grouped-split accuracy {grouped_accuracy:.3f} is far below the random split's "
+        f"{random_accuracy:.3f}: on regions it has not seen the model is much worse than the "
+        "random split suggests (that split tests on near-copies of training crops)"
+    ]
+
+
 def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
     """Write ``report.html`` for a run directory and return its path."""
     run = Path(run_dir)
@@ -188,11 +221,13 @@ def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         if study:
+            parts.append(_settings(study))
             warnings = [
                 f"{name} split model: {w}"
                 for name in ("random", "grouped")
                 for w in study[name].get("warnings", [])
             ]
+            warnings += _gap_warnings(study)
             if warnings:
                 items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
                 parts.append(f'<div class="warning"><strong>Warning</strong><ul>{items}</ul></div>')
@@ -258,18 +293,26 @@ def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
         rois = _read_json(run / "rois.json")
         parts.append("<h2>Regions of interest</h2>")
         if rois is not None:
-            rows = [
-                [
-                    r["rank"],
-                    r["label"],
-                    r["score"],
-                    r["defect_probability"],
-                    r["novelty"],
-                    f"({r['center'][0]:.0f}, {r['center'][1]:.0f})",
-                    f"({r['center_norm'][0]:.3f}, {r['center_norm'][1]:.3f})",
-                ]
-                for r in rois
-            ]
+            rows = []
+            for r in rois:
+                y0, x0, y1, x1 = r["bbox"]
+                size = f"{y1 - y0} x {x1 - x0}"
+                if r.get("size_calibrated") and r.get("unit"):
+                    height, width = r["size_calibrated"]
+                    size += f" ({height:.3g} x {width:.3g} {r['unit']})"
+                rows.append(
+                    [
+                        r["rank"],
+                        r["label"] + (" (unknown)" if r.get("unknown") else ""),
+                        r["score"],
+                        "n/a" if r["defect_probability"] is None else r["defect_probability"],
+                        r["novelty"],
+                        f"({r['center'][0]:.0f}, {r['center'][1]:.0f})",
+                        f"({y0}, {x0}, {y1}, {x1})",
+                        size,
+                        r.get("n_windows", ""),
+                    ]
+                )
             parts.append(
                 _table(
                     [
@@ -279,10 +322,16 @@ def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
                         "p(defect)",
                         "novelty",
                         "centre (y, x) px",
-                        "centre (y, x) norm",
+                        "bbox (y0, x0, y1, x1) px",
+                        "size px (calibrated)",
+                        "windows",
                     ],
                     rows,
                 )
+            )
+            parts.append(
+                "<p>Regions covering more than half of the frame are not ranked as ROIs "
+                "(they are the frame, not a place to go).</p>"
             )
         else:
             parts.append('<p class="missing">rois.json not found.</p>')

@@ -98,7 +98,8 @@ def select_rois(
         "center": [y, x], "center_norm": [(y+0.5)/H, (x+0.5)/W]
         (:func:`~defectscope.maps.scan_fraction`), "center_norm_xy": the same as [x, y],
         "bbox", "n_windows"}``, plus ``"center_calibrated": [y, x]`` (offset + index
-        times pixel size) and ``"unit"`` when the map has a calibration.
+        times pixel size), ``"size_calibrated": [height, width]`` of the bbox and
+        ``"unit"`` when the map has a calibration.
     """
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
@@ -147,6 +148,9 @@ def select_rois(
             if result.calibration is not None:
                 roi["center_calibrated"] = result.calibration.to_physical(cy, cx)
                 roi["unit"] = result.calibration.unit
+                y0, x0, y1, x1 = roi["bbox"]
+                scale_y, scale_x = result.calibration.scale
+                roi["size_calibrated"] = [(y1 - y0) * scale_y, (x1 - x0) * scale_x]
             candidates.append(roi)
     candidates.sort(key=lambda r: -r["score"])
     chosen: list[dict] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import io
 import logging
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import softmax
 
+from defectscope import __version__
 from defectscope.datasets import PatchSet
 from defectscope.evaluate import (
     Split,
@@ -29,6 +31,7 @@ from defectscope.evaluate import (
 from defectscope.evaluate import format_mean_std as fmt
 from defectscope.grouping import Groups, find_groups
 from defectscope.io import atomic_write_json, atomic_write_text
+from defectscope.system import cpu_description
 from defectscope.train import (
     TrainConfig,
     fit_model_density,
@@ -477,6 +480,11 @@ def run_study(
         )
     report = {
         "dataset": dataset_name,
+        "run": {
+            "defectscope": __version__,
+            "machine": cpu_description(),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        },
         "n_patches": len(patches.labels),
         "classes": patches.classes,
         "counts": patches.counts(),
