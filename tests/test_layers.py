@@ -29,6 +29,7 @@ LAYERS = {
     "figures": 0,
     "density": 0,
     "system": 0,
+    "progress": 0,
     "tiling": 1,
     "__init__": 2,
     "artifact": 2,
@@ -57,7 +58,7 @@ LAYERS = {
 # What an instrument PC runs: these import no training module at module level.
 RUNTIME = {
     "__init__", "_tiling", "io", "tiling", "artifact", "engines", "maps", "rois", "detector",
-    "density", "system",
+    "density", "system", "progress",
     "figures", "outputs", "cluster", "cluster_run", "live", "service", "client", "lattice",
     "nion", "cli", "train_config", "augment", "batch",
 }  # fmt: skip

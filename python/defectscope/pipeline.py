@@ -28,21 +28,30 @@ def run_pipeline(
     from defectscope.cluster_run import cluster_dataset
     from defectscope.datasets import DATASET_FRAMES, dataset_folder, load_patches, locate_upstream
     from defectscope.detector import Detector
-    from defectscope.export import compare_engines, export_onnx, quantize_onnx_int8
     from defectscope.io import atomic_write_json, read_image
+    from defectscope.progress import StepTimer
     from defectscope.report import write_report
     from defectscope.study import run_study
     from defectscope.train import patches_to_inputs
 
     out = Path(out_dir)
+    steps = StepTimer()
     upstream = locate_upstream(data)
     folder = dataset_folder(upstream, dataset)
     frame_path = upstream / DATASET_FRAMES[dataset.lower()]
     frame_path = frame_path if frame_path.is_file() else None
-    patches = load_patches(folder)
+    with steps("loading patches"):
+        patches = load_patches(folder)
     print(f"{folder}: {len(patches.labels)} patches, classes {patches.counts()}")
     study = run_study(
-        patches, out, config, dataset_name=dataset, frame=frame_path, folds=folds, loco=loco
+        patches,
+        out,
+        config,
+        dataset_name=dataset,
+        frame=frame_path,
+        folds=folds,
+        loco=loco,
+        steps=steps,
     )
     print((out / "summary.md").read_text())
 
@@ -57,6 +66,34 @@ def run_pipeline(
     inputs = patches_to_inputs(patches.images, config.normalization)
     rng = np.random.default_rng(config.seed)
     calib = rng.permutation(train_index)[:calibration_size]
+    with steps("ONNX export, INT8 calibration and comparison"):
+        export = _export(model_dir, inputs, calib, test_index, patches.labels)
+    atomic_write_json(model_dir / "export.json", export)
+    print(f"export: {export}")
+
+    with steps("clustering embeddings"):
+        cluster = cluster_dataset(folder, model_dir, out / "cluster", backend="torch")
+    print(
+        f"clusters: learned {cluster['learned']['k']} (ARI {cluster['learned']['ari']:.3f}), "
+        f"raw pixels {cluster['raw_pixels']['k']} (ARI {cluster['raw_pixels']['ari']:.3f})"
+    )
+    if frame_path is not None:
+        with steps("ranking ROIs in the large frame"):
+            with Detector.load(model_dir, backend="auto") as det:
+                rois = det.rois(read_image(frame_path), k=top_rois, stride=16)
+            atomic_write_json(out / "rois.json", rois)
+    atomic_write_json(out / "timings.json", steps.seconds)
+    with steps("writing the report"):
+        report = write_report(out)
+    atomic_write_json(out / "timings.json", steps.seconds)
+    print(f"\n{dataset}: time per step\n{steps.table()}\n")
+    return report
+
+
+def _export(model_dir: Path, inputs, calib, test_index, labels) -> dict:
+    """FP32 ONNX (checked against PyTorch) and INT8 (calibrated, compared on test patches)."""
+    from defectscope.export import compare_engines, export_onnx, quantize_onnx_int8
+
     export = {"onnx": export_onnx(model_dir, model_dir / "model.onnx", inputs[test_index[:64]])}
     quantize_onnx_int8(model_dir / "model.onnx", model_dir / "model.int8.onnx", inputs[calib])
     export["int8"] = {
@@ -67,19 +104,7 @@ def run_pipeline(
             model_dir / "model.onnx",
             model_dir / "model.int8.onnx",
             inputs[test_index],
-            patches.labels[test_index],
+            labels[test_index],
         ),
     }
-    atomic_write_json(model_dir / "export.json", export)
-    print(f"export: {export}")
-
-    cluster = cluster_dataset(folder, model_dir, out / "cluster", backend="torch")
-    print(
-        f"clusters: learned {cluster['learned']['k']} (ARI {cluster['learned']['ari']:.3f}), "
-        f"raw pixels {cluster['raw_pixels']['k']} (ARI {cluster['raw_pixels']['ari']:.3f})"
-    )
-    if frame_path is not None:
-        with Detector.load(model_dir, backend="auto") as det:
-            rois = det.rois(read_image(frame_path), k=top_rois, stride=16)
-        atomic_write_json(out / "rois.json", rois)
-    return write_report(out)
+    return export

@@ -222,6 +222,11 @@ def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
         scratch = Path(tmp)
         if study:
             parts.append(_settings(study))
+            timings = _read_json(run / "timings.json")
+            if timings:
+                rows = [[name, round(seconds, 1)] for name, seconds in timings.items()]
+                rows.append(["total (before this report)", round(sum(timings.values()), 1)])
+                parts.append("<h3>Time per step</h3>" + _table(["step", "seconds"], rows))
             warnings = [
                 f"{name} split model: {w}"
                 for name in ("random", "grouped")

@@ -31,6 +31,7 @@ from defectscope.evaluate import (
 from defectscope.evaluate import format_mean_std as fmt
 from defectscope.grouping import Groups, find_groups
 from defectscope.io import atomic_write_json, atomic_write_text
+from defectscope.progress import StepTimer
 from defectscope.system import cpu_description
 from defectscope.train import (
     TrainConfig,
@@ -444,6 +445,7 @@ def run_study(
     frame: Path | None = None,
     folds: int = 5,
     loco: bool = True,
+    steps: StepTimer | None = None,
 ) -> dict:
     """Run the random-versus-grouped study and write it under ``out_dir``.
 
@@ -459,11 +461,15 @@ def run_study(
         training); 0 scores the first grouped split only.
     loco : bool
         Leave-one-class-out test of the uncertainty (one training per class).
+    steps : StepTimer, optional
+        Times each step (and shows a spinner for those without a progress bar).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    groups = find_groups(patches.images, threshold=overlap_threshold)
+    steps = steps or StepTimer(spinner=progress)
+    with steps("grouping patches into independent regions"):
+        groups = find_groups(patches.images, threshold=overlap_threshold)
     write_groups_csv(out_dir / "groups.csv", patches, groups)
     groups_per_class = groups.per_class(patches.labels, patches.classes)
     log.info("%d patches in %d independent groups", len(patches.labels), groups.n_groups)
@@ -497,19 +503,24 @@ def run_study(
             if c not in grp.evaluable_classes
         },
         "train_config": dataclasses.asdict(config),
-        "random": evaluate_split(patches, rnd, config, out_dir / "model_random", progress),
-        "grouped": evaluate_split(patches, grp, config, out_dir / "model", progress),
     }
+    with steps("training on the random split", spin=False):
+        report["random"] = evaluate_split(patches, rnd, config, out_dir / "model_random", progress)
+    with steps("training on the grouped split", spin=False):
+        report["grouped"] = evaluate_split(patches, grp, config, out_dir / "model", progress)
     if folds:
-        report["cross_validation"] = cross_validate(
-            patches, splits, config, first=report["grouped"], progress=progress
-        )
+        with steps(f"grouped {len(splits)}-fold cross-validation", spin=False):
+            report["cross_validation"] = cross_validate(
+                patches, splits, config, first=report["grouped"], progress=progress
+            )
     if loco:
-        report["leave_one_class_out"] = leave_one_class_out(patches, grp, config, progress)
+        with steps("leave one class out", spin=False):
+            report["leave_one_class_out"] = leave_one_class_out(patches, grp, config, progress)
     if frame is not None:
-        report["frame_check"] = frame_check(
-            out_dir / "model", frame, patches, out_dir / "frame_map"
-        )
+        with steps("mapping the large frame"):
+            report["frame_check"] = frame_check(
+                out_dir / "model", frame, patches, out_dir / "frame_map"
+            )
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out_dir / "study.json", report)
     atomic_write_text(out_dir / "summary.md", summary_markdown(report))
