@@ -160,6 +160,10 @@ def test_study_cross_validates_every_group_once(run_dir):
     assert all("skipped" in r for r in loco.values())
     summary = (run_dir / "summary.md").read_text()
     assert "Grouped 3-fold cross-validation" in summary and "±" in summary
+    symmetry = study["grouped"]["test_time_symmetry"]
+    assert symmetry["n_test"] == study["grouped"]["split"]["n_test"]
+    assert 0 <= symmetry["accuracy_d4"] <= 1 and symmetry["seconds_d4"] > symmetry["seconds_none"]
+    assert "Test-time symmetry" in summary
     html = (run_dir / "report.html").read_text()
     # The report opens with the run's settings, the CPU among them.
     assert html.index("Run settings") < html.index("Evaluation: random versus grouped")

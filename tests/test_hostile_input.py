@@ -494,3 +494,11 @@ def test_class_names_with_mathtext_characters_draw(detector, tmp_path):
     figures.map_overlay(uint16_frame(), result, tmp_path / "overlay.png")
     figures.confusion([[1, 0], [0, 1]], result.classes, tmp_path / "c.png", "a $ title")
     assert (tmp_path / "overlay.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("grace", [float("nan"), float("inf"), -1.0, "5"])
+def test_serve_refuses_a_shutdown_grace_that_is_not_finite_seconds(onnx_artifact, grace):
+    from defectscope.service import serve
+
+    with pytest.raises(ValueError, match="shutdown grace"):
+        serve(onnx_artifact, "tcp://127.0.0.1:5999", shutdown_grace_s=grace)

@@ -245,6 +245,9 @@ def test_sigterm_finishes_frame_in_flight(model_dir, tmp_path):
             address,
             "--backend",
             "torch",
+            # Generous: the frame must finish however slow or loaded the machine is.
+            "--shutdown-grace",
+            "150",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -353,6 +353,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.max_pixels,
         max_bytes=args.max_bytes,
         request_timeout_s=args.request_timeout,
+        shutdown_grace_s=args.shutdown_grace,
     )
     print(f"stopped after {served} requests")
     return 0
@@ -461,6 +462,7 @@ OPTION_HELP = {
     "--max-pixels": "largest frame (H x W) a request may claim",
     "--max-bytes": "largest frame in bytes; bigger message parts are dropped unread",
     "--request-timeout": "seconds a map may run before it is stopped with an error",
+    "--shutdown-grace": "seconds the map in flight may finish after SIGTERM before it is cancelled",
     "-v": "log progress",
     "data": "patch dataset folder (upstream DataSet_X/ or one folder per class)",
     "model": "model directory",
@@ -637,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=16384 * 16384)
     p.add_argument("--max-bytes", type=int, default=256 * 2**20)
     p.add_argument("--request-timeout", type=float, default=60.0)
+    p.add_argument("--shutdown-grace", type=float, default=5.0)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="self-contained HTML report of a run directory")

@@ -104,6 +104,15 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
             rows,
         )
     )
+    sym = grouped.get("test_time_symmetry")
+    if sym:
+        parts.append(
+            "<p>Test-time symmetry (D4: the mean over the eight rotations and reflections of "
+            f"each patch) on the grouped test split: accuracy {sym['accuracy_none']:.3f} "
+            f"&rarr; {sym['accuracy_d4']:.3f}, ECE {sym['ece_none']:.3f} &rarr; "
+            f"{sym['ece_d4']:.3f}, at {sym['seconds_d4'] / max(sym['seconds_none'], 1e-9):.1f}"
+            "&times; the inference time.</p>"
+        )
     cv = study.get("cross_validation")
     if cv:
         parts.append(

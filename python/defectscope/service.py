@@ -414,6 +414,8 @@ def serve(
         raise ValueError("CURVE needs both --curve-secret and --curve-clients")
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"queue size must be a positive integer, got {queue_size!r}")
+    if not (isinstance(shutdown_grace_s, int | float) and 0 <= shutdown_grace_s < float("inf")):
+        raise ValueError(f"shutdown grace must be finite seconds >= 0, got {shutdown_grace_s!r}")
     detector = Detector.load(artifact, backend=backend)
     service = Service(
         detector, max_pixels=max_pixels, max_bytes=max_bytes, request_timeout_s=request_timeout_s
