@@ -196,8 +196,18 @@ def train_classifier(
     chance = chance_level(train.labels, len(classes))
     learned_above = chance + LEARNED_MARGIN * (1.0 - chance)
     started_learning = False
-    epochs = tqdm(range(config.epochs), desc=f"{name}: epochs", unit="epoch", disable=not progress)
-    for epoch in epochs:
+    # One tick per batch, so the bar moves every few seconds, not once an epoch.
+    steps_per_epoch = sum(
+        min(config.batch_size, n - s) >= 2 for s in range(0, n, config.batch_size)
+    )
+    bar = tqdm(
+        total=config.epochs * steps_per_epoch,
+        desc=f"{name}: epoch 1/{config.epochs}",
+        unit="batch",
+        disable=not progress,
+    )
+    for epoch in range(config.epochs):
+        bar.set_description(f"{name}: epoch {epoch + 1}/{config.epochs}")
         model.train()
         order = rng.permutation(n)
         total, correct, seen = 0.0, 0, 0
@@ -214,6 +224,7 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            bar.update()
             total += loss.item() * len(index)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(index)
@@ -234,9 +245,10 @@ def train_classifier(
             elif started_learning:
                 stale += 1
         history.append(record)
-        epochs.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"})
+        bar.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"})
         if val_inputs is not None and stale >= config.patience:
             break
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     else:
