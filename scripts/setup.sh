@@ -15,7 +15,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$STATE" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, pinned: pip takes this exact pair from the local wheel store where one exists.
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/python -m pip install -q -e ".[train,dev,formats,nion,scale]"
+  .venv/bin/python -m pip install -q -e ".[train,dev,formats,nion,scale,napari]"
   echo "$STATE" > "$STAMP"
 else
   echo "setup: .venv is up to date (pyproject.toml and csrc/ unchanged)"

@@ -49,6 +49,8 @@ LAYERS = {
     "live": 6,
     "service": 6,
     "batch": 6,
+    "napari_plugin": 6,
+    "_napari_widget": 7,
     "nion": 6,
     "classifier": 6,
     "study": 6,
