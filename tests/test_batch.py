@@ -149,16 +149,21 @@ def test_a_killed_worker_loses_no_frame(onnx_artifact, tmp_path, cluster):
         os.kill(pids[0], 0)  # the worker really was killed
 
 
-def test_local_cluster_route_and_sources(onnx_artifact, tmp_path):
+def test_local_cluster_route_through_the_cli(onnx_artifact, tmp_path, capsys):
+    from defectscope.cli import main
+
     paths = _frames(tmp_path / "data", 2)
     found = find_sources([tmp_path / "data", str(tmp_path / "data" / "*.tif")])
     assert found == sorted(p.resolve() for p in paths)
     with pytest.raises(FileNotFoundError, match="no such file"):
         find_sources([tmp_path / "missing"])
-    rows = run_batch(
-        [tmp_path / "data"], onnx_artifact, tmp_path / "out", workers=1, progress=False
-    )
-    assert [r["status"] for r in rows] == ["ok", "ok"]
+    out = tmp_path / "out"
+    args = ["batch", str(tmp_path / "data"), "--model", str(onnx_artifact), "--out", str(out)]
+    assert main([*args, "--workers", "1"]) == 0
+    assert "2 files: 2 mapped, 0 already done, 0 errors" in capsys.readouterr().out
+    assert [r["status"] for r in pq.read_table(out / "index.parquet").to_pylist()] == ["ok"] * 2
+    assert main([*args, "--workers", "0"]) == 1  # one error line, nothing started
+    assert "workers must be a positive integer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("height", "band", "bands"), [(300, 96, 3), (200, 64, 3), (260, 128, 2)])
@@ -199,15 +204,19 @@ def test_batch_maps_a_large_frame_in_bands(onnx_artifact, tmp_path, cluster):
     frame = (lattice((400, 256), vacancies=[(30, 9), (30, 10)], seed=9) * 200).clip(0, 255)
     path = tmp_path / "big.npy"
     np.save(path, frame.astype(np.uint8))
-    rows = run_batch(
-        [path],
-        onnx_artifact,
-        tmp_path / "out",
-        scheduler=cluster.scheduler_address,
-        large_pixels=256 * 256,
-        band=128,
-        progress=False,
-    )
+
+    def batch():
+        return run_batch(
+            [path],
+            onnx_artifact,
+            tmp_path / "out",
+            scheduler=cluster.scheduler_address,
+            large_pixels=256 * 256,
+            band=128,
+            progress=False,
+        )
+
+    rows = batch()
     assert rows[0]["status"] == "ok", rows[0]
     with Detector.load(onnx_artifact, backend="onnxruntime") as det:
         reference = det.map(frame.astype(np.uint8), stride=16)
@@ -215,13 +224,4 @@ def test_batch_maps_a_large_frame_in_bands(onnx_artifact, tmp_path, cluster):
     regions = json.loads((folder / "regions.json").read_text())
     assert [r["bbox"] for r in regions] == [r["bbox"] for r in reference.regions()]
     assert rows[0]["n_windows"] == reference.labels.size
-    again = run_batch(
-        [path],
-        onnx_artifact,
-        tmp_path / "out",
-        scheduler=cluster.scheduler_address,
-        large_pixels=256 * 256,
-        band=128,
-        progress=False,
-    )
-    assert again[0]["status"] == "skipped"
+    assert batch()[0]["status"] == "skipped"

@@ -516,6 +516,10 @@ def run_batch(
     from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out)
     artifact = str(Path(artifact).resolve())
     files = find_sources(sources)
@@ -523,9 +527,7 @@ def run_batch(
     model_hash = artifact_hash(artifact)
     cores = len(os.sched_getaffinity(0))
     if scheduler == "local":
-        workers = workers or max(1, cores // 2)
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        workers = max(1, cores // 2) if workers is None else workers
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
