@@ -376,6 +376,191 @@ py::ssize_t tile_into(const py::buffer& frame, const py::buffer& out,
   return job.n_windows;
 }
 
+
+// ---------------------------------------------------------------------------
+// Frame-consistent normalization for dense maps. A dense pass cannot z-score each
+// window by its own statistics (windows overlap), so every pixel is z-scored by the
+// mean and standard deviation of the box x box footprint around it (clipped at the
+// frame's edges). Box sums slide along rows and columns: exact for integer frames up
+// to 16 bits (every partial sum is an integer below 2**53), so a region normalized on
+// its own equals the same pixels of the whole frame normalized at once.
+struct RegionJob {
+  const char* frame = nullptr;
+  py::ssize_t height = 0, width = 0;
+  py::ssize_t stride_bytes_y = 0, stride_bytes_x = 0;
+  py::ssize_t y0 = 0, x0 = 0, h = 0, w = 0;
+  py::ssize_t box = 64, half = 32;
+  int channels = 1;
+  Mode mode = Mode::kZScore;
+  double lo = 0.0, hi = 1.0;
+  float* out = nullptr;
+};
+
+template <typename T>
+inline double pixel(const RegionJob& job, py::ssize_t y, py::ssize_t x) {
+  return static_cast<double>(
+      *reinterpret_cast<const T*>(job.frame + y * job.stride_bytes_y + x * job.stride_bytes_x));
+}
+
+inline void write_pixel(const RegionJob& job, py::ssize_t i, py::ssize_t j, double value) {
+  const py::ssize_t plane = job.h * job.w;
+  float* dst = job.out + i * job.w + j;
+  if (job.mode == Mode::kImageNet) {
+    for (int c = 0; c < job.channels; ++c)
+      dst[c * plane] = static_cast<float>((value - kImageNetMean[c]) / kImageNetStd[c]);
+  } else {
+    const float v = static_cast<float>(value);
+    for (int c = 0; c < job.channels; ++c) dst[c * plane] = v;
+  }
+}
+
+// Normalizes output rows [r0, r1) of the region; returns false at a non-finite value
+// or one too large to square (the dense path then gives way to the per-window one).
+template <typename T>
+bool normalize_rows(const RegionJob& job, py::ssize_t r0, py::ssize_t r1) {
+  if (job.mode != Mode::kZScore) {
+    const double scale = 1.0 / (job.hi - job.lo);
+    for (py::ssize_t i = r0; i < r1; ++i)
+      for (py::ssize_t j = 0; j < job.w; ++j) {
+        const double v = pixel<T>(job, job.y0 + i, job.x0 + j);
+        if (!std::isfinite(v)) return false;
+        write_pixel(job, i, j, (v - job.lo) * scale);
+      }
+    return true;
+  }
+  // Box of pixel (y, x): rows [y - half, y - half + box) and the same for columns.
+  const py::ssize_t c0 = std::max<py::ssize_t>(0, job.x0 - job.half);
+  const py::ssize_t c1 = std::min(job.width, job.x0 + job.w - job.half + job.box);
+  const py::ssize_t n_cols = c1 - c0;
+  std::vector<double> s1(n_cols, 0.0), s2(n_cols, 0.0);
+  auto add_row = [&](py::ssize_t y, double sign) -> bool {
+    if (y < 0 || y >= job.height) return true;
+    for (py::ssize_t k = 0; k < n_cols; ++k) {
+      const double v = pixel<T>(job, y, c0 + k);
+      if (!std::isfinite(v) || std::abs(v) > kRescaleAbove) return false;
+      s1[k] += sign * v;
+      s2[k] += sign * v * v;
+    }
+    return true;
+  };
+  const py::ssize_t first = job.y0 + r0 - job.half;
+  for (py::ssize_t y = first; y < first + job.box; ++y)
+    if (!add_row(y, 1.0)) return false;
+  for (py::ssize_t i = r0; i < r1; ++i) {
+    const py::ssize_t y = job.y0 + i;
+    if (i > r0) {
+      if (!add_row(y - job.half - 1, -1.0) || !add_row(y - job.half + job.box - 1, 1.0))
+        return false;
+    }
+    const double rows = static_cast<double>(std::min(job.height, y - job.half + job.box) -
+                                            std::max<py::ssize_t>(0, y - job.half));
+    double h1 = 0.0, h2 = 0.0;
+    py::ssize_t left = job.x0 - job.half, right = left + job.box;  // columns [left, right)
+    for (py::ssize_t x = std::max<py::ssize_t>(0, left); x < std::min(job.width, right); ++x)
+      h1 += s1[x - c0], h2 += s2[x - c0];
+    for (py::ssize_t j = 0; j < job.w; ++j) {
+      if (j > 0) {
+        if (left >= 0) h1 -= s1[left - c0], h2 -= s2[left - c0];
+        if (right < job.width) h1 += s1[right - c0], h2 += s2[right - c0];
+        ++left, ++right;
+      }
+      const double n = rows * static_cast<double>(std::min(job.width, right) -
+                                                   std::max<py::ssize_t>(0, left));
+      const double mean = h1 / n;
+      const double sd = std::sqrt(std::max(0.0, h2 / n - mean * mean));
+      const double v = pixel<T>(job, y, job.x0 + j);
+      write_pixel(job, i, j, sd > kStdFloor ? (v - mean) / sd : 0.0);
+    }
+  }
+  return true;
+}
+
+template <typename T>
+bool normalize_threads(const RegionJob& job, int n_threads) {
+  n_threads = static_cast<int>(std::max<py::ssize_t>(1, std::min<py::ssize_t>(n_threads, job.h)));
+  std::vector<char> ok(n_threads, 1), failed(n_threads, 0);
+  auto work = [&](int t) noexcept {
+    try {
+      ok[t] = normalize_rows<T>(job, job.h * t / n_threads, job.h * (t + 1) / n_threads);
+    } catch (...) {
+      failed[t] = 1;
+    }
+  };
+  std::vector<std::thread> pool;
+  int started = 1;
+  for (int t = 1; t < n_threads; ++t) {
+    try {
+      pool.emplace_back(work, t);
+      ++started;
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
+  work(0);
+  for (int t = started; t < n_threads; ++t) work(t);
+  for (auto& th : pool) th.join();
+  for (int t = 0; t < n_threads; ++t)
+    if (failed[t]) throw std::bad_alloc();
+  return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
+}
+
+bool normalize_region_into(const py::buffer& frame, const py::buffer& out, py::ssize_t y0,
+                           py::ssize_t x0, int box, const std::string& normalization,
+                           int channels, double lo, double hi, int n_threads) {
+  RegionJob job;
+  job.mode = parse_mode(normalization);
+  if (channels != 1 && channels != 3)
+    throw py::value_error("channels must be 1 or 3, got " + std::to_string(channels));
+  if (job.mode == Mode::kImageNet && channels != 3)
+    throw py::value_error("'imagenet' normalization needs 3 channels, got " + std::to_string(channels));
+  if (box < 2 || box % 2) throw py::value_error("box must be an even size >= 2, got " + std::to_string(box));
+  if (job.mode != Mode::kZScore &&
+      (!std::isfinite(lo) || !std::isfinite(hi) || !(hi > lo) || !std::isfinite(hi - lo))) {
+    std::ostringstream os;
+    os << "value range must be finite with high > low, got (" << lo << ", " << hi << ")";
+    throw py::value_error(os.str());
+  }
+  job.lo = lo, job.hi = hi, job.box = box, job.half = box / 2, job.channels = channels;
+  py::buffer_info fi = frame.request();
+  if (fi.ndim != 2) throw py::value_error("frame must be 2-D, got shape " + shape_str(fi));
+  const std::string fdtype = dtype_name(fi);
+  if (fdtype.empty())
+    throw py::type_error("frame dtype (buffer format '" + fi.format +
+                         "') is not supported in native byte order; use uint8, uint16, int16, "
+                         "int32, uint32, float32 or float64");
+  job.frame = static_cast<const char*>(fi.ptr);
+  job.height = fi.shape[0], job.width = fi.shape[1];
+  job.stride_bytes_y = fi.strides[0], job.stride_bytes_x = fi.strides[1];
+  py::buffer_info oi = out.request(true);
+  if (oi.format != py::format_descriptor<float>::format() || oi.itemsize != 4)
+    throw py::type_error("out must be a float32 buffer, got format '" + oi.format + "'");
+  if (oi.ndim != 3 || oi.shape[0] != channels)
+    throw py::value_error("out must have shape (" + std::to_string(channels) + ", h, w), got " +
+                          shape_str(oi));
+  job.h = oi.shape[1], job.w = oi.shape[2];
+  if (oi.strides[2] != 4 || oi.strides[1] != 4 * job.w || oi.strides[0] != 4 * job.w * job.h)
+    throw py::value_error("out must be C-contiguous");
+  // Compared without adding to the origin: origins near 2**63 must not overflow.
+  if (y0 < 0 || x0 < 0 || job.h < 1 || job.w < 1 || y0 > job.height - job.h ||
+      x0 > job.width - job.w) {
+    std::ostringstream os;
+    os << "region at (" << y0 << ", " << x0 << ") of size (" << job.h << ", " << job.w
+       << ") does not fit in the frame " << shape_str(fi);
+    throw py::value_error(os.str());
+  }
+  job.y0 = y0, job.x0 = x0;
+  job.out = static_cast<float*>(oi.ptr);
+  if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  py::gil_scoped_release release;
+  if (fdtype == "uint8") return normalize_threads<uint8_t>(job, n_threads);
+  if (fdtype == "uint16") return normalize_threads<uint16_t>(job, n_threads);
+  if (fdtype == "int16") return normalize_threads<int16_t>(job, n_threads);
+  if (fdtype == "int32") return normalize_threads<int32_t>(job, n_threads);
+  if (fdtype == "uint32") return normalize_threads<uint32_t>(job, n_threads);
+  if (fdtype == "float32") return normalize_threads<float>(job, n_threads);
+  return normalize_threads<double>(job, n_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_tiling, m) {
@@ -384,6 +569,11 @@ PYBIND11_MODULE(_tiling, m) {
         py::arg("normalization"), py::arg("channels"), py::arg("low"), py::arg("high"),
         py::arg("nan_policy"), py::arg("threads"),
         "Write normalized float32 NCHW patches of `frame` at `origins` into `out`; returns the count.");
+  m.def("normalize_region_into", &normalize_region_into, py::arg("frame"), py::arg("out"),
+        py::arg("y0"), py::arg("x0"), py::arg("box"), py::arg("normalization"), py::arg("channels"),
+        py::arg("low"), py::arg("high"), py::arg("threads"),
+        "Write the frame-consistent normalization of the region at (y0, x0) of `frame` into `out` "
+        "(channels, h, w); False when the region's footprint holds a non-finite or too large value.");
   m.attr("SUPPORTED_DTYPES") =
       py::make_tuple("uint8", "uint16", "int16", "int32", "uint32", "float32", "float64");
 }

@@ -229,9 +229,13 @@ def cmd_map(args: argparse.Namespace) -> int:
         refuse_overwrite(args.out / name, inputs)
     frame = _read_frame(args.frame, args)
     with Detector.load(
-        args.artifact, backend=args.backend, batch_size=args.batch_size, background=args.background
+        args.artifact,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        background=args.background,
+        dense=_dense_choice(args.mode),
     ) as det:
-        result = det.map(frame, stride=args.stride, symmetry=args.symmetry)
+        result = det.map(frame, stride=args.stride, symmetry=args.symmetry, mode=args.mode)
         # The overlay marks the five best ROIs (what `roi` would rank first).
         rois = select_rois(result, 5)
         write_map_outputs(frame.data, result, args.out, inputs=inputs, rois=rois)
@@ -239,8 +243,51 @@ def cmd_map(args: argparse.Namespace) -> int:
     unknown = f", {int(result.unknown.sum())} unknown windows" if result.unknown is not None else ""
     print(
         f"{result.grid_shape[0] * result.grid_shape[1]} windows{unknown}, {len(regions)} "
-        f"regions, {result.timing_ms['total']:.0f} ms ({det.engine.name}) -> {args.out}"
+        f"regions, {result.timing_ms['total']:.0f} ms ({_map_mode(result, det)}) -> {args.out}"
     )
+    return 0
+
+
+def _dense_choice(mode: str) -> bool | str:
+    return {"auto": "auto", "dense": True, "window": False}[mode]
+
+
+def _map_mode(result, detector) -> str:
+    """How a map was made, for the one-line summary."""
+    info = result.info
+    if info.get("mode") == "dense":
+        return f"dense, native stride {info['native_stride']}, {info['precision']}"
+    reason = f"; {info['reason']}" if info.get("reason") else ""
+    return f"{detector.engine.name}, window by window{reason}"
+
+
+def cmd_densify(args: argparse.Namespace) -> int:
+    from defectscope.dense_model import make_dense
+
+    frames = [_read_frame(path, args).data for path in args.frames]
+    checks = [_read_frame(path, args).data for path in args.check] if args.check else None
+    record = make_dense(
+        args.model,
+        frames,
+        checks,
+        native_strides=args.native_stride,
+        steps=args.steps,
+        int8=args.int8,
+        stride=args.stride,
+        seed=args.seed,
+    )
+    for precision, report in record["agreement"].items():
+        per_class = ", ".join(
+            f"{name} {v['agreement']:.3f} ({v['windows']})"
+            for name, v in report["per_class"].items()
+        )
+        print(
+            f"{precision}: dense agrees with window by window on {report['agreement']:.1%} of "
+            f"{report['windows']} windows (per class: {per_class})"
+        )
+    if not record["agreement"]:
+        print("no check frames: agreement not measured (frames too small to hold a quarter out)")
+    print(f"dense graphs {', '.join(record['graphs'].values())} -> {args.model / 'dense'}")
     return 0
 
 
@@ -283,8 +330,15 @@ def cmd_roi(args: argparse.Namespace) -> int:
 
     refuse_overwrite(args.out, [args.artifact, args.frame])
     frame = _read_frame(args.frame, args)
-    with Detector.load(args.artifact, backend=args.backend, background=args.background) as det:
-        rois = det.rois(frame, args.top, args.stride, args.min_spacing, unknown=args.unknown)
+    with Detector.load(
+        args.artifact,
+        backend=args.backend,
+        background=args.background,
+        dense=_dense_choice(args.mode),
+    ) as det:
+        rois = det.rois(
+            frame, args.top, args.stride, args.min_spacing, unknown=args.unknown, mode=args.mode
+        )
     atomic_write_json(args.out, rois)
     print(f"{len(rois)} ROIs -> {args.out}")
     return 0
@@ -399,6 +453,23 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=defaults.patience)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable/odd files")
+
+
+def _add_mode_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mode",
+        choices=["auto", "dense", "window"],
+        default="auto",
+        help="dense: one trunk pass over the frame (needs 'densify'); window: each window "
+        "on its own; auto: dense where a dense graph serves the stride",
+    )
+
+
+def _positive_or_zero(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _add_frame_options(parser: argparse.ArgumentParser) -> None:
@@ -570,8 +641,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="d4: average each window over its 8 rotations and reflections (8x the cost)",
     )
     p.add_argument("--background", help="name of the defect-free class")
+    _add_mode_option(p)
     _add_frame_options(p)
     p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser(
+        "densify", help="make dense graphs of a model directory (one trunk pass per frame)"
+    )
+    p.add_argument("model", type=Path, help="model directory (written by train)")
+    p.add_argument("frames", nargs="+", type=Path, help="unlabeled frames to adapt on")
+    p.add_argument(
+        "--check",
+        nargs="+",
+        type=Path,
+        help="frames to measure agreement on (default: "
+        "the bottom quarter of each frame, held out while adapting)",
+    )
+    p.add_argument("--steps", type=_positive_or_zero, default=200, help="distillation steps")
+    p.add_argument(
+        "--native-stride",
+        type=int,
+        nargs="+",
+        choices=[32, 16, 8],
+        default=[16],
+        help="native strides of the graphs to write (16 serves 16, 32, 48, ...)",
+    )
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--stride", type=int, default=16, help="stride of the agreement check")
+    p.add_argument("--seed", type=int, default=0)
+    _add_frame_options(p)
+    p.set_defaults(func=cmd_densify)
 
     p = sub.add_parser("cluster", help="cluster embeddings of a patch dataset or a frame")
     p.add_argument("source", type=Path, help="patch dataset folder or frame file")
@@ -602,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--background", help="name of the defect-free class")
+    _add_mode_option(p)
     _add_frame_options(p)
     p.set_defaults(func=cmd_roi)
 

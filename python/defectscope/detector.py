@@ -12,16 +12,35 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
-from defectscope.engines import Engine, load_engine
+from defectscope.dense import DenseEngine, dense_map_arrays, find_dense_all
+from defectscope.engines import Engine, EngineError, load_engine
 from defectscope.io import Calibration, Frame
 from defectscope.maps import MapResult
 from defectscope.rois import select_rois
 from defectscope.tiling import NanPolicy, check_frame, tile, window_origins
 
 SYMMETRIES = ("none", "d4")
+MODES = ("auto", "dense", "window")
+
+
+def _load_dense(
+    artifact: Path, engine: Engine, backend: str, threads: int, required: bool
+) -> list[DenseEngine]:
+    """The dense graphs beside ``artifact`` that suit ``engine`` (see Detector.load)."""
+    model_dir = artifact if artifact.is_dir() else artifact.parent
+    on_cpu_onnx = engine.name == "onnxruntime" and not getattr(engine, "on_gpu", False)
+    if not on_cpu_onnx and not (artifact.is_dir() and backend == "auto"):
+        if required:
+            raise EngineError(f"{artifact}: dense graphs run on ONNX Runtime on the CPU")
+        return []
+    paths = find_dense_all(model_dir, prefer_int8=getattr(engine, "precision", "int8") == "int8")
+    if required and not paths:
+        raise EngineError(f"{model_dir}: no dense graphs; make them with 'defectscope densify'")
+    return [DenseEngine(path, threads=threads) for path in paths]
 
 
 class MapCancelled(RuntimeError):
@@ -49,6 +68,9 @@ class Detector:
         threads for the cores.
     background : str, optional
         The defect-free class, when the model's own choice is missing or wrong.
+    dense_engines : list of DenseEngine, optional
+        Dense graphs of the same model (see :mod:`defectscope.dense`); maps at a
+        stride one of them serves run densely unless asked otherwise.
 
     Notes
     -----
@@ -62,8 +84,17 @@ class Detector:
         batch_size: int = 64,
         tiler_threads: int = 1,
         background: str | None = None,
+        dense_engines: list | None = None,
     ):
         self.engine = engine
+        self.dense_engines = list(dense_engines or [])
+        # Side of the regions a dense map runs at once: bounds memory on any frame size.
+        self.dense_crop = 1024
+        for dense in self.dense_engines:
+            if dense.classes != engine.classes:
+                raise ValueError(
+                    f"dense graph classes {dense.classes} differ from the model's {engine.classes}"
+                )
         if background is not None and background not in engine.classes:
             raise ValueError(f"background class {background!r} is not among {engine.classes}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -86,20 +117,35 @@ class Detector:
         threads: int = 0,
         warmup: bool = True,
         background: str | None = None,
+        dense: bool | str = "auto",
     ) -> Detector:
         """Open a model directory, ``.onnx`` file or TensorRT engine.
 
         ``threads`` sets the engine's threads (0: its default, every core);
         ``background`` names the defect-free class when the model's own choice (a
-        class named like 'bulk') is missing or wrong.
+        class named like 'bulk') is missing or wrong. ``dense``: ``'auto'`` loads the
+        dense graphs a model directory holds (``defectscope densify``) when the backend
+        runs ONNX on the CPU; ``True`` requires them; ``False`` maps window by window.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        if dense not in ("auto", True, False):
+            raise ValueError(f"dense must be 'auto', True or False, got {dense!r}")
         engine = load_engine(artifact, backend, threads=threads)
-        detector = cls(engine, batch_size, background=background)
+        dense_engines = []
+        if dense is not False:
+            dense_engines = _load_dense(Path(artifact), engine, backend, threads, dense is True)
+        detector = cls(engine, batch_size, background=background, dense_engines=dense_engines)
         if warmup:
             detector.engine.run(np.zeros((1, *detector.engine.input_shape), np.float32))
         return detector
+
+    def dense_engine_for(self, stride: int):
+        """The loaded dense graph that serves ``stride`` (coarsest first), or None."""
+        for dense in sorted(self.dense_engines, key=lambda d: -d.dense.native_stride):
+            if stride % dense.dense.native_stride == 0:
+                return dense
+        return None
 
     @property
     def classes(self) -> list[str]:
@@ -122,6 +168,7 @@ class Detector:
         timeout_s: float | None = None,
         cancel: Callable[[], bool] | None = None,
         symmetry: str = "none",
+        mode: str = "auto",
     ) -> MapResult:
         """Classify every window of ``frame``.
 
@@ -152,6 +199,11 @@ class Detector:
             rotations and reflections of the square (the lattice's own symmetry in
             projection), at eight times the engine's cost. The uncertainty is scored
             on the averaged embedding.
+        mode : {'auto', 'dense', 'window'}
+            ``auto`` maps densely when a dense graph serves the stride (and
+            ``symmetry`` is 'none'), else window by window; ``dense`` requires it;
+            ``window`` classifies each window on its own. ``result.info`` says which
+            ran and why.
 
         Raises
         ------
@@ -172,6 +224,29 @@ class Detector:
             raise ValueError(f"symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
         if calibration is not None:
             calibration.check_extent(frame.shape)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        info: dict = {"mode": "window"}
+        if mode != "window":
+            dense = self.dense_engine_for(stride)
+            if dense is None:
+                info["reason"] = (
+                    "no dense graph loaded (defectscope densify)"
+                    if not self.dense_engines
+                    else f"stride {stride} is not a multiple of a dense graph's native stride "
+                    f"({', '.join(str(d.dense.native_stride) for d in self.dense_engines)})"
+                )
+            elif symmetry != "none":
+                info["reason"] = f"symmetry {symmetry!r} runs window by window"
+            else:
+                result = self._map_dense(
+                    dense, frame, stride, keep_embeddings, calibration, started, timeout_s, cancel
+                )
+                if result is not None:
+                    return result
+                info["reason"] = "the frame holds non-finite values; mapped window by window"
+            if mode == "dense":
+                raise ValueError(f"no dense map: {info['reason']}")
         norm = self.engine.config.normalization
         origins = window_origins(frame.shape, size, stride)
         rows = len(np.unique(origins[:, 0]))
@@ -258,6 +333,58 @@ class Detector:
             calibration=calibration,
             uncertainty=None if uncertainty is None else uncertainty.reshape(rows, cols),
             unknown=None if unknown is None else unknown.reshape(rows, cols),
+            info=info,
+        )
+
+    def _map_dense(
+        self, dense, frame, stride, keep_embeddings, calibration, started, timeout_s, cancel
+    ) -> MapResult | None:
+        def check() -> None:
+            if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                raise MapCancelled(f"map stopped after the time limit of {timeout_s:g} s")
+            if cancel is not None and cancel():
+                raise MapCancelled("map cancelled")
+
+        density = dense.density
+        with self._lock:
+            arrays = dense_map_arrays(
+                dense,
+                frame,
+                stride,
+                keep_embeddings=keep_embeddings or density is not None,
+                crop=self.dense_crop,
+                threads=self.tiler_threads,
+                cancel=check,
+            )
+        if arrays is None:
+            return None
+        origins, probabilities, embeddings = arrays
+        rows, cols = probabilities.shape[:2]
+        if not np.isfinite(probabilities).all():
+            raise ValueError("the dense graph gave non-finite probabilities")
+        uncertainty = unknown = None
+        if density is not None:
+            _, u, k = density.score(embeddings.reshape(rows * cols, -1))
+            uncertainty, unknown = u.reshape(rows, cols), k.reshape(rows, cols)
+        total = (time.perf_counter() - started) * 1000
+        return MapResult(
+            origins=origins,
+            grid_shape=(rows, cols),
+            probabilities=probabilities,
+            embeddings=embeddings if keep_embeddings else None,
+            classes=self.classes,
+            background=self.background,
+            frame_shape=tuple(frame.shape),
+            patch_size=dense.config.patch_size,
+            timing_ms={"total": total},
+            calibration=calibration,
+            uncertainty=uncertainty,
+            unknown=unknown,
+            info={
+                "mode": "dense",
+                "native_stride": dense.dense.native_stride,
+                "precision": dense.precision,
+            },
         )
 
     def _run(self, inputs: np.ndarray, symmetry: str) -> tuple[np.ndarray, np.ndarray]:
@@ -281,19 +408,23 @@ class Detector:
         pixel_size: float | None = None,
         unit: str | None = None,
         unknown: str = "ignore",
+        mode: str = "auto",
     ) -> list[dict]:
         """Map ``frame`` and return its ``k`` best regions of interest (see :mod:`rois`).
 
         ``pixel_size`` and ``unit`` calibrate a bare array; a
         :class:`~defectscope.io.Frame` with a calibration needs neither. ``unknown``
-        ('ignore' or 'explore') says what regions unlike the training data do.
+        ('ignore' or 'explore') says what regions unlike the training data do;
+        ``mode`` as in :meth:`map`.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"the number of ROIs must be a positive integer, got {k!r}")
         calibration = None
         if pixel_size is not None:
             calibration = Calibration.square(pixel_size, unit or "px")
-        result = self.map(frame, stride=stride, keep_embeddings=True, calibration=calibration)
+        result = self.map(
+            frame, stride=stride, keep_embeddings=True, calibration=calibration, mode=mode
+        )
         return select_rois(result, k, min_spacing, unknown=unknown)
 
     def close(self) -> None:

@@ -169,15 +169,16 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
 class _PatchReader:
     """Feeds calibration batches to ONNX Runtime's quantizer."""
 
-    def __init__(self, inputs: np.ndarray, batch_size: int = 16):
+    def __init__(self, inputs: np.ndarray, batch_size: int = 16, input_name: str = INPUT_NAME):
         self.batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
         self.position = 0
+        self.input_name = input_name
 
     def get_next(self):
         if self.position >= len(self.batches):
             return None
         self.position += 1
-        return {INPUT_NAME: self.batches[self.position - 1]}
+        return {self.input_name: self.batches[self.position - 1]}
 
     def rewind(self):
         self.position = 0
@@ -188,13 +189,16 @@ def quantize_onnx_int8(
     output: str | os.PathLike,
     calibration_inputs: np.ndarray,
     target: str = "cpu",
+    input_name: str = INPUT_NAME,
+    batch_size: int = 16,
 ) -> Path:
     """Static INT8 quantization with ONNX Runtime: QDQ, per-channel weights.
 
     ``target="cpu"``: activations unsigned 8-bit, weights signed 8-bit (U8S8), the
     pairing that runs on x86 VNNI. ``target="tensorrt"``: signed, symmetric
     activations and weights (QInt8, ``ActivationSymmetric``), the only INT8 Q/DQ form
-    TensorRT takes. Ranges come from MinMax calibration on real patches.
+    TensorRT takes. Ranges come from MinMax calibration on real patches (for a dense
+    graph, ``input_name='frame'``, ``batch_size=1`` and normalized frame regions).
     """
     if target not in INT8_FILES:
         raise ExportError(f"INT8 target must be one of {', '.join(INT8_FILES)}, got {target!r}")
@@ -220,7 +224,9 @@ def quantize_onnx_int8(
         quantize_static(
             str(prepared),
             str(quantized),
-            Reader(np.ascontiguousarray(calibration_inputs, dtype=np.float32)),
+            Reader(
+                np.ascontiguousarray(calibration_inputs, dtype=np.float32), batch_size, input_name
+            ),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,

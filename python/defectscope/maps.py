@@ -43,6 +43,10 @@ class MapResult:
     unknown : ndarray of bool, shape (rows, cols), or None
         Windows beyond the density's threshold: "not like anything trained on". They
         form their own regions, labelled ``"unknown"``, whatever their softmax says.
+    info : dict
+        How the map was made: ``mode`` ('dense' or 'window'), the dense graph's
+        ``native_stride`` and ``precision``, and ``reason`` when a dense map was not
+        possible.
     """
 
     origins: np.ndarray
@@ -57,6 +61,7 @@ class MapResult:
     calibration: Calibration | None = None
     uncertainty: np.ndarray | None = None
     unknown: np.ndarray | None = None
+    info: dict = dataclasses.field(default_factory=dict)
 
     @property
     def labels(self) -> np.ndarray:

@@ -281,3 +281,119 @@ def tile_numpy(
     if nan_policy == "zero":
         result = np.where(finite[:, None], result, 0.0)
     return result.astype(np.float32)
+
+
+def dense_channels(normalization: Normalization) -> int:
+    """Input channels of a dense pass: gray once, except ImageNet's per-channel shift."""
+    return 3 if normalization.mode == "imagenet" else 1
+
+
+def normalize_region(
+    frame: np.ndarray,
+    normalization: Normalization | NormalizationMode = "zscore",
+    origin: tuple[int, int] = (0, 0),
+    shape: tuple[int, int] | None = None,
+    box: int = 64,
+    out: np.ndarray | None = None,
+    threads: int = 1,
+) -> np.ndarray | None:
+    """Frame-consistent normalization of one region, the input of a dense pass (C++).
+
+    A dense pass cannot z-score each window by its own statistics, so ``zscore``
+    z-scores each pixel by the mean and standard deviation of the ``box`` x ``box``
+    footprint around it (rows ``y - box/2 .. y + box/2 - 1``, clipped at the frame's
+    edges). ``minmax`` and ``imagenet`` are per-pixel maps already and stay as they are.
+    Statistics always come from the whole frame, so a region normalized alone equals
+    the same pixels of the frame normalized at once (exactly for integer frames up to
+    16 bits).
+
+    Parameters
+    ----------
+    frame : ndarray, shape (H, W)
+        Any supported dtype, strides and byte order; read in place.
+    normalization : Normalization or str
+    origin, shape : (int, int)
+        The region's top-left pixel and size; the whole frame by default.
+    box : int
+        Side of the statistics footprint: the patch size, so that a pixel sees the
+        contrast a window would.
+    out : ndarray of float32, shape (C, h, w), optional
+        C is 1, or 3 for ``imagenet`` (see :func:`dense_channels`).
+    threads : int
+        Worker threads; 0 uses every core.
+
+    Returns
+    -------
+    ndarray of float32, shape (C, h, w), or None
+        ``None`` when the footprint holds a non-finite value or one beyond 1e100,
+        which the per-window path handles (its ``nan_policy``).
+    """
+    frame = check_frame(frame)
+    norm = Normalization(mode=normalization) if isinstance(normalization, str) else normalization
+    low, high = norm.resolve_range(frame.dtype)
+    height, width = shape if shape is not None else frame.shape
+    channels = dense_channels(norm)
+    if out is None:
+        out = np.empty((channels, int(height), int(width)), np.float32)
+    ok = _tiling.normalize_region_into(
+        frame,
+        out,
+        int(origin[0]),
+        int(origin[1]),
+        int(box),
+        norm.mode,
+        channels,
+        low,
+        high,
+        threads,
+    )
+    return out if ok else None
+
+
+def normalize_region_numpy(
+    frame: np.ndarray,
+    normalization: Normalization | NormalizationMode = "zscore",
+    origin: tuple[int, int] = (0, 0),
+    shape: tuple[int, int] | None = None,
+    box: int = 64,
+) -> np.ndarray | None:
+    """Numpy reference for :func:`normalize_region` (integral images, float64)."""
+    frame = check_frame(frame)
+    norm = Normalization(mode=normalization) if isinstance(normalization, str) else normalization
+    values = frame.astype(np.float64)
+    height, width = shape if shape is not None else frame.shape
+    y0, x0 = origin
+    if norm.mode != "zscore":
+        low, high = norm.resolve_range(frame.dtype)
+        region = values[y0 : y0 + height, x0 : x0 + width]
+        if not np.isfinite(region).all():
+            return None
+        gray = (region - low) / (high - low)
+        if norm.mode == "imagenet":
+            return (
+                (gray[None] - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
+            ).astype(np.float32)
+        return gray[None].astype(np.float32)
+    if not np.isfinite(values).all() or np.abs(values).max() > _RESCALE_ABOVE:
+        return None  # the reference looks at the whole frame: callers pass finite frames
+
+    def integral(a: np.ndarray) -> np.ndarray:
+        return np.pad(a.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+    s1, s2 = integral(values), integral(values * values)
+    rows = np.arange(y0, y0 + height)
+    cols = np.arange(x0, x0 + width)
+    top = np.clip(rows - box // 2, 0, frame.shape[0])[:, None]
+    bottom = np.clip(rows - box // 2 + box, 0, frame.shape[0])[:, None]
+    left = np.clip(cols - box // 2, 0, frame.shape[1])[None, :]
+    right = np.clip(cols - box // 2 + box, 0, frame.shape[1])[None, :]
+
+    def box_sum(s: np.ndarray) -> np.ndarray:
+        return s[bottom, right] - s[top, right] - s[bottom, left] + s[top, left]
+
+    count = (bottom - top) * (right - left)
+    mean = box_sum(s1) / count
+    sd = np.sqrt(np.maximum(box_sum(s2) / count - mean * mean, 0.0))
+    region = values[y0 : y0 + height, x0 : x0 + width]
+    result = np.where(sd > _STD_FLOOR, (region - mean) / np.where(sd > 0, sd, 1.0), 0.0)
+    return result[None].astype(np.float32)
