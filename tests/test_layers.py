@@ -39,6 +39,7 @@ LAYERS = {
     "maps": 3,
     "model": 3,
     "rois": 4,
+    "dense": 4,
     "checkpoint": 4,
     "detector": 5,
     "outputs": 5,
@@ -54,6 +55,7 @@ LAYERS = {
     "nion": 6,
     "classifier": 6,
     "study": 6,
+    "dense_model": 6,
     "pipeline": 7,
     "cli": 8,
 }
@@ -62,7 +64,7 @@ RUNTIME = {
     "__init__", "_tiling", "io", "tiling", "artifact", "engines", "maps", "rois", "detector",
     "density", "system", "progress",
     "figures", "outputs", "cluster", "cluster_run", "live", "service", "client", "lattice",
-    "nion", "cli", "train_config", "augment", "batch",
+    "nion", "cli", "train_config", "augment", "batch", "dense",
 }  # fmt: skip
 
 

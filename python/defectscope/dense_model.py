@@ -276,11 +276,11 @@ def distill_dense(
     started = time.perf_counter()
     student.train()
     cells = teacher_stride // step  # stem cells per teacher window step
+    side = min(crop, *(min(p[3], p[4]) for p in pieces)) // 32 * 32
+    n = (side - patch) // teacher_stride + 1  # windows along a crop's side
     bar = tqdm(range(steps), desc="dense: distilling", disable=not progress, unit="step")
     for _ in bar:
         features, target_p, target_e = [], [], []
-        side = min(crop, *(min(p[3], p[4]) for p in pieces)) // 32 * 32
-        n = (side - patch) // teacher_stride + 1  # windows along a crop's side
         for _ in range(batch_size):
             k = int(rng.integers(len(pieces)))
             gp, ge = grids[k]
@@ -409,7 +409,7 @@ def _split_for_check(frames: Sequence[np.ndarray], patch: int) -> tuple[list, li
     adapt, check = [], []
     for frame in frames:
         cut = int(frame.shape[0] * 0.75)
-        if frame.shape[0] - cut >= patch * 2 and cut >= patch + 32:
+        if frame.shape[0] - cut >= patch + 32 and cut >= patch + 32:
             adapt.append(frame[:cut])
             check.append(frame[cut:])
         else:

@@ -1,0 +1,299 @@
+"""Dense maps: one trunk pass over the frame, checked against per-window evaluation.
+
+Exact where the mathematics says exact: the per-pixel normalization against a numpy
+reference, the convolutional rewrite against the model on a lone window, strides 16
+and 8 against stride 32, and a map cut into crops against the same map in one crop.
+The adapted (distilled) fixture is checked to agree with the per-window model before
+the tests use it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from defectscope.cli import main
+from defectscope.dense import DenseEngine, dense_map_arrays, find_dense_all
+from defectscope.dense_model import DenseDefectNet, make_dense, receptive_margin
+from defectscope.detector import Detector
+from defectscope.model import build_model
+from defectscope.tiling import normalize_region, normalize_region_numpy, window_origins
+from tests.conftest import NOMINAL, region_scores
+from tests.synthetic import acquired_lattice, lattice
+
+DTYPES = ["uint8", "uint16", "int16", "int32", "uint32", "float32", "float64"]
+
+
+def clustered_frame(shape, seed: int, n: int = 5) -> np.ndarray:
+    """A uint8 lattice frame with ``n`` 2x2 vacancy clusters away from the edges."""
+    rng = np.random.default_rng(seed)
+    rows, cols = shape[0] // 8, shape[1] // 8
+    clusters = [(int(rng.integers(2, rows - 3)), int(rng.integers(2, cols - 3))) for _ in range(n)]
+    vacancies = [(i + a, j + b) for i, j in clusters for a in (0, 1) for b in (0, 1)]
+    return (lattice(shape, vacancies=vacancies, seed=seed) * 200).clip(0, 255).astype(np.uint8)
+
+
+# --- per-pixel normalization (C++) against numpy ---------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalize_region_matches_numpy(dtype):
+    rng = np.random.default_rng(1)
+    frame = (rng.normal(size=(150, 133)) * 20 + 100).clip(0, None).astype(dtype)
+    for mode in ("zscore", "minmax"):
+        if mode == "minmax" and dtype.startswith("float"):
+            continue  # float frames need an explicit range
+        for origin, shape in [((0, 0), None), ((37, 11), (80, 101)), ((149, 132), (1, 1))]:
+            got = normalize_region(frame, mode, origin, shape, threads=2)
+            want = normalize_region_numpy(frame, mode, origin, shape)
+            np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_normalize_region_alone_equals_whole_frame_exactly():
+    frame = np.random.default_rng(2).integers(0, 65535, (300, 257)).astype(np.uint16)
+    whole = normalize_region(frame)
+    for threads in (1, 3):
+        part = normalize_region(frame, origin=(37, 101), shape=(100, 90), threads=threads)
+        assert np.array_equal(part, whole[:, 37:137, 101:191])
+
+
+def test_normalize_region_reads_views_memmaps_and_big_endian(tmp_path):
+    frame = np.random.default_rng(3).integers(0, 4000, (120, 140)).astype(np.uint16)
+    want = normalize_region_numpy(frame)
+    path = tmp_path / "frame.npy"
+    np.save(path, frame.astype(">u2"))
+    big = np.load(path, mmap_mode="r")
+    np.testing.assert_allclose(normalize_region(big), want, atol=2e-5)
+    wide = np.zeros((120, 280), np.uint16)
+    wide[:, ::2] = frame
+    np.testing.assert_allclose(normalize_region(wide[:, ::2]), want, atol=2e-5)
+    transposed = np.ascontiguousarray(frame.T).T
+    np.testing.assert_allclose(normalize_region(transposed), want, atol=2e-5)
+
+
+def test_normalize_region_imagenet_has_three_channels():
+    frame = np.random.default_rng(4).integers(0, 255, (70, 80)).astype(np.uint8)
+    got = normalize_region(frame, "imagenet")
+    assert got.shape == (3, 70, 80)
+    np.testing.assert_allclose(got, normalize_region_numpy(frame, "imagenet"), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e300])
+def test_normalize_region_gives_way_on_values_it_cannot_take(bad):
+    frame = np.ones((80, 80), np.float64)
+    frame[40, 40] = bad
+    assert normalize_region(frame) is None
+    # Outside every footprint of the region: the region is fine.
+    assert normalize_region(frame, origin=(0, 0), shape=(4, 4)) is not None
+
+
+def test_normalize_region_rejects_bad_arguments():
+    frame = np.zeros((64, 64), np.uint16)
+    with pytest.raises(ValueError, match="does not fit"):
+        normalize_region(frame, origin=(2**63 - 10, 0), shape=(8, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        normalize_region(frame, origin=(60, 0), shape=(8, 8))
+    with pytest.raises(ValueError, match="even"):
+        normalize_region(frame, box=7)
+    with pytest.raises(ValueError, match="2-D"):
+        normalize_region(np.zeros((2, 64, 64)))
+    with pytest.raises(ValueError, match="shape"):
+        normalize_region(frame, out=np.empty((3, 64, 64), np.float32))
+
+
+# --- the convolutional rewrite ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    return build_model(3).eval()
+
+
+def test_dense_rewrite_equals_the_model_on_a_lone_window(random_model):
+    x = torch.randn(5, 1, 64, 64)
+    dense = DenseDefectNet(random_model, 32, in_channels=1, temperature=1.7).eval()
+    with torch.no_grad():
+        logits, embedding = random_model.forward_with_embedding(x.repeat(1, 3, 1, 1))
+        probs, emb = dense(x)
+    assert probs.shape == (5, 3, 1, 1)
+    torch.testing.assert_close(probs[..., 0, 0], torch.softmax(logits / 1.7, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(emb[..., 0, 0], embedding, atol=1e-4, rtol=1e-4)
+
+
+def test_finer_native_strides_hold_the_coarser_grid(random_model):
+    """Strides 16 and 8 evaluate every shifted stride-32 grid, the stride-32 windows among them."""
+    dense32 = DenseDefectNet(random_model, 32).eval()
+    x = torch.randn(1, 1, 256, 224)
+    with torch.no_grad():
+        p32, _ = dense32(x)
+        p16, _ = dense32.with_stride(16)(x)
+        p8, _ = dense32.with_stride(8)(x)
+        shifted, _ = dense32(x[..., 16:, 16:])  # the stride-16 windows at odd positions
+    assert p16.shape[-2:] == ((256 - 64) // 16 + 1, (224 - 64) // 16 + 1)
+    assert p8.shape[-2:] == ((256 - 64) // 8 + 1, (224 - 64) // 8 + 1)
+    torch.testing.assert_close(p16[..., ::2, ::2], p32, atol=1e-6, rtol=0)
+    torch.testing.assert_close(p8[..., ::4, ::4], p32, atol=1e-6, rtol=0)
+    # Away from the frame's edges (whose padding differs) the shift is exact.
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
+    odd = p16[..., 1::2, 1::2][..., : shifted.shape[2], : shifted.shape[3]]
+    torch.testing.assert_close(odd[inner], shifted[inner], atol=1e-6, rtol=0)
+
+
+def test_receptive_margin_is_where_gradients_reach(random_model):
+    dense = DenseDefectNet(random_model, 32).eval()
+    x = torch.randn(1, 1, 448, 448, requires_grad=True)
+    _, emb = dense(x)
+    emb[0, :, 5, 5].sum().backward()
+    rows = torch.nonzero(x.grad[0, 0].abs().sum(1)).ravel()
+    margin = receptive_margin(random_model, 64)
+    assert (int(rows.min()), int(rows.max())) == (5 * 32 - margin, 5 * 32 + 63 + margin)
+
+
+# --- the adapted fixture and the runtime ------------------------------------------
+
+
+def acquired_frame(shape, seed: int, n: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """A frame recorded like the acquisition model's patches, ``n`` clusters at random."""
+    rng = np.random.default_rng(seed)
+    rows, cols = shape[0] // 8, shape[1] // 8
+    clusters = [(int(rng.integers(1, rows - 2)), int(rng.integers(1, cols - 2))) for _ in range(n)]
+    return acquired_lattice(shape, clusters, seed=seed, **NOMINAL)
+
+
+def compare_maps(det, seeds) -> dict:
+    """Dense against window by window: label agreement and region scores at known defects."""
+    scores = {"agreement": [], "dense": [], "window": []}
+    for seed in seeds:
+        frame, centres = acquired_frame((224, 256), seed)
+        dense, window = det.map(frame, 16, mode="dense"), det.map(frame, 16, mode="window")
+        scores["agreement"].append(float(np.mean(dense.labels == window.labels)))
+        scores["dense"].append(region_scores(dense.regions(), centres))
+        scores["window"].append(region_scores(window.regions(), centres))
+    summary = {"agreement": float(np.mean(scores["agreement"]))}
+    for mode in ("dense", "window"):
+        for key in ("recall", "precision"):
+            summary[f"{mode}_{key}"] = float(np.mean([s[key] for s in scores[mode]]))
+    return summary
+
+
+def dense_is_right(summary: dict) -> str | None:
+    if summary["agreement"] < 0.95:
+        return f"label agreement {summary['agreement']:.3f}"
+    for key in ("recall", "precision"):
+        if summary[f"dense_{key}"] < summary[f"window_{key}"] - 0.1:
+            return (
+                f"{key} dense {summary[f'dense_{key}']:.2f}, window {summary[f'window_{key}']:.2f}"
+            )
+    return None
+
+
+@pytest.fixture(scope="module")
+def dense_model_dir(acquisition_model_dir, tmp_path_factory):
+    """The acquisition model with a distilled dense graph, checked to find what it finds."""
+    from defectscope.export import export_onnx
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reasons = []
+    try:
+        for seed, steps in ((0, 30), (1, 60)):
+            out = tmp_path_factory.mktemp("models") / f"acquisition-dense-{seed}"
+            shutil.copytree(acquisition_model_dir, out)
+            export_onnx(out, out / "model.onnx")
+            frames = [acquired_frame((224, 224), s, n=6)[0] for s in range(3)]
+            record = make_dense(
+                out, frames, [acquired_frame((192, 192), 9)[0]], steps=steps, crop=224,
+                batch_size=2, int8=False, seed=seed, progress=False,
+            )  # fmt: skip
+            with Detector.load(out) as det:
+                reason = dense_is_right(compare_maps(det, seeds=(31, 32)))
+            if reason is None:
+                return out, record
+            reasons.append(f"seed {seed}: {reason}")
+    finally:
+        torch.set_num_threads(threads)
+    raise RuntimeError("no dense fixture passed its check: " + "; ".join(reasons))
+
+
+def test_make_dense_writes_graphs_and_measures_agreement(dense_model_dir):
+    model_dir, record = dense_model_dir
+    assert [p.name for p in find_dense_all(model_dir)] == ["dense16.onnx"]
+    saved = json.loads((model_dir / "dense" / "dense.json").read_text())
+    assert saved["agreement"]["fp32"]["windows"] == ((192 - 64) // 16 + 1) ** 2
+    assert saved == json.loads(json.dumps(record))
+    assert 0.0 <= saved["agreement"]["fp32"]["agreement"] <= 1.0
+    engine = DenseEngine(model_dir / "dense" / "dense16.onnx")
+    assert engine.dense.margin == 90 and engine.dense.native_stride == 16
+    assert engine.density is not None  # the uncertainty travels with the dense graph
+    assert record["distillation"]["teacher_windows"] == 3 * ((224 - 64) // 16 + 1) ** 2
+
+
+@pytest.mark.parametrize("stride", [16, 32, 48])
+def test_dense_map_cut_into_crops_equals_one_crop(dense_model_dir, stride):
+    """Any crop size gives the same map, bit for bit: each crop carries the full margin."""
+    engine = DenseEngine(dense_model_dir[0] / "dense" / "dense16.onnx", threads=1)
+    frame = np.random.default_rng(5).integers(0, 60000, (355, 421)).astype(np.uint16)
+    origins, small, small_emb = dense_map_arrays(engine, frame, stride, crop=320)
+    _, whole, whole_emb = dense_map_arrays(engine, frame, stride, crop=1024)
+    assert np.array_equal(origins, window_origins(frame.shape, 64, stride))
+    assert small.shape[:2] == (len(np.unique(origins[:, 0])), len(np.unique(origins[:, 1])))
+    assert np.array_equal(small, whole)
+    assert np.array_equal(small_emb, whole_emb)
+
+
+def test_detector_maps_densely_where_it_can_and_says_why_not(dense_model_dir):
+    model_dir = dense_model_dir[0]
+    frame = clustered_frame((200, 232), 40)
+    with Detector.load(model_dir) as det:
+        dense = det.map(frame, stride=16)
+        assert dense.info["mode"] == "dense" and dense.info["native_stride"] == 16
+        assert dense.uncertainty is not None and dense.embeddings is not None
+        window = det.map(frame, stride=16, mode="window")
+        assert window.info == {"mode": "window"}
+        assert np.array_equal(dense.origins, window.origins)
+        odd = det.map(frame, stride=24)
+        assert odd.info["mode"] == "window" and "stride 24" in odd.info["reason"]
+        with pytest.raises(ValueError, match="stride 24"):
+            det.map(frame, stride=24, mode="dense")
+        assert "symmetry" in det.map(frame, stride=16, symmetry="d4").info["reason"]
+        holes = frame.astype(np.float32)
+        holes[50, 60] = np.nan
+        patched = det.map(holes, stride=16, nan_policy="zero")
+        assert patched.info["mode"] == "window" and "non-finite" in patched.info["reason"]
+        with pytest.raises(ValueError, match="mode"):
+            det.map(frame, mode="fast")
+    with Detector.load(model_dir, dense=False) as det:
+        assert "densify" in det.map(frame, stride=16).info["reason"]
+
+
+def test_dense_map_finds_what_the_window_map_finds(dense_model_dir):
+    """On frames the dense graph never saw: the same labels and the same defects found."""
+    with Detector.load(dense_model_dir[0]) as det:
+        summary = compare_maps(det, seeds=(51, 52, 53))
+    assert dense_is_right(summary) is None, summary
+
+
+def test_densify_and_map_from_the_command_line(density_model_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(density_model_dir, model_dir)
+    frames = []
+    for seed in range(2):
+        path = tmp_path / f"f{seed}.npy"
+        np.save(path, clustered_frame((384, 256), seed))
+        frames.append(str(path))
+    # No adaptation steps: the plain rewrite, exported and checked on held-out rows.
+    assert main(["densify", str(model_dir), *frames, "--steps", "0", "--no-int8"]) == 0
+    out = capsys.readouterr().out
+    assert "dense agrees with window by window on" in out and "Bulk" in out
+    assert (model_dir / "dense" / "dense16.onnx").is_file()
+    assert main(["map", str(model_dir), frames[0], "--out", str(tmp_path / "m")]) == 0
+    assert "dense, native stride 16" in capsys.readouterr().out
+    code = main(["map", str(density_model_dir), frames[0], "--out", str(tmp_path / "w"),
+                 "--mode", "dense"])  # fmt: skip
+    assert code == 1
+    assert "error:" in capsys.readouterr().err
