@@ -1,6 +1,8 @@
 """Per-frame latency in-process versus through the ZeroMQ service on loopback.
 
-512 x 512 uint16 frames at stride 16 and 32, ROIs requested. The service's overhead is
+512 x 512 uint16 frames at stride 16 and 32, ROIs requested, window by window
+(``bench_model``) and dense (``bench_dense_model``, the default wherever a model
+directory holds dense graphs). The service's overhead is
 the difference of the two (serialization, copies, the loopback hop). Because two runs of
 a multi-second map differ by more than that, the service route also measures it paired,
 per request: client round trip minus the server's own ``timing_ms.request``.
@@ -24,19 +26,24 @@ from defectscope.detector import Detector
 from defectscope.service import BackgroundService
 
 
-@pytest.fixture(scope="module")
-def service_address(bench_model):
-    with BackgroundService(bench_model / "model.int8.onnx", backend="onnxruntime") as service:
-        yield service.address
+@pytest.fixture(scope="module", params=["window", "dense"])
+def served(request, bench_model, bench_dense_model):
+    """``(mode, model directory, service address)``: the service on the INT8 model."""
+    model = bench_model if request.param == "window" else bench_dense_model
+    with BackgroundService(model / "model.int8.onnx", backend="onnxruntime") as service:
+        yield request.param, model, service.address
 
 
 @pytest.mark.parametrize("stride", [32, 16])
 @pytest.mark.parametrize("route", ["in-process", "service"])
-def test_frame_512(benchmark, bench_model, service_address, route, stride):
+def test_frame_512(benchmark, served, route, stride):
+    mode, model, service_address = served
     frame = stem_frame(512)
-    benchmark.group = f"512^2 stride {stride}"
+    benchmark.group = f"512^2 stride {stride} {mode}"
+    benchmark.extra_info["mode"] = mode
     if route == "in-process":
-        det = Detector.load(bench_model / "model.int8.onnx", backend="onnxruntime")
+        det = Detector.load(model / "model.int8.onnx", backend="onnxruntime")
+        assert bool(det.dense_engines) == (mode == "dense")
         benchmark.pedantic(
             det.rois, args=(frame,), kwargs={"stride": stride}, rounds=10, warmup_rounds=1
         )

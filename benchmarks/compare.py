@@ -98,19 +98,43 @@ def report(rows: list[dict]) -> str:
                 ratio = f"{naive / seconds:.2f}x" if naive else "n/a"
                 lines.append(f"| {size}^2 | {stride} | {impl} | {seconds:.2f} | {ratio} |")
         lines.append("")
+    dense = [r for r in rows if r["name"].startswith("test_dense_frame_latency")]
+    if dense:
+        lines += [
+            "## dense maps: frame latency (same run; ratios = other / dense)",
+            "",
+            "| frame | stride | windows | dense INT8 s | window INT8 s | naive torch FP32 s "
+            "| vs window INT8 | vs naive |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        by = defaultdict(dict)
+        for r in dense:
+            by[(r["params"]["size"], r["params"]["stride"])][r["params"]["impl"]] = r["min"]
+        for (size, stride), t in sorted(by.items()):
+            d = t.get("dense-ort-int8")
+            w, n = t.get("window-ort-int8"), t.get("naive-torch-fp32")
+            cell = [f"{v:.2f}" if v else "n/a" for v in (d, w, n)]
+            ratio = [f"{v / d:.1f}x" if v and d else "n/a" for v in (w, n)]
+            windows = len(range(0, size - 63, stride)) ** 2
+            lines.append(
+                f"| {size}^2 | {stride} | {windows} | {cell[0]} | {cell[1]} | {cell[2]} "
+                f"| {ratio[0]} | {ratio[1]} |"
+            )
+        lines.append("")
     service = [r for r in rows if r["name"].startswith("test_frame_512")]
     if service:
         lines += [
             "## 512^2 uint16 frame, ROIs: in-process vs ZeroMQ service on loopback",
             "",
-            "| stride | route | p50 ms | p99 ms | overhead p50 ms (difference) "
+            "| stride | mode | route | p50 ms | p99 ms | overhead p50 ms (difference) "
             "| transport p50 / p99 ms (paired) |",
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
         ]
         by = defaultdict(dict)
         for r in service:
-            by[r["params"]["stride"]][r["params"]["route"]] = r["extra"]
-        for stride, t in sorted(by.items()):
+            key = (r["params"]["stride"], r["extra"].get("mode", "window"))
+            by[key][r["params"]["route"]] = r["extra"]
+        for (stride, mode), t in sorted(by.items()):
             for route, e in sorted(t.items()):
                 overhead = transport = ""
                 if route == "service" and "in-process" in t:
@@ -118,8 +142,8 @@ def report(rows: list[dict]) -> str:
                 if "transport_p50_ms" in e:
                     transport = f"{e['transport_p50_ms']:.2f} / {e['transport_p99_ms']:.2f}"
                 lines.append(
-                    f"| {stride} | {route} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} | {overhead} "
-                    f"| {transport} |"
+                    f"| {stride} | {mode} | {route} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} "
+                    f"| {overhead} | {transport} |"
                 )
         lines.append("")
     archive = [r for r in rows if r["name"].startswith("test_archive_throughput")]
@@ -152,7 +176,7 @@ def report(rows: list[dict]) -> str:
     for r in memory:
         e = r["extra"]
         lines += [
-            "## memory: 16384^2 uint16 memmap",
+            f"## memory: 16384^2 uint16 memmap ({e.get('mode', 'window')})",
             "",
             f"stride {e.get('stride')}: {e.get('windows')} windows in "
             f"{e.get('seconds', 0):.1f} s, peak RSS {e.get('peak_rss_mib', 0):.0f} MiB",

@@ -30,3 +30,20 @@ def bench_model(tmp_path_factory):
     calib = tile(frame, 64, 32)[:128]
     quantize_onnx_int8(directory / "model.onnx", directory / "model.int8.onnx", calib)
     return directory
+
+
+@pytest.fixture(scope="session")
+def bench_dense_model(bench_model, tmp_path_factory):
+    """``bench_model`` with dense graphs (FP32 and INT8, native stride 16).
+
+    Not adapted (no distillation steps): speed does not depend on the weights.
+    """
+    import shutil
+
+    from defectscope.dense_model import make_dense
+
+    directory = tmp_path_factory.mktemp("bench-dense") / "model"
+    shutil.copytree(bench_model, directory)
+    frames = [(lattice((512, 512), seed=s) * 20000 + 2000).astype(np.uint16) for s in (1, 2)]
+    make_dense(directory, frames, check_frames=[], steps=0, progress=False)
+    return directory

@@ -55,13 +55,26 @@ def test_ratios_to_baselines(tmp_path):
         "transport_p50_ms": 1.25,
         "transport_p99_ms": 2.5,
     }
-    data["benchmarks"] += [in_process, service]
+    dense = [
+        _bench(
+            f"test_dense_frame_latency[{impl}-512-16]",
+            {"impl": impl, "size": 512, "stride": 16},
+            seconds,
+        )
+        for impl, seconds in (
+            ("dense-ort-int8", 0.2),
+            ("window-ort-int8", 2.5),
+            ("naive-torch-fp32", 14.0),
+        )
+    ]
+    data["benchmarks"] += [in_process, service, *dense]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     text = report(load([str(path)]))
     assert "| zscore | 16 | 4.000 | 0.500 | 8.0x |" in text
     assert "| ort-int8 | 16 | 32.0 | 4.00x |" in text
     assert "| 1024^2 | 32 | detector-ort-int8 | 4.00 | 7.50x |" in text
-    assert "| 16 | in-process | 100.0 | 120.0 |  |  |" in text
-    assert "| 16 | service | 102.5 | 130.0 | 2.50 | 1.25 / 2.50 |" in text
+    assert "| 16 | window | in-process | 100.0 | 120.0 |  |  |" in text
+    assert "| 16 | window | service | 102.5 | 130.0 | 2.50 | 1.25 / 2.50 |" in text
+    assert "| 512^2 | 16 | 841 | 0.20 | 2.50 | 14.00 | 12.5x | 70.0x |" in text
     assert text.startswith("machine: ")

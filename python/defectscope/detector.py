@@ -89,7 +89,7 @@ class Detector:
         self.engine = engine
         self.dense_engines = list(dense_engines or [])
         # Side of the regions a dense map runs at once: bounds memory on any frame size.
-        self.dense_crop = 1024
+        self.dense_crop = 1536
         for dense in self.dense_engines:
             if dense.classes != engine.classes:
                 raise ValueError(
