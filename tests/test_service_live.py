@@ -52,6 +52,7 @@ def test_ping_info_map_rois(server):
         frame = test_frame()
         reply = client.rois(frame, top=2, stride=16, pixel_size=0.05, unit="nm")
         assert reply["ok"] and "timing_ms" in reply and len(reply["rois"]) <= 2
+        assert reply["map"]["mode"] == "window" and "densify" in reply["map"]["reason"]
         for roi in reply["rois"]:
             y, x = roi["center"]
             assert roi["center_calibrated"] == pytest.approx([y * 0.05, x * 0.05])

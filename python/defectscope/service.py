@@ -6,7 +6,8 @@ Wire format (also in the README):
   order (absent for ops without a frame). Header:
   ``{"op": "map"|"rois"|"ping"|"info", "id": <any JSON>, "dtype": "uint16",
   "shape": [H, W], "pixel_size": 0.02, "unit": "nm", "stride": 16, "top": 5}``;
-- reply: one part, UTF-8 JSON: ``{"id", "ok": true, "regions", "rois", "timing_ms"}``
+- reply: one part, UTF-8 JSON: ``{"id", "ok": true, "regions", "rois", "map", "timing_ms"}``
+  (``map``: ``{"mode": "dense"|"window", ...}`` as ``MapResult.info``)
   or ``{"id", "ok": false, "error": "<one line>"}``.
 
 The socket is a ROUTER, so REQ clients (which add an empty delimiter frame) and
@@ -246,7 +247,8 @@ class Service:
             timeout_s=self.request_timeout_s,
             cancel=self.cancel.is_set,
         )
-        reply: dict[str, Any] = {"regions": result.regions()}
+        # How the map was made: dense or window by window, and why not dense.
+        reply: dict[str, Any] = {"regions": result.regions(), "map": result.info}
         if op == "rois":
             reply["rois"] = select_rois(result, top, unknown=unknown)
         reply["timing_ms"] = {
