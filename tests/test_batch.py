@@ -191,6 +191,23 @@ def test_map_overlap_bands_equal_one_map(density_model_dir, cluster, height, ban
     assert result.regions() == reference.regions()
 
 
+def test_map_overlap_bands_take_the_background_asked_for(density_model_dir, cluster):
+    """--background reaches every band: the regions are those of one map with it."""
+    from defectscope.batch import map_large_frame
+
+    frame = (lattice((200, 160), vacancies=[(10, 9), (10, 10)], seed=6) * 200).clip(0, 255)
+    frame = frame.astype(np.uint8)
+    with Detector.load(density_model_dir, backend="torch", background="Vacancy") as det:
+        reference = det.map(frame, stride=16)
+    with distributed.Client(cluster.scheduler_address) as client:
+        result = map_large_frame(
+            frame, density_model_dir, client, stride=16, band=96, backend="torch",
+            background="Vacancy",
+        )  # fmt: skip
+    assert result.background == "Vacancy"
+    assert result.regions() == reference.regions()
+
+
 def test_map_overlap_refuses_bad_bands(onnx_artifact):
     from defectscope.batch import map_large_frame
 

@@ -274,11 +274,17 @@ def _map_band(
     stride: int,
     patch: int,
     values: int,
+    background: str | None = None,
 ) -> np.ndarray:
     """One band's windows as ``(rows, cols, classes + embedding + 2)``: probabilities,
-    embedding, uncertainty (NaN without a density) and unknown (0/1)."""
-    detector = _detector(artifact, backend, threads, None)
-    result = detector.map(np.ascontiguousarray(band), stride=stride)
+    embedding, uncertainty (NaN without a density) and unknown (0/1).
+
+    Window by window: a dense pass over a band would see the band's edges as the
+    frame's (padding, normalization footprint), so bands would not add up to the map
+    of the whole frame.
+    """
+    detector = _detector(artifact, backend, threads, background)
+    result = detector.map(np.ascontiguousarray(band), stride=stride, mode="window")
     rows, cols = result.grid_shape
     out = np.full((rows, cols, values), np.nan, np.float32)
     n_classes = result.probabilities.shape[-1]
@@ -299,6 +305,7 @@ def map_large_frame(
     backend: str = "auto",
     threads: int = 1,
     calibration=None,
+    background: str | None = None,
 ):
     """Map one frame too large for a worker in bands across Dask workers.
 
@@ -327,7 +334,9 @@ def map_large_frame(
     from defectscope.tiling import check_frame, window_origins
 
     artifact = str(artifact)
-    with Detector.load(artifact, backend=backend, warmup=False) as det:
+    with Detector.load(
+        artifact, backend=backend, warmup=False, background=background, dense=False
+    ) as det:
         config, classes, background = det.engine.config, det.classes, det.background
     frame = check_frame(frame)
     patch = config.patch_size
@@ -369,6 +378,7 @@ def map_large_frame(
         stride=stride,
         patch=patch,
         values=values,
+        background=background,
     )
     started = time.perf_counter()
     grid = client.compute(mapped).result() if client is not None else mapped.compute()
@@ -411,6 +421,7 @@ def _map_large_file(row: dict, client, artifact: str, options: dict, top: int, b
             band=band,
             backend=options["backend"],
             threads=options["threads"],
+            background=options.get("background"),
         )
         rois = select_rois(result, top, unknown=options["unknown"])
         write_map_outputs(frame, result, folder, inputs=[path, artifact], rois=rois)
