@@ -4,7 +4,9 @@ Measured in a child process (``ru_maxrss``), so nothing else in the suite counts
 The frame file is sparse (512 MiB that takes no disk); every window is read
 through the memmap, so touched pages show in RSS as page cache. The stride is
 ``DEFECTSCOPE_BENCH_MEMMAP_STRIDE`` (default 128: 16,641 windows, minutes on 2
-cores with INT8; stride 16 means a million windows, hours on this CPU).
+cores with INT8; stride 16 means a million windows, hours on this CPU) window by
+window; the dense route maps the same frame at stride 16 (``..._DENSE_STRIDE``), a
+million windows, in one trunk pass over crops of 1536^2.
 
 Run::
 
@@ -19,15 +21,18 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 CHILD = """
 import json, resource, sys, time
 import numpy as np
 from defectscope.detector import Detector
 frame = np.memmap(sys.argv[1], dtype=np.uint16, mode="r", shape=(16384, 16384))
-det = Detector.load(sys.argv[2], backend="onnxruntime", batch_size=64)
+det = Detector.load(sys.argv[2], batch_size=64)
 start = time.perf_counter()
 result = det.map(frame, stride=int(sys.argv[3]), keep_embeddings=False)
 print(json.dumps({
+    "mode": result.info["mode"],
     "windows": int(np.prod(result.grid_shape)),
     "seconds": time.perf_counter() - start,
     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -35,8 +40,14 @@ print(json.dumps({
 """
 
 
-def test_memmap_16k_peak_rss(benchmark, bench_model, tmp_path):
-    stride = int(os.environ.get("DEFECTSCOPE_BENCH_MEMMAP_STRIDE", "128"))
+@pytest.mark.parametrize("mode", ["window", "dense"])
+def test_memmap_16k_peak_rss(benchmark, bench_model, bench_dense_model, tmp_path, mode):
+    if mode == "window":
+        stride = int(os.environ.get("DEFECTSCOPE_BENCH_MEMMAP_STRIDE", "128"))
+        artifact = bench_model / "model.int8.onnx"
+    else:
+        stride = int(os.environ.get("DEFECTSCOPE_BENCH_MEMMAP_DENSE_STRIDE", "16"))
+        artifact = bench_dense_model
     path = tmp_path / "frame16k.u16"
     with open(path, "wb") as handle:
         handle.truncate(16384 * 16384 * 2)
@@ -45,7 +56,7 @@ def test_memmap_16k_peak_rss(benchmark, bench_model, tmp_path):
         "-c",
         CHILD,
         str(path),
-        str(bench_model / "model.int8.onnx"),
+        str(artifact),
         str(stride),
     ]
 
@@ -56,4 +67,5 @@ def test_memmap_16k_peak_rss(benchmark, bench_model, tmp_path):
     result = benchmark.pedantic(run, rounds=1)
     benchmark.group = "memory 16k memmap"
     benchmark.extra_info.update(result, stride=stride)
+    assert result["mode"] == mode
     assert result["peak_rss_mib"] < 2048

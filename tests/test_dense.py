@@ -297,3 +297,24 @@ def test_densify_and_map_from_the_command_line(density_model_dir, tmp_path, caps
                  "--mode", "dense"])  # fmt: skip
     assert code == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_match_density_carries_the_threshold_to_the_dense_scale():
+    """Dense embeddings that are the window ones scaled: the same windows are unknown."""
+    from defectscope.dense_model import match_density
+    from defectscope.density import FeatureDensity, fit_density
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(400, 8)) + np.repeat([[0.0] * 8, [40.0] * 8], 200, axis=0)
+    labels = np.repeat([0, 1], 200)
+    density = fit_density(train, labels, 2, rng.normal(size=(100, 8))).to_dict()
+    # Windows at every distance from class 0; the dense ones the same, 1.3x farther.
+    window = rng.normal(size=(400, 8)) * rng.uniform(0.3, 3.0, (400, 1))
+    dense = window * 1.3
+    matched = FeatureDensity.from_dict(match_density(density, window, dense))
+    original = FeatureDensity.from_dict(density)
+    _, u_window, k_window = original.score(window)
+    _, u_dense, k_dense = matched.score(dense)
+    assert np.mean(k_window == k_dense) >= 0.99
+    assert np.abs(u_window - u_dense).max() <= 0.05
+    assert "quantile-matched" in matched.source

@@ -316,6 +316,12 @@ def distill_dense(
     student.eval()
     for param in student.parameters():
         param.requires_grad = False
+    # Embeddings of every teacher window, from both, for the density's recalibration.
+    with torch.inference_mode():
+        dense_embeddings = torch.cat(
+            [torch.relu(student.head(top(f[None])))[0].flatten(1).T for f in stems]
+        ).numpy()
+    window_embeddings = torch.cat([g[1].reshape(-1, g[1].shape[-1]) for g in grids]).numpy()
     run = {
         "steps": steps,
         "crop": side,
@@ -331,7 +337,43 @@ def distill_dense(
         "loss_first": list(losses[0]) if losses else None,
         "loss_last": [float(v) for v in np.mean(losses[-10:], axis=0)] if losses else None,
     }
+    run["embeddings"] = (window_embeddings, dense_embeddings)
     return student.with_stride(32), run
+
+
+def match_density(
+    density: dict[str, Any], window_embeddings: np.ndarray, dense_embeddings: np.ndarray
+) -> dict[str, Any]:
+    """The model's feature density read on the dense graph's distance scale.
+
+    The dense embedding follows the per-window one closely but not exactly, and a
+    Mahalanobis distance magnifies small differences. The class means and whitening stay;
+    the reference quantiles and the unknown threshold are carried over by quantile
+    matching on the same windows: a distance that is the per-window model's q-th quantile
+    becomes the dense graph's q-th quantile (monotone, so the ranking of windows by
+    uncertainty is the dense graph's own).
+    """
+    from defectscope.density import FeatureDensity
+
+    fitted = FeatureDensity.from_dict(density)
+    window = np.sort(fitted.distances(window_embeddings).min(axis=1))
+    dense = np.sort(fitted.distances(dense_embeddings).min(axis=1))
+    levels = np.linspace(0.0, 1.0, len(window))
+
+    def carry(values: np.ndarray) -> np.ndarray:
+        q = np.interp(values, window, levels)
+        return np.interp(q, levels, dense)
+
+    reference = np.maximum.accumulate(carry(np.asarray(fitted.reference, np.float64)))
+    threshold = float(carry(np.array([fitted.threshold]))[0])
+    if fitted.threshold >= window[-1]:  # nothing of the frames was unknown: keep it so
+        threshold = max(threshold, float(dense[-1]) * 1.0001)
+    return {
+        **density,
+        "reference": [float(v) for v in reference],
+        "threshold": threshold,
+        "source": f"{fitted.source}, quantile-matched to the dense graph on {len(window)} windows",
+    }
 
 
 def export_dense_onnx(
@@ -341,12 +383,19 @@ def export_dense_onnx(
     margin: int,
     extra: dict[str, Any] | None = None,
     opset: int = 18,
+    density: dict[str, Any] | None = None,
 ) -> Path:
-    """Export a dense model with dynamic height and width (batch of one)."""
+    """Export a dense model with dynamic height and width (batch of one).
+
+    ``density`` replaces the model's feature density in the metadata (the dense
+    graph's recalibrated one, :func:`match_density`).
+    """
     import onnx
 
     _, config, record = load_checkpoint(model_dir)
     metadata = artifact_metadata(config, record)
+    if density is not None:
+        metadata["density"] = density
     metadata["dense"] = {
         "native_stride": student.native_stride,
         "margin": margin,
@@ -500,7 +549,7 @@ def make_dense(
     Returns the ``dense.json`` record.
     """
     model_dir = Path(model_dir)
-    teacher, config, _ = load_checkpoint(model_dir)
+    teacher, config, record_in = load_checkpoint(model_dir)
     patch = config.patch_size
     for native in native_strides:
         if native not in (32, 16, 8):
@@ -510,6 +559,10 @@ def make_dense(
     student, run = distill_dense(
         model_dir, frames, steps, crop, batch_size, seed=seed, progress=progress
     )
+    window_embeddings, dense_embeddings = run.pop("embeddings")
+    density = None
+    if record_in.get("density") is not None:
+        density = match_density(record_in["density"], window_embeddings, dense_embeddings)
     out = model_dir / DENSE_DIR
     out.mkdir(exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out, delete=False, suffix=".pt") as handle:
@@ -530,7 +583,9 @@ def make_dense(
     record: dict[str, Any] = {"distillation": run, "graphs": {}, "agreement": {}}
     for native in native_strides:
         graph = student.with_stride(native).eval()
-        fp32 = export_dense_onnx(graph, model_dir, out / dense_file(native), margin)
+        fp32 = export_dense_onnx(
+            graph, model_dir, out / dense_file(native), margin, density=density
+        )
         record["graphs"][f"{native}/fp32"] = fp32.name
         if int8:
             int8_path = quantize_onnx_int8(
