@@ -482,6 +482,16 @@ def measure_agreement(
 
     dense = DenseEngine(dense_path)
     reference = OnnxEngine(window_artifact) if window_artifact is not None else None
+    # Each map's unknown flags on its own density: the dense graph's is recalibrated.
+    window_density = None
+    if reference is not None:
+        window_density = reference.density
+    else:
+        record = load_checkpoint(model_dir)[2]
+        if record.get("density") is not None:
+            from defectscope.density import FeatureDensity
+
+            window_density = FeatureDensity.from_dict(record["density"])
     want_p, got_p, want_u, got_u = [], [], [], []
     for frame in frames:
         if reference is None:
@@ -508,8 +518,8 @@ def measure_agreement(
             raise RuntimeError("dense and per-window grids differ")  # a planner bug
         want_p.append(p)
         got_p.append(dp.reshape(len(origins), -1))
-        if dense.density is not None:
-            want_u.append(dense.density.score(e)[2])
+        if dense.density is not None and window_density is not None:
+            want_u.append(window_density.score(e)[2])
             got_u.append(dense.density.score(de.reshape(len(origins), -1))[2])
     report = agreement(np.concatenate(want_p), np.concatenate(got_p), dense.classes)
     report["max_abs_diff_probabilities"] = float(
