@@ -186,6 +186,26 @@ py::ssize_t process_range(const Job& job, py::ssize_t begin, py::ssize_t end,
   return -1;
 }
 
+// Runs work(0 .. n_threads - 1) on std::threads; where the system refuses a thread, the
+// calling thread does the remaining ranges. work must not throw (it catches its own).
+template <typename Work>
+void run_on_threads(int n_threads, Work&& work) {
+  std::vector<std::thread> pool;
+  pool.reserve(n_threads);
+  int started = 1;
+  for (int t = 1; t < n_threads; ++t) {
+    try {
+      pool.emplace_back(work, t);
+      ++started;
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
+  work(0);
+  for (int t = started; t < n_threads; ++t) work(t);
+  for (auto& th : pool) th.join();
+}
+
 template <typename T>
 py::ssize_t run_threads(const Job& job, int n_threads) {
   const py::ssize_t n = job.n_windows;
@@ -202,20 +222,7 @@ py::ssize_t run_threads(const Job& job, int n_threads) {
       failed[t] = 1;
     }
   };
-  std::vector<std::thread> pool;
-  pool.reserve(n_threads);
-  int started = 1;
-  for (int t = 1; t < n_threads; ++t) {
-    try {
-      pool.emplace_back(work, t);
-      ++started;
-    } catch (const std::system_error&) {
-      break;  // the system refused a thread: this thread does the remaining ranges
-    }
-  }
-  work(0);
-  for (int t = started; t < n_threads; ++t) work(t);
-  for (auto& th : pool) th.join();
+  run_on_threads(n_threads, work);
   for (int t = 0; t < n_threads; ++t)
     if (failed[t]) throw std::bad_alloc();
   for (py::ssize_t b : bad)
@@ -486,19 +493,7 @@ bool normalize_threads(const RegionJob& job, int n_threads) {
       failed[t] = 1;
     }
   };
-  std::vector<std::thread> pool;
-  int started = 1;
-  for (int t = 1; t < n_threads; ++t) {
-    try {
-      pool.emplace_back(work, t);
-      ++started;
-    } catch (const std::system_error&) {
-      break;
-    }
-  }
-  work(0);
-  for (int t = started; t < n_threads; ++t) work(t);
-  for (auto& th : pool) th.join();
+  run_on_threads(n_threads, work);
   for (int t = 0; t < n_threads; ++t)
     if (failed[t]) throw std::bad_alloc();
   return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
