@@ -205,7 +205,13 @@ def test_map_overlap_bands_take_the_background_asked_for(density_model_dir, clus
             background="Vacancy",
         )  # fmt: skip
     assert result.background == "Vacancy"
-    assert result.regions() == reference.regions()
+    np.testing.assert_array_equal(result.labels, reference.labels)
+    got, want = result.regions(), reference.regions()
+    assert [(r["label"], r["bbox"], r["n_windows"]) for r in got] == [
+        (r["label"], r["bbox"], r["n_windows"]) for r in want
+    ]
+    for g, w in zip(got, want, strict=True):  # worker processes may round differently
+        np.testing.assert_allclose(g["centroid"], w["centroid"], atol=1e-4)
 
 
 def test_map_overlap_refuses_bad_bands(onnx_artifact):
