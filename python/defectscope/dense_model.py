@@ -144,7 +144,7 @@ def _teacher_outputs(model, frame, origins, normalization, temperature, batch=12
         for start in range(0, len(origins), batch):
             patches = tile(
                 frame,
-                model_patch(model),
+                _patch_size(model),
                 origins=origins[start : start + batch],
                 normalization=normalization,
                 threads=1,
@@ -155,7 +155,8 @@ def _teacher_outputs(model, frame, origins, normalization, temperature, batch=12
     return torch.cat(outputs_p), torch.cat(outputs_e)
 
 
-def model_patch(model: DefectNet) -> int:
+def _patch_size(model: DefectNet) -> int:
+    """The window side a model was built for, from its head's input width."""
     side = round((model.embedding[1].in_features // 512) ** 0.5)
     return side * 32
 
