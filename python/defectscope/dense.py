@@ -90,6 +90,9 @@ class DenseEngine(Engine):
             raise EngineError(f"{path}: needs onnxruntime (pip install onnxruntime)") from exc
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Crops differ in size, so an arena keeps blocks it cannot reuse: without it a
+        # 3584^2 frame peaked at 0.95 GiB instead of 1.3, at the same speed.
+        options.enable_cpu_mem_arena = False
         if threads > 0:
             options.intra_op_num_threads = threads
         try:
