@@ -37,6 +37,28 @@ def _dilate(layer: nn.Conv2d, dilation: int) -> None:
     layer.padding = (dilation * (layer.kernel_size[0] // 2),) * 2
 
 
+def _rewire(features: nn.Sequential, native_stride: int) -> int:
+    """Set pools and convolutions of a VGG trunk for ``native_stride``, in place.
+
+    Pools that keep stride 2 give the native step; later ones run at stride 1 with the
+    layers after them dilated, which evaluates every shifted grid at once. Returns the
+    dilation the head needs.
+    """
+    pools = [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
+    kept = {32: 5, 16: 4, 8: 3}[native_stride]
+    dilation = 1
+    for index, layer in enumerate(features):
+        if isinstance(layer, nn.MaxPool2d):
+            if pools.index(index) >= kept:
+                features[index] = nn.MaxPool2d(2, stride=1, dilation=dilation)
+                dilation *= 2
+            else:
+                features[index] = nn.MaxPool2d(2, stride=2)
+        elif isinstance(layer, nn.Conv2d):
+            _dilate(layer, dilation)
+    return dilation
+
+
 class DenseDefectNet(nn.Module):
     """A :class:`DefectNet` as one fully convolutional pass over a region.
 
@@ -73,17 +95,7 @@ class DenseDefectNet(nn.Module):
                 folded.weight.copy_(first.weight.sum(dim=1, keepdim=True))
                 folded.bias.copy_(first.bias)
             features[0] = folded
-        pools = [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
-        # Pools that keep stride 2 give the native step; later ones run at stride 1
-        # with the layers after them dilated, which evaluates every shifted grid at once.
-        kept = {32: 5, 16: 4, 8: 3}[native_stride]
-        dilation = 1
-        for index, layer in enumerate(features):
-            if isinstance(layer, nn.MaxPool2d) and pools.index(index) >= kept:
-                features[index] = nn.MaxPool2d(2, stride=1, dilation=dilation)
-                dilation *= 2
-            elif isinstance(layer, nn.Conv2d) and dilation > 1:
-                _dilate(layer, dilation)
+        dilation = _rewire(features, native_stride)
         self.features = features
         linear = model.embedding[1]
         side = round((linear.in_features // 512) ** 0.5)
@@ -95,7 +107,7 @@ class DenseDefectNet(nn.Module):
             self.classifier.weight.copy_(model.classifier.weight[:, :, None, None])
             self.classifier.bias.copy_(model.classifier.bias)
         self.native_stride = native_stride
-        self.align = 2**kept
+        self.align = 2 ** {32: 5, 16: 4, 8: 3}[native_stride]
         self.in_channels = in_channels
         self.temperature = float(temperature)
 
@@ -110,20 +122,10 @@ class DenseDefectNet(nn.Module):
     def with_stride(self, native_stride: int) -> DenseDefectNet:
         """The same weights rewired for another native stride."""
         twin = copy.deepcopy(self)
-        pools = [i for i, m in enumerate(twin.features) if isinstance(m, nn.MaxPool2d)]
-        kept = {32: 5, 16: 4, 8: 3}[native_stride]
-        dilation = 1
-        for index, layer in enumerate(twin.features):
-            if isinstance(layer, nn.MaxPool2d):
-                if pools.index(index) >= kept:
-                    twin.features[index] = nn.MaxPool2d(2, stride=1, dilation=dilation)
-                    dilation *= 2
-                else:
-                    twin.features[index] = nn.MaxPool2d(2, stride=2)
-            elif isinstance(layer, nn.Conv2d):
-                _dilate(layer, dilation)
+        dilation = _rewire(twin.features, native_stride)
         twin.head.dilation = (dilation, dilation)
-        twin.native_stride, twin.align = native_stride, 2**kept
+        twin.native_stride = native_stride
+        twin.align = 2 ** {32: 5, 16: 4, 8: 3}[native_stride]
         return twin
 
 
