@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install defectscope with its C++ extension, editable, with
-# everything (training, formats, Nion, tests); then .venv-runtime, the runtime alone (no
-# PyTorch), which the tests use to prove an instrument PC needs nothing more.
+# everything (training, formats, Nion, Dask, napari, simulation, tests); then
+# .venv-runtime, the runtime alone (no PyTorch), which the tests use to prove an
+# instrument PC needs nothing more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,7 +16,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$STATE" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, pinned: pip takes this exact pair from the local wheel store where one exists.
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/python -m pip install -q -e ".[train,dev,formats,nion,scale,napari]"
+  .venv/bin/python -m pip install -q -e ".[train,dev,formats,nion,scale,napari,simulate]"
   echo "$STATE" > "$STAMP"
 else
   echo "setup: .venv is up to date (pyproject.toml and csrc/ unchanged)"

@@ -31,6 +31,7 @@ LAYERS = {
     "system": 0,
     "progress": 0,
     "tiling": 1,
+    "simulate": 1,
     "__init__": 2,
     "artifact": 2,
     "train_config": 2,
@@ -56,6 +57,7 @@ LAYERS = {
     "classifier": 6,
     "study": 6,
     "dense_model": 6,
+    "sim_check": 6,
     "pipeline": 7,
     "cli": 8,
 }
@@ -64,7 +66,7 @@ RUNTIME = {
     "__init__", "_tiling", "io", "tiling", "artifact", "engines", "maps", "rois", "detector",
     "density", "system", "progress",
     "figures", "outputs", "cluster", "cluster_run", "live", "service", "client", "lattice",
-    "nion", "cli", "train_config", "augment", "batch", "dense",
+    "nion", "cli", "train_config", "augment", "batch", "dense", "simulate", "sim_check",
 }  # fmt: skip
 
 

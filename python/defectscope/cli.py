@@ -47,11 +47,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     from defectscope.datasets import load_patches
     from defectscope.train import train_model_dir
 
-    patches = load_patches(args.data, skip_bad=args.skip_bad)
-    _report_skipped(patches)
-    result = train_model_dir(
-        patches, args.out, _train_config(args), args.validation, {"data": str(args.data)}
-    )
+    if args.data is None and args.simulated is None:
+        raise ValueError("give DATA (patch folders), --simulated DIR, or both")
+    real = None
+    if args.data is not None:
+        real = load_patches(args.data, skip_bad=args.skip_bad)
+        _report_skipped(real)
+    config = _train_config(args)
+    if args.simulated is not None:
+        from defectscope.train import train_from_simulated
+
+        folder = args.simulated / "patches"
+        simulated = load_patches(folder if folder.is_dir() else args.simulated, args.skip_bad)
+        _report_skipped(simulated)
+        record = {"data": None if args.data is None else str(args.data)}
+        record["simulated_data"] = str(args.simulated)
+        result = train_from_simulated(
+            simulated, args.out, config, args.validation, real, record, args.finetune_blocks
+        )
+    else:
+        result = train_model_dir(real, args.out, config, args.validation, {"data": str(args.data)})
     print(f"saved {args.out} ({len(result.history)} epochs, {result.wall_time_s:.0f} s)")
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -259,6 +274,80 @@ def _map_mode(result, detector) -> str:
         return f"dense, native stride {info['native_stride']}, {info['precision']}"
     reason = f"; {info['reason']}" if info.get("reason") else ""
     return f"{detector.engine.name}, window by window{reason}"
+
+
+def cmd_score_simulated(args: argparse.Namespace) -> int:
+    from defectscope.detector import Detector
+    from defectscope.io import atomic_write_json
+    from defectscope.outputs import refuse_overwrite
+    from defectscope.sim_check import score_simulated
+
+    if args.json is not None:
+        refuse_overwrite(args.json, [args.artifact, args.simulated / "truth.json"])
+    with Detector.load(
+        args.artifact, backend=args.backend, background=args.background,
+        dense=_dense_choice(args.mode),
+    ) as det:  # fmt: skip
+        score = score_simulated(
+            det, args.simulated, args.stride, args.tolerance, args.known_only, args.mode
+        )
+    if args.json is not None:
+        atomic_write_json(args.json, score)
+    per_type = ", ".join(
+        f"{kind} {v['recall']:.2f} of {v['defects']}" for kind, v in score["per_type"].items()
+    )
+    print(
+        f"recall {score['recall']:.3f} ({score['matched']}/{score['defects']} defects), "
+        f"precision {score['precision']:.3f} ({score['regions']} regions) within "
+        f"{score['tolerance_px']:.1f} px; per type: {per_type}"
+    )
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from defectscope.simulate import (
+        Instrument,
+        Multislice,
+        SimulationSettings,
+        parse_zone,
+        simulate_dataset,
+    )
+
+    settings = SimulationSettings(
+        structure=args.structure,
+        zone=parse_zone(args.zone),
+        pixel_size=args.pixel_size,
+        unit=args.unit,
+        probe_fwhm=args.probe_fwhm,
+        defects=args.defects,
+        frames=args.frames,
+        size=args.size,
+        thickness=args.thickness,
+        defects_per_frame=args.defects_per_frame,
+        column_fraction=args.column_fraction,
+        renderer=args.renderer,
+        patch_size=args.patch_size,
+        patches_per_defect=args.patches_per_defect,
+        vary=args.vary,
+        seed=args.seed,
+        instrument=Instrument(
+            dose=args.dose, jitter=args.jitter, drift=tuple(args.drift), gradient=args.gradient
+        ),
+        multislice=Multislice(
+            energy=args.energy * 1e3,
+            phonons=args.phonons,
+            prism_interpolation=args.prism,
+            scan_sampling=args.scan_sampling,
+        ),
+    )
+    record = simulate_dataset(settings, args.out, progress=not args.quiet)
+    defects = sum(len(f["defects"]) for f in record["frames"])
+    patches = ", ".join(f"{k} {v}" for k, v in sorted(record["patches"].items()))
+    print(
+        f"{args.out}: {len(record['frames'])} frames, {defects} defects, patches: {patches} "
+        f"({record['frames_per_minute']:.1f} frames/min, {settings.renderer})"
+    )
+    return 0
 
 
 def cmd_densify(args: argparse.Namespace) -> int:
@@ -592,8 +681,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train on all patches under DATA")
-    p.add_argument("data", type=Path)
+    p = sub.add_parser("train", help="train on all patches under DATA (and/or simulated ones)")
+    p.add_argument("data", type=Path, nargs="?", help="patch folders (optional with --simulated)")
+    p.add_argument(
+        "--simulated",
+        type=Path,
+        help="a 'defectscope simulate' output: train on it alone, or pretrain on it and "
+        "fine-tune on DATA",
+    )
+    p.add_argument(
+        "--finetune-blocks",
+        type=int,
+        help="with --simulated and DATA: conv blocks (from the top) the real patches train; "
+        "default --trainable-blocks",
+    )
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument(
         "--validation",
@@ -644,6 +745,67 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mode_option(p)
     _add_frame_options(p)
     p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser(
+        "simulate", help="simulated frames of a crystal with point defects, truth and patches"
+    )
+    p.add_argument("--structure", default="srtio3", help="srtio3, cdte or a file ASE reads (CIF)")
+    p.add_argument("--zone", default="0,0,1", help="zone axis [uvw] along the beam")
+    p.add_argument("--pixel-size", type=float, default=0.02)
+    p.add_argument("--unit", default="nm", choices=["nm", "Å", "A", "pm"])
+    p.add_argument("--probe-fwhm", type=float, default=0.08, help="in --unit")
+    p.add_argument(
+        "--defects",
+        default="vacancy",
+        help="comma list: vacancy[:El], substitution:El>El, interstitial[:El], antisite[:El>El]",
+    )
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--size", type=int, default=1024, help="frame side in pixels")
+    p.add_argument("--thickness", type=float, default=8.0, help="specimen thickness in --unit")
+    p.add_argument("--defects-per-frame", type=int, help="default: one per (2.5 patches)^2")
+    p.add_argument(
+        "--column-fraction",
+        type=float,
+        default=0.5,
+        help="share of a column's atoms of the species a vacancy/substitution takes (>= 1 atom)",
+    )
+    p.add_argument("--renderer", choices=["fast", "multislice"], default="fast")
+    p.add_argument("--patch-size", type=int, default=64)
+    p.add_argument("--patches-per-defect", type=int, default=4)
+    p.add_argument(
+        "--vary",
+        type=float,
+        default=0.0,
+        help="draw each frame's probe, thickness, dose, column fraction within +-VARY",
+    )
+    p.add_argument("--dose", type=float, default=200.0, help="electrons at the brightest columns")
+    p.add_argument("--jitter", type=float, default=0.3, help="scan-line jitter, pixels")
+    p.add_argument("--drift", type=float, nargs=2, default=[2.0, 3.0], metavar=("DY", "DX"))
+    p.add_argument("--gradient", type=float, default=0.15)
+    p.add_argument("--energy", type=float, default=200.0, help="multislice: keV")
+    p.add_argument("--phonons", type=int, default=0, help="multislice: frozen phonon configs")
+    p.add_argument("--prism", type=int, default=0, help="multislice: PRISM interpolation (0: off)")
+    p.add_argument(
+        "--scan-sampling", type=float, help="multislice: scan step in Å, Fourier-interpolated"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "score-simulated", help="map a simulate output and match regions to its truth.json"
+    )
+    p.add_argument("artifact", type=Path, help="model directory, .onnx file or TensorRT engine")
+    p.add_argument("simulated", type=Path, help="a 'defectscope simulate' output folder")
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--tolerance", type=float, help="pixels; default half the lattice spacing")
+    p.add_argument("--known-only", action="store_true", help="leave unknown regions out")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    p.add_argument("--background", help="name of the defect-free class")
+    p.add_argument("--json", type=Path, help="write the scores here")
+    _add_mode_option(p)
+    p.set_defaults(func=cmd_score_simulated)
 
     p = sub.add_parser(
         "densify", help="make dense graphs of a model directory (one trunk pass per frame)"

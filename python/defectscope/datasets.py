@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -54,6 +55,9 @@ class PatchSet:
         Source file of each patch.
     skipped : list of (str, str)
         ``(path, reason)`` of files left out with ``skip_bad``.
+    groups : ndarray of int64, shape (n,), optional
+        Independent group of each patch when the dataset says (``groups.json``, as
+        ``simulate`` writes it); ``None``: found from the pixels (:mod:`grouping`).
     """
 
     images: np.ndarray
@@ -61,6 +65,7 @@ class PatchSet:
     classes: list[str]
     paths: list[str]
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    groups: np.ndarray | None = None
 
     @property
     def patch_size(self) -> int:
@@ -71,7 +76,11 @@ class PatchSet:
 
     def subset(self, index: np.ndarray) -> PatchSet:
         return PatchSet(
-            self.images[index], self.labels[index], self.classes, [self.paths[i] for i in index]
+            self.images[index],
+            self.labels[index],
+            self.classes,
+            [self.paths[i] for i in index],
+            groups=None if self.groups is None else self.groups[index],
         )
 
 
@@ -190,7 +199,35 @@ def load_patches(root: str | os.PathLike, skip_bad: bool = False) -> PatchSet:
         classes=classes,
         paths=[str(p) for p, _ in kept],
         skipped=skipped,
+        groups=_known_groups(Path(root), [p for p, _ in kept]),
     )
+
+
+def _known_groups(root: Path, paths: list[Path]) -> np.ndarray | None:
+    """Group ids from ``root/groups.json`` (``{"Class/file.tif": group}``), if present.
+
+    Raises
+    ------
+    DatasetError
+        When the file is unreadable or leaves a patch without an integer group.
+    """
+    source = root / "groups.json"
+    if not source.is_file():
+        return None
+    try:
+        table = json.loads(source.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{source}: not a readable JSON object ({exc})") from exc
+    if not isinstance(table, dict):
+        raise DatasetError(f"{source}: must map patch paths to group numbers")
+    ids = []
+    for path in paths:
+        key = path.relative_to(root).as_posix()
+        group = table.get(key)
+        if isinstance(group, bool) or not isinstance(group, int):
+            raise DatasetError(f"{source}: no integer group for {key!r}")
+        ids.append(group)
+    return np.array(ids, dtype=np.int64)
 
 
 def _candidate_roots() -> list[Path]:

@@ -395,10 +395,8 @@ def train_model_dir(
     held = np.array([], dtype=np.int64)
     used = validation
     if validation == "grouped":
-        groups = find_groups(patches.images)
-        held = grouped_split(
-            patches.labels, groups.ids, patches.classes, seed=config.seed
-        ).validation
+        groups = patches.groups if patches.groups is not None else find_groups(patches.images).ids
+        held = grouped_split(patches.labels, groups, patches.classes, seed=config.seed).validation
         if len(held) == 0:
             used = "random (no class has three independent groups)"
     if validation == "random" or (validation == "grouped" and len(held) == 0):
@@ -417,3 +415,71 @@ def train_model_dir(
         record["calibration"] = {"temperature": fit_temperature(logits, val_set.labels)}
     save_training(out, result, config, extra_record=record)
     return result
+
+
+def train_from_simulated(
+    simulated: PatchSet,
+    out: str | Path,
+    config: TrainConfig = TrainConfig(),
+    validation: str = "grouped",
+    real: PatchSet | None = None,
+    extra_record: dict[str, Any] | None = None,
+    finetune_blocks: int | None = None,
+) -> TrainResult:
+    """Train on simulated patches only, or pretrain on them and fine-tune on ``real``.
+
+    Parameters
+    ----------
+    simulated : PatchSet
+        Patches written by :func:`defectscope.simulate.simulate_dataset` (their
+        ``groups`` are the frames, so validation never shares a frame with training).
+    out : path-like
+        Model directory. With ``real``, the simulated model is kept in
+        ``out/pretrained`` and its trunk starts the fine-tuning (a new head: the real
+        classes need not be the simulated ones).
+    config : TrainConfig
+        Used for both trainings; ``config.weights`` starts the simulated one.
+    validation : {'grouped', 'random', 'none'}
+    real : PatchSet, optional
+    extra_record : dict, optional
+        Added to model.json, next to ``"simulated"``.
+    finetune_blocks : int, optional
+        Conv blocks, counted from the top, that fine-tuning on ``real`` trains (the
+        rest keep the simulated weights); default ``config.trainable_blocks``.
+
+    Raises
+    ------
+    RuntimeError
+        When the simulated pretraining did not learn (its model is kept for inspection).
+    """
+    from defectscope.artifact import WEIGHTS_FILE
+
+    out = Path(out)
+    source = {"classes": simulated.classes, "patches": simulated.counts()}
+    if real is None:
+        record = {**(extra_record or {}), "simulated": {**source, "use": "simulated only"}}
+        return train_model_dir(simulated, out, config, validation, record)
+    pretrained = out / "pretrained"
+    pre = train_model_dir(
+        simulated, pretrained, config, validation, {"simulated": {**source, "use": "pretraining"}}
+    )
+    if pre.untrained:
+        raise RuntimeError(
+            f"{pretrained}: pretraining on the simulated patches did not learn "
+            f"({pre.fit['train_accuracy']:.2f} on its own patches); nothing was fine-tuned"
+        )
+    fine = dataclasses.replace(
+        config,
+        weights=str(pretrained / WEIGHTS_FILE),
+        trainable_blocks=config.trainable_blocks if finetune_blocks is None else finetune_blocks,
+    )
+    record = {
+        **(extra_record or {}),
+        "simulated": {
+            **source,
+            "use": "pretrained on simulated patches, fine-tuned on real ones",
+            "pretrained": str(pretrained),
+            "pretraining_epochs": len(pre.history),
+        },
+    }
+    return train_model_dir(real, out, fine, validation, record)
