@@ -280,3 +280,35 @@ def test_three_commands_from_a_crystal_to_scores(tmp_path, learned):
     # Bad input: one error line, exit 1.
     assert main(["simulate", "--defects", "hole", "--out", str(tmp_path / "x")]) == 1
     assert main(["train", "--out", str(tmp_path / "y")]) == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"pixel_size": float("inf")}, "pixel size must be positive"),
+        ({"thickness": float("nan")}, "thickness must be positive"),
+        ({"unit": "furlong"}, "unit"),
+        ({"size": 64}, "at least twice the patch size"),
+        ({"vary": 1.0}, "vary"),
+        ({"instrument": sim.Instrument(dose=float("inf"))}, "finite"),
+        ({"instrument": sim.Instrument(jitter=-1.0)}, "jitter"),
+        ({"multislice": sim.Multislice(prism_interpolation=-2)}, "PRISM"),
+    ],
+)
+def test_settings_out_of_range_are_named(change, message):
+    import dataclasses
+
+    settings = dataclasses.replace(sim.SimulationSettings(), **change)
+    with pytest.raises(ValueError, match=message):
+        settings.check()
+
+
+def test_simulate_cli_refuses_hostile_numbers(tmp_path, capsys):
+    from defectscope.cli import main
+
+    assert main(["simulate", "--pixel-size", "1e400", "--out", str(tmp_path / "a")]) == 1
+    assert main(["simulate", "--size", "100000000", "--out", str(tmp_path / "b")]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 2 and all(line.startswith("error:") for line in errors)
+    assert "pixel size" in errors[0] and "16384" in errors[1]
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.tif"))
