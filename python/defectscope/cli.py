@@ -329,6 +329,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         patch_size=args.patch_size,
         patches_per_defect=args.patches_per_defect,
         vary=args.vary,
+        exponent=args.exponent,
+        exponent_range=tuple(args.exponent_range) if args.exponent_range else None,
         seed=args.seed,
         instrument=Instrument(
             dose=args.dose, jitter=args.jitter, drift=tuple(args.drift), gradient=args.gradient
@@ -777,6 +779,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="draw each frame's probe, thickness, dose, column fraction within +-VARY",
+    )
+    p.add_argument("--exponent", type=float, default=1.7, help="fast renderer: Z ** EXPONENT")
+    p.add_argument(
+        "--exponent-range",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="fast renderer: draw each frame's exponent from [LO, HI] (domain randomization)",
     )
     p.add_argument("--dose", type=float, default=200.0, help="electrons at the brightest columns")
     p.add_argument("--jitter", type=float, default=0.3, help="scan-line jitter, pixels")
