@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -321,7 +322,7 @@ def place_defects(
     tree = cKDTree(xy)
     lo, hi = margin, np.asarray(specimen.extent) - margin
     eligible = np.flatnonzero(np.all((xy >= lo) & (xy <= hi), axis=1))
-    species_of = {s: ase.data.atomic_numbers[s] for spec in specs for s in (spec.species,)}
+    species_of = {spec.species: ase.data.atomic_numbers[spec.species] for spec in specs}
     members = [[] for _ in range(len(xy))]
     for atom, c in enumerate(column):
         members[c].append(atom)
@@ -852,7 +853,7 @@ def simulate_dataset(
     rng = np.random.default_rng([settings.seed, 1 << 20])
     frames, groups, lattice_spacing = [], {}, None
     counts: dict[str, int] = {}
-    started = _now()
+    started = time.perf_counter()
     bar = tqdm(range(settings.frames), desc=f"simulate ({settings.renderer})", disable=not progress)
     for index in bar:
         frame, frame_record = simulate_frame(settings, index)
@@ -869,7 +870,7 @@ def simulate_dataset(
             groups[relative] = index
             counts[label] = counts.get(label, 0) + 1
         frames.append({"file": f"frames/{name}", "shape": list(frame.shape), **frame_record})
-        seconds = _now() - started
+        seconds = time.perf_counter() - started
         record = {
             "settings": _settings_record(settings),
             "lattice_spacing": lattice_spacing,
@@ -884,12 +885,6 @@ def simulate_dataset(
         atomic_write_json(out / "patches" / "groups.json", groups)
         atomic_write_json(out / "truth.json", record)
     return record
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
 
 
 def _settings_record(settings: SimulationSettings) -> dict[str, Any]:
