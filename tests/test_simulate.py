@@ -281,6 +281,7 @@ def test_three_commands_from_a_crystal_to_scores(tmp_path, learned):
     # Bad input: one error line, exit 1.
     assert main(["simulate", "--defects", "hole", "--out", str(tmp_path / "x")]) == 1
     assert main(["train", "--out", str(tmp_path / "y")]) == 1
+    assert main(["score-simulated", str(model), str(sim_dir), "--tolerance", "-1"]) == 1
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,8 @@ def score_simulated(
     pixel = float(truth["settings"]["pixel_size"])
     if tolerance is None:
         tolerance = 0.5 * float(truth["lattice_spacing"]) / pixel
+    if not (np.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be a positive number of pixels, got {tolerance}")
     per_frame, found_types, true_types = [], [], []
     totals = {"defects": 0, "regions": 0, "matched": 0}
     started = time.perf_counter()
