@@ -438,7 +438,9 @@ def render_incoherent(
     ):
         r, c = r0 + dr, c0 + dc
         ok = (r >= 0) & (r < shape[0]) & (c >= 0) & (c < shape[1])
-        np.add.at(image, (r[ok], c[ok]), weight[ok] * w[ok])
+        # bincount sums repeated pixels in one pass (np.add.at is many times slower).
+        flat = r[ok] * shape[1] + c[ok]
+        image += np.bincount(flat, weight[ok] * w[ok], minlength=image.size).reshape(shape)
     sigma = probe_fwhm / (2 * math.sqrt(2 * math.log(2))) / pixel_size
     return gaussian_filter(image, sigma, mode="constant")
 
