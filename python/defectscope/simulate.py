@@ -327,12 +327,55 @@ def place_defects(
     for atom, c in enumerate(column):
         members[c].append(atom)
     host = float(np.median([len(m) for m in members if m]))
+
+    def one_pass():
+        # One random-order pass; the specimen changes only after a pass that fits all.
+        placed: list[PlacedDefect] = []
+        removed = np.zeros(len(specimen.numbers), dtype=bool)
+        numbers = specimen.numbers.copy()
+        added_positions, added_numbers = [], []
+        first = int(rng.integers(len(specs)))  # kinds in turn, from a random one
+        for c in rng.permutation(eligible):
+            if len(placed) >= count:
+                break
+            spec = specs[(first + len(placed)) % len(specs)]
+            z_old = species_of[spec.species]
+            site = xy[c]
+            if any(math.hypot(*(site - (p.x, p.y))) < separation for p in placed):
+                continue
+            in_column = np.array(members[c])
+            if spec.kind == "interstitial":
+                offsets = np.stack(
+                    np.meshgrid(*[np.linspace(-0.5, 0.5, 41)] * 2, indexing="ij"), -1
+                ).reshape(-1, 2)
+                candidates = site + offsets * specimen.lattice_spacing
+                gap, _ = tree.query(candidates)
+                site = candidates[int(np.argmax(gap))]
+                outside = np.any((site < lo) | (site > hi))
+                if outside or any(math.hypot(*(site - (p.x, p.y))) < separation for p in placed):
+                    continue
+                n_add = max(1, round(column_fraction * host))
+                z = (np.arange(n_add) + 0.5) * specimen.thickness / n_add
+                column_xy = np.broadcast_to(site, (n_add, 2))
+                added_positions.append(np.column_stack([column_xy, z]))
+                added_numbers.append(np.full(n_add, z_old))
+                placed.append(PlacedDefect(spec, float(site[0]), float(site[1]), n_add, 0))
+                continue
+            of_species = in_column[numbers[in_column] == z_old]
+            if len(of_species) == 0:
+                continue
+            k = max(1, round(column_fraction * len(of_species)))
+            chosen = rng.choice(of_species, size=k, replace=False)
+            if spec.kind == "vacancy":
+                removed[chosen] = True
+            else:
+                numbers[chosen] = ase.data.atomic_numbers[spec.replacement]
+            placed.append(PlacedDefect(spec, float(site[0]), float(site[1]), k, len(in_column)))
+        return placed, removed, numbers, added_positions, added_numbers
+
     # Random placement can leave no room for the last defect: try other orders first.
     for _ in range(20):
-        placed, removed, numbers, added_positions, added_numbers = _try_placing(
-            specimen, specs, count, (lo, hi), separation, column_fraction, rng,
-            (xy, tree, members, eligible, species_of, host),
-        )  # fmt: skip
+        placed, removed, numbers, added_positions, added_numbers = one_pass()
         if len(placed) == count:
             break
     else:
@@ -344,61 +387,6 @@ def place_defects(
     specimen.positions = np.concatenate([specimen.positions[keep], *added_positions])
     specimen.numbers = np.concatenate([numbers[keep], *added_numbers]).astype(np.int64)
     return placed
-
-
-def _try_placing(specimen, specs, count, bounds, separation, column_fraction, rng, index):
-    """One random-order pass of :func:`place_defects`; the specimen is not changed.
-
-    ``index`` is what every pass shares: column positions, their KD-tree, each column's
-    atoms, the eligible columns, the species' atomic numbers and the median column size.
-    Returns the placed defects, the removed-atom mask, the new atomic numbers and the
-    added atoms (positions, numbers).
-    """
-    ase = _ase()
-    xy, tree, members, eligible, species_of, host = index
-    lo, hi = bounds
-    placed: list[PlacedDefect] = []
-    removed = np.zeros(len(specimen.numbers), dtype=bool)
-    numbers = specimen.numbers.copy()
-    added_positions, added_numbers = [], []
-    first = int(rng.integers(len(specs)))  # kinds in turn, from a random one
-    for c in rng.permutation(eligible):
-        if len(placed) >= count:
-            break
-        spec = specs[(first + len(placed)) % len(specs)]
-        z_old = species_of[spec.species]
-        site = xy[c]
-        if any(math.hypot(*(site - (p.x, p.y))) < separation for p in placed):
-            continue
-        in_column = np.array(members[c])
-        if spec.kind == "interstitial":
-            offsets = np.stack(
-                np.meshgrid(*[np.linspace(-0.5, 0.5, 41)] * 2, indexing="ij"), -1
-            ).reshape(-1, 2)
-            candidates = site + offsets * specimen.lattice_spacing
-            gap, _ = tree.query(candidates)
-            site = candidates[int(np.argmax(gap))]
-            outside = np.any((site < lo) | (site > hi))
-            if outside or any(math.hypot(*(site - (p.x, p.y))) < separation for p in placed):
-                continue
-            n_add = max(1, round(column_fraction * host))
-            z = (np.arange(n_add) + 0.5) * specimen.thickness / n_add
-            column_xy = np.broadcast_to(site, (n_add, 2))
-            added_positions.append(np.column_stack([column_xy, z]))
-            added_numbers.append(np.full(n_add, z_old))
-            placed.append(PlacedDefect(spec, float(site[0]), float(site[1]), n_add, 0))
-            continue
-        of_species = in_column[numbers[in_column] == z_old]
-        if len(of_species) == 0:
-            continue
-        k = max(1, round(column_fraction * len(of_species)))
-        chosen = rng.choice(of_species, size=k, replace=False)
-        if spec.kind == "vacancy":
-            removed[chosen] = True
-        else:
-            numbers[chosen] = ase.data.atomic_numbers[spec.replacement]
-        placed.append(PlacedDefect(spec, float(site[0]), float(site[1]), k, len(in_column)))
-    return placed, removed, numbers, added_positions, added_numbers
 
 
 def render_incoherent(
