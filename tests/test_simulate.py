@@ -27,6 +27,44 @@ def test_incoherent_renderer_keeps_each_atoms_weight_and_position():
     assert math.sqrt(var) == pytest.approx(math.sqrt(0.849**2 + 0.37 * 0.63), rel=0.02)
 
 
+def _sr_column_peak_spread(column_scatter: float) -> float:
+    """Relative spread of the Sr columns' integrated intensity in a quiet fast frame."""
+    from scipy import ndimage
+
+    quiet = sim.Instrument(
+        dose=2e4, jitter=0.0, drift=(0.0, 0.0), gradient=0.0, gain=1.0, offset=0.0, read_noise=0
+    )
+    settings = sim.SimulationSettings(
+        structure="srtio3", defects="vacancy:Sr", size=256, thickness=4.0, seed=3,
+        column_scatter=column_scatter, instrument=quiet,
+    )  # fmt: skip
+    frame, record = sim.simulate_frame(settings, 0)
+    image = frame.astype(float)
+    peaks = (image == ndimage.maximum_filter(image, 9)) & (image > 0.6 * image.max())
+    rows, cols = np.nonzero(peaks)
+    inner = (rows > 10) & (rows < 246) & (cols > 10) & (cols < 246)
+    for d in record["defects"]:  # the emptied columns are not bulk
+        inner &= np.hypot(rows - d["row"], cols - d["col"]) > 10
+    # Summed over 7 x 7 pixels: a peak's height alone depends on where the column
+    # falls between pixels.
+    heights = ndimage.uniform_filter(image, 7)[rows[inner], cols[inner]]
+    assert len(heights) > 50
+    return float(heights.std() / heights.mean())
+
+
+def test_column_scatter_spreads_column_intensities():
+    # Every Sr column holds the same atoms: without scatter their peaks agree to the shot
+    # noise (under 1 % at this dose); with N(1, 0.1) per column they spread by about 10 %.
+    assert _sr_column_peak_spread(0.0) < 0.02
+    assert 0.06 < _sr_column_peak_spread(0.1) < 0.14
+    weights = sim.render_incoherent(
+        np.array([[5.0, 5.0, 0.0], [15.0, 5.0, 0.0]]), np.array([38, 38]), (20, 20), 1.0, 2.0,
+        exponent=2.0, atom_scale=np.array([1.0, 0.5]),
+    )  # fmt: skip
+    assert weights.sum() == pytest.approx(1.5 * 38**2, rel=1e-9)
+    assert weights[:, :10].sum() == pytest.approx(2 * weights[:, 10:].sum(), rel=1e-6)
+
+
 def test_srtio3_001_columns_and_spacing():
     atoms = sim.load_structure("srtio3")
     specimen = sim.build_specimen(atoms, (0, 0, 1), (39.05, 39.05), 39.05)
@@ -292,6 +330,7 @@ def test_three_commands_from_a_crystal_to_scores(tmp_path, learned):
         ({"unit": "furlong"}, "unit"),
         ({"size": 64}, "at least twice the patch size"),
         ({"vary": 1.0}, "vary"),
+        ({"column_scatter": float("nan")}, "column scatter"),
         ({"instrument": sim.Instrument(dose=float("inf"))}, "finite"),
         ({"instrument": sim.Instrument(jitter=-1.0)}, "jitter"),
         ({"multislice": sim.Multislice(prism_interpolation=-2)}, "PRISM"),

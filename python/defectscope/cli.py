@@ -331,6 +331,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         vary=args.vary,
         exponent=args.exponent,
         exponent_range=tuple(args.exponent_range) if args.exponent_range else None,
+        column_scatter=args.column_scatter,
         seed=args.seed,
         instrument=Instrument(
             dose=args.dose, jitter=args.jitter, drift=tuple(args.drift), gradient=args.gradient
@@ -787,6 +788,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("LO", "HI"),
         help="fast renderer: draw each frame's exponent from [LO, HI] (domain randomization)",
+    )
+    p.add_argument(
+        "--column-scatter",
+        type=float,
+        default=0.0,
+        help="fast renderer: each column's intensity times N(1, S), clipped to 0.5-1.5",
     )
     p.add_argument("--dose", type=float, default=200.0, help="electrons at the brightest columns")
     p.add_argument("--jitter", type=float, default=0.3, help="scan-line jitter, pixels")

@@ -397,12 +397,14 @@ def render_incoherent(
     probe_fwhm: float,
     origin: tuple[float, float] = (0.0, 0.0),
     exponent: float = 1.7,
+    atom_scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Incoherent HAADF image: ``Z ** exponent`` per atom, blurred by a Gaussian probe.
 
     Pixel ``(i, j)`` samples the point ``x = origin[0] + j * pixel_size``,
     ``y = origin[1] + i * pixel_size`` (the units of ``positions``). Atoms are spread
     onto their four nearest pixels (bilinear), then convolved with the probe.
+    ``atom_scale`` (one factor per atom) multiplies each atom's weight.
 
     Returns
     -------
@@ -416,6 +418,8 @@ def render_incoherent(
     col = (positions[:, 0] - origin[0]) / pixel_size
     row = (positions[:, 1] - origin[1]) / pixel_size
     weight = np.asarray(numbers, dtype=np.float64) ** exponent
+    if atom_scale is not None:
+        weight = weight * np.asarray(atom_scale, dtype=np.float64)
     r0, c0 = np.floor(row).astype(np.int64), np.floor(col).astype(np.int64)
     fr, fc = row - r0, col - c0
     for dr, dc, w in (
@@ -625,6 +629,11 @@ class SimulationSettings:
     microscope's settings. The exponent sets how columns of different Z compare; in
     multislice HAADF of SrTiO3 the Ti-O columns come out fainter against Sr than
     ``Z ** 1.7`` says (channelling), so a wide range covers what the fast model misses.
+    ``column_scatter`` (fast renderer) multiplies each projected column's intensity by
+    its own factor ``N(1, column_scatter)`` (clipped to 0.5-1.5): columns of one kind
+    differ in multislice and in real frames (channelling, static displacements, surface
+    layers) by about 10 %, against 5 % from shot noise alone, and a model that never saw
+    that calls a dim bulk column a vacancy.
     """
 
     structure: str = "srtio3"
@@ -640,6 +649,7 @@ class SimulationSettings:
     column_fraction: float = 0.5
     exponent: float = 1.7
     exponent_range: tuple[float, float] | None = None
+    column_scatter: float = 0.0
     renderer: str = "fast"
     patch_size: int = 64
     patches_per_defect: int = 4
@@ -665,6 +675,8 @@ class SimulationSettings:
             raise ValueError(f"exponent range must be 0 < LO <= HI <= 4, got {self.exponent_range}")
         if not 0 <= self.vary < 1:
             raise ValueError(f"vary must be in [0, 1), got {self.vary}")
+        if not 0 <= self.column_scatter <= 0.5:
+            raise ValueError(f"column scatter must be in [0, 0.5], got {self.column_scatter}")
         if self.frames < 1 or self.patches_per_defect < 1:
             raise ValueError("frames and patches per defect must be at least 1")
         if self.size > 16384:
@@ -731,9 +743,15 @@ def simulate_frame(settings: SimulationSettings, index: int) -> tuple[np.ndarray
     )
     origin = (0.0, 0.0)
     if settings.renderer == "fast":
+        atom_scale = None
+        if settings.column_scatter > 0:
+            _, column = specimen.columns()
+            factor = rng.normal(1.0, settings.column_scatter, column.max() + 1)
+            atom_scale = np.clip(factor, 0.5, 1.5)[column]
         clean = render_incoherent(
             specimen.positions, specimen.numbers, (side, side), pixel,
             _angstrom(settings, conditions["probe_fwhm"]), origin, conditions["exponent"],
+            atom_scale,
         )  # fmt: skip
     else:
         clean = render_multislice(
