@@ -23,6 +23,8 @@ from defectscope.train_config import TrainConfig
 
 
 def main(argv: list[str]) -> None:
+    if len(argv) < 3:
+        sys.exit(__doc__)
     dataset, pretrained, out = argv[:3]
     epochs = int(argv[3]) if len(argv) > 3 else 15
     n_folds = int(argv[4]) if len(argv) > 4 else 5

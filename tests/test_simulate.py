@@ -63,6 +63,10 @@ def test_column_scatter_spreads_column_intensities():
     )  # fmt: skip
     assert weights.sum() == pytest.approx(1.5 * 38**2, rel=1e-9)
     assert weights[:, :10].sum() == pytest.approx(2 * weights[:, 10:].sum(), rel=1e-6)
+    with pytest.raises(ValueError, match="one per atom"):
+        sim.render_incoherent(
+            np.zeros((2, 3)), np.array([38, 38]), (8, 8), 1.0, 2.0, atom_scale=np.ones(3)
+        )
 
 
 def test_srtio3_001_columns_and_spacing():

@@ -419,7 +419,10 @@ def render_incoherent(
     row = (positions[:, 1] - origin[1]) / pixel_size
     weight = np.asarray(numbers, dtype=np.float64) ** exponent
     if atom_scale is not None:
-        weight = weight * np.asarray(atom_scale, dtype=np.float64)
+        atom_scale = np.asarray(atom_scale, dtype=np.float64)
+        if atom_scale.shape != weight.shape:
+            raise ValueError(f"atom_scale shape {atom_scale.shape}: one per atom is {weight.shape}")
+        weight = weight * atom_scale
     r0, c0 = np.floor(row).astype(np.int64), np.floor(col).astype(np.int64)
     fr, fc = row - r0, col - c0
     for dr, dc, w in (
