@@ -142,8 +142,13 @@ def test_a_killed_worker_loses_no_frame(onnx_artifact, tmp_path, cluster):
     )
     killer.join()
     assert sorted(r["file"] for r in rows) == sorted(str(p.resolve()) for p in paths)
-    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
-    assert len(list(out.glob("frames/*/done.json"))) == 10
+    # A frame the killed worker finished but whose result died with it is rerun by Dask
+    # and finds its done.json: "skipped", its outputs complete, nothing mapped twice.
+    statuses = [r["status"] for r in rows]
+    assert set(statuses) <= {"ok", "skipped"}, [r["error"] for r in rows]
+    assert statuses.count("skipped") <= 1, statuses
+    done = [json.loads(p.read_text()) for p in out.glob("frames/*/done.json")]
+    assert len(done) == 10 and all(d["status"] == "ok" for d in done)
     assert not list(out.glob("frames/.*staging*"))
     with pytest.raises(ProcessLookupError):
         os.kill(pids[0], 0)  # the worker really was killed
