@@ -327,6 +327,9 @@ def place_defects(
     for atom, c in enumerate(column):
         members[c].append(atom)
     host = float(np.median([len(m) for m in members if m]))
+    # Where an interstitial may go around a site: a 41 x 41 grid over one lattice spacing.
+    grid = np.linspace(-0.5, 0.5, 41) * specimen.lattice_spacing
+    offsets = np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
 
     def one_pass():
         # One random-order pass; the specimen changes only after a pass that fits all.
@@ -345,10 +348,7 @@ def place_defects(
                 continue
             in_column = np.array(members[c])
             if spec.kind == "interstitial":
-                offsets = np.stack(
-                    np.meshgrid(*[np.linspace(-0.5, 0.5, 41)] * 2, indexing="ij"), -1
-                ).reshape(-1, 2)
-                candidates = site + offsets * specimen.lattice_spacing
+                candidates = site + offsets
                 gap, _ = tree.query(candidates)
                 site = candidates[int(np.argmax(gap))]
                 outside = np.any((site < lo) | (site > hi))
