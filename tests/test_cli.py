@@ -126,3 +126,13 @@ def test_help_shows_defaults(capsys):
     assert "number of ROIs (default: 5)" in text
     assert "window step in pixels (default: 16)" in text
     assert "(default: None)" not in text
+
+
+def test_help_shows_zero_and_negative_flag_defaults(capsys):
+    # 0 == False: a default of 0 must still be shown, as must --loco/--no-loco's.
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 turns it off) (default: 0)" in text
+    assert "one training per class) (default: False)" in text
+    assert "skip unreadable/odd files (default" not in text

@@ -588,9 +588,9 @@ def _read_frame(path: Path, args: argparse.Namespace):
 
 
 # Descriptions of options used by several commands; --help adds each default.
-def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--folds", type=_fold_count, default=5)
-    p.add_argument("--loco", action=argparse.BooleanOptionalAction, default=True)
+def _add_evaluation_options(p: argparse.ArgumentParser, folds: int, loco: bool) -> None:
+    p.add_argument("--folds", type=_fold_count, default=folds)
+    p.add_argument("--loco", action=argparse.BooleanOptionalAction, default=loco)
 
 
 def _fold_count(text: str) -> int:
@@ -642,10 +642,15 @@ class _DefaultsFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         help_text = action.help or ""
         default = action.default
+        # A store_true flag's False says nothing; 0 and --no-x defaults do (identity, as
+        # 0 == False).
+        flag = isinstance(action, argparse._StoreTrueAction)
         if (
             "%(default)" in help_text
             or "default:" in help_text
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is argparse.SUPPRESS
+            or (flag and default is False)
             or action.required
         ):
             return help_text
@@ -890,7 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs"))
     p.add_argument("--top", type=int, default=10, help="ROIs to rank in the large frame")
     _add_training_options(p)
-    _add_evaluation_options(p)
+    # The main job's default is the quick study (two trainings per dataset); the folds and
+    # the left-out classes are one training each, so they are asked for (STUDY=full).
+    _add_evaluation_options(p, folds=0, loco=False)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("batch", help="map many microscope files on Dask, resumably")
@@ -931,7 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="public data folder or a dataset folder")
     p.add_argument("--out", type=Path, required=True)
     _add_training_options(p)
-    _add_evaluation_options(p)
+    _add_evaluation_options(p, folds=5, loco=True)
     p.set_defaults(func=cmd_study)
     return parser
 

@@ -21,4 +21,11 @@ def cpu_description() -> str:
     except OSError:
         pass
     shown = ", ".join(f for f in NOTABLE_FLAGS if f in flags) or "none of note"
-    return f"{model}; {len(os.sched_getaffinity(0))} cores; flags: {shown}"
+    text = f"{model}; {len(os.sched_getaffinity(0))} cores; flags: {shown}"
+    # PyTorch's kernels capped below the CPU's own instruction set (AVX2 emulation).
+    caps = [
+        f"{name}={os.environ[name]}"
+        for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+        if os.environ.get(name)
+    ]
+    return text + (f"; capped: {', '.join(caps)}" if caps else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +45,15 @@ class TrainResult:
 
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX).
+
+    A cap on oneDNN's instruction set (``ONEDNN_MAX_CPU_ISA``, as set to run the
+    AVX2 code paths on a newer CPU) without BF16 or AMX counts as no bf16: oneDNN
+    would emulate it, far slower than fp32.
+    """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    if cap and cap not in ("ALL", "DEFAULT") and not any(k in cap for k in ("BF16", "AMX")):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
