@@ -207,3 +207,19 @@ def test_batchnorm_statistics_are_recalibrated_to_the_final_weights():
     np.testing.assert_allclose(bn.running_mean.numpy(), conv.mean((0, 2, 3)).numpy(), atol=1e-4)
     assert bn.momentum == 0.1 and not model.training
     assert not recalibrate_batchnorm(build_model(2, architecture="vgg16"), inputs)
+
+
+@pytest.mark.parametrize("min_delta, epochs_run", [(0.01, 5), (0.0, 7)])
+def test_patience_restarts_only_on_a_meaningful_gain(monkeypatch, min_delta, epochs_run):
+    import defectscope.train as train_module
+
+    # Scripted validation losses: a big gain, then gains of 0.002 an epoch (0.006 in the
+    # three epochs of patience: less than 0.01).
+    losses = iter([1.0, 0.5, 0.498, 0.496, 0.494, 0.492, 0.49])
+    monkeypatch.setattr(train_module, "_epoch_loss", lambda *a: (next(losses), 0.5))
+    monkeypatch.setattr(train_module, "chance_level", lambda *a: -10.0)  # always "learning"
+    config = TrainConfig(epochs=7, batch_size=8, patience=3, min_delta=min_delta, precision="fp32")
+    result = train_classifier(toy_patches(4), toy_patches(2, seed=1), config, progress=False)
+    assert len(result.history) == epochs_run
+    # Small gains do not restart patience, but the best weights are still the lowest loss's.
+    assert result.best_epoch == epochs_run - 1

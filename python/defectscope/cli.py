@@ -39,6 +39,7 @@ def _train_config(args: argparse.Namespace):
         architecture=args.architecture,
         trainable_blocks=args.trainable_blocks,
         patience=args.patience,
+        min_delta=args.min_delta,
         precision=args.precision,
     )
 
@@ -543,6 +544,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="VGG-16 conv blocks that train, from the top (0 = head only, 5 = all)",
     )
     parser.add_argument("--patience", type=int, default=defaults.patience)
+    parser.add_argument("--min-delta", type=_non_negative_float, default=defaults.min_delta)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable/odd files")
 
@@ -555,6 +557,13 @@ def _add_mode_option(parser: argparse.ArgumentParser) -> None:
         help="dense: one trunk pass over the frame (needs 'densify'); window: each window "
         "on its own; auto: dense where a dense graph serves the stride",
     )
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _positive_or_zero(text: str) -> int:
@@ -610,6 +619,7 @@ OPTION_HELP = {
     "--batch-size": "patches per training step or engine call",
     "--lr": "learning rate (AdamW)",
     "--patience": "epochs without a better validation loss before stopping",
+    "--min-delta": "validation-loss drop (nats) that restarts the patience count",
     "--precision": "auto uses bf16 autocast on CPUs with AVX-512 BF16 or AMX",
     "--stride": "window step in pixels",
     "--out": "where to write the results",

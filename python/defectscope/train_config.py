@@ -26,6 +26,8 @@ class TrainConfig:
     architecture: str = "vgg16_bn"
     trainable_blocks: int = N_BLOCKS
     patience: int = 6
+    # Validation-loss drop (nats) that counts as progress for patience.
+    min_delta: float = 0.01
     precision: str = "auto"  # auto | fp32 | bf16
     embedding_dim: int = 256
     augmentation: Augmentation = Augmentation()
