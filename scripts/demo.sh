@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up, then run the main job for CdTe and SrTiO3: train, evaluate honestly
-# (random vs grouped split; STUDY=full adds grouped k-fold and leave-one-class-out), map the large frame, export ONNX + INT8, cluster embeddings,
-# rank ROIs and write runs/<dataset>/report.html.
+# (random vs grouped split; STUDY=full adds grouped k-fold and leave-one-class-out), map
+# the large frame, export ONNX + INT8, cluster embeddings, rank ROIs and write
+# runs/<dataset>/report.html.
 # Data: --data PATH, else $DEFECTSCOPE_DATA, else ../shared/datasets/..., else a download.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -223,3 +223,23 @@ def test_patience_restarts_only_on_a_meaningful_gain(monkeypatch, min_delta, epo
     assert len(result.history) == epochs_run
     # Small gains do not restart patience, but the best weights are still the lowest loss's.
     assert result.best_epoch == epochs_run - 1
+
+
+@pytest.mark.parametrize(
+    "cap, native", [("AVX2", False), ("AVX512_CORE_VNNI", False), ("AVX512_CORE_BF16", None)]
+)
+def test_bf16_autocast_follows_a_onednn_cap(monkeypatch, cap, native):
+    from defectscope.system import cpu_description
+    from defectscope.train import cpu_has_bf16
+
+    # Capped below BF16 (the AVX2 emulation), auto precision must train in fp32; with a
+    # BF16 cap the CPU's own flags decide.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu_has_bf16.cache_clear()
+    try:
+        flags = open("/proc/cpuinfo").read()
+        own = "avx512_bf16" in flags or "amx_bf16" in flags
+        assert cpu_has_bf16() is (own if native is None else native)
+        assert f"capped: ONEDNN_MAX_CPU_ISA={cap}" in cpu_description()
+    finally:
+        cpu_has_bf16.cache_clear()  # the next caller sees the environment restored
