@@ -171,3 +171,21 @@ def test_locate_patches_finds_crops():
     w = frame[5:37, 60:92] - frame[5:37, 60:92].mean()
     brute = (t * w).sum() / np.sqrt((t**2).sum() * (w**2).sum())
     assert match_template(frame, crops[1])[5, 60] == pytest.approx(brute, abs=1e-9)
+
+
+def test_a_same_phase_lattice_region_is_not_taken_for_the_crop():
+    from defectscope.provenance import locate_patches
+    from defectscope.study import CROP_MATCH_THRESHOLD
+
+    # A periodic lattice matches itself one period away: a crop of another image of the
+    # same lattice (independent noise) scores about 0.94 somewhere, and must not count as
+    # cut from this frame; the frame's own crop does.
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:160, :160]
+    lattice = np.cos(2 * np.pi * yy / 8) * np.cos(2 * np.pi * xx / 8)
+    frame = lattice + rng.normal(scale=0.12, size=lattice.shape)
+    other = lattice + rng.normal(scale=0.12, size=lattice.shape)
+    crops = np.stack([frame[40:104, 24:88], other[40:104, 24:88]])
+    positions, scores = locate_patches(frame, crops, threshold=CROP_MATCH_THRESHOLD)
+    assert positions[0].tolist() == [40, 24] and positions[1].tolist() == [-1, -1]
+    assert 0.9 < scores[1] < CROP_MATCH_THRESHOLD
