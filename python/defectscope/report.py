@@ -196,7 +196,10 @@ def _settings(study: dict) -> str:
     rows = [
         ["data", f"{study['dataset']}: {study['n_patches']} patches, {study['n_groups']} groups"],
         ["model", f"{config.get('architecture')} ({config.get('weights')} weights)"],
-        ["epochs (at most) / patience", f"{config.get('epochs')} / {config.get('patience')}"],
+        [
+            "epochs (at most) / patience / min delta",
+            f"{config.get('epochs')} / {config.get('patience')} / {config.get('min_delta', 1e-4)}",
+        ],
         ["seed", config.get("seed")],
         ["defectscope", run.get("defectscope", "unknown")],
         ["CPU", run.get("machine", "unknown")],
