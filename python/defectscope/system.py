@@ -22,10 +22,15 @@ def cpu_description() -> str:
         pass
     shown = ", ".join(f for f in NOTABLE_FLAGS if f in flags) or "none of note"
     text = f"{model}; {len(os.sched_getaffinity(0))} cores; flags: {shown}"
-    # PyTorch's kernels capped below the CPU's own instruction set (AVX2 emulation).
-    caps = [
-        f"{name}={os.environ[name]}"
-        for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-        if os.environ.get(name)
-    ]
+    caps = [f"{name}={value}" for name, value in isa_caps().items()]
     return text + (f"; capped: {', '.join(caps)}" if caps else "")
+
+
+# Environment variables that hold PyTorch's kernels below the CPU's own instruction set
+# (how the AVX2 code paths are run on a newer CPU); DNNL_ is oneDNN's older spelling.
+ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def isa_caps() -> dict[str, str]:
+    """The instruction-set caps set in the environment, by variable name."""
+    return {name: os.environ[name] for name in ISA_CAP_VARIABLES if os.environ.get(name)}

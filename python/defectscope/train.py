@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +18,7 @@ from defectscope.augment import augment_batch
 from defectscope.checkpoint import ModelConfig, guess_background, save_checkpoint
 from defectscope.datasets import PatchSet
 from defectscope.model import DefectNet, build_model
+from defectscope.system import isa_caps
 from defectscope.tiling import Normalization, tile
 from defectscope.train_config import TrainConfig
 
@@ -51,7 +51,8 @@ def cpu_has_bf16() -> bool:
     AVX2 code paths on a newer CPU) without BF16 or AMX counts as no bf16: oneDNN
     would emulate it, far slower than fp32.
     """
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    caps = isa_caps()
+    cap = caps.get("ONEDNN_MAX_CPU_ISA", caps.get("DNNL_MAX_CPU_ISA", "")).upper()
     if cap and cap not in ("ALL", "DEFAULT") and not any(k in cap for k in ("BF16", "AMX")):
         return False
     try:
