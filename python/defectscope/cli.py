@@ -136,6 +136,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         frame=frame,
         folds=args.folds,
         loco=args.loco,
+        resume=args.resume,
     )
     print((Path(args.out) / "summary.md").read_text())
     print(f"wall time {report['wall_time_s']} s; results in {args.out}")
@@ -450,6 +451,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             args.top,
             folds=args.folds,
             loco=args.loco,
+            resume=args.resume,
         )
         print(f"{dataset}: report -> {report}")
     return 0
@@ -600,6 +602,7 @@ def _read_frame(path: Path, args: argparse.Namespace):
 def _add_evaluation_options(p: argparse.ArgumentParser, folds: int, loco: bool) -> None:
     p.add_argument("--folds", type=_fold_count, default=folds)
     p.add_argument("--loco", action=argparse.BooleanOptionalAction, default=loco)
+    p.add_argument("--resume", action="store_true")
 
 
 def _fold_count(text: str) -> int:
@@ -614,6 +617,8 @@ OPTION_HELP = {
     "--workers": "worker processes of the local cluster (default: cores / 2)",
     "--folds": "grouped k-fold cross-validation (one training per fold; 0 turns it off)",
     "--loco": "leave-one-class-out test of the uncertainty (one training per class)",
+    "--resume": "reuse trainings an interrupted run into the same --out finished with the "
+    "same data, splits, settings and version",
     "--epochs": "training epochs at most (early stopping may end sooner)",
     "--seed": "random seed (splits, initialization, shuffling)",
     "--batch-size": "patches per training step or engine call",

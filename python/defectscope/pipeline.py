@@ -23,8 +23,13 @@ def run_pipeline(
     calibration_size: int = 256,
     folds: int = 5,
     loco: bool = True,
+    resume: bool = False,
 ) -> Path:
-    """Run every step of the demo for ``dataset`` ('cdte' or 'sto'); returns the report path."""
+    """Run every step of the demo for ``dataset`` ('cdte' or 'sto'); returns the report path.
+
+    ``resume`` reuses the trainings an interrupted run into ``out_dir`` finished
+    (see :func:`defectscope.study.run_study`).
+    """
     from defectscope.cluster_run import cluster_dataset
     from defectscope.datasets import DATASET_FRAMES, dataset_folder, load_patches, locate_upstream
     from defectscope.detector import Detector
@@ -52,6 +57,7 @@ def run_pipeline(
         folds=folds,
         loco=loco,
         steps=steps,
+        resume=resume,
     )
     print((out / "summary.md").read_text())
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import hashlib
 import io
+import json
 import logging
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 from scipy.special import softmax
 
 from defectscope import __version__
+from defectscope.artifact import WEIGHTS_FILE
 from defectscope.datasets import PatchSet
 from defectscope.evaluate import (
     Split,
@@ -45,6 +48,71 @@ from defectscope.train import (
 log = logging.getLogger(__name__)
 
 
+class FinishedWork:
+    """The trainings a study has finished, kept so that an interrupted run can resume.
+
+    Each unit of work (the random split, the grouped split, a fold, a left-out class)
+    is written, when it ends, to ``<out_dir>/finished/<name>.json`` with a key: the
+    SHA-256 of the patches' pixels, labels and classes, of the unit's split indices,
+    of the training settings and of the defectscope version. With ``resume``, a unit
+    whose stored key matches (and, for a saved model, whose weights are unchanged) is
+    taken from there instead of being trained again; anything else is trained anew.
+    """
+
+    def __init__(self, out_dir: Path, patches: PatchSet, config: TrainConfig, resume: bool):
+        self.directory = out_dir / "finished"
+        self.resume = resume
+        self.reused: list[str] = []
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(patches.images).tobytes())
+        digest.update(str(patches.images.dtype).encode() + str(patches.images.shape).encode())
+        digest.update(np.ascontiguousarray(patches.labels, dtype=np.int64).tobytes())
+        settings = {
+            "classes": patches.classes,
+            "config": dataclasses.asdict(config),
+            "version": __version__,
+        }
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        self._base = digest.hexdigest()
+
+    def _key(self, name: str, split: Split) -> str:
+        digest = hashlib.sha256(self._base.encode() + name.encode())
+        for part in (split.train, split.validation, split.test):
+            digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes() + b"|")
+        return digest.hexdigest()
+
+    def get(self, name: str, split: Split, model_dir: Path | None = None) -> dict | None:
+        """The stored record of ``name`` when it may be reused, else None."""
+        path = self.directory / f"{name}.json"
+        if not self.resume or not path.is_file():
+            return None
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(stored, dict) or stored.get("key") != self._key(name, split):
+            return None
+        if model_dir is not None and stored.get("weights_sha256") != _file_sha256(
+            model_dir / WEIGHTS_FILE
+        ):
+            return None
+        log.info("%s: reusing the training finished by an earlier run (%s)", name, path)
+        self.reused.append(name)
+        return stored["record"]
+
+    def put(self, name: str, split: Split, record: dict, model_dir: Path | None = None) -> None:
+        stored = {"key": self._key(name, split), "record": record}
+        if model_dir is not None:
+            stored["weights_sha256"] = _file_sha256(model_dir / WEIGHTS_FILE)
+        atomic_write_json(self.directory / f"{name}.json", stored)
+
+
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _score_split(patches: PatchSet, split: Split, config: TrainConfig, name: str, progress: bool):
     """Train on ``split.train``, early-stop on ``split.validation``, score ``split.test``."""
     train, val, test = (patches.subset(ix) for ix in (split.train, split.validation, split.test))
@@ -67,11 +135,16 @@ def evaluate_split(
     model_dir: Path,
     progress: bool = True,
     name: str | None = None,
+    finished: FinishedWork | None = None,
 ) -> dict:
     """Train on ``split.train``, early-stop on ``split.validation``, score ``split.test``.
 
-    The model is saved in ``model_dir`` with its feature density and metrics.
+    The model is saved in ``model_dir`` with its feature density and metrics; a
+    training ``finished`` holds, with its model unchanged, is not run again.
     """
+    unit = f"{split.name}-split"
+    if finished is not None and (stored := finished.get(unit, split, model_dir)) is not None:
+        return stored
     result, metrics, calibration = _score_split(
         patches, split, config, name or f"{split.name} split", progress
     )
@@ -90,7 +163,7 @@ def evaluate_split(
         "density": density.to_dict(),
     }
     save_training(model_dir, result, config, extra_record=extra)
-    return {
+    record = {
         "split": split.describe(),
         "metrics": metrics,
         "calibration": calibration,
@@ -105,6 +178,9 @@ def evaluate_split(
         "train_index": split.train.tolist(),
         "test_index": split.test.tolist(),
     }
+    if finished is not None:
+        finished.put(unit, split, record, model_dir)
+    return record
 
 
 def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
@@ -172,14 +248,20 @@ def cross_validate(
     config: TrainConfig,
     first: dict | None = None,
     progress: bool = True,
+    finished: FinishedWork | None = None,
 ) -> dict:
     """Grouped k-fold cross-validation: a model per fold, each group tested once.
 
     ``first``, the record of :func:`evaluate_split` on ``splits[0]``, is reused
-    rather than trained again.
+    rather than trained again; so are folds ``finished`` holds.
     """
     folds = []
     for index, split in enumerate(splits):
+        name = f"fold-{index + 1}-of-{len(splits)}"
+        fold = finished.get(name, split) if finished is not None else None
+        if fold is not None:
+            folds.append(fold)
+            continue
         if index == 0 and first is not None:
             metrics, calibration = first["metrics"], first["calibration"]
             epochs, warnings = first["epochs_run"], first["warnings"]
@@ -189,19 +271,20 @@ def cross_validate(
             )
             epochs, warnings = len(result.history), result.warnings
         calibration = {k: v for k, v in calibration.items() if k != "reliability"}
-        folds.append(
-            {
-                "fold": index,
-                "n_train": len(split.train),
-                "n_validation": len(split.validation),
-                "n_test": len(split.test),
-                "evaluable_classes": split.evaluable_classes,
-                "metrics": {k: v for k, v in metrics.items() if k != "confusion"},
-                "calibration": calibration,
-                "epochs_run": epochs,
-                "warnings": warnings,
-            }
-        )
+        fold = {
+            "fold": index,
+            "n_train": len(split.train),
+            "n_validation": len(split.validation),
+            "n_test": len(split.test),
+            "evaluable_classes": split.evaluable_classes,
+            "metrics": {k: v for k, v in metrics.items() if k != "confusion"},
+            "calibration": calibration,
+            "epochs_run": epochs,
+            "warnings": warnings,
+        }
+        if finished is not None:
+            finished.put(name, split, fold)
+        folds.append(fold)
     return {"folds": folds, **summarize_folds(folds, patches.classes)}
 
 
@@ -223,6 +306,7 @@ def leave_one_class_out(
     config: TrainConfig,
     progress: bool = True,
     classes: list[str] | None = None,
+    finished: FinishedWork | None = None,
 ) -> dict:
     """How well the uncertainty flags a class the model never saw.
 
@@ -232,7 +316,8 @@ def leave_one_class_out(
     Reports the AUROC of "X is unknown" for the density distance and, for
     comparison, for the softmax (one minus the top probability), and the shares of
     X and of the held-out patches beyond the unknown threshold. ``classes`` limits
-    which classes are left out in turn (default: every class).
+    which classes are left out in turn (default: every class); classes ``finished``
+    holds are not trained again.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -240,6 +325,11 @@ def leave_one_class_out(
     report = {}
     for drop, name in enumerate(patches.classes):
         if classes is not None and name not in classes:
+            continue
+        unit = f"without-class-{drop}"
+        stored = finished.get(unit, split) if finished is not None else None
+        if stored is not None and stored.get("class") == name:
+            report[name] = stored["result"]
             continue
         known_test = _drop_class(patches, split.test, drop)
         novel = np.flatnonzero(patches.labels == drop)
@@ -278,6 +368,8 @@ def leave_one_class_out(
             "known_unknown": float(scores["known"][2].mean()),
             "warnings": result.warnings,
         }
+        if finished is not None:
+            finished.put(unit, split, {"class": name, "result": report[name]})
     return report
 
 
@@ -505,6 +597,7 @@ def run_study(
     folds: int = 5,
     loco: bool = True,
     steps: StepTimer | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run the random-versus-grouped study and write it under ``out_dir``.
 
@@ -522,6 +615,10 @@ def run_study(
         Leave-one-class-out test of the uncertainty (one training per class).
     steps : StepTimer, optional
         Times each step (and shows a spinner for those without a progress bar).
+    resume : bool
+        Reuse the trainings an earlier, interrupted run into the same ``out_dir``
+        finished with the same patches, splits, settings and version (see
+        :class:`FinishedWork`); the report lists them under ``"resumed"``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -563,18 +660,27 @@ def run_study(
         },
         "train_config": dataclasses.asdict(config),
     }
+    finished = FinishedWork(out_dir, patches, config, resume)
     with steps("training on the random split", spin=False):
-        report["random"] = evaluate_split(patches, rnd, config, out_dir / "model_random", progress)
+        report["random"] = evaluate_split(
+            patches, rnd, config, out_dir / "model_random", progress, finished=finished
+        )
     with steps("training on the grouped split", spin=False):
-        report["grouped"] = evaluate_split(patches, grp, config, out_dir / "model", progress)
+        report["grouped"] = evaluate_split(
+            patches, grp, config, out_dir / "model", progress, finished=finished
+        )
     if folds:
         with steps(f"grouped {len(splits)}-fold cross-validation", spin=False):
             report["cross_validation"] = cross_validate(
-                patches, splits, config, first=report["grouped"], progress=progress
+                patches, splits, config, report["grouped"], progress, finished
             )
     if loco:
         with steps("leave one class out", spin=False):
-            report["leave_one_class_out"] = leave_one_class_out(patches, grp, config, progress)
+            report["leave_one_class_out"] = leave_one_class_out(
+                patches, grp, config, progress, finished=finished
+            )
+    if finished.reused:
+        report["resumed"] = finished.reused
     if frame is not None:
         with steps("mapping the large frame"):
             report["frame_check"] = frame_check(

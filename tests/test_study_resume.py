@@ -1,0 +1,95 @@
+"""An interrupted study resumes: finished trainings are reused only when nothing changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from defectscope import study as study_module
+from defectscope.artifact import WEIGHTS_FILE
+from defectscope.datasets import PatchSet
+from defectscope.evaluate import random_split
+from defectscope.study import FinishedWork, run_study
+from defectscope.train import TrainConfig
+from tests.synthetic import lattice
+
+CONFIG = TrainConfig(epochs=1, batch_size=8, precision="fp32", seed=0)
+
+
+def three_classes(n_per_class: int = 6) -> PatchSet:
+    """Bulk, a central and a corner vacancy; noisy enough that each patch is its own group."""
+    kinds = {"Bulk": [], "Centre": [(3, 3), (3, 4), (4, 3), (4, 4)], "Corner": [(1, 1), (1, 2)]}
+    images, labels = [], []
+    for label, vacancies in enumerate(kinds.values()):
+        for i in range(n_per_class):
+            images.append(lattice((64, 64), vacancies=vacancies, noise=0.4, seed=100 * label + i))
+            labels.append(label)
+    images = (np.stack(images) * 200).clip(0, 255).astype(np.uint8)
+    return PatchSet(images, np.array(labels), list(kinds), [f"p{i}" for i in range(len(labels))])
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    report = run_study(three_classes(), out, CONFIG, "toy", progress=False, folds=3, loco=True)
+    return out, report
+
+
+def test_a_resumed_study_trains_nothing_finished(first_run, monkeypatch):
+    out, first = first_run
+    finished = sorted(p.name for p in (out / "finished").iterdir())
+    assert finished == [
+        "fold-1-of-3.json",
+        "fold-2-of-3.json",
+        "fold-3-of-3.json",
+        "grouped-split.json",
+        "random-split.json",
+        "without-class-0.json",
+        "without-class-1.json",
+        "without-class-2.json",
+    ]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished training was run again")
+
+    monkeypatch.setattr(study_module, "train_classifier", no_training)
+    monkeypatch.setattr(study_module, "_score_split", no_training)
+    again = run_study(
+        three_classes(), out, CONFIG, "toy", progress=False, folds=3, loco=True, resume=True
+    )
+    assert sorted(again["resumed"]) == sorted(p[: -len(".json")] for p in finished)
+    for part in ("random", "grouped", "cross_validation", "leave_one_class_out"):
+        assert json.dumps(again[part], sort_keys=True) == json.dumps(first[part], sort_keys=True)
+    assert again["leave_one_class_out"]["Corner"]["n_novel"] == 6
+    # Without --resume everything is trained again.
+    with pytest.raises(AssertionError, match="run again"):
+        run_study(three_classes(), out, CONFIG, "toy", progress=False, folds=3, loco=True)
+
+
+def test_finished_work_is_not_reused_when_anything_changed(first_run):
+    out, _ = first_run
+    patches = three_classes()
+    split = random_split(patches.labels, patches.classes, seed=CONFIG.seed)
+    model_dir = out / "model_random"
+    assert FinishedWork(out, patches, CONFIG, resume=True).get("random-split", split, model_dir)
+    # Off unless asked for.
+    assert FinishedWork(out, patches, CONFIG, resume=False).get("random-split", split) is None
+    changed = {
+        "settings": (patches, dataclasses.replace(CONFIG, learning_rate=3e-4), split),
+        "pixels": (dataclasses.replace(patches, images=patches.images[::-1].copy()), CONFIG, split),
+        "split": (patches, CONFIG, dataclasses.replace(split, test=split.test[1:])),
+    }
+    for what, (p, config, s) in changed.items():
+        assert FinishedWork(out, p, config, resume=True).get("random-split", s) is None, what
+    # A model changed since (retrained by hand, copied over) is not the one scored.
+    weights = model_dir / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    work = FinishedWork(out, patches, CONFIG, resume=True)
+    assert work.get("random-split", split, model_dir) is None
+    # A damaged record is trained again, not an error.
+    (out / "finished" / "fold-2-of-3.json").write_text("{not json")
+    work = FinishedWork(out, patches, CONFIG, resume=True)
+    assert work.get("fold-2-of-3", split) is None
