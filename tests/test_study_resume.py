@@ -64,6 +64,9 @@ def test_a_resumed_study_trains_nothing_finished(first_run, monkeypatch):
     for part in ("random", "grouped", "cross_validation", "leave_one_class_out"):
         assert json.dumps(again[part], sort_keys=True) == json.dumps(first[part], sort_keys=True)
     assert again["leave_one_class_out"]["Corner"]["n_novel"] == 6
+    # Each model trained without a class is kept, saying which class it never saw.
+    kept = json.loads((out / "loco" / "without-class-2" / "model.json").read_text())
+    assert kept["left_out"] == "Corner" and kept["model"]["classes"] == ["Bulk", "Centre"]
     # Without --resume everything is trained again.
     with pytest.raises(AssertionError, match="run again"):
         run_study(three_classes(), out, CONFIG, "toy", progress=False, folds=3, loco=True)

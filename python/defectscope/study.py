@@ -307,6 +307,7 @@ def leave_one_class_out(
     progress: bool = True,
     classes: list[str] | None = None,
     finished: FinishedWork | None = None,
+    models_dir: Path | None = None,
 ) -> dict:
     """How well the uncertainty flags a class the model never saw.
 
@@ -317,7 +318,9 @@ def leave_one_class_out(
     comparison, for the softmax (one minus the top probability), and the shares of
     X and of the held-out patches beyond the unknown threshold. ``classes`` limits
     which classes are left out in turn (default: every class); classes ``finished``
-    holds are not trained again.
+    holds are not trained again. With ``models_dir``, each model is kept there as
+    ``without-class-<index>/`` (its left-out class and density in ``model.json``), so
+    other novelty scores can be measured later without training again.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -349,6 +352,13 @@ def leave_one_class_out(
             name=f"without {name}",
         )
         density = fit_model_density(result.model, train, val, norm)
+        if models_dir is not None:
+            save_training(
+                models_dir / unit,
+                result,
+                config,
+                extra_record={"left_out": name, "density": density.to_dict()},
+            )
         scores = {}
         for part, images in (("known", known_test.images), ("novel", patches.images[novel])):
             logits, embeddings = predict_logits(result.model, patches_to_inputs(images, norm))
@@ -603,8 +613,9 @@ def run_study(
 
     Writes ``study.json``, ``summary.md``, ``groups.csv``, ``model/`` (trained on
     the first grouped split, with honest metrics) and ``model_random/``; with
+    ``loco``, the models trained without each class under ``loco/``; with
     ``frame``, also ``frame_map/`` and a check of the map against the crops'
-    positions.
+    positions; ``finished/`` holds what ``resume`` may reuse.
 
     Parameters
     ----------
@@ -677,7 +688,7 @@ def run_study(
     if loco:
         with steps("leave one class out", spin=False):
             report["leave_one_class_out"] = leave_one_class_out(
-                patches, grp, config, progress, finished=finished
+                patches, grp, config, progress, finished=finished, models_dir=out_dir / "loco"
             )
     if finished.reused:
         report["resumed"] = finished.reused
