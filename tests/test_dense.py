@@ -20,6 +20,7 @@ from defectscope.cli import main
 from defectscope.dense import DenseEngine, dense_map_arrays, find_dense_all
 from defectscope.dense_model import DenseDefectNet, make_dense, receptive_margin
 from defectscope.detector import Detector
+from defectscope.engines import tensorrt_available
 from defectscope.model import build_model
 from defectscope.tiling import normalize_region, normalize_region_numpy, window_origins
 from tests.conftest import NOMINAL, region_scores
@@ -318,3 +319,109 @@ def test_match_density_carries_the_threshold_to_the_dense_scale():
     assert np.mean(k_window == k_dense) >= 0.99
     assert np.abs(u_window - u_dense).max() <= 0.05
     assert "quantile-matched" in matched.source
+
+
+# --- TensorRT dense engines -------------------------------------------------------
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """TensorRT and CUDA stood in by ONNX Runtime on host memory (tests/fake_tensorrt.py)."""
+    import sys
+
+    import defectscope.engines as engines
+    from tests.fake_tensorrt import FakeCudart, fake_tensorrt
+
+    cudart = FakeCudart()
+    module = fake_tensorrt(cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    monkeypatch.setattr(engines, "_cudart", lambda: cudart)
+    return module
+
+
+def test_dense_profile_spans_one_window_to_the_largest_crop():
+    from defectscope.export import ExportError, dense_profile
+
+    dense = {"align": 16, "margin": 90}
+    assert dense_profile(dense, 64, 1536) == (64, 512, 1536)
+    assert dense_profile(dense, 64, 272) == (64, 272, 272)
+    with pytest.raises(ExportError, match="multiple of 16"):
+        dense_profile(dense, 64, 1000)
+    with pytest.raises(ExportError, match="at least 272"):
+        dense_profile(dense, 64, 256)
+
+
+def test_tensorrt_dense_engines_map_like_onnx_runtime(dense_model_dir, tmp_path, fake_gpu):
+    """The TensorRT code path on a stand-in: same crops rule, buffers, shapes and maps."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(dense_model_dir[0], model_dir)
+    assert main(["export", str(model_dir), "--format", "tensorrt"]) == 0
+    assert main(["export", str(model_dir), "--format", "tensorrt", "--dense",
+                 "--max-side", "320"]) == 0  # fmt: skip
+    engine_path = model_dir / "dense" / "dense16.fp16.engine"
+    sidecar = json.loads((model_dir / "dense" / "dense16.fp16.engine.json").read_text())
+    assert sidecar["max_side"] == 320 and sidecar["dense"]["native_stride"] == 16
+    frame = clustered_frame((400, 368), 41)
+    with Detector.load(model_dir, backend="tensorrt") as gpu, Detector.load(model_dir) as cpu:
+        assert [d.name for d in gpu.dense_engines] == ["tensorrt-dense"]
+        assert gpu.dense_engines[0].path == engine_path
+        maps = {
+            (name, mode): det.map(frame, stride=16, mode=mode)
+            for name, det in (("gpu", gpu), ("cpu", cpu))
+            for mode in ("dense", "window")
+        }
+    for mode in ("dense", "window"):
+        a, b = maps["gpu", mode], maps["cpu", mode]
+        assert a.info["mode"] == mode
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+        assert np.array_equal(a.labels, b.labels)
+        assert np.array_equal(a.unknown, b.unknown)
+    (dense,) = [e for e in fake_gpu.engines if "frame" in e.inputs]
+    assert dense.profile["frame"] == ((1, 1, 64, 64), (1, 1, 320, 320), (1, 1, 320, 320))
+    # A 400x368 frame does not fit one 320 crop: several regions, none beyond the profile.
+    regions = dense.seen_shapes[1:]  # the first is the largest shape, to size the buffers
+    assert len(regions) >= 4 and max(max(s[2:]) for s in regions) <= 320
+
+
+def test_tensorrt_dense_int8_is_built_from_the_symmetric_graph(
+    density_model_dir, tmp_path, fake_gpu, capsys
+):
+    import onnx
+    from onnx import numpy_helper
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(density_model_dir, model_dir)
+    path = tmp_path / "f.npy"
+    np.save(path, clustered_frame((384, 256), 3))
+    assert main(["densify", str(model_dir), str(path), "--steps", "0"]) == 0
+    folder = model_dir / "dense"
+    graph = onnx.load(str(folder / "dense16.int8.trt.onnx")).graph
+    zero_points = [
+        numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("zero_point")
+    ]
+    # Symmetric: every zero point 0, activations and weights signed 8-bit (biases int32).
+    assert zero_points and not any(z.any() for z in zero_points)
+    assert {z.dtype for z in zero_points} <= {np.dtype(np.int8), np.dtype(np.int32)}
+    assert np.dtype(np.int8) in {z.dtype for z in zero_points}
+    assert main(["export", str(model_dir), "--format", "tensorrt", "--dense",
+                 "--precision", "int8"]) == 0  # fmt: skip
+    sidecar = json.loads((folder / "dense16.int8.engine.json").read_text())
+    assert sidecar["precision"] == "int8" and sidecar["target"] == "tensorrt"
+    (folder / "dense16.int8.trt.onnx").unlink()
+    assert main(["export", str(model_dir), "--format", "tensorrt", "--dense",
+                 "--precision", "int8"]) == 1  # fmt: skip
+    assert "densify" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not tensorrt_available()[0], reason=tensorrt_available()[1] or "n/a")
+def test_tensorrt_dense_engine_on_the_gpu(dense_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(dense_model_dir[0], model_dir)
+    assert main(["export", str(model_dir), "--format", "tensorrt"]) == 0
+    assert main(["export", str(model_dir), "--format", "tensorrt", "--dense"]) == 0
+    frame = clustered_frame((512, 512), 42)
+    with Detector.load(model_dir, backend="tensorrt") as gpu, Detector.load(model_dir) as cpu:
+        a, b = gpu.map(frame, stride=16), cpu.map(frame, stride=16)
+    assert a.info["mode"] == "dense" and a.info.get("precision") == "fp16"
+    assert np.mean(a.labels == b.labels) >= 0.98
+    assert np.abs(a.probabilities - b.probabilities).max() < 0.05

@@ -244,9 +244,14 @@ def test_tensorrt_path_skips_or_explains(model_dir, onnx_path, capsys):
 @pytest.mark.skipif(not tensorrt_available()[0], reason=tensorrt_available()[1] or "n/a")
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_tensorrt_engine_matches_onnx(model_dir, onnx_path, frame, precision):
-    from defectscope.export import build_tensorrt_engine
+    from defectscope.export import INT8_FILES, build_tensorrt_engine
 
-    source = onnx_path if precision == "fp16" else model_dir / "model.int8.onnx"
+    source = onnx_path
+    if precision == "int8":  # TensorRT takes the symmetric INT8 model, not the CPU's U8S8
+        norm = PatchClassifier.load(model_dir).config.normalization
+        calib = patches_to_inputs(toy_patches(8, seed=21).images, norm)
+        source = model_dir / INT8_FILES["tensorrt"]
+        quantize_onnx_int8(onnx_path, source, calib, target="tensorrt")
     engine_path = build_tensorrt_engine(source, model_dir / f"model.{precision}.engine", precision)
     with Detector.load(engine_path) as trt_det, Detector.load(onnx_path) as ort_det:
         a, b = trt_det.map(frame, stride=8), ort_det.map(frame, stride=8)

@@ -28,8 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.artifact import METADATA_KEY, ArtifactMetadata, parse_metadata_json
-from defectscope.engines import Engine, EngineError
+from defectscope.artifact import (
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    ArtifactMetadata,
+    parse_metadata_json,
+    read_sidecar,
+)
+from defectscope.engines import Engine, EngineError, TensorRTSession
 from defectscope.tiling import dense_channels, normalize_region, window_origins
 
 DENSE_INPUT = "frame"
@@ -37,11 +43,19 @@ DENSE_DIR = "dense"
 NATIVE_STRIDES = (32, 16, 8)
 
 
-def dense_file(native_stride: int, precision: str = "fp32") -> str:
-    """The file name of a dense graph inside a model directory's ``dense/`` folder."""
-    return (
-        f"dense{native_stride}.onnx" if precision == "fp32" else f"dense{native_stride}.int8.onnx"
-    )
+def dense_file(native_stride: int, precision: str = "fp32", target: str = "cpu") -> str:
+    """The file name of a dense graph inside a model directory's ``dense/`` folder.
+
+    ``target='tensorrt'`` names the symmetric INT8 graph a TensorRT engine is built from.
+    """
+    if precision == "fp32":
+        return f"dense{native_stride}.onnx"
+    return f"dense{native_stride}.int8{'.trt' if target == 'tensorrt' else ''}.onnx"
+
+
+def dense_engine_file(native_stride: int, precision: str) -> str:
+    """The file name of a dense graph's TensorRT engine (``fp16`` or ``int8``)."""
+    return f"dense{native_stride}.{precision}.engine"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,14 +147,79 @@ class DenseEngine(Engine):
         return probs[0].transpose(1, 2, 0), emb[0].transpose(1, 2, 0)
 
 
-def find_dense_all(model_dir: str | os.PathLike, prefer_int8: bool = True) -> list[Path]:
-    """The dense graphs of ``model_dir``, one per native stride (INT8 first by default)."""
+class TensorRTDenseEngine(Engine):
+    """A TensorRT engine of a dense graph: the same ``run_region`` on the GPU.
+
+    Built by ``defectscope export MODEL_DIR --format tensorrt --dense`` with an
+    optimization profile over regions of one window up to ``max_side`` squared
+    (``<engine>.json`` says which); device buffers for the largest region are
+    allocated once.
+    """
+
+    name = "tensorrt-dense"
+
+    def __init__(self, path: str | os.PathLike):
+        self.session = TensorRTSession(path)
+        metadata = read_sidecar(path)
+        super().__init__(metadata.config, metadata.temperature, metadata.density)
+        self.path = Path(path)
+        self.precision = metadata.precision
+        self.dense = DenseInfo.from_dict(metadata.raw.get("dense"), str(path))
+        self.agreement = metadata.raw["dense"].get("agreement")
+        self.channels = dense_channels(self.config.normalization)
+        try:
+            self.max_side = int(metadata.raw["max_side"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"{path}: the engine's metadata has no valid max_side") from exc
+        if self.max_side < self.config.patch_size + 2 * self.dense.margin + self.dense.align:
+            raise EngineError(
+                f"{path}: max_side {self.max_side} cannot hold a window and its margins"
+            )
+        largest = (1, self.channels, self.max_side, self.max_side)
+        outputs = self.session.set_input_shape(DENSE_INPUT, largest)
+        nbytes = {DENSE_INPUT: int(np.prod(largest)) * 4}
+        nbytes.update({name: int(np.prod(shape)) * 4 for name, shape in outputs.items()})
+        self.session.allocate(nbytes)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "precision": self.precision,
+            "native_stride": self.dense.native_stride,
+            "max_side": self.max_side,
+            "path": str(self.path),
+        }
+
+    def run_region(self, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`DenseEngine.run_region`; regions up to ``max_side`` on each side."""
+        x = np.ascontiguousarray(region[None], dtype=np.float32)
+        if max(x.shape[2:]) > self.max_side:
+            raise EngineError(
+                f"region {x.shape[2:]} exceeds the TensorRT engine's max side {self.max_side}"
+            )
+        shapes = self.session.set_input_shape(DENSE_INPUT, x.shape)
+        probs, emb = (np.empty(shapes[name], np.float32) for name in OUTPUT_NAMES)
+        self.session.execute({DENSE_INPUT: x}, {OUTPUT_NAMES[0]: probs, OUTPUT_NAMES[1]: emb})
+        return probs[0].transpose(1, 2, 0), emb[0].transpose(1, 2, 0)
+
+
+def find_dense_all(
+    model_dir: str | os.PathLike, prefer_int8: bool = True, tensorrt: bool = False
+) -> list[Path]:
+    """The dense graphs of ``model_dir``, one per native stride (INT8 first by default).
+
+    ``tensorrt``: their TensorRT engines instead of the ONNX graphs.
+    """
     folder = Path(model_dir) / DENSE_DIR
-    precisions = ("int8", "fp32") if prefer_int8 else ("fp32", "int8")
+    if tensorrt:
+        names = (("int8", "fp16") if prefer_int8 else ("fp16", "int8"), dense_engine_file)
+    else:
+        names = (("int8", "fp32") if prefer_int8 else ("fp32", "int8"), dense_file)
+    precisions, name_of = names
     found = []
     for native in NATIVE_STRIDES:
         for precision in precisions:
-            path = folder / dense_file(native, precision)
+            path = folder / name_of(native, precision)
             if path.is_file():
                 found.append(path)
                 break
@@ -199,7 +278,7 @@ def _axis_plan(
 
 
 def dense_map_arrays(
-    engine: DenseEngine,
+    engine: DenseEngine | TensorRTDenseEngine,
     frame: np.ndarray,
     stride: int,
     keep_embeddings: bool = True,
@@ -219,6 +298,8 @@ def dense_map_arrays(
     """
     info = engine.dense
     patch = engine.config.patch_size
+    # A TensorRT engine takes regions up to the largest side of its profile.
+    crop = min(crop, getattr(engine, "max_side", crop))
     if stride % info.native_stride:
         raise ValueError(
             f"stride {stride} is not a multiple of the dense graph's {info.native_stride}"

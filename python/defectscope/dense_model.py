@@ -553,8 +553,9 @@ def make_dense(
 ) -> dict[str, Any]:
     """Adapt, export and check the dense graphs of ``model_dir`` (``defectscope densify``).
 
-    Writes ``model_dir/dense/``: ``dense<N>.onnx`` (FP32) and ``dense<N>.int8.onnx``
-    (U8S8 QDQ, calibrated on normalized regions of the frames) per native stride, the
+    Writes ``model_dir/dense/``: ``dense<N>.onnx`` (FP32), ``dense<N>.int8.onnx``
+    (U8S8 QDQ, calibrated on normalized regions of the frames) and
+    ``dense<N>.int8.trt.onnx`` (symmetric QDQ for TensorRT) per native stride, the
     adapted weights ``dense.pt`` and ``dense.json``: the distillation run and the
     agreement with the per-window model on ``check_frames`` (by default the bottom
     quarter of each frame, never seen while adapting).
@@ -609,6 +610,17 @@ def make_dense(
                 batch_size=1,
             )
             record["graphs"][f"{native}/int8"] = int8_path.name
+            # TensorRT takes only symmetric INT8: the graph its INT8 engine is built from
+            # (export --format tensorrt --dense --precision int8, on a GPU machine).
+            trt_path = quantize_onnx_int8(
+                fp32,
+                out / dense_file(native, "int8", "tensorrt"),
+                np.stack(calibration),
+                target="tensorrt",
+                input_name=DENSE_INPUT,
+                batch_size=1,
+            )
+            record["graphs"][f"{native}/int8-tensorrt"] = trt_path.name
     if check_frames:
         check_stride = stride if stride % min(native_strides) == 0 else min(native_strides)
         first = min(native_strides)

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscope.dense import DenseEngine, dense_map_arrays, find_dense_all
+from defectscope.dense import (
+    DenseEngine,
+    TensorRTDenseEngine,
+    dense_map_arrays,
+    find_dense_all,
+)
 from defectscope.engines import Engine, EngineError, load_engine
 from defectscope.io import Calibration, Frame
 from defectscope.maps import MapResult
@@ -29,15 +34,30 @@ MODES = ("auto", "dense", "window")
 
 def _load_dense(
     artifact: Path, engine: Engine, backend: str, threads: int, required: bool
-) -> list[DenseEngine]:
-    """The dense graphs beside ``artifact`` that suit ``engine`` (see Detector.load)."""
+) -> list[DenseEngine | TensorRTDenseEngine]:
+    """The dense graphs beside ``artifact`` that suit ``engine`` (see Detector.load).
+
+    ONNX Runtime on the CPU runs the dense ONNX graphs; the TensorRT backend runs their
+    TensorRT engines (``export --format tensorrt --dense``).
+    """
     model_dir = artifact if artifact.is_dir() else artifact.parent
+    prefer_int8 = getattr(engine, "precision", "int8") == "int8"
+    if engine.name == "tensorrt":
+        paths = find_dense_all(model_dir, prefer_int8, tensorrt=True)
+        if required and not paths:
+            raise EngineError(
+                f"{model_dir}: no dense TensorRT engines; build them with 'defectscope "
+                f"export {model_dir} --format tensorrt --dense'"
+            )
+        return [TensorRTDenseEngine(path) for path in paths]
     on_cpu_onnx = engine.name == "onnxruntime" and not getattr(engine, "on_gpu", False)
     if not on_cpu_onnx and not (artifact.is_dir() and backend == "auto"):
         if required:
-            raise EngineError(f"{artifact}: dense graphs run on ONNX Runtime on the CPU")
+            raise EngineError(
+                f"{artifact}: dense graphs run on ONNX Runtime on the CPU or as TensorRT engines"
+            )
         return []
-    paths = find_dense_all(model_dir, prefer_int8=getattr(engine, "precision", "int8") == "int8")
+    paths = find_dense_all(model_dir, prefer_int8=prefer_int8)
     if required and not paths:
         raise EngineError(f"{model_dir}: no dense graphs; make them with 'defectscope densify'")
     return [DenseEngine(path, threads=threads) for path in paths]

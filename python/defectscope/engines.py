@@ -243,15 +243,13 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, ""
 
 
-class TensorRTEngine(Engine):
-    """A serialized TensorRT engine, run through its Python API and cuda-python.
+class TensorRTSession:
+    """A deserialized TensorRT engine with its execution context, CUDA stream and buffers.
 
-    Device buffers for the largest batch are allocated once. The input copy, the
-    inference and the output copies are queued on one CUDA stream, so they run in
-    order; every TensorRT and CUDA call's result is checked.
+    Device buffers are allocated once, for the largest shapes the caller will run.
+    :meth:`execute` queues the input copies, the inference and the output copies on
+    one stream, so they run in order; every TensorRT and CUDA call's result is checked.
     """
-
-    name = "tensorrt"
 
     def __init__(self, path: str | os.PathLike):
         ok, reason = tensorrt_available()
@@ -259,69 +257,73 @@ class TensorRTEngine(Engine):
             raise EngineError(f"{path}: cannot run a TensorRT engine here: {reason}")
         import tensorrt as trt
 
-        metadata = read_sidecar(path)
-        super().__init__(metadata.config, metadata.temperature, metadata.density)
-        self.max_batch = int(metadata.raw.get("max_batch", 256))
+        self.path = Path(path)
         self.cudart = _cudart()
+        self.device: dict[str, int] = {}
+        self.capacity: dict[str, int] = {}
+        self.stream = None
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise EngineError(f"{path}: TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise EngineError(f"{path}: TensorRT could not create an execution context")
-        self.stream = self._cuda(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
-        widths = {
-            INPUT_NAME: int(np.prod(self.input_shape)),
-            OUTPUT_NAMES[0]: len(self.classes),
-            OUTPUT_NAMES[1]: self.config.embedding_dim,
-        }
-        self.widths = widths
-        self.device = {
-            name: self._cuda(self.cudart.cudaMalloc(self.max_batch * width * 4), "cudaMalloc")
-            for name, width in widths.items()
-        }
-        for name, pointer in self.device.items():
-            if not self.context.set_tensor_address(name, int(pointer)):
-                raise EngineError(f"{path}: TensorRT has no tensor named {name!r}")
+        self.stream = self.check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
 
-    def _cuda(self, result, what: str):
+    def check(self, result, what: str):
+        """The value(s) of a cuda-python call, or EngineError with CUDA's message."""
         err, *values = result if isinstance(result, tuple) else (result,)
         if int(err) != 0:
             _, message = self.cudart.cudaGetErrorString(err)
             raise EngineError(f"CUDA {what} failed: {message}")
         return values[0] if len(values) == 1 else values
 
-    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Fix the input's shape; returns the output shapes that follow from it."""
+        if not self.context.set_input_shape(name, tuple(int(v) for v in shape)):
+            raise EngineError(
+                f"{self.path}: TensorRT refused the input shape {tuple(shape)} (outside the "
+                "engine's optimization profile)"
+            )
+        return {n: tuple(int(v) for v in self.context.get_tensor_shape(n)) for n in OUTPUT_NAMES}
+
+    def allocate(self, nbytes: dict[str, int]) -> None:
+        """One device buffer per tensor, bound to the context."""
+        for name, size in nbytes.items():
+            pointer = self.check(self.cudart.cudaMalloc(int(size)), "cudaMalloc")
+            self.device[name], self.capacity[name] = pointer, int(size)
+            if not self.context.set_tensor_address(name, int(pointer)):
+                raise EngineError(f"{self.path}: TensorRT has no tensor named {name!r}")
+
+    def execute(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Copy ``inputs`` in, run, copy into ``outputs`` (C-contiguous host arrays)."""
         cudart = self.cudart
-        inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-        probs = np.empty((len(inputs), len(self.classes)), np.float32)
-        emb = np.empty((len(inputs), self.config.embedding_dim), np.float32)
+        for name, host in (*inputs.items(), *outputs.items()):
+            if not host.flags.c_contiguous or host.nbytes > self.capacity[name]:
+                raise EngineError(
+                    f"{name}: {host.nbytes} bytes do not fit the {self.capacity[name]}-byte "
+                    "device buffer (or the host array is not contiguous)"
+                )
         to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for start in range(0, len(inputs), self.max_batch):
-            chunk = inputs[start : start + self.max_batch]
-            n = len(chunk)
-            if not self.context.set_input_shape(INPUT_NAME, (n, *self.input_shape)):
-                raise EngineError(f"TensorRT refused the input shape {(n, *self.input_shape)}")
-            self._cuda(
+        for name, host in inputs.items():
+            self.check(
                 cudart.cudaMemcpyAsync(
-                    self.device[INPUT_NAME], chunk.ctypes.data, chunk.nbytes, to_device, self.stream
+                    self.device[name], host.ctypes.data, host.nbytes, to_device, self.stream
                 ),
                 "cudaMemcpyAsync",
             )
-            if not self.context.execute_async_v3(self.stream):
-                raise EngineError("TensorRT inference failed (execute_async_v3 returned False)")
-            for name, host in zip(OUTPUT_NAMES, (probs, emb), strict=True):
-                part = host[start : start + n]
-                self._cuda(
-                    cudart.cudaMemcpyAsync(
-                        part.ctypes.data, self.device[name], part.nbytes, to_host, self.stream
-                    ),
-                    "cudaMemcpyAsync",
-                )
-            self._cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return probs, emb
+        if not self.context.execute_async_v3(self.stream):
+            raise EngineError("TensorRT inference failed (execute_async_v3 returned False)")
+        for name, host in outputs.items():
+            self.check(
+                cudart.cudaMemcpyAsync(
+                    host.ctypes.data, self.device[name], host.nbytes, to_host, self.stream
+                ),
+                "cudaMemcpyAsync",
+            )
+        self.check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
     def __del__(self):
         cudart = getattr(self, "cudart", None)
@@ -331,6 +333,38 @@ class TensorRTEngine(Engine):
             cudart.cudaFree(pointer)
         if getattr(self, "stream", None) is not None:
             cudart.cudaStreamDestroy(self.stream)
+
+
+class TensorRTEngine(Engine):
+    """A serialized TensorRT engine of the per-window model (batches of patches)."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | os.PathLike):
+        self.session = TensorRTSession(path)
+        metadata = read_sidecar(path)
+        super().__init__(metadata.config, metadata.temperature, metadata.density)
+        self.precision = metadata.precision
+        self.max_batch = int(metadata.raw.get("max_batch", 256))
+        widths = {
+            INPUT_NAME: int(np.prod(self.input_shape)),
+            OUTPUT_NAMES[0]: len(self.classes),
+            OUTPUT_NAMES[1]: self.config.embedding_dim,
+        }
+        self.session.allocate({name: self.max_batch * width * 4 for name, width in widths.items()})
+
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        probs = np.empty((len(inputs), len(self.classes)), np.float32)
+        emb = np.empty((len(inputs), self.config.embedding_dim), np.float32)
+        for start in range(0, len(inputs), self.max_batch):
+            chunk = inputs[start : start + self.max_batch]
+            n = len(chunk)
+            self.session.set_input_shape(INPUT_NAME, (n, *self.input_shape))
+            rows = slice(start, start + n)
+            outputs = {OUTPUT_NAMES[0]: probs[rows], OUTPUT_NAMES[1]: emb[rows]}
+            self.session.execute({INPUT_NAME: chunk}, outputs)
+        return probs, emb
 
 
 def artifact_kind(path: str | os.PathLike) -> str:
@@ -410,6 +444,7 @@ __all__ = [
     "MetadataError",
     "OnnxEngine",
     "TensorRTEngine",
+    "TensorRTSession",
     "TorchEngine",
     "artifact_kind",
     "load_engine",
