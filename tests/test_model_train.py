@@ -244,3 +244,40 @@ def test_bf16_autocast_follows_a_onednn_cap(monkeypatch, cap, native):
         assert "capped:" in description and f"ONEDNN_MAX_CPU_ISA={cap}" in description
     finally:
         cpu_has_bf16.cache_clear()  # the next caller sees the environment restored
+
+
+def test_training_device_choice():
+    from defectscope.train import training_device
+
+    assert training_device("cpu").type == "cpu"
+    assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        training_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            training_device("cuda")
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            train_classifier(toy_patches(2), None, TrainConfig(epochs=1, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch sees no CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_training_on_the_gpu_matches_its_cpu_scoring(tmp_path, precision):
+    train, val = toy_patches(12, seed=0), toy_patches(4, seed=1)
+    config = TrainConfig(epochs=4, batch_size=8, augmentation=Augmentation.off(),
+                         precision=precision, device="cuda")  # fmt: skip
+    result = train_classifier(train, val, config, progress=False)
+    # The kept model comes back on the CPU, where scoring, densities and export run.
+    assert {p.device.type for p in result.model.parameters()} == {"cpu"}
+    history = result.history
+    assert min(h["train_loss"] for h in history[1:]) < history[0]["train_loss"]
+    probs, _ = PatchClassifier(result.model, result.config).predict(val.images)
+    kept_loss = float(np.mean(-np.log(probs[np.arange(8), val.labels])))
+    # The GPU scored validation in its own arithmetic (TF32 convolutions, bf16 for auto).
+    tolerance = 0.02 if precision == "fp32" else 0.1
+    assert kept_loss == pytest.approx(
+        history[result.best_epoch]["val_loss"], rel=tolerance, abs=0.01
+    )
+    save_training(tmp_path / "m", result, config)
+    _, _, record = load_checkpoint(tmp_path / "m")
+    assert record["training"]["device_used"] == torch.cuda.get_device_name(0)

@@ -41,6 +41,7 @@ def _train_config(args: argparse.Namespace):
         patience=args.patience,
         min_delta=args.min_delta,
         precision=args.precision,
+        device=args.device,
     )
 
 
@@ -574,6 +575,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=defaults.patience)
     parser.add_argument("--min-delta", type=_non_negative_float, default=defaults.min_delta)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable/odd files")
 
 
@@ -651,7 +653,8 @@ OPTION_HELP = {
     "--lr": "learning rate (AdamW)",
     "--patience": "epochs without a better validation loss before stopping",
     "--min-delta": "validation-loss drop (nats) that restarts the patience count",
-    "--precision": "auto uses bf16 autocast on CPUs with AVX-512 BF16 or AMX",
+    "--precision": "auto uses bf16 autocast where the CPU (AVX-512 BF16, AMX) or GPU has bf16",
+    "--device": "where training runs: auto takes a CUDA GPU when PyTorch sees one",
     "--stride": "window step in pixels",
     "--out": "where to write the results",
     "--backend": "inference backend; auto picks the fastest that can run the artifact",

@@ -67,9 +67,11 @@ class FinishedWork:
         digest.update(np.ascontiguousarray(patches.images).tobytes())
         digest.update(str(patches.images.dtype).encode() + str(patches.images.shape).encode())
         digest.update(np.ascontiguousarray(patches.labels, dtype=np.int64).tobytes())
+        # Where it trained is not part of the key: a run resumed on another device
+        # reuses what the first one finished.
         settings = {
             "classes": patches.classes,
-            "config": dataclasses.asdict(config),
+            "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "device"},
             "version": __version__,
         }
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())

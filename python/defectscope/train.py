@@ -62,15 +62,39 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on this machine's CPU, or None for fp32."""
+def training_device(device: str = "auto") -> torch.device:
+    """The device ``auto``, ``cpu`` or ``cuda`` names here (auto: a CUDA GPU if any)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: PyTorch sees no CUDA GPU here")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def autocast_dtype(precision: str, device_type: str = "cpu") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on this machine's CPU (or GPU), or None for fp32.
+
+    ``auto`` is bf16 where the hardware has native bf16 arithmetic: CPUs with AVX-512
+    BF16 or AMX, CUDA GPUs that support it (Ampere and later).
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if precision == "fp32":
         return None
-    if precision == "bf16" or (precision == "auto" and cpu_has_bf16()):
+    native = torch.cuda.is_bf16_supported() if device_type == "cuda" else cpu_has_bf16()
+    if precision == "bf16" or native:
         return torch.bfloat16
-    if precision not in ("auto", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     return None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def patches_to_inputs(
@@ -95,14 +119,15 @@ def predict_logits(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits and embeddings for normalized inputs, as float32 arrays."""
     model.eval()
-    dtype = autocast_dtype(precision)
+    device = _model_device(model)
+    dtype = autocast_dtype(precision, device.type)
     logits, embeddings = [], []
     for start in range(0, len(inputs), batch_size):
-        batch = torch.from_numpy(inputs[start : start + batch_size])
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        batch = torch.from_numpy(inputs[start : start + batch_size]).to(device)
+        with _autocast(device, dtype):
             out, emb = model.forward_with_embedding(batch)
-        logits.append(out.float().numpy())
-        embeddings.append(emb.float().numpy())
+        logits.append(out.float().cpu().numpy())
+        embeddings.append(emb.float().cpu().numpy())
     return np.concatenate(logits), np.concatenate(embeddings)
 
 
@@ -130,10 +155,11 @@ def recalibrate_batchnorm(model: nn.Module, inputs: np.ndarray, batch_size: int 
         layer.reset_running_stats()
         layer.momentum = None  # cumulative average over the passes below
     model.train()
+    device = _model_device(model)
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
         if len(batch) > 1:
-            model(torch.from_numpy(np.ascontiguousarray(batch)))
+            model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
     for layer, momentum in zip(layers, momenta, strict=True):
         layer.momentum = momentum
     model.train(was_training)
@@ -192,9 +218,11 @@ def train_classifier(
         architecture=config.architecture,
         background_class=guess_background(classes),
     )
+    device = training_device(config.device)
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    dtype = autocast_dtype(config.precision)
+    dtype = autocast_dtype(config.precision, device.type)
     norm = config.normalization
     val_inputs = patches_to_inputs(validation.images, norm) if validation is not None else None
 
@@ -227,9 +255,9 @@ def train_classifier(
             if len(index) < 2:  # a batch of one makes no useful step
                 continue
             raw = augment_batch(train.images[index], rng, config.augmentation)
-            x = torch.from_numpy(patches_to_inputs(raw, norm))
-            y = torch.from_numpy(train.labels[index])
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            x = torch.from_numpy(patches_to_inputs(raw, norm)).to(device)
+            y = torch.from_numpy(train.labels[index]).to(device)
+            with _autocast(device, dtype):
                 logits = model(x)
                 loss = nn.functional.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -271,7 +299,8 @@ def train_classifier(
         model.load_state_dict(best_state)
     else:
         best_epoch = len(history) - 1
-    model.eval()
+    # What comes after (scoring, densities, export, saving) runs on the CPU model.
+    model.to("cpu").eval()
     result = TrainResult(model, model_config, history, best_epoch, time.perf_counter() - started)
     check_learning(result, bn_inputs, train.labels[bn_subset], val_inputs, validation, config)
     return result
@@ -359,7 +388,9 @@ def fit_model_density(
 def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, Any] | None = None):
     """JSON-ready description of a training run for the checkpoint."""
     training = dataclasses.asdict(config)
-    training["precision_used"] = str(autocast_dtype(config.precision) or "float32")
+    device = training_device(config.device)
+    training["precision_used"] = str(autocast_dtype(config.precision, device.type) or "float32")
+    training["device_used"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "training": training,
         "history": result.history,

@@ -29,6 +29,8 @@ class TrainConfig:
     # Validation-loss drop (nats) that counts as progress for patience.
     min_delta: float = 0.01
     precision: str = "auto"  # auto | fp32 | bf16
+    # Where training runs: auto takes a CUDA GPU when PyTorch sees one.
+    device: str = "auto"  # auto | cpu | cuda
     embedding_dim: int = 256
     augmentation: Augmentation = Augmentation()
     normalization: Normalization = Normalization()
