@@ -60,7 +60,10 @@ def test_a_resumed_study_trains_nothing_finished(first_run, monkeypatch):
     again = run_study(
         three_classes(), out, CONFIG, "toy", progress=False, folds=3, loco=True, resume=True
     )
-    assert sorted(again["resumed"]) == sorted(p[: -len(".json")] for p in finished)
+    assert sorted(r["unit"] for r in again["resumed"]) == [p[: -len(".json")] for p in finished]
+    # Each reused training says where it ran.
+    assert {r["device"] for r in again["resumed"]} == {first["run"]["training_device"]}
+    assert {r["machine"] for r in again["resumed"]} == {first["run"]["machine"]}
     for part in ("random", "grouped", "cross_validation", "leave_one_class_out"):
         assert json.dumps(again[part], sort_keys=True) == json.dumps(first[part], sort_keys=True)
     assert again["leave_one_class_out"]["Corner"]["n_novel"] == 6

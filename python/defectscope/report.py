@@ -203,9 +203,13 @@ def _settings(study: dict) -> str:
         ["seed", config.get("seed")],
         ["defectscope", run.get("defectscope", "unknown")],
         ["CPU", run.get("machine", "unknown")],
+        ["training device", run.get("training_device", "cpu")],
         ["started", run.get("started", "unknown")],
         ["wall time", f"{study.get('wall_time_s', 'unknown')} s"],
     ]
+    if study.get("resumed"):
+        reused = [r if isinstance(r, str) else r["unit"] for r in study["resumed"]]
+        rows.append(["trainings reused from an earlier run (--resume)", ", ".join(reused)])
     return "<h2>Run settings</h2>" + _table(["setting", "value"], rows)
 
 

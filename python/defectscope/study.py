@@ -38,6 +38,7 @@ from defectscope.progress import StepTimer
 from defectscope.system import cpu_description
 from defectscope.train import (
     TrainConfig,
+    device_name,
     fit_model_density,
     patches_to_inputs,
     predict_logits,
@@ -76,6 +77,7 @@ class FinishedWork:
         }
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
         self._base = digest.hexdigest()
+        self.where = {"machine": cpu_description(), "device": device_name(config.device)}
 
     def _key(self, name: str, split: Split) -> str:
         digest = hashlib.sha256(self._base.encode() + name.encode())
@@ -99,11 +101,12 @@ class FinishedWork:
         ):
             return None
         log.info("%s: reusing the training finished by an earlier run (%s)", name, path)
-        self.reused.append(name)
+        where = stored.get("trained_on", {})
+        self.reused.append({"unit": name, **where} if where else name)
         return stored["record"]
 
     def put(self, name: str, split: Split, record: dict, model_dir: Path | None = None) -> None:
-        stored = {"key": self._key(name, split), "record": record}
+        stored = {"key": self._key(name, split), "record": record, "trained_on": self.where}
         if model_dir is not None:
             stored["weights_sha256"] = _file_sha256(model_dir / WEIGHTS_FILE)
         atomic_write_json(self.directory / f"{name}.json", stored)
@@ -658,6 +661,7 @@ def run_study(
         "run": {
             "defectscope": __version__,
             "machine": cpu_description(),
+            "training_device": device_name(config.device),
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
         "n_patches": len(patches.labels),

@@ -73,6 +73,12 @@ def training_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def device_name(device: str = "auto") -> str:
+    """``cpu``, or the name of the CUDA GPU that ``device`` trains on."""
+    resolved = training_device(device)
+    return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else "cpu"
+
+
 def autocast_dtype(precision: str, device_type: str = "cpu") -> torch.dtype | None:
     """The autocast dtype for ``precision`` on this machine's CPU (or GPU), or None for fp32.
 
@@ -390,7 +396,7 @@ def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, A
     training = dataclasses.asdict(config)
     device = training_device(config.device)
     training["precision_used"] = str(autocast_dtype(config.precision, device.type) or "float32")
-    training["device_used"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    training["device_used"] = device_name(config.device)
     return {
         "training": training,
         "history": result.history,
