@@ -281,3 +281,19 @@ def test_training_on_the_gpu_matches_its_cpu_scoring(tmp_path, precision):
     save_training(tmp_path / "m", result, config)
     _, _, record = load_checkpoint(tmp_path / "m")
     assert record["training"]["device_used"] == torch.cuda.get_device_name(0)
+
+
+def test_new_weights_remove_what_was_made_from_the_old(tmp_path):
+    from defectscope.checkpoint import ModelConfig, save_checkpoint
+
+    config = ModelConfig(classes=("Bulk", "Vacancy"), patch_size=64)
+    model = build_model(2)
+    save_checkpoint(tmp_path, model, config)
+    made = ["model.onnx", "model.int8.onnx", "model.fp16.engine", "model.fp16.engine.json"]
+    for name in made:
+        (tmp_path / name).write_bytes(b"old")
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "dense16.onnx").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("the user's")
+    save_checkpoint(tmp_path, model, config)  # the same directory, new weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "notes.txt", "weights.pt"]

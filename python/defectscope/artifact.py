@@ -22,6 +22,18 @@ from defectscope.tiling import Normalization
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "model.json"
+# Made from a model directory's weights (export, densify): stale once the weights change.
+DERIVED_ARTIFACTS = (
+    "model.onnx",
+    "model.int8.onnx",
+    "model.int8.trt.onnx",
+    "model.fp16.engine",
+    "model.fp16.engine.json",
+    "model.int8.engine",
+    "model.int8.engine.json",
+    "export.json",
+    "dense",
+)
 METADATA_KEY = "defectscope"
 INPUT_NAME = "patches"
 OUTPUT_NAMES = ("probabilities", "embedding")

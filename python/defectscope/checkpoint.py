@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from defectscope.artifact import (
+    DERIVED_ARTIFACTS,
     FORMAT_VERSION,
     META_FILE,
     WEIGHTS_FILE,
@@ -35,6 +38,7 @@ __all__ = [
 
 # A model directory's metadata is an artifact record (torch-free, see :mod:`artifact`).
 CheckpointError = MetadataError
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(
@@ -45,11 +49,26 @@ def save_checkpoint(
 ) -> Path:
     """Write weights and JSON metadata into ``directory`` (each file atomically).
 
+    Replacing a model's weights removes what was made from the old ones (ONNX
+    exports, TensorRT engines, ``dense/``): they would no longer match.
+
     ``metadata`` holds free-form records such as the training configuration,
     the history and metrics; the model's own ``config`` is stored under ``"model"``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if (directory / WEIGHTS_FILE).exists():
+        # ONNX files, engines and dense graphs of the weights replaced here would go on
+        # being loaded beside the new ones and answer for a model that is gone.
+        stale = [directory / n for n in DERIVED_ARTIFACTS if (directory / n).exists()]
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if stale:
+            log.warning(
+                "%s: removed %s, made from the weights this save replaces",
+                directory,
+                ", ".join(p.name for p in stale),
+            )
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     atomic_write_bytes(directory / WEIGHTS_FILE, buffer.getvalue())
