@@ -170,6 +170,13 @@ def test_a_model_that_never_learned_is_not_kept_quietly(monkeypatch):
     assert result.fit["train_accuracy"] == pytest.approx(0.5)
     assert any("near chance on its own training data" in w for w in result.warnings)
     assert any("near chance on validation" in w for w in result.warnings)
+    # A validation fold of one class has a perfect majority baseline: not judged by it.
+    only_bulk = toy_patches(3, seed=2)
+    only_bulk = only_bulk.subset(np.flatnonzero(only_bulk.labels == 0))
+    result = train_classifier(toy_patches(6), only_bulk, config, progress=False)
+    assert result.fit["validation_chance"] == 1.0
+    assert not any("near chance on validation" in w for w in result.warnings)
+    assert any("near chance on its own training data" in w for w in result.warnings)
 
 
 def test_train_cli_fails_loudly_when_nothing_was_learned(monkeypatch, tmp_path, capsys):
