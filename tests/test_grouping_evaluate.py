@@ -123,6 +123,31 @@ def test_metrics_against_sklearn():
     assert m["accuracy"] == pytest.approx(np.mean(y == p))
     assert np.trace(np.array(m["confusion"])) == int((y == p).sum())
     assert m["per_class"]["b"]["support"] == int((y == 1).sum())
+    # A scored class without test patches here has no F1: left out, not averaged in as 0.
+    absent = np.where(y == 2, 0, y)
+    m = classification_metrics(absent, p, ["a", "b", "c", "d"], scored_classes=["a", "c"])
+    assert m["macro_f1_classes"] == ["a"]
+    assert m["macro_f1"] == pytest.approx(f1_score(absent, p, average=None, labels=[0])[0])
+
+
+def test_fold_summary_scores_each_fold_on_the_classes_it_tests():
+    from defectscope.study import summarize_folds
+
+    def fold(f1_a, f1_b, support_b):
+        per_class = {
+            "a": {"f1": f1_a, "recall": f1_a, "support": 10},
+            "b": {"f1": f1_b, "recall": f1_b, "support": support_b},
+        }
+        # As written before the fix: macro_f1 counted a class without test patches as 0.
+        macro = (f1_a + f1_b) / 2
+        metrics = {"accuracy": f1_a, "macro_f1": macro, "macro_f1_classes": ["a", "b"],
+                   "per_class": per_class}  # fmt: skip
+        return {"n_test": 10 + support_b, "metrics": metrics, "evaluable_classes": ["a", "b"],
+                "calibration": {"ece_before": 0.1, "ece_after": 0.05}}  # fmt: skip
+
+    summary = summarize_folds([fold(0.9, 0.8, 5), fold(0.7, 0.0, 0)], ["a", "b"])
+    assert summary["macro_f1"]["values"] == pytest.approx([0.85, 0.7])
+    assert summary["per_class"]["b"]["f1"]["n"] == 1
 
 
 def test_temperature_scaling_repairs_overconfidence():

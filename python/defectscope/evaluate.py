@@ -26,7 +26,8 @@ def classification_metrics(
     classes : list of str
         Names of the indices.
     scored_classes : list of str, optional
-        Classes averaged into ``macro_f1`` (default: those with support > 0).
+        Classes averaged into ``macro_f1`` (default: all); those without test
+        patches here are left out.
 
     Returns
     -------
@@ -47,8 +48,12 @@ def classification_metrics(
         }
         for i, c in enumerate(classes)
     }
-    if scored_classes is None:
-        scored_classes = [c for c in classes if per_class[c]["support"] > 0]
+    # A class with no test patches here has no F1 to average (sklearn's 0 would count it).
+    scored_classes = [
+        c
+        for c in (classes if scored_classes is None else scored_classes)
+        if per_class[c]["support"] > 0
+    ]
     macro = float(np.mean([per_class[c]["f1"] for c in scored_classes])) if scored_classes else 0.0
     return {
         "accuracy": float(np.mean(labels == predictions)) if len(labels) else 0.0,

@@ -188,6 +188,18 @@ def evaluate_split(
     return record
 
 
+def _scored_macro_f1(metrics: dict) -> float:
+    """Macro-F1 over the fold's scored classes that its test part holds.
+
+    Recomputed from the per-class figures, so fold records written before
+    :func:`classification_metrics` left out classes without test patches (and counted
+    them as F1 0) are summarized alike.
+    """
+    per_class = metrics["per_class"]
+    scored = [c for c in metrics["macro_f1_classes"] if per_class[c]["support"] > 0]
+    return float(np.mean([per_class[c]["f1"] for c in scored])) if scored else 0.0
+
+
 def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
     """Mean and standard deviation over folds, overall and per class.
 
@@ -197,7 +209,7 @@ def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
         "n_folds": len(folds),
         "n_test": int(sum(f["n_test"] for f in folds)),
         "accuracy": mean_std([f["metrics"]["accuracy"] for f in folds]),
-        "macro_f1": mean_std([f["metrics"]["macro_f1"] for f in folds]),
+        "macro_f1": mean_std([_scored_macro_f1(f["metrics"]) for f in folds]),
         "ece_before": mean_std([f["calibration"]["ece_before"] for f in folds]),
         "ece_after": mean_std([f["calibration"]["ece_after"] for f in folds]),
         "per_class": {},
