@@ -208,8 +208,15 @@ def _settings(study: dict) -> str:
         ["wall time", f"{study.get('wall_time_s', 'unknown')} s"],
     ]
     if study.get("resumed"):
-        reused = [r if isinstance(r, str) else r["unit"] for r in study["resumed"]]
-        rows.append(["trainings reused from an earlier run (--resume)", ", ".join(reused)])
+        # Grouped by where each reused training ran (a plain name: the record did not say).
+        where: dict[str, list[str]] = {}
+        for r in study["resumed"]:
+            unit, origin = (r, "unknown") if isinstance(r, str) else (r["unit"], None)
+            if origin is None:
+                origin = f"{r.get('device', 'unknown')}, {r.get('machine', 'unknown')}"
+            where.setdefault(origin, []).append(unit)
+        text = "; ".join(f"{', '.join(units)} (on {origin})" for origin, units in where.items())
+        rows.append(["trainings reused from an earlier run (--resume)", text])
     return "<h2>Run settings</h2>" + _table(["setting", "value"], rows)
 
 
