@@ -26,7 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscope.io import FRAME_SUFFIXES, atomic_write_bytes, atomic_write_json, atomic_write_text
+from defectscope.io import (
+    FRAME_SUFFIXES,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    file_hash,
+)
 
 INDEX_COLUMNS = (
     "file",
@@ -51,7 +57,6 @@ INDEX_COLUMNS = (
     "worker",
 )
 RECORD = "done.json"
-_CHUNK = 1 << 20
 
 
 def find_sources(sources: Iterable[str | os.PathLike]) -> list[Path]:
@@ -81,15 +86,6 @@ def find_sources(sources: Iterable[str | os.PathLike]) -> list[Path]:
         for p in files
         if not (p.suffix.lower() == ".emi" and any(p.parent.glob(f"{glob.escape(p.stem)}_*.ser")))
     ]
-
-
-def file_hash(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def artifact_hash(artifact: str | os.PathLike) -> str:

@@ -219,7 +219,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                 f"{report['int8_tensorrt']['agreement']:.4f}"
             )
     elif args.dense:
-        report["tensorrt_dense"] = _build_dense_engines(model_dir, args.precision, args.max_side)
+        from defectscope.export import build_dense_tensorrt_engines
+
+        built = build_dense_tensorrt_engines(model_dir, args.precision, args.max_side)
+        for record in built:
+            print(f"TensorRT dense (native stride {record['native_stride']}): {record['path']}")
+        report["tensorrt_dense"] = built
     else:
         source = int8_trt_path if args.precision == "int8" else fp32_path
         if not source.is_file():
@@ -237,30 +242,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     merged = json.loads(previous.read_text()) if previous.is_file() else {}
     atomic_write_json(previous, {**merged, **report})
     return 0
-
-
-def _build_dense_engines(model_dir: Path, precision: str, max_side: int) -> list[dict]:
-    """TensorRT engines of the dense graphs ``densify`` wrote (one per native stride)."""
-    from defectscope.dense import DENSE_DIR, NATIVE_STRIDES, dense_engine_file, dense_file
-    from defectscope.export import build_tensorrt_engine
-
-    folder = model_dir / DENSE_DIR
-    built = []
-    for native in NATIVE_STRIDES:
-        if not (folder / dense_file(native)).is_file():
-            continue
-        # FP16 is built from the FP32 graph; INT8 from the symmetric graph for TensorRT.
-        source = folder / dense_file(native, "int8" if precision == "int8" else "fp32", "tensorrt")
-        if not source.is_file():
-            raise ValueError(f"{source}: missing; run 'defectscope densify' with --int8 first")
-        engine = build_tensorrt_engine(
-            source, folder / dense_engine_file(native, precision), precision, max_side=max_side
-        )
-        built.append({"path": str(engine), "precision": precision, "max_side": max_side})
-        print(f"TensorRT dense (native stride {native}): {engine}")
-    if not built:
-        raise ValueError(f"{model_dir}: no dense graphs; make them with 'defectscope densify'")
-    return built
 
 
 def cmd_map(args: argparse.Namespace) -> int:

@@ -27,7 +27,13 @@ from defectscope.artifact import (
     parse_metadata_json,
 )
 from defectscope.checkpoint import load_checkpoint
-from defectscope.dense import DENSE_INPUT
+from defectscope.dense import (
+    DENSE_DIR,
+    DENSE_INPUT,
+    NATIVE_STRIDES,
+    dense_engine_file,
+    dense_file,
+)
 from defectscope.engines import tensorrt_available
 from defectscope.io import atomic_write_bytes, atomic_write_json
 from defectscope.tiling import dense_channels
@@ -362,3 +368,29 @@ def build_tensorrt_engine(
     atomic_write_bytes(output, bytes(serialized))
     atomic_write_json(output.with_suffix(output.suffix + ".json"), {**metadata, **extra})
     return output
+
+
+def build_dense_tensorrt_engines(
+    model_dir: str | os.PathLike, precision: str = "fp16", max_side: int = 1536
+) -> list[dict[str, Any]]:
+    """TensorRT engines of the dense graphs ``densify`` wrote, one per native stride.
+
+    FP16 is built from ``dense<N>.onnx``, INT8 from the symmetric
+    ``dense<N>.int8.trt.onnx``; each goes to ``dense/dense<N>.<precision>.engine``.
+    """
+    folder = Path(model_dir) / DENSE_DIR
+    built = []
+    for native in NATIVE_STRIDES:
+        if not (folder / dense_file(native)).is_file():
+            continue
+        source = folder / dense_file(native, "int8" if precision == "int8" else "fp32", "tensorrt")
+        if not source.is_file():
+            raise ValueError(f"{source}: missing; run 'defectscope densify' with --int8 first")
+        engine = build_tensorrt_engine(
+            source, folder / dense_engine_file(native, precision), precision, max_side=max_side
+        )
+        record = {"path": str(engine), "precision": precision, "max_side": max_side}
+        built.append({**record, "native_stride": native})
+    if not built:
+        raise ValueError(f"{model_dir}: no dense graphs; make them with 'defectscope densify'")
+    return built

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import secrets
@@ -97,6 +98,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if image.dtype == np.bool_ or image.dtype.kind not in "uif":
         raise ImageReadError(f"{path}: unsupported pixel dtype {image.dtype}")
     return to_gray(image, source=str(path))
+
+
+def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

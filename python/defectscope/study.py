@@ -33,7 +33,7 @@ from defectscope.evaluate import (
 )
 from defectscope.evaluate import format_mean_std as fmt
 from defectscope.grouping import Groups, find_groups
-from defectscope.io import atomic_write_json, atomic_write_text
+from defectscope.io import atomic_write_json, atomic_write_text, file_hash
 from defectscope.progress import StepTimer
 from defectscope.system import cpu_description
 from defectscope.train import (
@@ -63,7 +63,7 @@ class FinishedWork:
     def __init__(self, out_dir: Path, patches: PatchSet, config: TrainConfig, resume: bool):
         self.directory = out_dir / "finished"
         self.resume = resume
-        self.reused: list[str] = []
+        self.reused: list[dict | str] = []  # dict: the unit and where it trained
         digest = hashlib.sha256()
         digest.update(np.ascontiguousarray(patches.images).tobytes())
         digest.update(str(patches.images.dtype).encode() + str(patches.images.shape).encode())
@@ -96,8 +96,9 @@ class FinishedWork:
             return None
         if not isinstance(stored, dict) or stored.get("key") != self._key(name, split):
             return None
-        if model_dir is not None and stored.get("weights_sha256") != _file_sha256(
-            model_dir / WEIGHTS_FILE
+        weights = model_dir / WEIGHTS_FILE if model_dir is not None else None
+        if weights is not None and (
+            not weights.is_file() or stored.get("weights_sha256") != file_hash(weights)
         ):
             return None
         log.info("%s: reusing the training finished by an earlier run (%s)", name, path)
@@ -108,14 +109,8 @@ class FinishedWork:
     def put(self, name: str, split: Split, record: dict, model_dir: Path | None = None) -> None:
         stored = {"key": self._key(name, split), "record": record, "trained_on": self.where}
         if model_dir is not None:
-            stored["weights_sha256"] = _file_sha256(model_dir / WEIGHTS_FILE)
+            stored["weights_sha256"] = file_hash(model_dir / WEIGHTS_FILE)
         atomic_write_json(self.directory / f"{name}.json", stored)
-
-
-def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _score_split(patches: PatchSet, split: Split, config: TrainConfig, name: str, progress: bool):
