@@ -1,7 +1,7 @@
 """Dense maps against window-by-window maps and the naive loop, same run, same frames.
 
 Three ways to map a frame: ``dense-ort-int8`` (one pass of the trunk over the frame,
-:mod:`defectscope.dense`, INT8 graph of native stride 16), ``window-ort-int8`` (every
+:mod:`defectscope.engines.dense`, INT8 graph of native stride 16), ``window-ort-int8`` (every
 window through the INT8 per-window model, the detector's path before dense maps) and
 ``naive-torch-fp32`` (numpy tiling, a PyTorch FP32 loop). Frames: 512^2 at stride
 16, 2048^2 at stride 32 and 16; choose others with
@@ -23,8 +23,8 @@ import pytest
 
 from benchmarks.bench_end_to_end import naive_map
 from benchmarks.frames import stem_frame
-from defectscope.checkpoint import load_checkpoint
-from defectscope.detector import Detector
+from defectscope.maps.detector import Detector
+from defectscope.nets.checkpoint import load_checkpoint
 
 FRAMES = [
     tuple(int(v) for v in pair.split(":"))

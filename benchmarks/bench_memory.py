@@ -26,7 +26,7 @@ import pytest
 CHILD = """
 import json, resource, sys, time
 import numpy as np
-from defectscope.detector import Detector
+from defectscope.maps.detector import Detector
 frame = np.memmap(sys.argv[1], dtype=np.uint16, mode="r", shape=(16384, 16384))
 det = Detector.load(sys.argv[2], batch_size=64)
 start = time.perf_counter()

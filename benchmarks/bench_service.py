@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from benchmarks.frames import stem_frame
-from defectscope.client import Client
-from defectscope.detector import Detector
-from defectscope.service import BackgroundService
+from defectscope.maps.detector import Detector
+from defectscope.service.client import Client
+from defectscope.service.server import BackgroundService
 
 
 @pytest.fixture(scope="module", params=["window", "dense"])

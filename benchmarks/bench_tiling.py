@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectscope.tiling import Normalization, tile, tile_numpy, window_origins
+from defectscope.tiling.tiler import Normalization, tile, tile_numpy, window_origins
 
 MODES = ["zscore", "minmax", "imagenet"]
 

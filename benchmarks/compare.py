@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def machine() -> str:
-    from defectscope.system import cpu_description
+    from defectscope.util.system import cpu_description
 
     return cpu_description()
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectscope.checkpoint import ModelConfig, save_checkpoint
-from defectscope.export import export_onnx, quantize_onnx_int8
-from defectscope.model import build_model
-from defectscope.tiling import tile
+from defectscope.export.build import export_onnx, quantize_onnx_int8
+from defectscope.nets.checkpoint import ModelConfig, save_checkpoint
+from defectscope.nets.vgg import build_model
+from defectscope.tiling.tiler import tile
 from tests.synthetic import lattice
 
 
@@ -40,7 +40,7 @@ def bench_dense_model(bench_model, tmp_path_factory):
     """
     import shutil
 
-    from defectscope.dense_model import make_dense
+    from defectscope.export.dense import make_dense
 
     directory = tmp_path_factory.mktemp("bench-dense") / "model"
     shutil.copytree(bench_model, directory)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscope.detector import Detector
-from defectscope.io import atomic_write_bytes, atomic_write_json
-from defectscope.lattice import LatticeSample
-from defectscope.nion import SimulatedSTEM, set_survey, visit_top_roi
+from defectscope.io.frames import atomic_write_bytes, atomic_write_json
+from defectscope.maps.detector import Detector
+from defectscope.nion.loop import SimulatedSTEM, set_survey, visit_top_roi
+from defectscope.simulate.lattice import LatticeSample
 
 
 def parse_point(text: str) -> tuple[float, float]:

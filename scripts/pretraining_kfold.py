@@ -14,12 +14,12 @@ import json
 import sys
 import time
 
-from defectscope.datasets import dataset_folder, load_patches, locate_upstream
-from defectscope.evaluate import grouped_folds
-from defectscope.grouping import find_groups
-from defectscope.io import atomic_write_json
-from defectscope.study import cross_validate
-from defectscope.train_config import TrainConfig
+from defectscope.evaluation.grouping import find_groups
+from defectscope.evaluation.metrics import grouped_folds
+from defectscope.io.datasets import dataset_folder, load_patches, locate_upstream
+from defectscope.io.frames import atomic_write_json
+from defectscope.studies.study import cross_validate
+from defectscope.training.config import TrainConfig
 
 
 def main(argv: list[str]) -> None:

@@ -29,6 +29,6 @@ for material in ${MATERIALS:-srtio3 cdte}; do
     $D score-simulated "$dir/model" "$dir/$test" --stride 8 --json "$dir/score-$test.json"
   done
 done
-if [ -f "$OUT/srtio3/model/weights.pt" ] && .venv/bin/python -c "from defectscope.datasets import locate_upstream; locate_upstream(download=False)" 2>/dev/null; then
+if [ -f "$OUT/srtio3/model/weights.pt" ] && .venv/bin/python -c "from defectscope.io.datasets import locate_upstream; locate_upstream(download=False)" 2>/dev/null; then
   .venv/bin/python scripts/pretraining_kfold.py sto "$OUT/srtio3/model/weights.pt" "$OUT/pretraining-kfold-sto.json" 15 5
 fi

@@ -32,8 +32,8 @@ def toy_model_is_right(model_dir: Path) -> str | None:
     It must classify held-out toy patches perfectly, find a 2x2 vacancy cluster in
     a lattice frame where it is, and find nothing in a clean frame.
     """
-    from defectscope.classifier import PatchClassifier
-    from defectscope.detector import Detector
+    from defectscope.maps.detector import Detector
+    from defectscope.training.classifier import PatchClassifier
 
     val = toy_patches(6, seed=7)
     probabilities, _ = PatchClassifier.load(model_dir).predict(val.images)
@@ -70,7 +70,7 @@ def model_dir(tmp_path_factory) -> Path:
     """
     import torch
 
-    from defectscope.train import TrainConfig, save_training, train_classifier
+    from defectscope.training.loop import TrainConfig, save_training, train_classifier
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -93,7 +93,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def onnx_artifact(model_dir, tmp_path_factory) -> Path:
     """The toy model exported to a standalone FP32 ONNX file (what an instrument PC gets)."""
-    from defectscope.export import export_onnx
+    from defectscope.export.build import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "toy.onnx"
     report = export_onnx(model_dir, path)
@@ -107,8 +107,8 @@ def density_model_dir(model_dir, tmp_path_factory) -> Path:
     import json
     import shutil
 
-    from defectscope.checkpoint import load_checkpoint
-    from defectscope.train import fit_model_density
+    from defectscope.nets.checkpoint import load_checkpoint
+    from defectscope.training.loop import fit_model_density
 
     model, config, _ = load_checkpoint(model_dir)
     density = fit_model_density(
@@ -128,7 +128,7 @@ NOMINAL = {"spacing": 8.0, "dose": 60.0, "jitter": 0.3}
 
 def acquisition_patches(n_per_class: int, seed: int):
     """Bulk and Vacancy patches recorded like the frames below (shot noise, jitter)."""
-    from defectscope.datasets import PatchSet
+    from defectscope.io.datasets import PatchSet
 
     rng = np.random.default_rng(seed)
     images, labels = [], []
@@ -187,7 +187,12 @@ def acquisition_model_dir(tmp_path_factory):
     """
     import torch
 
-    from defectscope.train import TrainConfig, fit_model_density, save_training, train_classifier
+    from defectscope.training.loop import (
+        TrainConfig,
+        fit_model_density,
+        save_training,
+        train_classifier,
+    )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -200,7 +205,7 @@ def acquisition_model_dir(tmp_path_factory):
             density = fit_model_density(result.model, train, val, config.normalization)
             out = tmp_path_factory.mktemp("models") / f"acquisition-seed{seed}"
             save_training(out, result, config, extra_record={"density": density.to_dict()})
-            from defectscope.detector import Detector
+            from defectscope.maps.detector import Detector
 
             with Detector.load(out, backend="torch") as det:
                 nominal = frame_scores(det, seeds=[7], **NOMINAL)

@@ -16,7 +16,8 @@ import imageio.v3 as iio  # noqa: E402
 import napari  # noqa: E402
 from qtpy.QtWidgets import QApplication  # noqa: E402
 
-from defectscope.napari_plugin import find_defects_widget, sample_lattice_layer  # noqa: E402
+from defectscope.napari.plugin import sample_lattice_layer  # noqa: E402
+from defectscope.napari.widget import find_defects_widget  # noqa: E402
 
 
 def main(model: str, out: str) -> int:

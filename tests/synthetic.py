@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from defectscope.datasets import PatchSet
+from defectscope.io.datasets import PatchSet
 
 
 def lattice(

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from defectscope.detector import Detector
-from defectscope.maps import windows_csv
+from defectscope.maps.detector import Detector
+from defectscope.maps.result import windows_csv
 from tests.synthetic import lattice
 
 distributed = pytest.importorskip("distributed", reason="Dask is the optional 'scale' extra")
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow comes with the 'scale' extra")
 
-from defectscope.batch import file_hash, find_sources, output_folder, run_batch  # noqa: E402
+from defectscope.service.batch import file_hash, find_sources, output_folder, run_batch  # noqa: E402
 
 
 def _frames(folder, n, size=128):
@@ -174,7 +174,7 @@ def test_local_cluster_route_through_the_cli(onnx_artifact, tmp_path, capsys):
 @pytest.mark.parametrize(("height", "band", "bands"), [(300, 96, 3), (200, 64, 3), (260, 128, 2)])
 def test_map_overlap_bands_equal_one_map(density_model_dir, cluster, height, band, bands):
     """Bands of a frame across workers give the windows and regions of one map."""
-    from defectscope.batch import map_large_frame
+    from defectscope.service.batch import map_large_frame
 
     vacancy = [(20, 9), (20, 10), (21, 9), (21, 10), (3, 3), (3, 4), (4, 3), (4, 4)]
     frame = (lattice((height, 200), vacancies=vacancy, seed=5) * 200).clip(0, 255)
@@ -198,7 +198,7 @@ def test_map_overlap_bands_equal_one_map(density_model_dir, cluster, height, ban
 
 def test_map_overlap_bands_take_the_background_asked_for(density_model_dir, cluster):
     """--background reaches every band: the regions are those of one map with it."""
-    from defectscope.batch import map_large_frame
+    from defectscope.service.batch import map_large_frame
 
     frame = (lattice((200, 160), vacancies=[(10, 9), (10, 10)], seed=6) * 200).clip(0, 255)
     frame = frame.astype(np.uint8)
@@ -220,7 +220,7 @@ def test_map_overlap_bands_take_the_background_asked_for(density_model_dir, clus
 
 
 def test_map_overlap_refuses_bad_bands(onnx_artifact):
-    from defectscope.batch import map_large_frame
+    from defectscope.service.batch import map_large_frame
 
     frame = np.zeros((200, 200), np.uint8)
     for band in (40, 100, True):

@@ -13,11 +13,11 @@ import pytest
 import tifffile
 
 from defectscope.cli import main
-from defectscope.cluster import cluster_embeddings
-from defectscope.io import Calibration
-from defectscope.maps import MapResult
-from defectscope.rois import RoiWeights, select_rois
-from defectscope.tiling import window_origins
+from defectscope.io.frames import Calibration
+from defectscope.maps.cluster import cluster_embeddings
+from defectscope.maps.result import MapResult
+from defectscope.maps.rois import RoiWeights, select_rois
+from defectscope.tiling.tiler import window_origins
 from tests.synthetic import lattice, toy_patches
 
 
@@ -89,8 +89,8 @@ def test_rois_rank_spacing_novelty_and_calibration():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A whole demo run on synthetic data: study, export, cluster, roi, report."""
-    from defectscope.study import run_study
-    from defectscope.train import TrainConfig
+    from defectscope.studies.study import run_study
+    from defectscope.training.loop import TrainConfig
 
     root = tmp_path_factory.mktemp("run")
     patches = toy_patches(8, noise=0.4)  # noisy enough that no two patches look like crops
@@ -292,7 +292,7 @@ def test_a_region_covering_most_of_the_frame_is_not_an_roi():
 
 
 def test_share_of_a_class_mapped_outside_its_crops():
-    from defectscope.study import outside_crop_extent
+    from defectscope.studies.study import outside_crop_extent
 
     grid = np.zeros((6, 6), int)
     grid[0:2, 0:2] = 1  # where the class's crops were cut

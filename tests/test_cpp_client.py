@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from defectscope.service import BackgroundService
+from defectscope.service.server import BackgroundService
 from tests.conftest import REPO
 
 

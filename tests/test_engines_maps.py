@@ -9,20 +9,19 @@ import numpy as np
 import onnx
 import pytest
 
-from defectscope.classifier import PatchClassifier
 from defectscope.cli import main
-from defectscope.detector import Detector
-from defectscope.engines import EngineError, OnnxEngine, load_engine
-from defectscope.export import (
+from defectscope.engines.base import EngineError, OnnxEngine, load_engine
+from defectscope.export.build import (
     compare_engines,
     export_onnx,
     quantize_onnx_int8,
     read_onnx_metadata,
     tensorrt_available,
 )
-from defectscope.maps import MapResult, find_regions, scan_fraction
-from defectscope.tiling import window_origins
-from defectscope.train import patches_to_inputs
+from defectscope.maps.detector import Detector
+from defectscope.maps.result import MapResult, find_regions, scan_fraction
+from defectscope.tiling.tiler import patches_to_inputs, window_origins
+from defectscope.training.classifier import PatchClassifier
 from tests.synthetic import lattice, toy_patches
 
 
@@ -244,7 +243,7 @@ def test_tensorrt_path_skips_or_explains(model_dir, onnx_path, capsys):
 @pytest.mark.skipif(not tensorrt_available()[0], reason=tensorrt_available()[1] or "n/a")
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_tensorrt_engine_matches_onnx(model_dir, onnx_path, frame, precision):
-    from defectscope.export import INT8_FILES, build_tensorrt_engine
+    from defectscope.export.build import INT8_FILES, build_tensorrt_engine
 
     source = onnx_path
     if precision == "int8":  # TensorRT takes the symmetric INT8 model, not the CPU's U8S8
@@ -259,7 +258,7 @@ def test_tensorrt_engine_matches_onnx(model_dir, onnx_path, frame, precision):
 
 
 def test_recall_at_sources_uses_nearest_window():
-    from defectscope.provenance import recall_at_sources
+    from defectscope.evaluation.provenance import recall_at_sources
 
     grid = np.zeros((6, 8), int)
     grid[1, 2] = 1  # window at origin (10, 20) is class A
@@ -274,9 +273,9 @@ def test_recall_at_sources_uses_nearest_window():
 MEMMAP_SCRIPT = """
 import resource, sys
 import numpy as np
-from defectscope.checkpoint import ModelConfig
-from defectscope.detector import Detector
-from defectscope.engines import Engine
+from defectscope.nets.checkpoint import ModelConfig
+from defectscope.maps.detector import Detector
+from defectscope.engines.base import Engine
 
 class MeanEngine(Engine):
     # cheap stand-in for the network: the streaming and tiling are what is measured
@@ -319,7 +318,7 @@ def test_16k_memmap_streams_in_bounded_memory(tmp_path):
 
 
 def test_d4_symmetry_averages_the_eight_views_and_is_rotation_invariant(model_dir):
-    from defectscope.tiling import tile
+    from defectscope.tiling.tiler import tile
 
     frame = (lattice((128, 128), vacancies=[(7, 8)], seed=12) * 200).clip(0, 255)
     frame = frame.astype(np.uint8)

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from defectscope.cli import main
-from defectscope.io import ImageReadError, read_frame
+from defectscope.io.frames import ImageReadError, read_frame
 from tests.conftest import REPO
 
 INSTRUMENT = REPO.parent / "shared" / "datasets" / "instrument-files"

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from defectscope.evaluate import (
+from defectscope.evaluation.grouping import best_shift_correlation, find_groups
+from defectscope.evaluation.metrics import (
     classification_metrics,
     expected_calibration_error,
     fit_temperature,
@@ -14,7 +15,6 @@ from defectscope.evaluate import (
     grouped_split,
     random_split,
 )
-from defectscope.grouping import best_shift_correlation, find_groups
 from tests.synthetic import lattice
 
 
@@ -131,7 +131,7 @@ def test_metrics_against_sklearn():
 
 
 def test_fold_summary_scores_each_fold_on_the_classes_it_tests():
-    from defectscope.study import summarize_folds
+    from defectscope.studies.study import summarize_folds
 
     def fold(f1_a, f1_b, support_b):
         per_class = {
@@ -170,7 +170,7 @@ def test_temperature_scaling_repairs_overconfidence():
 
 def test_public_single_region_classes(public_data):
     """DATA.md: CdTe LC, SF1, SF2 and Twin_Bound are each crops of a single region."""
-    from defectscope.datasets import load_patches
+    from defectscope.io.datasets import load_patches
 
     patches = load_patches(public_data / "Image Data" / "DataSet_CdTe")
     groups = find_groups(patches.images)
@@ -183,7 +183,7 @@ def test_public_single_region_classes(public_data):
 
 
 def test_locate_patches_finds_crops():
-    from defectscope.provenance import locate_patches, match_template
+    from defectscope.evaluation.provenance import locate_patches, match_template
 
     rng = np.random.default_rng(9)
     frame = rng.normal(size=(150, 170))
@@ -199,8 +199,8 @@ def test_locate_patches_finds_crops():
 
 
 def test_a_same_phase_lattice_region_is_not_taken_for_the_crop():
-    from defectscope.provenance import locate_patches
-    from defectscope.study import CROP_MATCH_THRESHOLD
+    from defectscope.evaluation.provenance import locate_patches
+    from defectscope.studies.study import CROP_MATCH_THRESHOLD
 
     # A periodic lattice matches itself one period away: a crop of another image of the
     # same lattice (independent noise) scores about 0.94 somewhere, and must not count as

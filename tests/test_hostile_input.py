@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from defectscope.artifact import MetadataError
+from defectscope.artifacts.metadata import MetadataError
 from defectscope.cli import main
-from defectscope.client import Client
-from defectscope.detector import Detector, MapCancelled
-from defectscope.engines import load_engine
-from defectscope.live import LiveDetector
-from defectscope.outputs import remove_stale_staging
-from defectscope.service import BackgroundService, Service
+from defectscope.engines.base import load_engine
+from defectscope.maps.detector import Detector, MapCancelled
+from defectscope.outputs.map_files import remove_stale_staging
+from defectscope.service.client import Client
+from defectscope.service.live import LiveDetector
+from defectscope.service.server import BackgroundService, Service
 from tests.synthetic import lattice
 
 zmq = pytest.importorskip("zmq")
@@ -152,11 +152,11 @@ def test_slow_map_hits_the_time_limit_and_ping_is_answered_meanwhile(onnx_artifa
 
 
 def test_sigterm_cancels_a_long_map_after_the_grace_period(onnx_artifact):
-    from defectscope.service import free_loopback_port
+    from defectscope.service.server import free_loopback_port
 
     address = f"tcp://127.0.0.1:{free_loopback_port()}"
     code = (
-        "import sys; from defectscope.service import serve; "
+        "import sys; from defectscope.service.server import serve; "
         f"print('serving', flush=True); serve({str(onnx_artifact)!r}, {address!r}, "
         "shutdown_grace_s=0.5, request_timeout_s=600)"
     )
@@ -486,7 +486,7 @@ def test_argument_errors_are_one_error_line(onnx_artifact, tmp_path, args, capsy
 
 
 def test_class_names_with_mathtext_characters_draw(detector, tmp_path):
-    from defectscope import figures
+    from defectscope.outputs import figures
 
     result = detector.map(uint16_frame(), stride=16)
     result.classes = ["$Bulk", "Vac$_{Cd}$ ^ \\frac"]
@@ -498,7 +498,7 @@ def test_class_names_with_mathtext_characters_draw(detector, tmp_path):
 
 @pytest.mark.parametrize("grace", [float("nan"), float("inf"), -1.0, "5"])
 def test_serve_refuses_a_shutdown_grace_that_is_not_finite_seconds(onnx_artifact, grace):
-    from defectscope.service import serve
+    from defectscope.service.server import serve
 
     with pytest.raises(ValueError, match="shutdown grace"):
         serve(onnx_artifact, "tcp://127.0.0.1:5999", shutdown_grace_s=grace)

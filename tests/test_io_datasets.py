@@ -9,8 +9,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from defectscope.datasets import DatasetError, discover, label_from_filename, load_patches
-from defectscope.io import ImageReadError, atomic_write_json, read_image, to_gray
+from defectscope.io.datasets import DatasetError, discover, label_from_filename, load_patches
+from defectscope.io.frames import ImageReadError, atomic_write_json, read_image, to_gray
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_atomic_json_leaves_nothing_on_failure(tmp_path):
 
 
 def test_shared_data_is_the_pinned_commit(public_data):
-    from defectscope.datasets import UPSTREAM_DATA_FILES, UPSTREAM_DATA_SHA256, data_digest
+    from defectscope.io.datasets import UPSTREAM_DATA_FILES, UPSTREAM_DATA_SHA256, data_digest
 
     assert data_digest(public_data) == (UPSTREAM_DATA_SHA256, UPSTREAM_DATA_FILES)
 
@@ -125,7 +125,7 @@ def test_shared_data_is_the_pinned_commit(public_data):
 def test_download_checks_every_file_and_keeps_nothing_wrong(tmp_path, monkeypatch):
     import pooch
 
-    from defectscope import datasets
+    from defectscope.io import datasets
 
     def fake_retrieve(url, known_hash, fname, path, processor, progressbar):
         assert datasets.UPSTREAM_COMMIT in url  # the pinned commit, not a branch
@@ -152,7 +152,7 @@ def test_download_of_the_right_files_is_accepted(public_data, tmp_path, monkeypa
 
     import pooch
 
-    from defectscope import datasets
+    from defectscope.io import datasets
 
     def fake_retrieve(url, known_hash, fname, path, processor, progressbar):
         top = Path(path) / processor.extract_dir / f"repo-{datasets.UPSTREAM_COMMIT}"

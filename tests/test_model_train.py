@@ -9,12 +9,12 @@ import pytest
 import torch
 import torchvision
 
-from defectscope.augment import Augmentation, augment_batch
-from defectscope.checkpoint import CheckpointError, load_checkpoint
-from defectscope.classifier import PatchClassifier
-from defectscope.model import WeightsUnavailableError, build_model, imagenet_cache_path
-from defectscope.tiling import Normalization, tile_numpy
-from defectscope.train import TrainConfig, patches_to_inputs, save_training, train_classifier
+from defectscope.nets.checkpoint import CheckpointError, load_checkpoint
+from defectscope.nets.vgg import WeightsUnavailableError, build_model, imagenet_cache_path
+from defectscope.tiling.tiler import Normalization, patches_to_inputs, tile_numpy
+from defectscope.training.augment import Augmentation, augment_batch
+from defectscope.training.classifier import PatchClassifier
+from defectscope.training.loop import TrainConfig, save_training, train_classifier
 from tests.synthetic import toy_patches
 
 
@@ -144,7 +144,7 @@ def test_checkpoint_errors(tmp_path):
 
 def _frozen_at_chance(monkeypatch):
     """Make build_model return a network whose head outputs zeros: it can only guess class 0."""
-    import defectscope.train as train_module
+    import defectscope.training.loop as train_module
 
     original = train_module.build_model
 
@@ -201,7 +201,7 @@ def test_train_cli_fails_loudly_when_nothing_was_learned(monkeypatch, tmp_path, 
 
 
 def test_batchnorm_statistics_are_recalibrated_to_the_final_weights():
-    from defectscope.train import recalibrate_batchnorm
+    from defectscope.training.loop import recalibrate_batchnorm
 
     torch.manual_seed(0)
     model = build_model(2, architecture="vgg16_bn").eval()
@@ -218,7 +218,7 @@ def test_batchnorm_statistics_are_recalibrated_to_the_final_weights():
 
 @pytest.mark.parametrize("min_delta, epochs_run", [(0.01, 5), (0.0, 7)])
 def test_patience_restarts_only_on_a_meaningful_gain(monkeypatch, min_delta, epochs_run):
-    import defectscope.train as train_module
+    import defectscope.training.loop as train_module
 
     # Scripted validation losses: a big gain, then gains of 0.002 an epoch (0.006 in the
     # three epochs of patience: less than 0.01).
@@ -236,8 +236,8 @@ def test_patience_restarts_only_on_a_meaningful_gain(monkeypatch, min_delta, epo
     "cap, native", [("AVX2", False), ("AVX512_CORE_VNNI", False), ("AVX512_CORE_BF16", None)]
 )
 def test_bf16_autocast_follows_a_onednn_cap(monkeypatch, cap, native):
-    from defectscope.system import cpu_description
-    from defectscope.train import cpu_has_bf16
+    from defectscope.nets.device import cpu_has_bf16
+    from defectscope.util.system import cpu_description
 
     # Capped below BF16 (the AVX2 emulation), auto precision must train in fp32; with a
     # BF16 cap the CPU's own flags decide.
@@ -254,7 +254,7 @@ def test_bf16_autocast_follows_a_onednn_cap(monkeypatch, cap, native):
 
 
 def test_training_device_choice():
-    from defectscope.train import training_device
+    from defectscope.nets.device import training_device
 
     assert training_device("cpu").type == "cpu"
     assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -291,7 +291,7 @@ def test_training_on_the_gpu_matches_its_cpu_scoring(tmp_path, precision):
 
 
 def test_new_weights_remove_what_was_made_from_the_old(tmp_path):
-    from defectscope.checkpoint import ModelConfig, save_checkpoint
+    from defectscope.nets.checkpoint import ModelConfig, save_checkpoint
 
     config = ModelConfig(classes=("Bulk", "Vacancy"), patch_size=64)
     model = build_model(2)

@@ -16,10 +16,10 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 napari = pytest.importorskip("napari", reason="napari is the optional 'napari' extra")
 pytest.importorskip("pytestqt", reason="pytest-qt comes with the 'napari' extra")
 
-from defectscope.detector import Detector  # noqa: E402
-from defectscope.io import read_frame  # noqa: E402
-from defectscope.maps import pixel_grid_index  # noqa: E402
-from defectscope.napari_plugin import (  # noqa: E402
+from defectscope.io.frames import read_frame  # noqa: E402
+from defectscope.maps.detector import Detector  # noqa: E402
+from defectscope.maps.result import pixel_grid_index  # noqa: E402
+from defectscope.napari.plugin import (  # noqa: E402
     get_reader,
     read_map_folder,
     sample_frame,
@@ -89,8 +89,8 @@ def test_reader_declines_what_it_cannot_open(tmp_path):
 def test_widget_layers_equal_a_map_and_rois_round_trip(qtbot, sample_model_dir, tmp_path):
     from napari.components import ViewerModel
 
-    from defectscope.napari_plugin import find_defects_widget
-    from defectscope.rois import select_rois
+    from defectscope.maps.rois import select_rois
+    from defectscope.napari.widget import find_defects_widget
 
     # The viewer's model without a canvas: no OpenGL needed (the screenshot test needs it).
     viewer = ViewerModel()
@@ -147,7 +147,7 @@ def test_widget_layers_equal_a_map_and_rois_round_trip(qtbot, sample_model_dir, 
 
 
 def _sample_layer(model):
-    from defectscope.napari_plugin import sample_lattice_layer
+    from defectscope.napari.plugin import sample_lattice_layer
 
     return sample_lattice_layer(model)
 
@@ -155,7 +155,7 @@ def _sample_layer(model):
 def test_widget_cancel_stops_the_map(qtbot, sample_model_dir):
     from napari.components import ViewerModel
 
-    from defectscope.napari_plugin import find_defects_widget
+    from defectscope.napari.widget import find_defects_widget
 
     viewer = ViewerModel()
     big = np.tile(sample_frame()[0], (3, 3))
@@ -183,7 +183,7 @@ def test_viewer_screenshot_of_the_widget_result(sample_model_dir, tmp_path):
 
     if shutil.which("xvfb-run") is None:
         pytest.skip("no xvfb-run: a napari canvas needs OpenGL (Debian package xvfb)")
-    from defectscope.export import export_onnx
+    from defectscope.export.build import export_onnx
 
     onnx_model = tmp_path / "sample.onnx"
     export_onnx(sample_model_dir, onnx_model)

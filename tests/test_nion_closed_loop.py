@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from defectscope.detector import Detector
-from defectscope.lattice import LatticeSample, ScanField
+from defectscope.maps.detector import Detector
+from defectscope.simulate.lattice import LatticeSample, ScanField
 from tests.conftest import REPO
 
 PIXELS, FOV_NM = 256, 12.8  # 0.05 nm pixels: 0.4 nm columns are 8 px apart, as in training
@@ -64,7 +64,7 @@ def test_scan_field_round_trip():
 
 
 nion = pytest.importorskip(
-    "defectscope.nion", reason="Nion Swift instrumentation not installed (defectscope[nion])"
+    "defectscope.nion.loop", reason="Nion Swift instrumentation not installed (defectscope[nion])"
 )
 
 
@@ -189,6 +189,6 @@ def test_missing_nion_packages_are_named(monkeypatch):
     with pytest.raises(ImportError, match=r"nionswift-usim: pip install 'defectscope\[nion\]'"):
         nion.SimulatedSTEM(LatticeSample()).__enter__()
     monkeypatch.setitem(sys.modules, "nion.utils", None)
-    monkeypatch.delitem(sys.modules, "defectscope.nion")
+    monkeypatch.delitem(sys.modules, "defectscope.nion.loop")
     with pytest.raises(ImportError, match=r"pip install 'defectscope\[nion\]'"):
-        importlib.import_module("defectscope.nion")
+        importlib.import_module("defectscope.nion.loop")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from defectscope.progress import StepTimer
+from defectscope.util.progress import StepTimer
 
 
 def test_steps_are_timed_named_and_kept_when_they_fail():

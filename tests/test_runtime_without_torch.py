@@ -39,8 +39,8 @@ artifact, frame, out = sys.argv[1:4]
 assert main(["map", artifact, frame, "--out", out + "/map", "--pixel-size", "0.05"]) == 0
 assert main(["roi", artifact, frame, "--out", out + "/rois.json", "--top", "3"]) == 0
 import numpy as np
-from defectscope.client import Client
-from defectscope.service import BackgroundService
+from defectscope.service.client import Client
+from defectscope.service.server import BackgroundService
 with BackgroundService(artifact) as service, Client(service.address) as client:
     assert client.ping()
     served = client.rois(np.load(frame), top=3)["rois"]

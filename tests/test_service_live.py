@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from defectscope.client import Client, ServiceError
-from defectscope.detector import Detector
-from defectscope.live import LiveDetector
-from defectscope.service import (
+from defectscope.maps.detector import Detector
+from defectscope.service.client import Client, ServiceError
+from defectscope.service.live import LiveDetector
+from defectscope.service.server import (
     BackgroundService,
     Service,
     free_loopback_port,

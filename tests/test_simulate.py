@@ -10,7 +10,7 @@ import pytest
 
 ase = pytest.importorskip("ase", reason="simulation needs the optional 'simulate' extra (ASE)")
 
-from defectscope import simulate as sim  # noqa: E402
+from defectscope.simulate import dataset as sim  # noqa: E402
 
 
 def test_incoherent_renderer_keeps_each_atoms_weight_and_position():
@@ -184,7 +184,7 @@ def test_acquired_positions_follow_drift_and_jitter():
 
 
 def test_simulated_dataset_trains_the_way_train_reads(tmp_path):
-    from defectscope.datasets import load_patches
+    from defectscope.io.datasets import load_patches
 
     settings = sim.SimulationSettings(
         structure="cdte",
@@ -220,7 +220,7 @@ def test_simulated_dataset_trains_the_way_train_reads(tmp_path):
 
 def test_simulated_frame_reads_with_its_calibration(tmp_path):
     pytest.importorskip("rsciio", reason="calibrated TIFF needs the 'formats' extra")
-    from defectscope.io import read_frame
+    from defectscope.io.frames import read_frame
 
     settings = sim.SimulationSettings(frames=1, size=128, thickness=2.0, seed=1)
     sim.simulate_dataset(settings, tmp_path, progress=False)
@@ -265,7 +265,7 @@ def test_multislice_agrees_with_the_incoherent_model():
 @pytest.fixture
 def learned(monkeypatch):
     """Tiny trainings here test plumbing, not convergence: count every run as learned."""
-    import defectscope.train as train_module
+    import defectscope.training.loop as train_module
 
     monkeypatch.setattr(train_module.TrainResult, "untrained", property(lambda self: False))
 
@@ -273,10 +273,10 @@ def learned(monkeypatch):
 def test_pretraining_on_simulated_starts_the_fine_tuning(tmp_path, learned):
     import torch
 
-    from defectscope.checkpoint import load_checkpoint
-    from defectscope.model import build_model
-    from defectscope.train import train_from_simulated
-    from defectscope.train_config import TrainConfig
+    from defectscope.nets.checkpoint import load_checkpoint
+    from defectscope.nets.vgg import build_model
+    from defectscope.training.config import TrainConfig
+    from defectscope.training.loop import train_from_simulated
     from tests.synthetic import toy_patches
 
     simulated, real = toy_patches(6, seed=1), toy_patches(6, seed=2)

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from defectscope import study as study_module
-from defectscope.artifact import WEIGHTS_FILE
-from defectscope.datasets import PatchSet
-from defectscope.evaluate import random_split
-from defectscope.study import FinishedWork, run_study
-from defectscope.train import TrainConfig
+from defectscope.artifacts.metadata import WEIGHTS_FILE
+from defectscope.evaluation.metrics import random_split
+from defectscope.io.datasets import PatchSet
+from defectscope.studies import study as study_module
+from defectscope.studies.study import FinishedWork, run_study
+from defectscope.training.loop import TrainConfig
 from tests.synthetic import lattice
 
 CONFIG = TrainConfig(epochs=1, batch_size=8, precision="fp32", seed=0)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from defectscope import _tiling
-from defectscope.tiling import Normalization, tile, tile_numpy, window_origins
+from defectscope.tiling.tiler import Normalization, tile, tile_numpy, window_origins
 
 DTYPES = ["uint8", "uint16", "int16", "int32", "uint32", "float32", "float64"]
 

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from defectscope.artifact import MetadataError
-from defectscope.checkpoint import load_checkpoint
+from defectscope.artifacts.density import FeatureDensity, encode_array, fit_density
+from defectscope.artifacts.metadata import MetadataError
 from defectscope.cli import main
-from defectscope.density import FeatureDensity, encode_array, fit_density
-from defectscope.detector import Detector
-from defectscope.engines import load_engine
-from defectscope.rois import select_rois
-from defectscope.train import patches_to_inputs, predict_logits
+from defectscope.engines.base import load_engine
+from defectscope.maps.detector import Detector
+from defectscope.maps.rois import select_rois
+from defectscope.nets.checkpoint import load_checkpoint
+from defectscope.tiling.tiler import patches_to_inputs
+from defectscope.training.loop import predict_logits
 from tests.conftest import NOMINAL, frame_scores
 from tests.synthetic import lattice, toy_patches
 
@@ -139,9 +140,9 @@ def test_map_marks_the_unknown_half_and_keeps_it_out_of_defect_regions(density_m
 
 
 def test_uncertainty_travels_through_onnx_the_cli_and_the_service(density_model_dir, tmp_path):
-    from defectscope.client import Client
-    from defectscope.export import export_onnx
-    from defectscope.service import BackgroundService
+    from defectscope.export.build import export_onnx
+    from defectscope.service.client import Client
+    from defectscope.service.server import BackgroundService
 
     onnx_path = tmp_path / "toy.onnx"
     export_onnx(density_model_dir, onnx_path)
@@ -177,7 +178,7 @@ def test_uncertainty_travels_through_onnx_the_cli_and_the_service(density_model_
 
 
 def test_live_results_carry_unknown_regions(density_model_dir):
-    from defectscope.live import LiveDetector
+    from defectscope.service.live import LiveDetector
 
     with Detector.load(density_model_dir, backend="torch") as det:
         with LiveDetector(det, stride=16, unknown="explore") as live:

@@ -1,0 +1,5 @@
+"""``python -m defectscope.cli``."""
+
+from defectscope.cli.app import main
+
+raise SystemExit(main())

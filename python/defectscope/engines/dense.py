@@ -1,0 +1,352 @@
+"""Dense maps: one pass of the convolutional trunk over the frame, not one per window.
+
+At stride 16 every pixel of a frame goes through VGG-16's convolutions 16 times when
+each window is classified on its own. A dense artifact (made by
+:func:`defectscope.export.dense.make_dense`) is the same network rewritten as a fully
+convolutional graph over a whole region: the head's Linear on 2x2x512 becomes a 2x2
+convolution, the classifier a 1x1 one. Its native step is 32 px with five stride-2
+pools; 16 px with pool 5 at stride 1 and the head dilated by 2; 8 px with pool 4 at
+stride 1 and block 5 dilated (shift-and-stitch in one pass).
+
+Two things make a dense pass differ from windows classified one by one, and the
+artifact is adapted to both: the input is normalized per pixel over the window's
+footprint (:func:`~defectscope.tiling.tiler.normalize_region`) instead of per window, and
+a window's border sees its real neighbours instead of zero padding.
+
+Memory stays bounded on any frame: the trunk runs over crops that overlap by the
+network's receptive margin, so a window's output does not depend on how the frame
+was cut. This module imports neither PyTorch nor ONNX; it needs onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectscope.artifacts.metadata import (
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    ArtifactMetadata,
+    parse_metadata_json,
+    read_sidecar,
+)
+from defectscope.engines.base import Engine, EngineError, TensorRTSession
+from defectscope.tiling.tiler import dense_channels, normalize_region, window_origins
+
+DENSE_INPUT = "frame"
+DENSE_DIR = "dense"
+NATIVE_STRIDES = (32, 16, 8)
+
+
+def dense_file(native_stride: int, precision: str = "fp32", target: str = "cpu") -> str:
+    """The file name of a dense graph inside a model directory's ``dense/`` folder.
+
+    ``target='tensorrt'`` names the symmetric INT8 graph a TensorRT engine is built from.
+    """
+    if precision == "fp32":
+        return f"dense{native_stride}.onnx"
+    return f"dense{native_stride}.int8{'.trt' if target == 'tensorrt' else ''}.onnx"
+
+
+def dense_engine_file(native_stride: int, precision: str) -> str:
+    """The file name of a dense graph's TensorRT engine (``fp16`` or ``int8``)."""
+    return f"dense{native_stride}.{precision}.engine"
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseInfo:
+    """What the runtime needs to cut a frame for a dense graph.
+
+    Attributes
+    ----------
+    native_stride : int
+        Step between the windows the graph computes (32, 16 or 8).
+    margin : int
+        Pixels beyond a window's edge that reach its output (receptive field).
+    box : int
+        Footprint of the per-pixel normalization.
+    align : int
+        Crop sizes must be multiples of this (the pools' combined step).
+    """
+
+    native_stride: int
+    margin: int
+    box: int
+    align: int
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> DenseInfo:
+        try:
+            info = cls(*(int(data[k]) for k in ("native_stride", "margin", "box", "align")))
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise EngineError(f"{source}: dense metadata is missing or malformed ({exc})") from exc
+        if info.native_stride not in NATIVE_STRIDES or not 0 <= info.margin <= 4096:
+            raise EngineError(f"{source}: dense metadata out of range: {info}")
+        if info.box < 2 or info.box % 2 or info.align not in (8, 16, 32):
+            raise EngineError(f"{source}: dense metadata out of range: {info}")
+        return info
+
+
+class DenseEngine(Engine):
+    """ONNX Runtime on a dense graph: a normalized region in, per-window maps out."""
+
+    name = "onnxruntime-dense"
+
+    def __init__(self, path: str | os.PathLike, threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise EngineError(f"{path}: needs onnxruntime (pip install onnxruntime)") from exc
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # Crops differ in size, so an arena keeps blocks it cannot reuse: without it a
+        # 3584^2 frame peaked at 0.95 GiB instead of 1.3, at the same speed.
+        options.enable_cpu_mem_arena = False
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"{path}: not a loadable ONNX model ({exc})") from exc
+        custom = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in custom:
+            raise EngineError(f"{path}: ONNX model has no defectscope metadata")
+        record = parse_metadata_json(custom[METADATA_KEY], str(path))
+        metadata = ArtifactMetadata.from_record(record, str(path))
+        super().__init__(metadata.config, metadata.temperature, metadata.density)
+        self.path = Path(path)
+        self.precision = metadata.precision
+        self.dense = DenseInfo.from_dict(record.get("dense"), str(path))
+        self.agreement = record.get("dense", {}).get("agreement")
+        self.channels = dense_channels(self.config.normalization)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "precision": self.precision,
+            "native_stride": self.dense.native_stride,
+            "path": str(self.path),
+        }
+
+    def run_region(self, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities ``(h, w, classes)`` and embeddings ``(h, w, d)`` of a region.
+
+        ``region`` is ``(C, H, W)`` from :func:`~defectscope.tiling.tiler.normalize_region`,
+        H and W multiples of ``align``; output ``(i, j)`` is the window at
+        ``(i * native_stride, j * native_stride)`` of the region.
+        """
+        x = np.ascontiguousarray(region[None], dtype=np.float32)
+        probs, emb = self.session.run(None, {DENSE_INPUT: x})
+        return probs[0].transpose(1, 2, 0), emb[0].transpose(1, 2, 0)
+
+
+class TensorRTDenseEngine(Engine):
+    """A TensorRT engine of a dense graph: the same ``run_region`` on the GPU.
+
+    Built by ``defectscope export MODEL_DIR --format tensorrt --dense`` with an
+    optimization profile over regions of one window up to ``max_side`` squared
+    (``<engine>.json`` says which); device buffers for the largest region are
+    allocated once.
+    """
+
+    name = "tensorrt-dense"
+
+    def __init__(self, path: str | os.PathLike):
+        self.session = TensorRTSession(path)
+        metadata = read_sidecar(path)
+        super().__init__(metadata.config, metadata.temperature, metadata.density)
+        self.path = Path(path)
+        self.precision = metadata.precision
+        self.dense = DenseInfo.from_dict(metadata.raw.get("dense"), str(path))
+        self.agreement = metadata.raw["dense"].get("agreement")
+        self.channels = dense_channels(self.config.normalization)
+        try:
+            self.max_side = int(metadata.raw["max_side"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"{path}: the engine's metadata has no valid max_side") from exc
+        if self.max_side < self.config.patch_size + 2 * self.dense.margin + self.dense.align:
+            raise EngineError(
+                f"{path}: max_side {self.max_side} cannot hold a window and its margins"
+            )
+        largest = (1, self.channels, self.max_side, self.max_side)
+        outputs = self.session.set_input_shape(DENSE_INPUT, largest)
+        nbytes = {DENSE_INPUT: int(np.prod(largest)) * 4}
+        nbytes.update({name: int(np.prod(shape)) * 4 for name, shape in outputs.items()})
+        self.session.allocate(nbytes)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "precision": self.precision,
+            "native_stride": self.dense.native_stride,
+            "max_side": self.max_side,
+            "path": str(self.path),
+        }
+
+    def run_region(self, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`DenseEngine.run_region`; regions up to ``max_side`` on each side."""
+        x = np.ascontiguousarray(region[None], dtype=np.float32)
+        if max(x.shape[2:]) > self.max_side:
+            raise EngineError(
+                f"region {x.shape[2:]} exceeds the TensorRT engine's max side {self.max_side}"
+            )
+        shapes = self.session.set_input_shape(DENSE_INPUT, x.shape)
+        probs, emb = (np.empty(shapes[name], np.float32) for name in OUTPUT_NAMES)
+        self.session.execute({DENSE_INPUT: x}, {OUTPUT_NAMES[0]: probs, OUTPUT_NAMES[1]: emb})
+        return probs[0].transpose(1, 2, 0), emb[0].transpose(1, 2, 0)
+
+
+def find_dense_all(
+    model_dir: str | os.PathLike, prefer_int8: bool = True, tensorrt: bool = False
+) -> list[Path]:
+    """The dense graphs of ``model_dir``, one per native stride (INT8 first by default).
+
+    ``tensorrt``: their TensorRT engines instead of the ONNX graphs.
+    """
+    folder = Path(model_dir) / DENSE_DIR
+    if tensorrt:
+        names = (("int8", "fp16") if prefer_int8 else ("fp16", "int8"), dense_engine_file)
+    else:
+        names = (("int8", "fp32") if prefer_int8 else ("fp32", "int8"), dense_file)
+    precisions, name_of = names
+    found = []
+    for native in NATIVE_STRIDES:
+        for precision in precisions:
+            path = folder / name_of(native, precision)
+            if path.is_file():
+                found.append(path)
+                break
+    return found
+
+
+def _axis_plan(
+    length: int, stride: int, info: DenseInfo, patch: int, crop: int
+) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray, np.ndarray]]]:
+    """Window origins along one axis and the crops that compute them.
+
+    Returns ``origins`` (as :func:`window_origins`) and a list of
+    ``(start, size, rows_in_output, positions_in_origins)``: a crop of ``size`` pixels
+    from ``start`` (zero-filled past the frame) computes the windows at
+    ``start + native * k``; ``rows_in_output`` are those ``k`` and
+    ``positions_in_origins`` where they go.
+    """
+    native, align = info.native_stride, info.align
+    starts = np.unique(window_origins((length, patch), patch, (stride, 1))[:, 0])
+    # Crops overlap by the margin rounded up to the native step: a window whose
+    # footprint plus margin lies inside the crop does not see the crop's edge.
+    halo = -(-info.margin // native) * native
+    plans: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    regular = np.flatnonzero(starts % native == 0)
+    padded = -(-length // align) * align  # zeros past the frame, the same for every crop
+    # Origins (on the native grid) one crop can serve, then spread evenly over the crops.
+    most = max(1, (crop - 2 * halo - patch) // native + 1)
+    grid = (int(starts[regular[-1]]) // native + 1) if len(regular) else 0
+    # A frame that fits one crop is one crop: no halo computed twice.
+    n_crops = 1 if padded <= crop else max(1, -(-grid // most))
+    span = -(-grid // n_crops) * native
+    first = 0
+    while first < len(regular):
+        lo = int(starts[regular[first]])
+        chosen = regular[(starts[regular] >= lo) & (starts[regular] < lo + span)]
+        hi = int(starts[chosen[-1]])
+        begin = max(0, lo - halo)
+        end = min(padded, hi + patch + halo)
+        size = -(-(end - begin) // align) * align
+        if begin + size > padded:  # keep crops inside the padded frame where possible
+            begin = max(0, padded - size)
+        plans.append((begin, size, (starts[chosen] - begin) // native, chosen))
+        first += len(chosen)
+    # A last window flush with the edge is off the native grid: a crop of its own,
+    # ending at the frame's edge so that its padding is the frame's.
+    for index in np.flatnonzero(starts % native != 0):
+        origin = int(starts[index])
+        size = patch + max(0, min(origin, halo) // native * native)
+        size = -(-size // align) * align
+        begin = origin + patch - size
+        if begin < 0:
+            size -= -(begin // align) * align  # drop whole aligned steps above the frame
+            begin = origin + patch - size
+        plans.append((begin, size, np.array([(origin - begin) // native]), np.array([index])))
+    return starts, plans
+
+
+def dense_map_arrays(
+    engine: DenseEngine | TensorRTDenseEngine,
+    frame: np.ndarray,
+    stride: int,
+    keep_embeddings: bool = True,
+    crop: int = 1536,
+    threads: int = 1,
+    cancel=None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """Probabilities and embeddings of every window of ``frame``, computed densely.
+
+    ``crop`` bounds the region run at once (peak memory about 0.9 GiB at 1536 with an
+    INT8 graph; a frame that fits one crop is one pass).
+
+    Returns ``(origins, probabilities (rows, cols, k), embeddings (rows, cols, d) or
+    None)`` on the grid of :func:`~defectscope.tiling.tiler.window_origins`, or None when the
+    frame holds values the dense normalization does not take (non-finite, beyond
+    1e100): the per-window path handles those with its ``nan_policy``.
+    """
+    info = engine.dense
+    patch = engine.config.patch_size
+    # A TensorRT engine takes regions up to the largest side of its profile.
+    crop = min(crop, getattr(engine, "max_side", crop))
+    if stride % info.native_stride:
+        raise ValueError(
+            f"stride {stride} is not a multiple of the dense graph's {info.native_stride}"
+        )
+    height, width = frame.shape
+    crop = max(crop, patch + 2 * info.margin + info.align)
+    rows, row_plan = _axis_plan(height, stride, info, patch, crop)
+    cols, col_plan = _axis_plan(width, stride, info, patch, crop)
+    n_classes = len(engine.classes)
+    probabilities = np.empty((len(rows), len(cols), n_classes), np.float32)
+    embeddings = (
+        np.empty((len(rows), len(cols), engine.config.embedding_dim), np.float32)
+        if keep_embeddings
+        else None
+    )
+    for y0, h, out_rows, where_rows in row_plan:
+        for x0, w, out_cols, where_cols in col_plan:
+            if cancel is not None:
+                cancel()
+            region = np.zeros((engine.channels, h, w), np.float32)
+            # The part inside the frame; past the frame the region stays zero, as
+            # the first convolution's padding would be.
+            fh, fw = min(h, height - y0), min(w, width - x0)
+            normalized = normalize_region(
+                frame,
+                engine.config.normalization,
+                origin=(y0, x0),
+                shape=(fh, fw),
+                box=info.box,
+                threads=threads,
+            )
+            if normalized is None:
+                return None
+            region[:, :fh, :fw] = normalized
+            probs, emb = engine.run_region(region)
+            sub = np.ix_(out_rows, out_cols)
+            probabilities[np.ix_(where_rows, where_cols)] = probs[sub]
+            if embeddings is not None:
+                embeddings[np.ix_(where_rows, where_cols)] = emb[sub]
+    grid_rows, grid_cols = np.meshgrid(rows, cols, indexing="ij")
+    origins = np.stack([grid_rows.ravel(), grid_cols.ravel()], axis=1).astype(np.int64)
+    return origins, probabilities, embeddings
+
+
+def read_dense_report(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The agreement report ``make_dense`` left in ``model_dir/dense``, if any."""
+    path = Path(model_dir) / DENSE_DIR / "dense.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())

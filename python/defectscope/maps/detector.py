@@ -1,0 +1,537 @@
+"""Streaming a frame through an engine: the runtime a microscope program calls.
+
+>>> det = Detector.load("runs/cdte/model", backend="auto")      # doctest: +SKIP
+>>> found = det.find(frame, MapOptions(stride=16, top_k=5))     # doctest: +SKIP
+>>> found.result.labels, found.result.regions(), found.rois     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from defectscope.engines.base import Engine, EngineError, load_engine
+from defectscope.engines.dense import (
+    DenseEngine,
+    TensorRTDenseEngine,
+    dense_map_arrays,
+    find_dense_all,
+)
+from defectscope.io.frames import Calibration, Frame
+from defectscope.maps.options import MODES, SYMMETRIES, MapOptions
+from defectscope.maps.result import MapResult
+from defectscope.maps.rois import select_rois
+from defectscope.tiling.tiler import NanPolicy, check_frame, tile, window_origins
+
+
+@dataclasses.dataclass(frozen=True)
+class Findings:
+    """What :meth:`Detector.find` returns: the map and the ROIs ranked on it.
+
+    Attributes
+    ----------
+    result : MapResult
+        Per-window classes, confidences, uncertainty and regions.
+    rois : list of dict
+        The ``options.top_k`` best regions of interest, best first (see
+        :func:`~defectscope.maps.rois.select_rois`).
+    options : MapOptions
+        The options the map was made with.
+    """
+
+    result: MapResult
+    rois: list[dict]
+    options: MapOptions
+
+
+def _load_dense(
+    artifact: Path, engine: Engine, backend: str, threads: int, required: bool
+) -> list[DenseEngine | TensorRTDenseEngine]:
+    """The dense graphs beside ``artifact`` that suit ``engine`` (see Detector.load).
+
+    ONNX Runtime on the CPU runs the dense ONNX graphs; the TensorRT backend runs their
+    TensorRT engines (``export --format tensorrt --dense``).
+    """
+    model_dir = artifact if artifact.is_dir() else artifact.parent
+    prefer_int8 = getattr(engine, "precision", "int8") == "int8"
+    if engine.name == "tensorrt":
+        paths = find_dense_all(model_dir, prefer_int8, tensorrt=True)
+        if required and not paths:
+            raise EngineError(
+                f"{model_dir}: no dense TensorRT engines; build them with 'defectscope "
+                f"export {model_dir} --format tensorrt --dense'"
+            )
+        return [TensorRTDenseEngine(path) for path in paths]
+    on_cpu_onnx = engine.name == "onnxruntime" and not getattr(engine, "on_gpu", False)
+    if not on_cpu_onnx and not (artifact.is_dir() and backend == "auto"):
+        if required:
+            raise EngineError(
+                f"{artifact}: dense graphs run on ONNX Runtime on the CPU or as TensorRT engines"
+            )
+        return []
+    paths = find_dense_all(model_dir, prefer_int8=prefer_int8)
+    if required and not paths:
+        raise EngineError(f"{model_dir}: no dense graphs; make them with 'defectscope densify'")
+    return [DenseEngine(path, threads=threads) for path in paths]
+
+
+class MapCancelled(RuntimeError):
+    """A map was stopped before it finished (time limit or a cancel request)."""
+
+
+def check_stride(stride, patch_size: int) -> int:
+    """A window stride as a positive int, or an error naming the value."""
+    if isinstance(stride, bool) or not isinstance(stride, int | np.integer) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    return int(stride)
+
+
+class Detector:
+    """A loaded, warmed engine that maps frames.
+
+    Parameters
+    ----------
+    engine : Engine
+    batch_size : int
+        Patches per engine call; memory stays bounded by two such batches.
+    tiler_threads : int
+        Threads of the C++ tiler. One is enough: tiling runs beside the engine and
+        takes a few per cent of its time, and more would compete with the engine's
+        threads for the cores.
+    background : str, optional
+        The defect-free class, when the model's own choice is missing or wrong.
+    dense_engines : list of DenseEngine, optional
+        Dense graphs of the same model (see :mod:`defectscope.engines.dense`); maps at a
+        stride one of them serves run densely unless asked otherwise.
+
+    Notes
+    -----
+    A detector may be shared between threads: maps run one at a time (they share
+    the batch buffers), each call waiting for the one before.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        batch_size: int = 64,
+        tiler_threads: int = 1,
+        background: str | None = None,
+        dense_engines: list | None = None,
+    ):
+        self.engine = engine
+        self.dense_engines = list(dense_engines or [])
+        # Side of the regions a dense map runs at once: bounds memory on any frame size.
+        self.dense_crop = 1536
+        for dense in self.dense_engines:
+            if dense.classes != engine.classes:
+                raise ValueError(
+                    f"dense graph classes {dense.classes} differ from the model's {engine.classes}"
+                )
+        if background is not None and background not in engine.classes:
+            raise ValueError(f"background class {background!r} is not among {engine.classes}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        if not isinstance(tiler_threads, int) or tiler_threads < 0:
+            raise ValueError(f"tiler threads must be 0 (all cores) or more, got {tiler_threads!r}")
+        self.background = background or engine.config.background_class
+        self.batch_size = int(batch_size)
+        self.tiler_threads = tiler_threads
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defectscope-tiler")
+        self._buffers = [np.empty((self.batch_size, *engine.input_shape), np.float32) for _ in "ab"]
+
+    @classmethod
+    def load(
+        cls,
+        artifact: str | os.PathLike,
+        backend: str = "auto",
+        batch_size: int = 64,
+        threads: int = 0,
+        warmup: bool = True,
+        background: str | None = None,
+        dense: bool | str = "auto",
+        options: MapOptions | None = None,
+    ) -> Detector:
+        """Open a model directory, ``.onnx`` file or TensorRT engine.
+
+        ``threads`` sets the engine's threads (0: its default, every core);
+        ``background`` names the defect-free class when the model's own choice (a
+        class named like 'bulk') is missing or wrong. ``dense``: ``'auto'`` loads the
+        dense graphs a model directory holds (``defectscope densify``) when the backend
+        runs ONNX on the CPU; ``True`` requires them; ``False`` maps window by window.
+        ``options`` (:class:`MapOptions`), when given, sets the batch size and the
+        background class instead.
+        """
+        if options is not None:
+            batch_size = options.batch_size
+            background = options.background or background
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        if dense not in ("auto", True, False):
+            raise ValueError(f"dense must be 'auto', True or False, got {dense!r}")
+        engine = load_engine(artifact, backend, threads=threads)
+        dense_engines = []
+        if dense is not False:
+            dense_engines = _load_dense(Path(artifact), engine, backend, threads, dense is True)
+        detector = cls(engine, batch_size, background=background, dense_engines=dense_engines)
+        if warmup:
+            detector.engine.run(np.zeros((1, *detector.engine.input_shape), np.float32))
+        return detector
+
+    def dense_engine_for(self, stride: int):
+        """The loaded dense graph that serves ``stride`` (coarsest first), or None."""
+        for dense in sorted(self.dense_engines, key=lambda d: -d.dense.native_stride):
+            if stride % dense.dense.native_stride == 0:
+                return dense
+        return None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.engine.classes
+
+    def _check_frame(self, frame) -> np.ndarray:
+        frame = check_frame(frame)
+        size = self.engine.config.patch_size
+        if frame.shape[0] < size or frame.shape[1] < size:
+            raise ValueError(f"frame {frame.shape} is smaller than the {size}x{size} patch")
+        return frame
+
+    def map(
+        self,
+        frame: np.ndarray | Frame,
+        stride: int = 16,
+        keep_embeddings: bool = True,
+        nan_policy: NanPolicy = "raise",
+        calibration: Calibration | None = None,
+        timeout_s: float | None = None,
+        cancel: Callable[[], bool] | None = None,
+        symmetry: str = "none",
+        mode: str = "auto",
+    ) -> MapResult:
+        """Classify every window of ``frame``.
+
+        The tiler fills batch ``i + 1`` in a worker thread while the engine runs
+        batch ``i`` (both release the GIL), so tiling hides behind inference.
+
+        Parameters
+        ----------
+        frame : ndarray, shape (H, W), or Frame
+            Any supported dtype, byte order and strides; ``np.memmap`` frames are read
+            in place. A :class:`~defectscope.io.frames.Frame` brings its calibration along.
+        stride : int
+            Window step in pixels.
+        keep_embeddings : bool
+            Keep per-window embeddings (needed for clustering).
+        nan_policy : {'raise', 'zero', 'propagate'}
+            See :func:`defectscope.tile`.
+        calibration : Calibration, optional
+            Pixel size, offset and unit; adds physical coordinates to the outputs.
+        timeout_s : float, optional
+            Stop with :class:`MapCancelled` once this many seconds have passed
+            (checked between batches).
+        cancel : callable, optional
+            Called between batches; when it returns True the map stops with
+            :class:`MapCancelled` (a service shutting down, a newer frame).
+        symmetry : {'none', 'd4'}
+            ``d4`` averages each window's probabilities and embedding over the eight
+            rotations and reflections of the square (the lattice's own symmetry in
+            projection), at eight times the engine's cost. The uncertainty is scored
+            on the averaged embedding.
+        mode : {'auto', 'dense', 'window'}
+            ``auto`` maps densely when a dense graph serves the stride (and
+            ``symmetry`` is 'none'), else window by window; ``dense`` requires it;
+            ``window`` classifies each window on its own. ``result.info`` says which
+            ran and why.
+
+        Raises
+        ------
+        ValueError
+            For a frame, stride or calibration that cannot be mapped, and when the
+            engine gives non-finite probabilities.
+        MapCancelled
+            When ``timeout_s`` passed or ``cancel`` asked to stop.
+        """
+        started = time.perf_counter()
+        if isinstance(frame, Frame):
+            calibration = calibration or frame.calibration
+            frame = frame.data
+        frame = self._check_frame(frame)
+        size = self.engine.config.patch_size
+        stride = check_stride(stride, size)
+        if symmetry not in SYMMETRIES:
+            raise ValueError(f"symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
+        if calibration is not None:
+            calibration.check_extent(frame.shape)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        info: dict = {"mode": "window"}
+        if mode != "window":
+            dense = self.dense_engine_for(stride)
+            if dense is None:
+                info["reason"] = (
+                    "no dense graph loaded (defectscope densify)"
+                    if not self.dense_engines
+                    else f"stride {stride} is not a multiple of a dense graph's native stride "
+                    f"({', '.join(str(d.dense.native_stride) for d in self.dense_engines)})"
+                )
+            elif symmetry != "none":
+                info["reason"] = f"symmetry {symmetry!r} runs window by window"
+            else:
+                result = self._map_dense(
+                    dense, frame, stride, keep_embeddings, calibration, started, timeout_s, cancel
+                )
+                if result is not None:
+                    return result
+                info["reason"] = "the frame holds non-finite values; mapped window by window"
+            if mode == "dense":
+                raise ValueError(f"no dense map: {info['reason']}")
+        norm = self.engine.config.normalization
+        origins = window_origins(frame.shape, size, stride)
+        rows = len(np.unique(origins[:, 0]))
+        cols = len(origins) // rows
+        n = len(origins)
+        probabilities = np.empty((n, len(self.classes)), np.float32)
+        embeddings = (
+            np.empty((n, self.engine.config.embedding_dim), np.float32) if keep_embeddings else None
+        )
+        density = getattr(self.engine, "density", None)  # duck-typed engines may lack one
+        uncertainty = np.empty(n, np.float32) if density is not None else None
+        unknown = np.empty(n, bool) if density is not None else None
+
+        def fill(batch: int) -> int:
+            chunk = origins[batch * self.batch_size : (batch + 1) * self.batch_size]
+            tile(
+                frame,
+                size,
+                origins=chunk,
+                normalization=norm,
+                out=self._buffers[batch % 2],
+                nan_policy=nan_policy,
+                threads=self.tiler_threads,
+            )
+            return len(chunk)
+
+        def stop_reason() -> str | None:
+            if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                return f"map stopped after the time limit of {timeout_s:g} s"
+            if cancel is not None and cancel():
+                return "map cancelled"
+            return None
+
+        n_batches = -(-n // self.batch_size)
+        waited = engine_time = 0.0
+        with self._lock:
+            pending = self._pool.submit(fill, 0)
+            try:
+                for batch in range(n_batches):
+                    t0 = time.perf_counter()
+                    count = pending.result()
+                    waited += time.perf_counter() - t0
+                    reason = stop_reason()
+                    if reason is not None:
+                        raise MapCancelled(f"{reason} ({batch} of {n_batches} batches done)")
+                    if batch + 1 < n_batches:
+                        pending = self._pool.submit(fill, batch + 1)
+                    t1 = time.perf_counter()
+                    probs, emb = self._run(self._buffers[batch % 2][:count], symmetry)
+                    engine_time += time.perf_counter() - t1
+                    start = batch * self.batch_size
+                    if not np.isfinite(probs).all():
+                        bad = start + int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])
+                        raise ValueError(
+                            f"the engine gave non-finite probabilities for the window at "
+                            f"{tuple(int(v) for v in origins[bad])}"
+                        )
+                    probabilities[start : start + count] = probs
+                    if embeddings is not None:
+                        embeddings[start : start + count] = emb
+                    if density is not None:
+                        _, u, k = density.score(emb)
+                        uncertainty[start : start + count] = u
+                        unknown[start : start + count] = k
+            finally:
+                pending.cancel()
+                # The tiler must not write into a buffer the next map uses.
+                if not pending.cancelled():
+                    try:
+                        pending.result()
+                    except Exception:  # already reported, or the map failed first
+                        pass
+        total = (time.perf_counter() - started) * 1000
+        return MapResult(
+            origins=origins,
+            grid_shape=(rows, cols),
+            probabilities=probabilities.reshape(rows, cols, -1),
+            embeddings=None if embeddings is None else embeddings.reshape(rows, cols, -1),
+            classes=self.classes,
+            background=self.background,
+            frame_shape=tuple(frame.shape),
+            patch_size=size,
+            timing_ms={"total": total, "tiling_wait": waited * 1000, "engine": engine_time * 1000},
+            calibration=calibration,
+            uncertainty=None if uncertainty is None else uncertainty.reshape(rows, cols),
+            unknown=None if unknown is None else unknown.reshape(rows, cols),
+            info=info,
+        )
+
+    def _map_dense(
+        self, dense, frame, stride, keep_embeddings, calibration, started, timeout_s, cancel
+    ) -> MapResult | None:
+        def check() -> None:
+            if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                raise MapCancelled(f"map stopped after the time limit of {timeout_s:g} s")
+            if cancel is not None and cancel():
+                raise MapCancelled("map cancelled")
+
+        density = dense.density
+        with self._lock:
+            arrays = dense_map_arrays(
+                dense,
+                frame,
+                stride,
+                keep_embeddings=keep_embeddings or density is not None,
+                crop=self.dense_crop,
+                threads=self.tiler_threads,
+                cancel=check,
+            )
+        if arrays is None:
+            return None
+        origins, probabilities, embeddings = arrays
+        rows, cols = probabilities.shape[:2]
+        if not np.isfinite(probabilities).all():
+            raise ValueError("the dense graph gave non-finite probabilities")
+        uncertainty = unknown = None
+        if density is not None:
+            _, u, k = density.score(embeddings.reshape(rows * cols, -1))
+            uncertainty, unknown = u.reshape(rows, cols), k.reshape(rows, cols)
+        total = (time.perf_counter() - started) * 1000
+        return MapResult(
+            origins=origins,
+            grid_shape=(rows, cols),
+            probabilities=probabilities,
+            embeddings=embeddings if keep_embeddings else None,
+            classes=self.classes,
+            background=self.background,
+            frame_shape=tuple(frame.shape),
+            patch_size=dense.config.patch_size,
+            timing_ms={"total": total},
+            calibration=calibration,
+            uncertainty=uncertainty,
+            unknown=unknown,
+            info={
+                "mode": "dense",
+                "native_stride": dense.dense.native_stride,
+                "precision": dense.precision,
+            },
+        )
+
+    def _run(self, inputs: np.ndarray, symmetry: str) -> tuple[np.ndarray, np.ndarray]:
+        if symmetry == "none":
+            return self.engine.run(inputs)
+        probs = emb = None
+        for turns in range(4):
+            rotated = np.rot90(inputs, turns, axes=(2, 3))
+            for view in (rotated, rotated[..., ::-1]):
+                p, e = self.engine.run(np.ascontiguousarray(view))
+                probs = p.astype(np.float64) if probs is None else probs + p
+                emb = e.astype(np.float64) if emb is None else emb + e
+        return (probs / 8).astype(np.float32), (emb / 8).astype(np.float32)
+
+    def rois(
+        self,
+        frame: np.ndarray,
+        k: int = 5,
+        stride: int = 16,
+        min_spacing: float | None = None,
+        pixel_size: float | None = None,
+        unit: str | None = None,
+        unknown: str = "ignore",
+        mode: str = "auto",
+    ) -> list[dict]:
+        """Map ``frame`` and return its ``k`` best regions of interest (see :mod:`rois`).
+
+        ``pixel_size`` and ``unit`` calibrate a bare array; a
+        :class:`~defectscope.io.frames.Frame` with a calibration needs neither. ``unknown``
+        ('ignore' or 'explore') says what regions unlike the training data do;
+        ``mode`` as in :meth:`map`.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"the number of ROIs must be a positive integer, got {k!r}")
+        calibration = None
+        if pixel_size is not None:
+            calibration = Calibration.square(pixel_size, unit or "px")
+        result = self.map(
+            frame, stride=stride, keep_embeddings=True, calibration=calibration, mode=mode
+        )
+        return select_rois(result, k, min_spacing, unknown=unknown)
+
+    def find(
+        self,
+        frame: np.ndarray | Frame,
+        options: MapOptions | None = None,
+        *,
+        calibration: Calibration | None = None,
+        timeout_s: float | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> Findings:
+        """Map ``frame`` and rank its ROIs: the one path from a frame to results.
+
+        Parameters
+        ----------
+        frame : ndarray, shape (H, W), or Frame
+            As in :meth:`map`; a :class:`~defectscope.io.frames.Frame` brings its
+            calibration along.
+        options : MapOptions, optional
+            Stride, mode, symmetry, unknown policy, number of ROIs and the rest
+            (default: :class:`MapOptions` ()). ``batch_size`` is the detector's own
+            (see :meth:`load`).
+        calibration : Calibration, optional
+            Pixel size, offset and unit for a bare array.
+        timeout_s, cancel
+            As in :meth:`map`.
+
+        Returns
+        -------
+        Findings
+            ``result`` (the :class:`MapResult`), ``rois`` and ``options``.
+        """
+        options = options or MapOptions()
+        if not isinstance(options, MapOptions):
+            raise TypeError(f"options must be MapOptions, got {type(options).__name__}")
+        result = self.map(
+            frame,
+            stride=options.stride,
+            keep_embeddings=True,  # ROI novelty needs them
+            nan_policy=options.nan_policy,
+            calibration=calibration,
+            timeout_s=timeout_s,
+            cancel=cancel,
+            symmetry=options.symmetry,
+            mode=options.mode,
+        )
+        if options.background is not None and options.background != result.background:
+            if options.background not in result.classes:
+                raise ValueError(
+                    f"background class {options.background!r} is not among {result.classes}"
+                )
+            result = dataclasses.replace(result, background=options.background)
+        rois = select_rois(result, options.top_k, options.min_spacing, unknown=options.unknown)
+        if not options.keep_embeddings:
+            result = dataclasses.replace(result, embeddings=None)
+        return Findings(result, rois, options)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

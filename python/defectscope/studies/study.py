@@ -1,0 +1,716 @@
+"""The honest study: random versus grouped split on one patch dataset.
+
+Trains the same network under both protocols, scores each on its own held-out
+patches, and writes the comparison, the groups and both models under one run
+directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.special import softmax
+
+from defectscope._version import __version__
+from defectscope.artifacts.metadata import WEIGHTS_FILE
+from defectscope.evaluation.grouping import Groups, find_groups
+from defectscope.evaluation.metrics import (
+    Split,
+    calibration_report,
+    classification_metrics,
+    grouped_folds,
+    mean_std,
+    random_split,
+)
+from defectscope.evaluation.metrics import format_mean_std as fmt
+from defectscope.io.datasets import PatchSet
+from defectscope.io.frames import atomic_write_json, atomic_write_text, file_hash
+from defectscope.nets.device import device_name
+from defectscope.tiling.tiler import patches_to_inputs
+from defectscope.training.loop import (
+    TrainConfig,
+    fit_model_density,
+    predict_logits,
+    save_training,
+    train_classifier,
+)
+from defectscope.util.progress import StepTimer
+from defectscope.util.system import cpu_description
+
+log = logging.getLogger(__name__)
+
+
+class FinishedWork:
+    """The trainings a study has finished, kept so that an interrupted run can resume.
+
+    Each unit of work (the random split, the grouped split, a fold, a left-out class)
+    is written, when it ends, to ``<out_dir>/finished/<name>.json`` with a key: the
+    SHA-256 of the patches' pixels, labels and classes, of the unit's split indices,
+    of the training settings and of the defectscope version. With ``resume``, a unit
+    whose stored key matches (and, for a saved model, whose weights are unchanged) is
+    taken from there instead of being trained again; anything else is trained anew.
+    """
+
+    def __init__(self, out_dir: Path, patches: PatchSet, config: TrainConfig, resume: bool):
+        self.directory = out_dir / "finished"
+        self.resume = resume
+        self.reused: list[dict | str] = []  # dict: the unit and where it trained
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(patches.images).tobytes())
+        digest.update(str(patches.images.dtype).encode() + str(patches.images.shape).encode())
+        digest.update(np.ascontiguousarray(patches.labels, dtype=np.int64).tobytes())
+        # Where it trained is not part of the key: a run resumed on another device
+        # reuses what the first one finished.
+        settings = {
+            "classes": patches.classes,
+            "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "device"},
+            "version": __version__,
+        }
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        self._base = digest.hexdigest()
+        self.where = {"machine": cpu_description(), "device": device_name(config.device)}
+
+    def _key(self, name: str, split: Split) -> str:
+        digest = hashlib.sha256(self._base.encode() + name.encode())
+        for part in (split.train, split.validation, split.test):
+            digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes() + b"|")
+        return digest.hexdigest()
+
+    def get(self, name: str, split: Split, model_dir: Path | None = None) -> dict | None:
+        """The stored record of ``name`` when it may be reused, else None."""
+        path = self.directory / f"{name}.json"
+        if not self.resume or not path.is_file():
+            return None
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(stored, dict) or stored.get("key") != self._key(name, split):
+            return None
+        weights = model_dir / WEIGHTS_FILE if model_dir is not None else None
+        if weights is not None and (
+            not weights.is_file() or stored.get("weights_sha256") != file_hash(weights)
+        ):
+            return None
+        log.info("%s: reusing the training finished by an earlier run (%s)", name, path)
+        where = stored.get("trained_on", {})
+        self.reused.append({"unit": name, **where} if where else name)
+        return stored["record"]
+
+    def put(self, name: str, split: Split, record: dict, model_dir: Path | None = None) -> None:
+        stored = {"key": self._key(name, split), "record": record, "trained_on": self.where}
+        if model_dir is not None:
+            stored["weights_sha256"] = file_hash(model_dir / WEIGHTS_FILE)
+        atomic_write_json(self.directory / f"{name}.json", stored)
+
+
+def _score_split(patches: PatchSet, split: Split, config: TrainConfig, name: str, progress: bool):
+    """Train on ``split.train``, early-stop on ``split.validation``, score ``split.test``."""
+    train, val, test = (patches.subset(ix) for ix in (split.train, split.validation, split.test))
+    result = train_classifier(train, val, config, progress=progress, name=name)
+    norm = config.normalization
+    val_logits, _ = predict_logits(result.model, patches_to_inputs(val.images, norm))
+    test_logits, _ = predict_logits(result.model, patches_to_inputs(test.images, norm))
+    metrics = classification_metrics(
+        test.labels, test_logits.argmax(axis=1), patches.classes, split.evaluable_classes
+    )
+    calibration = calibration_report(val_logits, val.labels, test_logits, test.labels)
+    metrics["mean_confidence"] = float(softmax(test_logits, axis=1).max(axis=1).mean())
+    return result, metrics, calibration
+
+
+def evaluate_split(
+    patches: PatchSet,
+    split: Split,
+    config: TrainConfig,
+    model_dir: Path,
+    progress: bool = True,
+    name: str | None = None,
+    finished: FinishedWork | None = None,
+) -> dict:
+    """Train on ``split.train``, early-stop on ``split.validation``, score ``split.test``.
+
+    The model is saved in ``model_dir`` with its feature density and metrics; a
+    training ``finished`` holds, with its model unchanged, is not run again.
+    """
+    unit = f"{split.name}-split"
+    if finished is not None and (stored := finished.get(unit, split, model_dir)) is not None:
+        return stored
+    result, metrics, calibration = _score_split(
+        patches, split, config, name or f"{split.name} split", progress
+    )
+    train, val = patches.subset(split.train), patches.subset(split.validation)
+    density = fit_model_density(result.model, train, val, config.normalization)
+    test = patches.subset(split.test)
+    symmetry = None
+    if len(test.labels):
+        symmetry = symmetry_effect(
+            result.model, test.images, test.labels, config, calibration["temperature"]
+        )
+    extra = {
+        "metrics": metrics,
+        "calibration": calibration,
+        "split": split.describe(),
+        "density": density.to_dict(),
+    }
+    save_training(model_dir, result, config, extra_record=extra)
+    record = {
+        "split": split.describe(),
+        "metrics": metrics,
+        "calibration": calibration,
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "fit": result.fit,
+        "warnings": result.warnings,
+        "train_wall_time_s": round(result.wall_time_s, 1),
+        "model_dir": str(model_dir),
+        "test_time_symmetry": symmetry,
+        # Which patches trained and which tested: INT8 is calibrated and scored on these.
+        "train_index": split.train.tolist(),
+        "test_index": split.test.tolist(),
+    }
+    if finished is not None:
+        finished.put(unit, split, record, model_dir)
+    return record
+
+
+def _scored_macro_f1(metrics: dict) -> float:
+    """Macro-F1 over the fold's scored classes that its test part holds.
+
+    Recomputed from the per-class figures, so fold records written before
+    :func:`classification_metrics` left out classes without test patches (and counted
+    them as F1 0) are summarized alike.
+    """
+    per_class = metrics["per_class"]
+    scored = [c for c in metrics["macro_f1_classes"] if per_class[c]["support"] > 0]
+    return float(np.mean([per_class[c]["f1"] for c in scored])) if scored else 0.0
+
+
+def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
+    """Mean and standard deviation over folds, overall and per class.
+
+    A class's figures are averaged over the folds whose test part holds it.
+    """
+    summary = {
+        "n_folds": len(folds),
+        "n_test": int(sum(f["n_test"] for f in folds)),
+        "accuracy": mean_std([f["metrics"]["accuracy"] for f in folds]),
+        "macro_f1": mean_std([_scored_macro_f1(f["metrics"]) for f in folds]),
+        "ece_before": mean_std([f["calibration"]["ece_before"] for f in folds]),
+        "ece_after": mean_std([f["calibration"]["ece_after"] for f in folds]),
+        "per_class": {},
+    }
+    evaluable = folds[0]["evaluable_classes"] if folds else []
+    for c in classes:
+        if c not in evaluable:
+            continue
+        tested = [f["metrics"]["per_class"][c] for f in folds]
+        tested = [m for m in tested if m["support"] > 0]
+        summary["per_class"][c] = {
+            "f1": mean_std([m["f1"] for m in tested]),
+            "recall": mean_std([m["recall"] for m in tested]),
+            "support": int(sum(m["support"] for m in tested)),
+        }
+    return summary
+
+
+def symmetry_effect(
+    model, images: np.ndarray, labels: np.ndarray, config: TrainConfig, temperature: float
+) -> dict:
+    """Accuracy, ECE and time of the test patches with and without D4 averaging.
+
+    D4 averages the calibrated probabilities of the eight rotations and reflections
+    of each patch (what ``Detector.map(symmetry="d4")`` does), at eight passes each.
+    """
+    from defectscope.evaluation.metrics import expected_calibration_error
+
+    inputs = patches_to_inputs(images, config.normalization)
+    report = {"n_test": len(labels)}
+    started = time.perf_counter()
+    logits, _ = predict_logits(model, inputs)
+    plain = softmax(logits / temperature, axis=1)
+    report["seconds_none"] = time.perf_counter() - started
+    started = time.perf_counter()
+    views = []
+    for turns in range(4):
+        rotated = np.rot90(inputs, turns, axes=(2, 3))
+        for view in (rotated, rotated[..., ::-1]):
+            logits, _ = predict_logits(model, np.ascontiguousarray(view))
+            views.append(softmax(logits / temperature, axis=1))
+    averaged = np.mean(views, axis=0)
+    report["seconds_d4"] = time.perf_counter() - started
+    for name, probabilities in (("none", plain), ("d4", averaged)):
+        report[f"accuracy_{name}"] = float(np.mean(probabilities.argmax(axis=1) == labels))
+        report[f"ece_{name}"] = expected_calibration_error(probabilities, labels)
+    return report
+
+
+def cross_validate(
+    patches: PatchSet,
+    splits: list[Split],
+    config: TrainConfig,
+    first: dict | None = None,
+    progress: bool = True,
+    finished: FinishedWork | None = None,
+) -> dict:
+    """Grouped k-fold cross-validation: a model per fold, each group tested once.
+
+    ``first``, the record of :func:`evaluate_split` on ``splits[0]``, is reused
+    rather than trained again; so are folds ``finished`` holds.
+    """
+    folds = []
+    for index, split in enumerate(splits):
+        name = f"fold-{index + 1}-of-{len(splits)}"
+        fold = finished.get(name, split) if finished is not None else None
+        if fold is not None:
+            folds.append(fold)
+            continue
+        if index == 0 and first is not None:
+            metrics, calibration = first["metrics"], first["calibration"]
+            epochs, warnings = first["epochs_run"], first["warnings"]
+        else:
+            result, metrics, calibration = _score_split(
+                patches, split, config, f"grouped fold {index + 1}/{len(splits)}", progress
+            )
+            epochs, warnings = len(result.history), result.warnings
+        calibration = {k: v for k, v in calibration.items() if k != "reliability"}
+        fold = {
+            "fold": index,
+            "n_train": len(split.train),
+            "n_validation": len(split.validation),
+            "n_test": len(split.test),
+            "evaluable_classes": split.evaluable_classes,
+            "metrics": {k: v for k, v in metrics.items() if k != "confusion"},
+            "calibration": calibration,
+            "epochs_run": epochs,
+            "warnings": warnings,
+        }
+        if finished is not None:
+            finished.put(name, split, fold)
+        folds.append(fold)
+    return {"folds": folds, **summarize_folds(folds, patches.classes)}
+
+
+def _drop_class(patches: PatchSet, index: np.ndarray, drop: int) -> PatchSet:
+    """The patches at ``index`` that are not of class ``drop``, labels renumbered."""
+    index = index[patches.labels[index] != drop]
+    mapping = np.cumsum(np.arange(len(patches.classes)) != drop) - 1
+    return PatchSet(
+        patches.images[index],
+        mapping[patches.labels[index]].astype(np.int64),
+        [c for i, c in enumerate(patches.classes) if i != drop],
+        [patches.paths[i] for i in index],
+    )
+
+
+def leave_one_class_out(
+    patches: PatchSet,
+    split: Split,
+    config: TrainConfig,
+    progress: bool = True,
+    classes: list[str] | None = None,
+    finished: FinishedWork | None = None,
+    models_dir: Path | None = None,
+) -> dict:
+    """How well the uncertainty flags a class the model never saw.
+
+    For each class X: train on the split's training part without X (validation
+    likewise), fit the feature density, then score the split's test patches of the
+    other classes (held-out regions of trained classes) against every patch of X.
+    Reports the AUROC of "X is unknown" for the density distance and, for
+    comparison, for the softmax (one minus the top probability), and the shares of
+    X and of the held-out patches beyond the unknown threshold. ``classes`` limits
+    which classes are left out in turn (default: every class); classes ``finished``
+    holds are not trained again. With ``models_dir``, each model is kept there as
+    ``without-class-<index>/`` (its left-out class and density in ``model.json``), so
+    other novelty scores can be measured later without training again.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    norm = config.normalization
+    report = {}
+    for drop, name in enumerate(patches.classes):
+        if classes is not None and name not in classes:
+            continue
+        unit = f"without-class-{drop}"
+        stored = finished.get(unit, split) if finished is not None else None
+        if stored is not None and stored.get("class") == name:
+            report[name] = stored["result"]
+            continue
+        known_test = _drop_class(patches, split.test, drop)
+        novel = np.flatnonzero(patches.labels == drop)
+        if len(known_test.labels) < 2 or len(novel) < 2:
+            report[name] = {"skipped": "no held-out patches of the other classes"}
+            continue
+        train = _drop_class(patches, split.train, drop)
+        val = _drop_class(patches, split.validation, drop)
+        if len(np.unique(train.labels)) < 2:
+            report[name] = {"skipped": "fewer than two classes left to train on"}
+            continue
+        result = train_classifier(
+            train,
+            val if len(val.labels) else None,
+            config,
+            progress=progress,
+            name=f"without {name}",
+        )
+        density = fit_model_density(result.model, train, val, norm)
+        if models_dir is not None:
+            save_training(
+                models_dir / unit,
+                result,
+                config,
+                extra_record={"left_out": name, "density": density.to_dict()},
+            )
+        scores = {}
+        for part, images in (("known", known_test.images), ("novel", patches.images[novel])):
+            logits, embeddings = predict_logits(result.model, patches_to_inputs(images, norm))
+            distance, _, unknown = density.score(embeddings)
+            scores[part] = (distance, 1 - softmax(logits, axis=1).max(axis=1), unknown)
+        truth = np.r_[np.zeros(len(known_test.labels)), np.ones(len(novel))]
+        report[name] = {
+            "n_known": len(known_test.labels),
+            "n_novel": len(novel),
+            "auroc_density": float(
+                roc_auc_score(truth, np.r_[scores["known"][0], scores["novel"][0]])
+            ),
+            "auroc_softmax": float(
+                roc_auc_score(truth, np.r_[scores["known"][1], scores["novel"][1]])
+            ),
+            "novel_unknown": float(scores["novel"][2].mean()),
+            "known_unknown": float(scores["known"][2].mean()),
+            "warnings": result.warnings,
+        }
+        if finished is not None:
+            finished.put(unit, split, {"class": name, "result": report[name]})
+    return report
+
+
+def write_groups_csv(path: Path, patches: PatchSet, groups: Groups) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "label", "group"])
+    for file, label, group in zip(patches.paths, patches.labels, groups.ids, strict=True):
+        writer.writerow([file, patches.classes[label], int(group)])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def summary_markdown(report: dict) -> str:
+    """Side-by-side table of the random and grouped protocols."""
+    rnd, grp = report["random"], report["grouped"]
+    lines = [
+        f"# defectscope study: {report['dataset']}",
+        "",
+        f"{report['n_patches']} patches, {report['n_groups']} independent groups "
+        f"(overlap threshold {report['overlap_threshold']}).",
+        "",
+        "| class | patches | groups | evaluable | random F1 | grouped F1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in report["classes"]:
+        evaluable = c in grp["split"]["evaluable_classes"]
+        g_f1 = f"{grp['metrics']['per_class'][c]['f1']:.3f}" if evaluable else "not evaluable"
+        lines.append(
+            f"| {c} | {report['counts'][c]} | {report['groups_per_class'][c]} | "
+            f"{'yes' if evaluable else 'no'} | "
+            f"{rnd['metrics']['per_class'][c]['f1']:.3f} | {g_f1} |"
+        )
+    lines += [
+        "",
+        "| protocol | test patches | accuracy | macro-F1 (scored classes) "
+        "| ECE before | ECE after T |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, part in (("random split", rnd), ("grouped split", grp)):
+        m, cal = part["metrics"], part["calibration"]
+        lines.append(
+            f"| {name} | {part['split']['n_test']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} "
+            f"({len(m['macro_f1_classes'])}) | {cal['ece_before']:.3f} | {cal['ece_after']:.3f} |"
+        )
+    lines += symmetry_markdown(report)
+    lines += cross_validation_markdown(report)
+    lines += loco_markdown(report)
+    for name, part in (("random", rnd), ("grouped", grp)):
+        for warning in part.get("warnings", []):
+            lines += ["", f"**Warning ({name} split model):** {warning}"]
+    if "frame_check" in report:
+        check = report["frame_check"]
+        lines += [
+            "",
+            f"Map of {Path(check['frame']).name} (stride {check['stride']}): share of each "
+            "class's crops whose nearest window gets that class (training crops: a "
+            "localization check, not generalization).",
+            "",
+            "| class | crops located in frame | labelled correctly |",
+            "|---|---|---|",
+        ]
+        for c, r in check["recall_at_crop_sources"].items():
+            if r["located"]:
+                lines.append(f"| {c} | {r['located']} | {r['recovered']:.3f} |")
+    lines += [
+        "",
+        "The random split tests on near-copies of training crops and measures memorization;",
+        "the grouped split tests on regions never seen in training. Classes present in fewer",
+        "than three independent groups are trained on but not scored.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def symmetry_markdown(report: dict) -> list[str]:
+    """Test-time D4 averaging on the grouped test split, as Markdown lines."""
+    sym = report["grouped"].get("test_time_symmetry")
+    if not sym:
+        return []
+    return [
+        "",
+        f"Test-time symmetry on the grouped test split ({sym['n_test']} patches): accuracy "
+        f"{sym['accuracy_none']:.3f} -> {sym['accuracy_d4']:.3f} with D4 averaging, ECE "
+        f"{sym['ece_none']:.3f} -> {sym['ece_d4']:.3f}, at "
+        f"{sym['seconds_d4'] / max(sym['seconds_none'], 1e-9):.1f}x the inference time.",
+    ]
+
+
+def cross_validation_markdown(report: dict) -> list[str]:
+    """The grouped k-fold table, next to the random split, as Markdown lines."""
+    cv = report.get("cross_validation")
+    if not cv:
+        return []
+    rnd = report["random"]["metrics"]
+    lines = [
+        "",
+        f"Grouped {cv['n_folds']}-fold cross-validation ({cv['n_test']} test patches, each "
+        "independent group tested once; mean ± standard deviation over folds):",
+        "",
+        "| class | folds tested | test patches | grouped F1 | grouped recall | random-split F1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, m in cv["per_class"].items():
+        lines.append(
+            f"| {c} | {m['f1']['n']} | {m['support']} | {fmt(m['f1'])} | {fmt(m['recall'])} "
+            f"| {rnd['per_class'][c]['f1']:.3f} |"
+        )
+    lines += [
+        "",
+        "| protocol | accuracy | macro-F1 | ECE before | ECE after T |",
+        "|---|---|---|---|---|",
+        f"| grouped {cv['n_folds']}-fold | {fmt(cv['accuracy'])} | {fmt(cv['macro_f1'])} | "
+        f"{fmt(cv['ece_before'])} | {fmt(cv['ece_after'])} |",
+    ]
+    return lines
+
+
+def loco_markdown(report: dict) -> list[str]:
+    """The leave-one-class-out table as Markdown lines."""
+    loco = report.get("leave_one_class_out")
+    if not loco:
+        return []
+    lines = [
+        "",
+        'Leave one class out: trained without the class, AUROC of "the class is unknown" '
+        "against held-out (grouped test) patches of the trained classes:",
+        "",
+        "| left out | its patches | held-out known | AUROC density | AUROC softmax "
+        "| left-out flagged unknown | known flagged unknown |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c, r in loco.items():
+        if "skipped" in r:
+            lines.append(f"| {c} | skipped: {r['skipped']} | | | | | |")
+            continue
+        lines.append(
+            f"| {c} | {r['n_novel']} | {r['n_known']} | {r['auroc_density']:.3f} | "
+            f"{r['auroc_softmax']:.3f} | {r['novel_unknown']:.3f} | {r['known_unknown']:.3f} |"
+        )
+    return lines
+
+
+# A crop counts as cut from the frame only at a near-perfect match: on a periodic lattice any
+# same-phase region matches at 0.93-0.96 (SrTiO3's Extra, IExtra and Mis and CdTe's
+# Vacancy_CdTe crops do so, against 1.000 for the crops really cut from the frames).
+CROP_MATCH_THRESHOLD = 0.97
+
+
+def frame_check(
+    model_dir: Path, frame_path: Path, patches: PatchSet, out_dir: Path, stride: int = 16
+) -> dict:
+    """Map the large frame and check each class lands where its crops were cut.
+
+    The crops are training data, so this checks that the map reproduces the labelled
+    regions (localization), not that it generalizes.
+    """
+    from defectscope.evaluation.provenance import locate_patches, recall_at_sources
+    from defectscope.io.frames import read_image
+    from defectscope.maps.detector import Detector
+    from defectscope.outputs.map_files import write_map_outputs
+
+    frame = read_image(frame_path)
+    with Detector.load(model_dir, backend="torch") as det:
+        result = det.map(frame, stride=stride)
+    write_map_outputs(frame, result, out_dir)
+    positions, _ = locate_patches(frame, patches.images, threshold=CROP_MATCH_THRESHOLD)
+    recall = recall_at_sources(result, positions, patches.labels, patches.classes)
+    counts = np.bincount(result.labels.ravel(), minlength=len(result.classes))
+    report = {
+        "frame": str(frame_path),
+        "stride": stride,
+        "map_dir": str(out_dir),
+        "timing_ms": result.timing_ms,
+        "windows_per_class": {c: int(n) for c, n in zip(result.classes, counts, strict=True)},
+        "n_regions": len(result.regions()),
+        "recall_at_crop_sources": recall,
+        "outside_crop_extent": outside_crop_extent(result, positions, patches.labels),
+    }
+    if result.unknown is not None:
+        report["unknown_share"] = float(result.unknown.mean())
+    return report
+
+
+def outside_crop_extent(result, positions: np.ndarray, labels: np.ndarray) -> dict:
+    """Per class: share of the frame's windows given that class outside its crops' extent.
+
+    The extent is the rows and columns spanned by the class's crops located in the
+    frame. A class mapped far from where any of its crops were cut (SF2 across the
+    upper half of the CdTe frame) is a false alarm; counted over all windows, and over
+    known windows only (unknown ones are not claimed as that class).
+    """
+    size = result.patch_size
+    centres = result.centers
+    predicted = result.labels.ravel()
+    known = ~result.unknown_mask.ravel()
+    report = {}
+    for index, name in enumerate(result.classes):
+        located = positions[(labels == index) & (positions[:, 0] >= 0)]
+        mine = predicted == index
+        if len(located) == 0 or not mine.any():
+            continue
+        (y0, x0), (y1, x1) = located.min(0), located.max(0) + size
+        inside = (
+            (centres[:, 0] >= y0)
+            & (centres[:, 0] < y1)
+            & (centres[:, 1] >= x0)
+            & (centres[:, 1] < x1)
+        )
+        report[name] = {
+            "windows": int(mine.sum()),
+            "outside": float((mine & ~inside).sum() / len(predicted)),
+            "outside_known": float((mine & ~inside & known).sum() / len(predicted)),
+        }
+    return report
+
+
+def run_study(
+    patches: PatchSet,
+    out_dir: str | Path,
+    config: TrainConfig = TrainConfig(),
+    dataset_name: str = "dataset",
+    overlap_threshold: float = 0.95,
+    progress: bool = True,
+    frame: Path | None = None,
+    folds: int = 5,
+    loco: bool = True,
+    steps: StepTimer | None = None,
+    resume: bool = False,
+) -> dict:
+    """Run the random-versus-grouped study and write it under ``out_dir``.
+
+    Writes ``study.json``, ``summary.md``, ``groups.csv``, ``model/`` (trained on
+    the first grouped split, with honest metrics) and ``model_random/``; with
+    ``loco``, the models trained without each class under ``loco/``; with
+    ``frame``, also ``frame_map/`` and a check of the map against the crops'
+    positions; ``finished/`` holds what ``resume`` may reuse.
+
+    Parameters
+    ----------
+    folds : int
+        Grouped k-fold cross-validation over this many folds (each fold one more
+        training); 0 scores the first grouped split only.
+    loco : bool
+        Leave-one-class-out test of the uncertainty (one training per class).
+    steps : StepTimer, optional
+        Times each step (and shows a spinner for those without a progress bar).
+    resume : bool
+        Reuse the trainings an earlier, interrupted run into the same ``out_dir``
+        finished with the same patches, splits, settings and version (see
+        :class:`FinishedWork`); the report lists them under ``"resumed"``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    steps = steps or StepTimer(spinner=progress)
+    with steps("grouping patches into independent regions"):
+        groups = find_groups(patches.images, threshold=overlap_threshold)
+    write_groups_csv(out_dir / "groups.csv", patches, groups)
+    groups_per_class = groups.per_class(patches.labels, patches.classes)
+    log.info("%d patches in %d independent groups", len(patches.labels), groups.n_groups)
+
+    rnd = random_split(patches.labels, patches.classes, seed=config.seed)
+    splits = grouped_folds(
+        patches.labels, groups.ids, patches.classes, n_folds=folds or 5, seed=config.seed
+    )
+    grp = splits[0]
+    if not grp.evaluable_classes:
+        raise ValueError(
+            f"{dataset_name}: no class has three independent groups, so nothing can be "
+            "evaluated honestly"
+        )
+    report = {
+        "dataset": dataset_name,
+        "run": {
+            "defectscope": __version__,
+            "machine": cpu_description(),
+            "training_device": device_name(config.device),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        },
+        "n_patches": len(patches.labels),
+        "classes": patches.classes,
+        "counts": patches.counts(),
+        "n_groups": groups.n_groups,
+        "overlap_threshold": overlap_threshold,
+        "groups_per_class": groups_per_class,
+        "not_evaluable": {
+            c: f"only {n} independent group(s)"
+            for c, n in groups_per_class.items()
+            if c not in grp.evaluable_classes
+        },
+        "train_config": dataclasses.asdict(config),
+    }
+    finished = FinishedWork(out_dir, patches, config, resume)
+    with steps("training on the random split", spin=False):
+        report["random"] = evaluate_split(
+            patches, rnd, config, out_dir / "model_random", progress, finished=finished
+        )
+    with steps("training on the grouped split", spin=False):
+        report["grouped"] = evaluate_split(
+            patches, grp, config, out_dir / "model", progress, finished=finished
+        )
+    if folds:
+        with steps(f"grouped {len(splits)}-fold cross-validation", spin=False):
+            report["cross_validation"] = cross_validate(
+                patches, splits, config, report["grouped"], progress, finished
+            )
+    if loco:
+        with steps("leave one class out", spin=False):
+            report["leave_one_class_out"] = leave_one_class_out(
+                patches, grp, config, progress, finished=finished, models_dir=out_dir / "loco"
+            )
+    if finished.reused:
+        report["resumed"] = finished.reused
+    if frame is not None:
+        with steps("mapping the large frame"):
+            report["frame_check"] = frame_check(
+                out_dir / "model", frame, patches, out_dir / "frame_map"
+            )
+    report["wall_time_s"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(out_dir / "study.json", report)
+    atomic_write_text(out_dir / "summary.md", summary_markdown(report))
+    return report

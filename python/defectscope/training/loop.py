@@ -1,0 +1,471 @@
+"""Fine-tuning the VGG-16 classifier on patches, with early stopping."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from defectscope.io.datasets import PatchSet
+from defectscope.nets.checkpoint import ModelConfig, guess_background, save_checkpoint
+from defectscope.nets.device import (
+    _autocast,
+    _model_device,
+    autocast_dtype,
+    device_name,
+    training_device,
+)
+from defectscope.nets.vgg import DefectNet, build_model
+from defectscope.tiling.tiler import Normalization, patches_to_inputs
+from defectscope.training.augment import augment_batch
+from defectscope.training.config import TrainConfig
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """A trained model and how it got there."""
+
+    model: DefectNet
+    config: ModelConfig
+    history: list[dict[str, float]]
+    best_epoch: int
+    wall_time_s: float
+    # What the kept model scores on (a subset of) its own training patches and on the
+    # validation patches, in eval mode, and the chance level it is compared with.
+    fit: dict[str, float] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def untrained(self) -> bool:
+        """True when the kept model is near chance on its own training data."""
+        return bool(self.fit) and self.fit["train_accuracy"] < self.fit["learned_above"]
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: DefectNet, inputs: np.ndarray, batch_size: int = 64, precision: str = "fp32"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and embeddings for normalized inputs, as float32 arrays."""
+    model.eval()
+    device = _model_device(model)
+    dtype = autocast_dtype(precision, device.type)
+    logits, embeddings = [], []
+    for start in range(0, len(inputs), batch_size):
+        batch = torch.from_numpy(inputs[start : start + batch_size]).to(device)
+        with _autocast(device, dtype):
+            out, emb = model.forward_with_embedding(batch)
+        logits.append(out.float().cpu().numpy())
+        embeddings.append(emb.float().cpu().numpy())
+    return np.concatenate(logits), np.concatenate(embeddings)
+
+
+# Patches used to re-estimate batch-norm statistics after each epoch.
+BATCHNORM_PATCHES = 256
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, inputs: np.ndarray, batch_size: int = 32) -> bool:
+    """Re-estimate every batch-norm layer's running mean and variance on ``inputs``.
+
+    The running statistics are an exponential average (momentum 0.1) over training
+    batches whose weights kept changing; after a few epochs on a small data set they
+    are far from the statistics of the final weights, and the model in eval mode
+    classifies everything as one class although it fits its training data. Averaging
+    over fresh passes of the current weights ("precise BN") fixes that. Returns
+    False, doing nothing, for a model without batch norm.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers or len(inputs) == 0:
+        return False
+    was_training = model.training
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over the passes below
+    model.train()
+    device = _model_device(model)
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        if len(batch) > 1:
+            model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.train(was_training)
+    return True
+
+
+def _epoch_loss(model: DefectNet, inputs: np.ndarray, labels: np.ndarray, precision: str):
+    logits, _ = predict_logits(model, inputs, precision=precision)
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    return loss, float((logits.argmax(1) == labels).mean())
+
+
+def train_classifier(
+    train: PatchSet,
+    validation: PatchSet | None = None,
+    config: TrainConfig = TrainConfig(),
+    progress: bool = True,
+    name: str = "training",
+) -> TrainResult:
+    """Fine-tune VGG-16 on ``train``, early-stopping on ``validation`` loss.
+
+    Parameters
+    ----------
+    train : PatchSet
+        Training patches.
+    validation : PatchSet, optional
+        Patches for early stopping (the weights of the best validation loss are
+        kept). Without it, training runs all epochs.
+    config : TrainConfig
+    progress : bool
+        Show tqdm progress bars.
+    name : str
+        What is being trained (which split or fold), shown on the progress bar.
+
+    Returns
+    -------
+    TrainResult
+    """
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    started = time.perf_counter()
+    classes = list(train.classes)
+    model = build_model(
+        len(classes),
+        weights=config.weights,
+        patch_size=train.patch_size,
+        embedding_dim=config.embedding_dim,
+        trainable_blocks=config.trainable_blocks,
+        architecture=config.architecture,
+    )
+    model_config = ModelConfig(
+        classes=tuple(classes),
+        patch_size=train.patch_size,
+        normalization=config.normalization,
+        embedding_dim=config.embedding_dim,
+        architecture=config.architecture,
+        background_class=guess_background(classes),
+    )
+    device = training_device(config.device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    dtype = autocast_dtype(config.precision, device.type)
+    norm = config.normalization
+    val_inputs = patches_to_inputs(validation.images, norm) if validation is not None else None
+
+    history: list[dict[str, float]] = []
+    best_loss, best_epoch, best_state, stale = np.inf, -1, None, 0
+    progress_loss = np.inf  # validation loss at the last meaningful improvement
+    n = len(train.labels)
+    bn_subset = rng.permutation(n)[:BATCHNORM_PATCHES]
+    bn_inputs = patches_to_inputs(train.images[bn_subset], norm)
+    chance = chance_level(train.labels, len(classes))
+    learned_above = chance + LEARNED_MARGIN * (1.0 - chance)
+    started_learning = False
+    # One tick per batch, so the bar moves every few seconds, not once an epoch.
+    steps_per_epoch = sum(
+        min(config.batch_size, n - s) >= 2 for s in range(0, n, config.batch_size)
+    )
+    bar = tqdm(
+        total=config.epochs * steps_per_epoch,
+        desc=f"{name}: epoch 1/{config.epochs}",
+        unit="batch",
+        disable=not progress,
+    )
+    for epoch in range(config.epochs):
+        bar.set_description(f"{name}: epoch {epoch + 1}/{config.epochs}")
+        model.train()
+        order = rng.permutation(n)
+        total, correct, seen = 0.0, 0, 0
+        for start in range(0, n, config.batch_size):
+            index = order[start : start + config.batch_size]
+            if len(index) < 2:  # a batch of one makes no useful step
+                continue
+            raw = augment_batch(train.images[index], rng, config.augmentation)
+            x = torch.from_numpy(patches_to_inputs(raw, norm)).to(device)
+            y = torch.from_numpy(train.labels[index]).to(device)
+            with _autocast(device, dtype):
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update()
+            total += loss.item() * len(index)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(index)
+        # Eval-mode statistics of this epoch's weights, before it is judged or kept.
+        recalibrate_batchnorm(model, bn_inputs, config.batch_size)
+        record = {"epoch": epoch, "train_loss": total / seen, "train_accuracy": correct / seen}
+        # An epoch before the model fits its training data beyond chance cannot be kept, and
+        # patience only counts from there: a small validation fold can favour an untrained
+        # model's near-uniform outputs.
+        learning = record["train_accuracy"] >= learned_above
+        started_learning = started_learning or learning
+        if val_inputs is not None:
+            val_loss, val_acc = _epoch_loss(model, val_inputs, validation.labels, config.precision)
+            record.update(val_loss=val_loss, val_accuracy=val_acc)
+            if learning and val_loss < best_loss:
+                # The best weights are kept on any gain, but patience restarts only on a
+                # meaningful one: a random split's near-copies keep shaving 0.001 off a
+                # loss that is already near zero, for as many epochs as are allowed.
+                if val_loss < progress_loss - config.min_delta:
+                    progress_loss, stale = val_loss, 0
+                else:
+                    stale += 1
+                best_loss, best_epoch = val_loss, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            elif started_learning:
+                stale += 1
+        history.append(record)
+        bar.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"})
+        if val_inputs is not None and stale >= config.patience:
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history) - 1
+    # What comes after (scoring, densities, export, saving) runs on the CPU model.
+    model.to("cpu").eval()
+    result = TrainResult(model, model_config, history, best_epoch, time.perf_counter() - started)
+    check_learning(result, bn_inputs, train.labels[bn_subset], val_inputs, validation, config)
+    return result
+
+
+# The kept model must beat chance by this share of the way from chance to perfect.
+LEARNED_MARGIN = 0.2
+
+
+def chance_level(labels: np.ndarray, n_classes: int) -> float:
+    """Accuracy of always answering the most common class (at least 1 / classes)."""
+    if len(labels) == 0:
+        return 1.0 / max(n_classes, 1)
+    return max(float(np.bincount(labels, minlength=n_classes).max() / len(labels)), 1 / n_classes)
+
+
+def check_learning(
+    result: TrainResult,
+    train_inputs: np.ndarray,
+    train_labels: np.ndarray,
+    val_inputs: np.ndarray | None,
+    validation: PatchSet | None,
+    config: TrainConfig,
+) -> None:
+    """Score the kept model on training and validation patches; warn when it is near chance.
+
+    Fills ``result.fit`` and ``result.warnings``. Near chance on its own training data
+    means the run did not learn at all (``result.untrained``); near chance on
+    validation means it learned something that does not carry to held-out regions.
+    """
+    n_classes = len(result.config.classes)
+    logits, _ = predict_logits(result.model, train_inputs, precision=config.precision)
+    train_accuracy = float((logits.argmax(1) == train_labels).mean())
+    chance = chance_level(train_labels, n_classes)
+    fit = {
+        "train_accuracy": train_accuracy,
+        "train_chance": chance,
+        "learned_above": chance + LEARNED_MARGIN * (1 - chance),
+        "n_train_checked": len(train_labels),
+    }
+    if train_accuracy < fit["learned_above"]:
+        result.warnings.append(
+            f"the kept model (epoch {result.best_epoch}) is near chance on its own training "
+            f"data: accuracy {train_accuracy:.3f} against chance {chance:.3f}; it did not learn "
+            "(try more epochs, another learning rate or --weights imagenet)"
+        )
+    if val_inputs is not None and validation is not None and len(validation.labels):
+        val_logits, _ = predict_logits(result.model, val_inputs, precision=config.precision)
+        val_accuracy = float((val_logits.argmax(1) == validation.labels).mean())
+        val_chance = chance_level(validation.labels, n_classes)
+        fit.update(validation_accuracy=val_accuracy, validation_chance=val_chance)
+        # Validation of one class has a perfect majority baseline: nothing to judge by.
+        several = len(np.unique(validation.labels)) > 1
+        if several and val_accuracy < val_chance + LEARNED_MARGIN * (1 - val_chance):
+            result.warnings.append(
+                f"the kept model is near chance on validation: accuracy {val_accuracy:.3f} "
+                f"against chance {val_chance:.3f} on {len(validation.labels)} held-out patches"
+            )
+    result.fit = fit
+
+
+def fit_model_density(
+    model: DefectNet,
+    train: PatchSet,
+    validation: PatchSet | None,
+    normalization: Normalization,
+    precision: str = "fp32",
+):
+    """The feature density of ``model``'s embedding (see :mod:`defectscope.artifacts.density`).
+
+    Fitted on the training patches without augmentation; its threshold set on the
+    validation patches, in-distribution data the model did not train on.
+    """
+    from defectscope.artifacts.density import fit_density
+
+    _, train_embeddings = predict_logits(
+        model, patches_to_inputs(train.images, normalization), precision=precision
+    )
+    held_out = None
+    if validation is not None and len(validation.labels) >= 2:
+        _, held_out = predict_logits(
+            model, patches_to_inputs(validation.images, normalization), precision=precision
+        )
+    return fit_density(train_embeddings, train.labels, len(train.classes), held_out)
+
+
+def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, Any] | None = None):
+    """JSON-ready description of a training run for the checkpoint."""
+    training = dataclasses.asdict(config)
+    device = training_device(config.device)
+    training["precision_used"] = str(autocast_dtype(config.precision, device.type) or "float32")
+    training["device_used"] = device_name(config.device)
+    return {
+        "training": training,
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "fit": result.fit,
+        "warnings": result.warnings,
+        "wall_time_s": round(result.wall_time_s, 2),
+        "torch_version": torch.__version__,
+        **(extra or {}),
+    }
+
+
+def save_training(
+    directory: str | Path,
+    result: TrainResult,
+    config: TrainConfig,
+    extra_record: dict[str, Any] | None = None,
+) -> Path:
+    """Save a trained model with its training record plus ``extra_record`` (metrics...)."""
+    record = training_record(result, config, extra_record)
+    return save_checkpoint(directory, result.model, result.config, record)
+
+
+def train_model_dir(
+    patches: PatchSet,
+    out: str | Path,
+    config: TrainConfig = TrainConfig(),
+    validation: str = "grouped",
+    extra_record: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train on all of ``patches`` but a validation fold, and save a model directory.
+
+    Parameters
+    ----------
+    patches : PatchSet
+    out : path-like
+        Model directory to write.
+    config : TrainConfig
+    validation : {'grouped', 'random', 'none'}
+        Held-out patches for early stopping and the temperature: one fold of
+        independent groups (see :mod:`grouping`), falling back to a random 15 % when
+        no class has three groups; a random 15 %; or none.
+    extra_record : dict, optional
+        Added to the model's JSON.
+    """
+    from defectscope.evaluation.grouping import find_groups
+    from defectscope.evaluation.metrics import fit_temperature, grouped_split, random_split
+
+    if validation not in ("grouped", "random", "none"):
+        raise ValueError(f"validation must be grouped, random or none, got {validation!r}")
+    held = np.array([], dtype=np.int64)
+    used = validation
+    if validation == "grouped":
+        groups = patches.groups if patches.groups is not None else find_groups(patches.images).ids
+        held = grouped_split(patches.labels, groups, patches.classes, seed=config.seed).validation
+        if len(held) == 0:
+            used = "random (no class has three independent groups)"
+    if validation == "random" or (validation == "grouped" and len(held) == 0):
+        held = random_split(patches.labels, patches.classes, seed=config.seed).validation
+    val_set = patches.subset(held) if len(held) else None
+    train_index = np.setdiff1d(np.arange(len(patches.labels)), held)
+    train_set = patches.subset(train_index)
+    result = train_classifier(train_set, val_set, config)
+    record = {**(extra_record or {}), "validation": used}
+    density = fit_model_density(result.model, train_set, val_set, config.normalization)
+    record["density"] = density.to_dict()
+    if val_set is not None:
+        logits, _ = predict_logits(
+            result.model, patches_to_inputs(val_set.images, config.normalization)
+        )
+        record["calibration"] = {"temperature": fit_temperature(logits, val_set.labels)}
+    save_training(out, result, config, extra_record=record)
+    return result
+
+
+def train_from_simulated(
+    simulated: PatchSet,
+    out: str | Path,
+    config: TrainConfig = TrainConfig(),
+    validation: str = "grouped",
+    real: PatchSet | None = None,
+    extra_record: dict[str, Any] | None = None,
+    finetune_blocks: int | None = None,
+) -> TrainResult:
+    """Train on simulated patches only, or pretrain on them and fine-tune on ``real``.
+
+    Parameters
+    ----------
+    simulated : PatchSet
+        Patches written by :func:`defectscope.simulate.dataset.simulate_dataset` (their
+        ``groups`` are the frames, so validation never shares a frame with training).
+    out : path-like
+        Model directory. With ``real``, the simulated model is kept in
+        ``out/pretrained`` and its trunk starts the fine-tuning (a new head: the real
+        classes need not be the simulated ones).
+    config : TrainConfig
+        Used for both trainings; ``config.weights`` starts the simulated one.
+    validation : {'grouped', 'random', 'none'}
+    real : PatchSet, optional
+    extra_record : dict, optional
+        Added to model.json, next to ``"simulated"``.
+    finetune_blocks : int, optional
+        Conv blocks, counted from the top, that fine-tuning on ``real`` trains (the
+        rest keep the simulated weights); default ``config.trainable_blocks``.
+
+    Raises
+    ------
+    RuntimeError
+        When the simulated pretraining did not learn (its model is kept for inspection).
+    """
+    from defectscope.artifacts.metadata import WEIGHTS_FILE
+
+    out = Path(out)
+    source = {"classes": simulated.classes, "patches": simulated.counts()}
+    if real is None:
+        record = {**(extra_record or {}), "simulated": {**source, "use": "simulated only"}}
+        return train_model_dir(simulated, out, config, validation, record)
+    pretrained = out / "pretrained"
+    pre = train_model_dir(
+        simulated, pretrained, config, validation, {"simulated": {**source, "use": "pretraining"}}
+    )
+    if pre.untrained:
+        raise RuntimeError(
+            f"{pretrained}: pretraining on the simulated patches did not learn "
+            f"({pre.fit['train_accuracy']:.2f} on its own patches); nothing was fine-tuned"
+        )
+    fine = dataclasses.replace(
+        config,
+        weights=str(pretrained / WEIGHTS_FILE),
+        trainable_blocks=config.trainable_blocks if finetune_blocks is None else finetune_blocks,
+    )
+    record = {
+        **(extra_record or {}),
+        "simulated": {
+            **source,
+            "use": "pretrained on simulated patches, fine-tuned on real ones",
+            "pretrained": str(pretrained),
+            "pretraining_epochs": len(pre.history),
+        },
+    }
+    return train_model_dir(real, out, fine, validation, record)
