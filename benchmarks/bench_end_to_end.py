@@ -59,7 +59,7 @@ def test_frame_latency(benchmark, bench_model, impl, size, stride):
     backend, precision = ("onnxruntime", "int8") if "ort" in impl else ("torch", "bf16")
     artifact = bench_model / "model.int8.onnx" if backend == "onnxruntime" else bench_model
     if backend == "torch":
-        from defectscope.engines.base import TorchEngine
+        from defectscope.engines.pytorch import TorchEngine
 
         detector = Detector(TorchEngine(bench_model, precision=precision), batch_size=64)
     else:

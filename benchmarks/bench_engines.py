@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectscope.engines.base import OnnxEngine, TorchEngine, load_engine
-from defectscope.export.build import tensorrt_available
+from defectscope.engines.loader import load_engine
+from defectscope.engines.onnx import OnnxEngine
+from defectscope.engines.pytorch import TorchEngine
+from defectscope.engines.tensorrt import tensorrt_available
 
 BATCHES = [1, 16, 64]
 
@@ -30,7 +32,7 @@ def _engine(kind: str, model_dir):
         ok, reason = tensorrt_available()
         if not ok:
             pytest.skip(reason)
-        from defectscope.export.build import build_tensorrt_engine
+        from defectscope.export.tensorrt import build_tensorrt_engine
 
         precision = kind.split("-")[1]
         source = model_dir / ("model.int8.onnx" if precision == "int8" else "model.onnx")

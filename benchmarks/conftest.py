@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectscope.export.build import export_onnx, quantize_onnx_int8
+from defectscope.export.int8 import quantize_onnx_int8
+from defectscope.export.onnx import export_onnx
 from defectscope.nets.checkpoint import ModelConfig, save_checkpoint
 from defectscope.nets.vgg import build_model
 from defectscope.tiling.tiler import tile

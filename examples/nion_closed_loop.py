@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscope.io.frames import atomic_write_bytes, atomic_write_json
+from defectscope.io.files import atomic_write_bytes, atomic_write_json
 from defectscope.maps.detector import Detector
 from defectscope.nion.loop import SimulatedSTEM, set_survey, visit_top_roi
 from defectscope.simulate.lattice import LatticeSample

@@ -17,7 +17,7 @@ import time
 from defectscope.evaluation.grouping import find_groups
 from defectscope.evaluation.metrics import grouped_folds
 from defectscope.io.datasets import dataset_folder, load_patches, locate_upstream
-from defectscope.io.frames import atomic_write_json
+from defectscope.io.files import atomic_write_json
 from defectscope.studies.study import cross_validate
 from defectscope.training.config import TrainConfig
 

@@ -93,7 +93,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def onnx_artifact(model_dir, tmp_path_factory) -> Path:
     """The toy model exported to a standalone FP32 ONNX file (what an instrument PC gets)."""
-    from defectscope.export.build import export_onnx
+    from defectscope.export.onnx import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "toy.onnx"
     report = export_onnx(model_dir, path)

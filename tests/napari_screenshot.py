@@ -1,5 +1,5 @@
 """Screenshot of napari with the "Find defects" result: ``python -m tests.napari_screenshot
-MODEL OUT.png``. Run by tests/test_napari.py under Xvfb (a napari canvas needs OpenGL).
+MODEL OUT.png``. Run by tests/napari/test_plugin.py under Xvfb (a napari canvas needs OpenGL).
 
 MODEL is an ONNX file: PyTorch's Triton bundles its own LLVM, which crashes next to
 Mesa's software OpenGL (llvmpipe, the only OpenGL under Xvfb) when loaded after it."""
@@ -13,9 +13,9 @@ import time
 sys.modules["torch"] = None  # type: ignore[assignment]
 
 import imageio.v3 as iio  # noqa: E402
-import napari  # noqa: E402
 from qtpy.QtWidgets import QApplication  # noqa: E402
 
+import napari  # noqa: E402
 from defectscope.napari.plugin import sample_lattice_layer  # noqa: E402
 from defectscope.napari.widget import find_defects_widget  # noqa: E402
 

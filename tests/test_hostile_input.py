@@ -20,7 +20,7 @@ import pytest
 
 from defectscope.artifacts.metadata import MetadataError
 from defectscope.cli import main
-from defectscope.engines.base import load_engine
+from defectscope.engines.loader import load_engine
 from defectscope.maps.detector import Detector, MapCancelled
 from defectscope.outputs.map_files import remove_stale_staging
 from defectscope.service.client import Client

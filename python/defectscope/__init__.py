@@ -22,7 +22,7 @@ _PUBLIC = {
     "tile": "defectscope.tiling.tiler",
     "window_origins": "defectscope.tiling.tiler",
     "Normalization": "defectscope.tiling.tiler",
-    "load_engine": "defectscope.engines.base",
+    "load_engine": "defectscope.engines.loader",
     "MapOptions": "defectscope.maps.options",
     "MapResult": "defectscope.maps.result",
     "Detector": "defectscope.maps.detector",
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from defectscope.engines.base import load_engine
+    from defectscope.engines.loader import load_engine
     from defectscope.io.frames import Calibration, Frame, read_frame
     from defectscope.maps.detector import Detector
     from defectscope.maps.options import MapOptions

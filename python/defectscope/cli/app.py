@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from defectscope.evaluation.metrics import classification_metrics
     from defectscope.io.datasets import load_patches
-    from defectscope.io.frames import atomic_write_json
+    from defectscope.io.files import atomic_write_json
     from defectscope.outputs.map_files import refuse_overwrite
     from defectscope.training.classifier import PatchClassifier
 
@@ -103,7 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from defectscope.io.frames import atomic_write_json
+    from defectscope.io.files import atomic_write_json
     from defectscope.outputs.map_files import refuse_overwrite
     from defectscope.training.classifier import PatchClassifier
 
@@ -167,14 +167,11 @@ def _model_patches(model_dir: Path, data: Path, classes: list[str]):
 def cmd_export(args: argparse.Namespace) -> int:
     import json
 
-    from defectscope.export.build import (
-        INT8_FILES,
-        build_tensorrt_engine,
-        compare_engines,
-        export_onnx,
-        quantize_onnx_int8,
-    )
-    from defectscope.io.frames import atomic_write_json
+    from defectscope.export.compare import compare_engines
+    from defectscope.export.int8 import INT8_FILES, quantize_onnx_int8
+    from defectscope.export.onnx import export_onnx
+    from defectscope.export.tensorrt import build_tensorrt_engine
+    from defectscope.io.files import atomic_write_json
     from defectscope.nets.checkpoint import read_metadata
 
     model_dir = Path(args.model)
@@ -224,7 +221,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 f"{report['int8_tensorrt']['agreement']:.4f}"
             )
     elif args.dense:
-        from defectscope.export.build import build_dense_tensorrt_engines
+        from defectscope.export.tensorrt import build_dense_tensorrt_engines
 
         built = build_dense_tensorrt_engines(model_dir, args.precision, args.max_side)
         for record in built:
@@ -292,7 +289,7 @@ def _map_mode(result, detector) -> str:
 
 
 def cmd_score_simulated(args: argparse.Namespace) -> int:
-    from defectscope.io.frames import atomic_write_json
+    from defectscope.io.files import atomic_write_json
     from defectscope.maps.detector import Detector
     from defectscope.outputs.map_files import refuse_overwrite
     from defectscope.studies.simulated import score_simulated
@@ -431,7 +428,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_roi(args: argparse.Namespace) -> int:
-    from defectscope.io.frames import atomic_write_json
+    from defectscope.io.files import atomic_write_json
     from defectscope.maps.detector import Detector
     from defectscope.outputs.map_files import refuse_overwrite
 

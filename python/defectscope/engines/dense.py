@@ -35,7 +35,8 @@ from defectscope.artifacts.metadata import (
     parse_metadata_json,
     read_sidecar,
 )
-from defectscope.engines.base import Engine, EngineError, TensorRTSession
+from defectscope.engines.base import Engine, EngineError
+from defectscope.engines.tensorrt import TensorRTSession
 from defectscope.tiling.tiler import dense_channels, normalize_region, window_origins
 
 DENSE_INPUT = "frame"

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscope.engines.base import Engine, EngineError, load_engine
+from defectscope.engines.base import Engine, EngineError
 from defectscope.engines.dense import (
     DenseEngine,
     TensorRTDenseEngine,
     dense_map_arrays,
     find_dense_all,
 )
+from defectscope.engines.loader import load_engine
 from defectscope.io.frames import Calibration, Frame
 from defectscope.maps.options import MODES, SYMMETRIES, MapOptions
 from defectscope.maps.result import MapResult

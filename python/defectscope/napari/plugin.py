@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.io.frames import FRAME_SUFFIXES, Calibration, atomic_write_text, read_frame
+from defectscope.io.files import atomic_write_text
+from defectscope.io.frames import FRAME_SUFFIXES, Calibration, read_frame
 
 LayerData = tuple  # (data, kwargs, layer_type)
 

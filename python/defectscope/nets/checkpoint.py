@@ -22,7 +22,7 @@ from defectscope.artifacts.metadata import (
     read_metadata,
     read_model_dir,
 )
-from defectscope.io.frames import atomic_write_bytes, atomic_write_json
+from defectscope.io.files import atomic_write_bytes, atomic_write_json
 from defectscope.nets.vgg import ARCHITECTURES, DefectNet
 
 __all__ = [

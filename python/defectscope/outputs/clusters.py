@@ -15,13 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscope.io.frames import (
-    FRAME_SUFFIXES,
-    Frame,
-    atomic_write_json,
-    atomic_write_text,
-    read_frame,
-)
+from defectscope.io.files import atomic_write_json, atomic_write_text
+from defectscope.io.frames import FRAME_SUFFIXES, Frame, read_frame
 from defectscope.maps.cluster import Clustering, cluster_embeddings
 from defectscope.outputs import figures
 
@@ -69,7 +64,7 @@ def cluster_dataset(
     seed: int = 0,
 ) -> dict:
     """Cluster the patches under ``data`` by the model's embeddings; compare with raw pixels."""
-    from defectscope.engines.base import load_engine
+    from defectscope.engines.loader import load_engine
     from defectscope.io.datasets import load_patches
     from defectscope.tiling.tiler import patches_to_inputs
 

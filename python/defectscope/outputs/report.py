@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from defectscope.evaluation.metrics import format_mean_std
-from defectscope.io.frames import atomic_write_text
+from defectscope.io.files import atomic_write_text
 from defectscope.outputs import figures
 
 STYLE = """

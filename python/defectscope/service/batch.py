@@ -26,13 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscope.io.frames import (
-    FRAME_SUFFIXES,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    file_hash,
-)
+from defectscope.io.files import atomic_write_bytes, atomic_write_json, atomic_write_text, file_hash
+from defectscope.io.frames import FRAME_SUFFIXES
 
 INDEX_COLUMNS = (
     "file",

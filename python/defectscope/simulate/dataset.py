@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.io.frames import atomic_write_bytes, atomic_write_json
+from defectscope.io.files import atomic_write_bytes, atomic_write_json
 
 DEFECT_KINDS = ("vacancy", "substitution", "interstitial", "antisite")
 UNITS_PER_ANGSTROM = {"nm": 0.1, "Å": 1.0, "A": 1.0, "pm": 100.0}

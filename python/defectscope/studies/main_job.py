@@ -36,7 +36,8 @@ def run_pipeline(
         load_patches,
         locate_upstream,
     )
-    from defectscope.io.frames import atomic_write_json, read_image
+    from defectscope.io.files import atomic_write_json
+    from defectscope.io.frames import read_image
     from defectscope.maps.detector import Detector
     from defectscope.outputs.clusters import cluster_dataset
     from defectscope.outputs.report import write_report
@@ -103,7 +104,9 @@ def run_pipeline(
 
 def _export(model_dir: Path, inputs, calib, test_index, labels) -> dict:
     """FP32 ONNX (checked against PyTorch) and INT8 (calibrated, compared on test patches)."""
-    from defectscope.export.build import compare_engines, export_onnx, quantize_onnx_int8
+    from defectscope.export.compare import compare_engines
+    from defectscope.export.int8 import quantize_onnx_int8
+    from defectscope.export.onnx import export_onnx
 
     export = {"onnx": export_onnx(model_dir, model_dir / "model.onnx", inputs[test_index[:64]])}
     quantize_onnx_int8(model_dir / "model.onnx", model_dir / "model.int8.onnx", inputs[calib])

@@ -10,9 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import hashlib
 import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +19,6 @@ import numpy as np
 from scipy.special import softmax
 
 from defectscope._version import __version__
-from defectscope.artifacts.metadata import WEIGHTS_FILE
 from defectscope.evaluation.grouping import Groups, find_groups
 from defectscope.evaluation.metrics import (
     Split,
@@ -31,10 +28,12 @@ from defectscope.evaluation.metrics import (
     mean_std,
     random_split,
 )
-from defectscope.evaluation.metrics import format_mean_std as fmt
 from defectscope.io.datasets import PatchSet
-from defectscope.io.frames import atomic_write_json, atomic_write_text, file_hash
+from defectscope.io.files import atomic_write_json, atomic_write_text
 from defectscope.nets.device import device_name
+from defectscope.studies.frame_check import frame_check
+from defectscope.studies.markdown import summary_markdown
+from defectscope.studies.resume import FinishedWork
 from defectscope.tiling.tiler import patches_to_inputs
 from defectscope.training.loop import (
     TrainConfig,
@@ -47,70 +46,6 @@ from defectscope.util.progress import StepTimer
 from defectscope.util.system import cpu_description
 
 log = logging.getLogger(__name__)
-
-
-class FinishedWork:
-    """The trainings a study has finished, kept so that an interrupted run can resume.
-
-    Each unit of work (the random split, the grouped split, a fold, a left-out class)
-    is written, when it ends, to ``<out_dir>/finished/<name>.json`` with a key: the
-    SHA-256 of the patches' pixels, labels and classes, of the unit's split indices,
-    of the training settings and of the defectscope version. With ``resume``, a unit
-    whose stored key matches (and, for a saved model, whose weights are unchanged) is
-    taken from there instead of being trained again; anything else is trained anew.
-    """
-
-    def __init__(self, out_dir: Path, patches: PatchSet, config: TrainConfig, resume: bool):
-        self.directory = out_dir / "finished"
-        self.resume = resume
-        self.reused: list[dict | str] = []  # dict: the unit and where it trained
-        digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(patches.images).tobytes())
-        digest.update(str(patches.images.dtype).encode() + str(patches.images.shape).encode())
-        digest.update(np.ascontiguousarray(patches.labels, dtype=np.int64).tobytes())
-        # Where it trained is not part of the key: a run resumed on another device
-        # reuses what the first one finished.
-        settings = {
-            "classes": patches.classes,
-            "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "device"},
-            "version": __version__,
-        }
-        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-        self._base = digest.hexdigest()
-        self.where = {"machine": cpu_description(), "device": device_name(config.device)}
-
-    def _key(self, name: str, split: Split) -> str:
-        digest = hashlib.sha256(self._base.encode() + name.encode())
-        for part in (split.train, split.validation, split.test):
-            digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes() + b"|")
-        return digest.hexdigest()
-
-    def get(self, name: str, split: Split, model_dir: Path | None = None) -> dict | None:
-        """The stored record of ``name`` when it may be reused, else None."""
-        path = self.directory / f"{name}.json"
-        if not self.resume or not path.is_file():
-            return None
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(stored, dict) or stored.get("key") != self._key(name, split):
-            return None
-        weights = model_dir / WEIGHTS_FILE if model_dir is not None else None
-        if weights is not None and (
-            not weights.is_file() or stored.get("weights_sha256") != file_hash(weights)
-        ):
-            return None
-        log.info("%s: reusing the training finished by an earlier run (%s)", name, path)
-        where = stored.get("trained_on", {})
-        self.reused.append({"unit": name, **where} if where else name)
-        return stored["record"]
-
-    def put(self, name: str, split: Split, record: dict, model_dir: Path | None = None) -> None:
-        stored = {"key": self._key(name, split), "record": record, "trained_on": self.where}
-        if model_dir is not None:
-            stored["weights_sha256"] = file_hash(model_dir / WEIGHTS_FILE)
-        atomic_write_json(self.directory / f"{name}.json", stored)
 
 
 def _score_split(patches: PatchSet, split: Split, config: TrainConfig, name: str, progress: bool):
@@ -402,210 +337,6 @@ def write_groups_csv(path: Path, patches: PatchSet, groups: Groups) -> None:
     for file, label, group in zip(patches.paths, patches.labels, groups.ids, strict=True):
         writer.writerow([file, patches.classes[label], int(group)])
     atomic_write_text(path, buffer.getvalue())
-
-
-def summary_markdown(report: dict) -> str:
-    """Side-by-side table of the random and grouped protocols."""
-    rnd, grp = report["random"], report["grouped"]
-    lines = [
-        f"# defectscope study: {report['dataset']}",
-        "",
-        f"{report['n_patches']} patches, {report['n_groups']} independent groups "
-        f"(overlap threshold {report['overlap_threshold']}).",
-        "",
-        "| class | patches | groups | evaluable | random F1 | grouped F1 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in report["classes"]:
-        evaluable = c in grp["split"]["evaluable_classes"]
-        g_f1 = f"{grp['metrics']['per_class'][c]['f1']:.3f}" if evaluable else "not evaluable"
-        lines.append(
-            f"| {c} | {report['counts'][c]} | {report['groups_per_class'][c]} | "
-            f"{'yes' if evaluable else 'no'} | "
-            f"{rnd['metrics']['per_class'][c]['f1']:.3f} | {g_f1} |"
-        )
-    lines += [
-        "",
-        "| protocol | test patches | accuracy | macro-F1 (scored classes) "
-        "| ECE before | ECE after T |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, part in (("random split", rnd), ("grouped split", grp)):
-        m, cal = part["metrics"], part["calibration"]
-        lines.append(
-            f"| {name} | {part['split']['n_test']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} "
-            f"({len(m['macro_f1_classes'])}) | {cal['ece_before']:.3f} | {cal['ece_after']:.3f} |"
-        )
-    lines += symmetry_markdown(report)
-    lines += cross_validation_markdown(report)
-    lines += loco_markdown(report)
-    for name, part in (("random", rnd), ("grouped", grp)):
-        for warning in part.get("warnings", []):
-            lines += ["", f"**Warning ({name} split model):** {warning}"]
-    if "frame_check" in report:
-        check = report["frame_check"]
-        lines += [
-            "",
-            f"Map of {Path(check['frame']).name} (stride {check['stride']}): share of each "
-            "class's crops whose nearest window gets that class (training crops: a "
-            "localization check, not generalization).",
-            "",
-            "| class | crops located in frame | labelled correctly |",
-            "|---|---|---|",
-        ]
-        for c, r in check["recall_at_crop_sources"].items():
-            if r["located"]:
-                lines.append(f"| {c} | {r['located']} | {r['recovered']:.3f} |")
-    lines += [
-        "",
-        "The random split tests on near-copies of training crops and measures memorization;",
-        "the grouped split tests on regions never seen in training. Classes present in fewer",
-        "than three independent groups are trained on but not scored.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def symmetry_markdown(report: dict) -> list[str]:
-    """Test-time D4 averaging on the grouped test split, as Markdown lines."""
-    sym = report["grouped"].get("test_time_symmetry")
-    if not sym:
-        return []
-    return [
-        "",
-        f"Test-time symmetry on the grouped test split ({sym['n_test']} patches): accuracy "
-        f"{sym['accuracy_none']:.3f} -> {sym['accuracy_d4']:.3f} with D4 averaging, ECE "
-        f"{sym['ece_none']:.3f} -> {sym['ece_d4']:.3f}, at "
-        f"{sym['seconds_d4'] / max(sym['seconds_none'], 1e-9):.1f}x the inference time.",
-    ]
-
-
-def cross_validation_markdown(report: dict) -> list[str]:
-    """The grouped k-fold table, next to the random split, as Markdown lines."""
-    cv = report.get("cross_validation")
-    if not cv:
-        return []
-    rnd = report["random"]["metrics"]
-    lines = [
-        "",
-        f"Grouped {cv['n_folds']}-fold cross-validation ({cv['n_test']} test patches, each "
-        "independent group tested once; mean ± standard deviation over folds):",
-        "",
-        "| class | folds tested | test patches | grouped F1 | grouped recall | random-split F1 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c, m in cv["per_class"].items():
-        lines.append(
-            f"| {c} | {m['f1']['n']} | {m['support']} | {fmt(m['f1'])} | {fmt(m['recall'])} "
-            f"| {rnd['per_class'][c]['f1']:.3f} |"
-        )
-    lines += [
-        "",
-        "| protocol | accuracy | macro-F1 | ECE before | ECE after T |",
-        "|---|---|---|---|---|",
-        f"| grouped {cv['n_folds']}-fold | {fmt(cv['accuracy'])} | {fmt(cv['macro_f1'])} | "
-        f"{fmt(cv['ece_before'])} | {fmt(cv['ece_after'])} |",
-    ]
-    return lines
-
-
-def loco_markdown(report: dict) -> list[str]:
-    """The leave-one-class-out table as Markdown lines."""
-    loco = report.get("leave_one_class_out")
-    if not loco:
-        return []
-    lines = [
-        "",
-        'Leave one class out: trained without the class, AUROC of "the class is unknown" '
-        "against held-out (grouped test) patches of the trained classes:",
-        "",
-        "| left out | its patches | held-out known | AUROC density | AUROC softmax "
-        "| left-out flagged unknown | known flagged unknown |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for c, r in loco.items():
-        if "skipped" in r:
-            lines.append(f"| {c} | skipped: {r['skipped']} | | | | | |")
-            continue
-        lines.append(
-            f"| {c} | {r['n_novel']} | {r['n_known']} | {r['auroc_density']:.3f} | "
-            f"{r['auroc_softmax']:.3f} | {r['novel_unknown']:.3f} | {r['known_unknown']:.3f} |"
-        )
-    return lines
-
-
-# A crop counts as cut from the frame only at a near-perfect match: on a periodic lattice any
-# same-phase region matches at 0.93-0.96 (SrTiO3's Extra, IExtra and Mis and CdTe's
-# Vacancy_CdTe crops do so, against 1.000 for the crops really cut from the frames).
-CROP_MATCH_THRESHOLD = 0.97
-
-
-def frame_check(
-    model_dir: Path, frame_path: Path, patches: PatchSet, out_dir: Path, stride: int = 16
-) -> dict:
-    """Map the large frame and check each class lands where its crops were cut.
-
-    The crops are training data, so this checks that the map reproduces the labelled
-    regions (localization), not that it generalizes.
-    """
-    from defectscope.evaluation.provenance import locate_patches, recall_at_sources
-    from defectscope.io.frames import read_image
-    from defectscope.maps.detector import Detector
-    from defectscope.outputs.map_files import write_map_outputs
-
-    frame = read_image(frame_path)
-    with Detector.load(model_dir, backend="torch") as det:
-        result = det.map(frame, stride=stride)
-    write_map_outputs(frame, result, out_dir)
-    positions, _ = locate_patches(frame, patches.images, threshold=CROP_MATCH_THRESHOLD)
-    recall = recall_at_sources(result, positions, patches.labels, patches.classes)
-    counts = np.bincount(result.labels.ravel(), minlength=len(result.classes))
-    report = {
-        "frame": str(frame_path),
-        "stride": stride,
-        "map_dir": str(out_dir),
-        "timing_ms": result.timing_ms,
-        "windows_per_class": {c: int(n) for c, n in zip(result.classes, counts, strict=True)},
-        "n_regions": len(result.regions()),
-        "recall_at_crop_sources": recall,
-        "outside_crop_extent": outside_crop_extent(result, positions, patches.labels),
-    }
-    if result.unknown is not None:
-        report["unknown_share"] = float(result.unknown.mean())
-    return report
-
-
-def outside_crop_extent(result, positions: np.ndarray, labels: np.ndarray) -> dict:
-    """Per class: share of the frame's windows given that class outside its crops' extent.
-
-    The extent is the rows and columns spanned by the class's crops located in the
-    frame. A class mapped far from where any of its crops were cut (SF2 across the
-    upper half of the CdTe frame) is a false alarm; counted over all windows, and over
-    known windows only (unknown ones are not claimed as that class).
-    """
-    size = result.patch_size
-    centres = result.centers
-    predicted = result.labels.ravel()
-    known = ~result.unknown_mask.ravel()
-    report = {}
-    for index, name in enumerate(result.classes):
-        located = positions[(labels == index) & (positions[:, 0] >= 0)]
-        mine = predicted == index
-        if len(located) == 0 or not mine.any():
-            continue
-        (y0, x0), (y1, x1) = located.min(0), located.max(0) + size
-        inside = (
-            (centres[:, 0] >= y0)
-            & (centres[:, 0] < y1)
-            & (centres[:, 1] >= x0)
-            & (centres[:, 1] < x1)
-        )
-        report[name] = {
-            "windows": int(mine.sum()),
-            "outside": float((mine & ~inside).sum() / len(predicted)),
-            "outside_known": float((mine & ~inside & known).sum() / len(predicted)),
-        }
-    return report
 
 
 def run_study(

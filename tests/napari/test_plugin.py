@@ -26,7 +26,7 @@ from defectscope.napari.plugin import (  # noqa: E402
     sample_model,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INSTRUMENT = REPO.parent / "shared" / "datasets" / "instrument-files"
 ARTIFACTS = Path(os.environ.get("DEFECTSCOPE_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
@@ -183,7 +183,7 @@ def test_viewer_screenshot_of_the_widget_result(sample_model_dir, tmp_path):
 
     if shutil.which("xvfb-run") is None:
         pytest.skip("no xvfb-run: a napari canvas needs OpenGL (Debian package xvfb)")
-    from defectscope.export.build import export_onnx
+    from defectscope.export.onnx import export_onnx
 
     onnx_model = tmp_path / "sample.onnx"
     export_onnx(sample_model_dir, onnx_model)

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from defectscope.artifacts.density import FeatureDensity, encode_array, fit_density
 from defectscope.artifacts.metadata import MetadataError
 from defectscope.cli import main
-from defectscope.engines.base import load_engine
+from defectscope.engines.loader import load_engine
 from defectscope.maps.detector import Detector
 from defectscope.maps.rois import select_rois
 from defectscope.nets.checkpoint import load_checkpoint
@@ -140,7 +140,7 @@ def test_map_marks_the_unknown_half_and_keeps_it_out_of_defect_regions(density_m
 
 
 def test_uncertainty_travels_through_onnx_the_cli_and_the_service(density_model_dir, tmp_path):
-    from defectscope.export.build import export_onnx
+    from defectscope.export.onnx import export_onnx
     from defectscope.service.client import Client
     from defectscope.service.server import BackgroundService
 

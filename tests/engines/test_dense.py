@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from defectscope.cli import main
-from defectscope.engines.base import tensorrt_available
 from defectscope.engines.dense import DenseEngine, dense_map_arrays, find_dense_all
-from defectscope.export.dense import DenseDefectNet, make_dense, receptive_margin
+from defectscope.engines.tensorrt import tensorrt_available
+from defectscope.export.dense import make_dense
 from defectscope.maps.detector import Detector
+from defectscope.nets.dense import DenseDefectNet, receptive_margin
 from defectscope.nets.vgg import build_model
 from defectscope.tiling.tiler import normalize_region, normalize_region_numpy, window_origins
 from tests.conftest import NOMINAL, region_scores
@@ -196,7 +197,7 @@ def dense_is_right(summary: dict) -> str | None:
 @pytest.fixture(scope="module")
 def dense_model_dir(acquisition_model_dir, tmp_path_factory):
     """The acquisition model with a distilled dense graph, checked to find what it finds."""
-    from defectscope.export.build import export_onnx
+    from defectscope.export.onnx import export_onnx
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -303,7 +304,7 @@ def test_densify_and_map_from_the_command_line(density_model_dir, tmp_path, caps
 def test_match_density_carries_the_threshold_to_the_dense_scale():
     """Dense embeddings that are the window ones scaled: the same windows are unknown."""
     from defectscope.artifacts.density import FeatureDensity, fit_density
-    from defectscope.export.dense import match_density
+    from defectscope.training.distill import match_density
 
     rng = np.random.default_rng(0)
     train = rng.normal(size=(400, 8)) + np.repeat([[0.0] * 8, [40.0] * 8], 200, axis=0)
@@ -329,7 +330,7 @@ def fake_gpu(monkeypatch):
     """TensorRT and CUDA stood in by ONNX Runtime on host memory (tests/fake_tensorrt.py)."""
     import sys
 
-    import defectscope.engines.base as engines
+    import defectscope.engines.tensorrt as engines
     from tests.fake_tensorrt import FakeCudart, fake_tensorrt
 
     cudart = FakeCudart()
@@ -340,7 +341,8 @@ def fake_gpu(monkeypatch):
 
 
 def test_dense_profile_spans_one_window_to_the_largest_crop():
-    from defectscope.export.build import ExportError, dense_profile
+    from defectscope.export.onnx import ExportError
+    from defectscope.export.tensorrt import dense_profile
 
     dense = {"align": 16, "margin": 90}
     assert dense_profile(dense, 64, 1536) == (64, 512, 1536)

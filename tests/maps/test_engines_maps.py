@@ -10,14 +10,13 @@ import onnx
 import pytest
 
 from defectscope.cli import main
-from defectscope.engines.base import EngineError, OnnxEngine, load_engine
-from defectscope.export.build import (
-    compare_engines,
-    export_onnx,
-    quantize_onnx_int8,
-    read_onnx_metadata,
-    tensorrt_available,
-)
+from defectscope.engines.base import EngineError
+from defectscope.engines.loader import load_engine
+from defectscope.engines.onnx import OnnxEngine
+from defectscope.engines.tensorrt import tensorrt_available
+from defectscope.export.compare import compare_engines
+from defectscope.export.int8 import quantize_onnx_int8
+from defectscope.export.onnx import export_onnx, read_onnx_metadata
 from defectscope.maps.detector import Detector
 from defectscope.maps.result import MapResult, find_regions, scan_fraction
 from defectscope.tiling.tiler import patches_to_inputs, window_origins
@@ -243,7 +242,8 @@ def test_tensorrt_path_skips_or_explains(model_dir, onnx_path, capsys):
 @pytest.mark.skipif(not tensorrt_available()[0], reason=tensorrt_available()[1] or "n/a")
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_tensorrt_engine_matches_onnx(model_dir, onnx_path, frame, precision):
-    from defectscope.export.build import INT8_FILES, build_tensorrt_engine
+    from defectscope.export.int8 import INT8_FILES
+    from defectscope.export.tensorrt import build_tensorrt_engine
 
     source = onnx_path
     if precision == "int8":  # TensorRT takes the symmetric INT8 model, not the CPU's U8S8

@@ -200,7 +200,7 @@ def test_locate_patches_finds_crops():
 
 def test_a_same_phase_lattice_region_is_not_taken_for_the_crop():
     from defectscope.evaluation.provenance import locate_patches
-    from defectscope.studies.study import CROP_MATCH_THRESHOLD
+    from defectscope.studies.frame_check import CROP_MATCH_THRESHOLD
 
     # A periodic lattice matches itself one period away: a crop of another image of the
     # same lattice (independent noise) scores about 0.94 somewhere, and must not count as

@@ -10,7 +10,8 @@ import tifffile
 from PIL import Image
 
 from defectscope.io.datasets import DatasetError, discover, label_from_filename, load_patches
-from defectscope.io.frames import ImageReadError, atomic_write_json, read_image, to_gray
+from defectscope.io.files import atomic_write_json
+from defectscope.io.frames import ImageReadError, read_image, to_gray
 
 
 @pytest.fixture

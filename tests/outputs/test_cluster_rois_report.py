@@ -292,7 +292,7 @@ def test_a_region_covering_most_of_the_frame_is_not_an_roi():
 
 
 def test_share_of_a_class_mapped_outside_its_crops():
-    from defectscope.studies.study import outside_crop_extent
+    from defectscope.studies.frame_check import outside_crop_extent
 
     grid = np.zeros((6, 6), int)
     grid[0:2, 0:2] = 1  # where the class's crops were cut

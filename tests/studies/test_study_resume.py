@@ -12,7 +12,8 @@ from defectscope.artifacts.metadata import WEIGHTS_FILE
 from defectscope.evaluation.metrics import random_split
 from defectscope.io.datasets import PatchSet
 from defectscope.studies import study as study_module
-from defectscope.studies.study import FinishedWork, run_study
+from defectscope.studies.resume import FinishedWork
+from defectscope.studies.study import run_study
 from defectscope.training.loop import TrainConfig
 from tests.synthetic import lattice
 
