@@ -189,7 +189,10 @@ def main(argv: list[str]) -> int:
     paths = argv or sorted(str(p) for p in Path("benchmarks/results").glob("*.json"))
     paths = [p for p in paths if re.search(r"\.json$", p)]
     if not paths:
-        print("no benchmark JSON found; run the suites first (see README)", file=sys.stderr)
+        print(
+            "no benchmark JSON found; run the suites first (see docs/benchmarks.md)",
+            file=sys.stderr,
+        )
         return 1
     print(report(load(paths)))
     return 0

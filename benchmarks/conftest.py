@@ -14,8 +14,8 @@ from defectscope.export.int8 import quantize_onnx_int8
 from defectscope.export.onnx import export_onnx
 from defectscope.nets.checkpoint import ModelConfig, save_checkpoint
 from defectscope.nets.vgg import build_model
+from defectscope.simulate.lattice import lattice_image as lattice
 from defectscope.tiling.tiler import tile
-from tests.synthetic import lattice
 
 
 @pytest.fixture(scope="session")

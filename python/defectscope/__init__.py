@@ -4,7 +4,7 @@ The public face is lazy (PEP 562): ``import defectscope`` imports nothing heavy 
 changes no process state; each name below imports its subpackage on first use.
 
 >>> from defectscope import Detector, read_frame
->>> result = Detector.load("runs/cdte/model").find(read_frame("frame.dm4").image)
+>>> found = Detector.load("runs/cdte/model").find(read_frame("frame.dm4"))
 """
 
 from __future__ import annotations

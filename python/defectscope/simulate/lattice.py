@@ -1,15 +1,64 @@
-"""A simulated specimen: a square lattice of atom columns with vacancies at known places.
+"""Synthetic lattices: square grids of Gaussian atom columns with vacancies at known places.
 
-Positions are in nanometres in the specimen's own frame (y down, x right), so a
-simulated scan can render any field of view and centre, and a test can check that
-a closed loop went where the defect is.
+The one generator of synthetic lattice frames, for the tests, the benchmarks and the
+Nion closed loop (the physical simulation with crystals, renderers and the instrument is
+:mod:`~defectscope.simulate.dataset`). Every image here is a sum of 1-D column profiles
+(:func:`column_profile`, separable on a square grid) less the removed columns:
+
+- :class:`LatticeSample` with :class:`ScanField`: a specimen in nanometres (y down,
+  x right) that a simulated scan renders at any field of view, centre and rotation, so
+  a test can check that a closed loop went where the defect is;
+- :func:`lattice_image`: the same lattice on a frame's pixel grid (pixel units), with
+  additive Gaussian noise; :func:`acquired_lattice` adds scan-line jitter and shot noise
+  and returns the vacancy clusters' centres; :func:`toy_patch_set` cuts a two-class
+  patch set (clean, vacancy) from such lattices.
+
+Each is deterministic for a given ``seed``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import numpy as np
+
+from defectscope.io.datasets import PatchSet
+
+
+def column_profile(
+    coords: np.ndarray, spacing: float, sigma: float, columns: Iterable[int] | None = None
+) -> np.ndarray:
+    """Sum of 1-D Gaussians ``exp(-(t - c)² / 2σ²)`` at the column centres
+    ``c = (k + 0.5) * spacing``, evaluated at every ``t`` of ``coords``.
+
+    A square grid of isotropic Gaussian columns is the product of two such profiles.
+
+    Parameters
+    ----------
+    coords : ndarray
+        Positions along one axis (any shape), in the units of ``spacing``.
+    spacing, sigma : float
+        Column spacing and a column's standard deviation.
+    columns : iterable of int, optional
+        The indices ``k`` present (a lattice that starts and ends somewhere); ``None``:
+        an endless lattice, every column within 8 sigma (beyond, each adds < 1e-13).
+
+    Returns
+    -------
+    ndarray of float64, shaped like ``coords``
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    two_var = 2 * sigma**2
+    if columns is not None:
+        centres = (np.asarray(list(columns), dtype=np.float64) + 0.5) * spacing
+        return np.exp(-((coords[..., None] - centres) ** 2) / two_var).sum(axis=-1)
+    reach = int(np.ceil(8 * sigma / spacing)) + 1
+    nearest = np.floor(coords / spacing)
+    total = np.zeros_like(coords)
+    for k in range(-reach, reach + 1):
+        total += np.exp(-((coords - (nearest + k + 0.5) * spacing) ** 2) / two_var)
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +221,128 @@ class LatticeSample:
         return rng.poisson(mean).astype(np.float32)
 
     def _profile(self, coords: np.ndarray) -> np.ndarray:
-        # Sum over the columns within 8 sigma of each coordinate (beyond, < 1e-13 each).
-        a, two_var = self.spacing_nm, 2 * self.column_sigma_nm**2
-        reach = int(np.ceil(8 * self.column_sigma_nm / a)) + 1
-        nearest = np.floor(coords / a)
-        total = np.zeros_like(coords)
-        for k in range(-reach, reach + 1):
-            total += np.exp(-((coords - (nearest + k + 0.5) * a) ** 2) / two_var)
-        return total
+        return column_profile(coords, self.spacing_nm, self.column_sigma_nm)
+
+
+def lattice_image(
+    shape: tuple[int, int],
+    spacing: float = 8.0,
+    sigma: float = 1.5,
+    vacancies: Iterable[tuple[int, int]] = (),
+    noise: float = 0.05,
+    seed: int = 0,
+) -> np.ndarray:
+    """A square lattice of Gaussian atom columns on a pixel grid, columns removed at
+    ``vacancies``, plus Gaussian noise.
+
+    Pixel ``(i, j)`` samples the point ``(i, j)``; columns sit at
+    ``((m + 0.5) * spacing, (n + 0.5) * spacing)`` for ``m, n >= 0`` (the lattice starts
+    at the frame's top-left corner). Lengths are in pixels.
+
+    Parameters
+    ----------
+    shape : (int, int)
+    spacing, sigma : float
+        Column spacing and a column's standard deviation, pixels.
+    vacancies : iterable of (int, int)
+        Lattice indices ``(m, n)`` of the columns removed.
+    noise : float
+        Standard deviation of the additive Gaussian noise (a column's peak is 1).
+    seed : int
+        Seeds the noise: the same arguments give the same image.
+
+    Returns
+    -------
+    ndarray of float32, shape ``shape``, about 0..1
+    """
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"shape must be two positive sides, got {tuple(shape)}")
+    if not (np.isfinite(spacing) and spacing > 0 and np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"spacing {spacing} and sigma {sigma} must be positive")
+    rng = np.random.default_rng(seed)
+
+    def profile(length: int) -> np.ndarray:
+        # The lattice's columns along one axis: those from the edge to one past it.
+        t = np.arange(length, dtype=np.float64)
+        return column_profile(t, spacing, sigma, range(int(length / spacing) + 1))
+
+    # A product grid of isotropic Gaussians is separable: an outer product of profiles.
+    image = np.outer(profile(shape[0]), profile(shape[1]))
+    reach = int(np.ceil(6 * sigma))
+    for i, j in set(vacancies):
+        cy, cx = (i + 0.5) * spacing, (j + 0.5) * spacing
+        y0, y1 = max(int(cy) - reach, 0), min(int(cy) + reach + 1, shape[0])
+        x0, x1 = max(int(cx) - reach, 0), min(int(cx) + reach + 1, shape[1])
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        image[y0:y1, x0:x1] -= np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    image = image.astype(np.float32)
+    image += rng.normal(0, noise, shape).astype(np.float32)
+    return image
+
+
+def acquired_lattice(
+    shape: tuple[int, int],
+    clusters: Iterable[tuple[int, int]],
+    spacing: float = 8.0,
+    dose: float = 60.0,
+    jitter: float = 0.3,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A lattice frame as an instrument records it, with 2x2 vacancy clusters.
+
+    Parameters
+    ----------
+    shape : (int, int)
+    clusters : iterable of (int, int)
+        Lattice indices ``(m, n)`` of each cluster's top-left column.
+    spacing : float
+        Column spacing, pixels (columns as in :func:`lattice_image`).
+    dose : float
+        Expected electron count at a column's peak (Poisson shot noise).
+    jitter : float
+        Standard deviation, in pixels, of each scan line's offset along x.
+    seed : int
+
+    Returns
+    -------
+    frame : ndarray of uint8, shape ``shape``
+    centres : ndarray, shape (n, 2)
+        The clusters' centres ``(row, col)`` in pixels.
+    """
+    if not (np.isfinite(dose) and dose > 0 and np.isfinite(jitter) and jitter >= 0):
+        raise ValueError(f"dose {dose} must be positive and jitter {jitter} >= 0")
+    clusters = list(clusters)
+    rng = np.random.default_rng(seed)
+    vacancies = [(i + di, j + dj) for i, j in clusters for di in (0, 1) for dj in (0, 1)]
+    clean = lattice_image(shape, spacing=spacing, vacancies=vacancies, noise=0.0, seed=seed)
+    # Scan-line jitter: each row is read at a slightly shifted x.
+    x = np.arange(shape[1], dtype=np.float64)
+    shifts = rng.normal(0.0, jitter, shape[0])
+    jittered = np.stack([np.interp(x + s, x, row) for s, row in zip(shifts, clean, strict=True)])
+    counts = rng.poisson(np.clip(jittered, 0, None) * dose) / dose
+    frame = (counts * 200).clip(0, 255).astype(np.uint8)
+    centres = np.array([((i + 1) * spacing, (j + 1) * spacing) for i, j in clusters], float)
+    return frame, centres.reshape(-1, 2)
+
+
+def toy_patch_set(n_per_class: int = 12, seed: int = 0, noise: float = 0.05) -> PatchSet:
+    """A two-class uint8 patch set of 64 x 64 lattices: ``Bulk`` (clean) and ``Vacancy``
+    (the 2x2 columns around the centre removed), ``n_per_class`` each, interleaved.
+
+    Each patch has its own noise seed (from ``seed``), so the set is reproducible.
+    """
+    images, labels = [], []
+    vacancy = [(3, 3), (3, 4), (4, 3), (4, 4)]
+    for i in range(n_per_class):
+        images.append(lattice_image((64, 64), noise=noise, seed=seed * 1000 + i))
+        labels.append(0)
+        images.append(
+            lattice_image((64, 64), vacancies=vacancy, noise=noise, seed=seed * 1000 + 500 + i)
+        )
+        labels.append(1)
+    images = (np.stack(images) * 200).clip(0, 255).astype(np.uint8)
+    return PatchSet(
+        images, np.array(labels), ["Bulk", "Vacancy"], [f"p{i}" for i in range(len(labels))]
+    )

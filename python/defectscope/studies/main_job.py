@@ -30,6 +30,7 @@ def run_pipeline(
     ``resume`` reuses the trainings an interrupted run into ``out_dir`` finished
     (see :func:`defectscope.studies.study.run_study`).
     """
+    from defectscope.export.recipe import CalibrationSplit, export_model
     from defectscope.io.datasets import (
         DATASET_FRAMES,
         dataset_folder,
@@ -42,7 +43,6 @@ def run_pipeline(
     from defectscope.outputs.clusters import cluster_dataset
     from defectscope.outputs.report import write_report
     from defectscope.studies.study import run_study
-    from defectscope.tiling.tiler import patches_to_inputs
     from defectscope.util.progress import StepTimer
 
     out = Path(out_dir)
@@ -75,12 +75,20 @@ def run_pipeline(
     evaluable = [patches.classes.index(c) for c in grouped["split"]["evaluable_classes"]]
     test_index = np.asarray(grouped["test_index"], dtype=np.int64)
     test_index = test_index[np.isin(patches.labels[test_index], evaluable)]
-    inputs = patches_to_inputs(patches.images, config.normalization)
     rng = np.random.default_rng(config.seed)
-    calib = rng.permutation(train_index)[:calibration_size]
+    split = CalibrationSplit(
+        calibration=rng.permutation(train_index)[:calibration_size],
+        held_out=test_index,
+        check=test_index[:64],
+        notes={
+            "calibration_patches": "grouped split, training part",
+            "evaluation_patches": "grouped split, test part, evaluable classes",
+        },
+    )
     with steps("ONNX export, INT8 calibration and comparison"):
-        export = _export(model_dir, inputs, calib, test_index, patches.labels)
-    atomic_write_json(model_dir / "export.json", export)
+        # The export recipe of ``defectscope export``: FP32, both INT8 targets, merged
+        # into export.json.
+        export = export_model(model_dir, ("onnx", "int8"), patches, split=split)
     print(f"export: {export}")
 
     with steps("clustering embeddings"):
@@ -100,25 +108,3 @@ def run_pipeline(
     atomic_write_json(out / "timings.json", steps.seconds)
     print(f"\n{dataset}: time per step\n{steps.table()}\n")
     return report
-
-
-def _export(model_dir: Path, inputs, calib, test_index, labels) -> dict:
-    """FP32 ONNX (checked against PyTorch) and INT8 (calibrated, compared on test patches)."""
-    from defectscope.export.compare import compare_engines
-    from defectscope.export.int8 import quantize_onnx_int8
-    from defectscope.export.onnx import export_onnx
-
-    export = {"onnx": export_onnx(model_dir, model_dir / "model.onnx", inputs[test_index[:64]])}
-    quantize_onnx_int8(model_dir / "model.onnx", model_dir / "model.int8.onnx", inputs[calib])
-    export["int8"] = {
-        "n_calibration": len(calib),
-        "calibration_patches": "grouped split, training part",
-        "evaluation_patches": "grouped split, test part, evaluable classes",
-        **compare_engines(
-            model_dir / "model.onnx",
-            model_dir / "model.int8.onnx",
-            inputs[test_index],
-            labels[test_index],
-        ),
-    }
-    return export

@@ -17,7 +17,7 @@ import numpy as np
 
 from defectscope.io.frames import read_frame
 from defectscope.maps.detector import Detector
-from defectscope.simulate.dataset import match_pairs, read_truth
+from defectscope.simulate.truth import match_pairs, read_truth
 
 
 def score_simulated(

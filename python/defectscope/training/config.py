@@ -3,32 +3,65 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from defectscope.artifacts.metadata import N_BLOCKS
 from defectscope.tiling.tiler import Normalization
 from defectscope.training.augment import Augmentation
 
 
+def _field(default: Any, help: str, **more: Any) -> Any:
+    """A field whose metadata the command line builds its option from (see defectscope.cli)."""
+    return dataclasses.field(default=default, metadata={"help": help, **more})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Training hyper-parameters; stored in the checkpoint's JSON."""
+    """Training hyper-parameters; stored in the checkpoint's JSON.
 
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-4
-    seed: int = 0
-    weights: str = "none"
+    Each field's metadata holds its command-line help (and choices, the option's
+    spelling where it is not ``--field-name``), so a new setting is one edit here.
+    """
+
+    epochs: int = _field(30, "training epochs at most (early stopping may end sooner)")
+    batch_size: int = _field(32, "patches per training step")
+    learning_rate: float = _field(1e-4, "learning rate (AdamW)", flag="--lr")
+    weight_decay: float = _field(1e-4, "AdamW weight decay", minimum=0)
+    seed: int = _field(0, "random seed (splits, initialization, shuffling)")
+    weights: str = _field(
+        "none", "imagenet (torch hub cache or download), none (random init) or a weights file"
+    )
     # With batch norm, random-init training converges in a few CPU epochs; plain
     # VGG-16 stays near chance for 10+ epochs on the public data.
-    architecture: str = "vgg16_bn"
-    trainable_blocks: int = N_BLOCKS
-    patience: int = 6
+    architecture: str = _field(
+        "vgg16_bn",
+        "torchvision VGG-16, without or with batch normalization",
+        choices=("vgg16", "vgg16_bn"),
+    )
+    trainable_blocks: int = _field(
+        N_BLOCKS, "VGG-16 conv blocks that train, from the top (0 = head only, 5 = all)"
+    )
+    patience: int = _field(6, "epochs without a better validation loss before stopping")
     # Validation-loss drop (nats) that counts as progress for patience.
-    min_delta: float = 0.01
-    precision: str = "auto"  # auto | fp32 | bf16
+    min_delta: float = _field(
+        0.01, "validation-loss drop (nats) that restarts the patience count", minimum=0
+    )
+    precision: str = _field(
+        "auto",
+        "auto uses bf16 autocast where the CPU (AVX-512 BF16, AMX) or GPU has bf16",
+        choices=("auto", "fp32", "bf16"),
+    )
     # Where training runs: auto takes a CUDA GPU when PyTorch sees one.
-    device: str = "auto"  # auto | cpu | cuda
-    embedding_dim: int = 256
-    augmentation: Augmentation = Augmentation()
-    normalization: Normalization = Normalization()
+    device: str = _field(
+        "auto",
+        "where training runs: auto takes a CUDA GPU when PyTorch sees one",
+        choices=("auto", "cpu", "cuda"),
+    )
+    embedding_dim: int = _field(256, "width of the embedding layer before the classifier")
+    # Nested settings are set from Python; the command line leaves them at their defaults.
+    augmentation: Augmentation = _field(
+        Augmentation(), "random transforms of training patches", cli=False
+    )
+    normalization: Normalization = _field(
+        Normalization(), "how raw patches become inputs", cli=False
+    )
