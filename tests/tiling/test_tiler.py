@@ -12,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from defectscope import _tiling
-from defectscope.tiling.tiler import Normalization, tile, tile_numpy, window_origins
+from defectscope.tiling.tiler import (
+    Normalization,
+    normalize_region,
+    tile,
+    tile_numpy,
+    window_origins,
+)
 
 DTYPES = ["uint8", "uint16", "int16", "int32", "uint32", "float32", "float64"]
 
@@ -280,3 +286,38 @@ def test_threads_the_system_refuses_do_not_abort():
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int32", "float32", "float64"])
+def test_unaligned_frames_are_read_and_unaligned_outputs_refused(tmp_path, dtype):
+    # A raw file with a 1-byte header maps unaligned: read through memcpy loads (a
+    # misaligned T* load is undefined behaviour, which the sanitizer job reports).
+    native = random_frame(np.random.default_rng(11), (70, 90), dtype)
+    path = tmp_path / "frame.raw"
+    path.write_bytes(b"\0" + native.tobytes())
+    mapped = np.memmap(path, dtype, mode="r", offset=1, shape=native.shape)
+    assert not mapped.flags.aligned
+    np.testing.assert_array_equal(tile(mapped, 32, 16), tile(native, 32, 16))
+    np.testing.assert_array_equal(
+        normalize_region(mapped, box=16), normalize_region(native, box=16)
+    )
+    origins = window_origins(native.shape, 32, 16)
+    raw = bytearray(len(origins) * 3 * 32 * 32 * 4 + 1)
+    out = np.frombuffer(raw, np.float32, offset=1).reshape(len(origins), 3, 32, 32)
+    with pytest.raises(ValueError, match="out must be aligned"):
+        tile(native, 32, 16, out=out)
+    region = np.frombuffer(bytearray(70 * 90 * 4 + 2), np.float32, offset=2).reshape(1, 70, 90)
+    with pytest.raises(ValueError, match="out must be aligned"):
+        normalize_region(native, box=16, out=region)
+
+
+def test_normalize_region_names_its_argument_errors():
+    frame = np.zeros((40, 40), np.uint16)
+    out = np.empty((1, 40, 40), np.float32)
+    with pytest.raises(TypeError, match="big-endian"):
+        _tiling.normalize_region_into(frame.astype(">u2"), out, 0, 0, 16, "zscore", 1, 0, 1, 1)
+    with pytest.raises(TypeError, match="is not supported in native byte order"):
+        _tiling.normalize_region_into(frame.astype(np.int64), out, 0, 0, 16, "zscore", 1, 0, 1, 1)
+    for box in (0, 7, 32770):
+        with pytest.raises(ValueError, match="box must be an even size from 2 to 32768"):
+            _tiling.normalize_region_into(frame, out, 0, 0, box, "zscore", 1, 0, 1, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,8 +22,15 @@ NanPolicy = Literal["raise", "zero", "propagate"]
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 SUPPORTED_DTYPES: tuple[str, ...] = tuple(_tiling.SUPPORTED_DTYPES)
-_STD_FLOOR = 1e-8
-_RESCALE_ABOVE = 1e100
+# The z-score's constant rule, shared with the C++ extension (one source): a window whose
+# standard deviation is at most _STD_RELATIVE_FLOOR (1e-12) times the magnitude of its mean
+# is constant and maps to zeros. Relative, so a frame x1e-10 or + 1e9 normalizes like the
+# frame itself; 1e-12 is above float64's rounding of the statistics and far below any
+# contrast a float32 or integer frame can hold. _STD_FLOOR, the smallest normal float64,
+# is an absolute floor only for true constants whose mean is 0 (all-zero windows): windows
+# are scaled to magnitudes near 1 before their statistics, so no contrast comes near it.
+_STD_RELATIVE_FLOOR = float(_tiling.STD_RELATIVE_FLOOR)
+_STD_FLOOR = float(_tiling.STD_FLOOR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +41,9 @@ class Normalization:
     ----------
     mode : {'zscore', 'minmax', 'imagenet'}
         ``zscore``: each patch minus its mean, divided by its standard deviation
-        (flat patches become zeros). ``minmax``: ``(x - low) / (high - low)`` with a
+        (flat patches, whose standard deviation is at most 1e-12 of their mean's
+        magnitude, become zeros; see :func:`is_flat`). Invariant to the frame's scale
+        and offset. ``minmax``: ``(x - low) / (high - low)`` with a
         fixed range. ``imagenet``: the fixed range first, then ImageNet's per-channel
         mean and standard deviation after gray is replicated into 3 channels.
     value_range : tuple of float, optional
@@ -185,7 +194,8 @@ def tile(
     Parameters
     ----------
     frame : ndarray, shape (H, W)
-        uint8, uint16, int16, int32, float32 or float64; any strides, read in place.
+        uint8, uint16, int16, int32, uint32, float32 or float64, either byte order; any
+        strides and alignment, read in place.
     patch_size : int
         Side of the square patch.
     stride : int or (int, int)
@@ -228,6 +238,44 @@ def tile(
     return out[:n]
 
 
+def is_flat(sd: Any, level: Any) -> Any:
+    """True where a window (or dense footprint) counts as constant: it maps to zeros.
+
+    Parameters
+    ----------
+    sd : array
+        Standard deviations.
+    level : array
+        The means, in the same units (offset included).
+
+    Returns
+    -------
+    array of bool
+        ``sd <= 1e-12 * |level|`` or ``sd <=`` the smallest normal float64 (see
+        ``_STD_RELATIVE_FLOOR``). Written with operators only, so numpy arrays and torch
+        tensors both work; the C++ extension applies the same rule.
+    """
+    return (sd <= _STD_RELATIVE_FLOOR * abs(level)) | (sd <= _STD_FLOOR)
+
+
+def _scaled_and_shifted(patches: np.ndarray, finite: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Windows ``(n, P, P)`` as the z-score's statistics see them, and their references.
+
+    Each window is scaled by a power of two (exact) so that its largest finite magnitude
+    lies in [0.5, 1), then shifted by its first finite pixel: the C++ tiler's steps, so a
+    frame x2**k gives the same bits and an offset does not cancel precision.
+    """
+    n = len(patches)
+    largest = np.where(finite, np.abs(patches), 0.0).reshape(n, -1).max(axis=1, initial=0.0)
+    _, exponent = np.frexp(largest)
+    patches = np.ldexp(patches, -exponent[:, None, None])
+    flat_finite = finite.reshape(n, -1)
+    first = np.argmax(flat_finite, axis=1)
+    reference = patches.reshape(n, -1)[np.arange(n), first]
+    reference = np.where(flat_finite.any(axis=1), reference, 0.0)[:, None, None]
+    return patches - reference, reference
+
+
 def tile_numpy(
     frame: np.ndarray,
     patch_size: int = 64,
@@ -254,10 +302,8 @@ def tile_numpy(
         first = int(np.argmax(bad))
         raise ValueError(f"window {first} at origin {tuple(origins[first])} contains NaN")
     if norm.mode == "zscore":
-        # Scale invariant: windows of huge values are divided by their largest magnitude
-        # so that squares do not overflow.
-        largest = np.where(finite, np.abs(patches), 0.0).max(axis=(1, 2), keepdims=True)
-        patches = np.where(largest > _RESCALE_ABOVE, patches / np.maximum(largest, 1.0), patches)
+        with np.errstate(invalid="ignore"):  # inf - inf where nan_policy lets them through
+            patches, reference = _scaled_and_shifted(patches, finite)
         if nan_policy == "zero":
             count = finite.sum(axis=(1, 2), keepdims=True)
             clean = np.where(finite, patches, 0.0)
@@ -268,7 +314,10 @@ def tile_numpy(
         else:
             mean = patches.mean(axis=(1, 2), keepdims=True)
             var = patches.var(axis=(1, 2), keepdims=True)
-        result = (patches - mean) / np.maximum(np.sqrt(var), _STD_FLOOR)
+        sd = np.sqrt(var)
+        flat = is_flat(sd, reference + mean)
+        with np.errstate(invalid="ignore"):
+            result = np.where(flat, 0.0, (patches - mean) / np.where(flat, 1.0, sd))
         result = np.repeat(result[:, None], norm.channels, axis=1)
     else:
         low, high = norm.resolve_range(frame.dtype)
@@ -302,10 +351,17 @@ def normalize_region(
     A dense pass cannot z-score each window by its own statistics, so ``zscore``
     z-scores each pixel by the mean and standard deviation of the ``box`` x ``box``
     footprint around it (rows ``y - box/2 .. y + box/2 - 1``, clipped at the frame's
-    edges). ``minmax`` and ``imagenet`` are per-pixel maps already and stay as they are.
-    Statistics always come from the whole frame, so a region normalized alone equals
-    the same pixels of the frame normalized at once (exactly for integer frames up to
-    16 bits).
+    edges): the statistics of the window centred on it, with the same constant rule
+    (:func:`is_flat`). ``minmax`` and ``imagenet`` are per-pixel maps already and stay as
+    they are. Statistics always come from the whole frame, so a region normalized alone
+    equals the same pixels of the frame normalized at once.
+
+    Integer frames are summed exactly (64- and 128-bit integers): the result does not
+    depend on an offset (a uint32 frame + 1e9 gives the same bits), on the region or on
+    ``threads``. Float frames are scaled by a power of two and shifted by the median of a
+    sample of the footprint before the box sums, so neither their scale (1e-300 ... 1e300)
+    nor an offset costs precision; there a region alone agrees with the whole frame to
+    float rounding.
 
     Parameters
     ----------
@@ -325,8 +381,8 @@ def normalize_region(
     Returns
     -------
     ndarray of float32, shape (C, h, w), or None
-        ``None`` when the footprint holds a non-finite value or one beyond 1e100,
-        which the per-window path handles (its ``nan_policy``).
+        ``None`` when the footprint holds a non-finite value (NaN or infinity), which the
+        per-window path handles (its ``nan_policy``). Every finite value is taken.
     """
     frame = check_frame(frame)
     norm = Normalization(mode=normalization) if isinstance(normalization, str) else normalization
@@ -357,7 +413,12 @@ def normalize_region_numpy(
     shape: tuple[int, int] | None = None,
     box: int = 64,
 ) -> np.ndarray | None:
-    """Numpy reference for :func:`normalize_region` (integral images, float64)."""
+    """Numpy reference for :func:`normalize_region` (integral images, float64).
+
+    Written independently of the C++ box sums: the whole frame is scaled by a power of two
+    and shifted by its median, then per-pixel box statistics come from integral images.
+    Returns None when the frame (not only the footprint) holds a non-finite value.
+    """
     frame = check_frame(frame)
     norm = Normalization(mode=normalization) if isinstance(normalization, str) else normalization
     values = frame.astype(np.float64)
@@ -374,8 +435,12 @@ def normalize_region_numpy(
                 (gray[None] - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
             ).astype(np.float32)
         return gray[None].astype(np.float32)
-    if not np.isfinite(values).all() or np.abs(values).max() > _RESCALE_ABOVE:
+    if not np.isfinite(values).all():
         return None  # the reference looks at the whole frame: callers pass finite frames
+    _, exponent = np.frexp(np.abs(values).max())
+    values = np.ldexp(values, -exponent)
+    reference = float(np.median(values))
+    values = values - reference
 
     def integral(a: np.ndarray) -> np.ndarray:
         return np.pad(a.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
@@ -395,7 +460,8 @@ def normalize_region_numpy(
     mean = box_sum(s1) / count
     sd = np.sqrt(np.maximum(box_sum(s2) / count - mean * mean, 0.0))
     region = values[y0 : y0 + height, x0 : x0 + width]
-    result = np.where(sd > _STD_FLOOR, (region - mean) / np.where(sd > 0, sd, 1.0), 0.0)
+    flat = is_flat(sd, reference + mean)
+    result = np.where(flat, 0.0, (region - mean) / np.where(flat, 1.0, sd))
     return result[None].astype(np.float32)
 
 
