@@ -24,6 +24,7 @@ import numpy as np
 
 from defectscope.io.files import atomic_write_bytes, atomic_write_json
 from defectscope.maps.detector import Detector
+from defectscope.maps.options import MapOptions
 from defectscope.nion.loop import SimulatedSTEM, set_survey, visit_top_roi
 from defectscope.simulate.lattice import LatticeSample
 
@@ -51,12 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pixels", type=int, default=256, help="survey size in pixels")
     parser.add_argument("--fov-nm", type=float, default=12.8, help="survey field of view")
     parser.add_argument("--pixel-time-us", type=float, default=1.0)
-    parser.add_argument("--stride", type=int, default=16)
-    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--stride", type=int, default=16, help="window step in pixels")
+    parser.add_argument("--top", type=int, default=5, help="number of ROIs ranked")
+    # Choices and help from the MapOptions fields, so they mean what they mean everywhere.
+    for name in ("mode", "unknown"):
+        field = MapOptions.__dataclass_fields__[name]
+        parser.add_argument(
+            f"--{name}",
+            choices=field.metadata["choices"],
+            default=field.default,
+            help=field.metadata["help"],
+        )
     parser.add_argument("--subscan-fraction", type=float, default=0.25)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--out", type=Path, help="folder for step.json, survey.npy, subscan.npy")
     args = parser.parse_args(argv)
+    try:
+        options = MapOptions(
+            stride=args.stride, top_k=args.top, mode=args.mode, unknown=args.unknown
+        )
+    except ValueError as error:
+        parser.error(str(error))
 
     detector = Detector.load(args.model, backend=args.backend)
     sample = LatticeSample(vacancies_nm=tuple(args.defect))
@@ -66,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             detector,
             stem.scan_source,
             stem.stem_controller,
-            stride=args.stride,
-            top=args.top,
             subscan_fraction=args.subscan_fraction,
+            options=options,
         )
         subscan_field = stem.generator.fields[-1] if step.subscan is not None else None
 
@@ -80,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "subscan_field_nm": None,
         "defects_in_subscan": [],
         "timing_ms": step.timing_ms,
+        "options": options.to_json(),
     }
     if subscan_field is not None:
         report["subscan_field_nm"] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,11 @@ def toy_model_is_right(model_dir: Path) -> str | None:
     It must classify held-out toy patches perfectly, find a 2x2 vacancy cluster in
     a lattice frame where it is, and find nothing in a clean frame.
     """
+    from defectscope.evaluation.scoring import classify_patches, open_engine
     from defectscope.maps.detector import Detector
-    from defectscope.training.classifier import PatchClassifier
 
     val = toy_patches(6, seed=7)
-    probabilities, _ = PatchClassifier.load(model_dir).predict(val.images)
+    probabilities, _ = classify_patches(open_engine(model_dir, backend="torch"), val.images)
     accuracy = float(np.mean(probabilities.argmax(1) == val.labels))
     if accuracy < 1.0:
         return f"held-out toy accuracy {accuracy:.3f}"
@@ -215,3 +216,57 @@ def acquisition_model_dir(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     raise RuntimeError("no acquisition model passed its check: " + "; ".join(reasons))
+
+
+# The largest frame side (px) the tests compare ROI centres on.
+CENTRE_SCALE = 512
+
+
+def assert_same_rois(got: list[dict], want: list[dict], atol: float = 1e-5) -> None:
+    """Two ROI lists agree: ranks, labels, windows and boxes exactly, derived floats closely.
+
+    Scores, probabilities, novelty and uncertainty are means of float32 network
+    outputs (values up to 1), so two maps of one frame agree to well within ``atol``
+    (1e-5: about 100 float32 ulps at 1). Centres are means of window centres
+    weighted by such probabilities; at frame sides up to ``CENTRE_SCALE`` px they
+    move by at most ``atol`` times that, and their fractions of the frame by ``atol``.
+    """
+    got, want = json.loads(json.dumps(got)), json.loads(json.dumps(want))  # as on the wire
+    assert len(got) == len(want), (got, want)
+    exact = ("rank", "label", "bbox", "n_windows", "unknown", "unit")
+    close = ("score", "defect_probability", "size", "novelty", "uncertainty")
+    for a, b in zip(got, want, strict=True):
+        assert set(a) == set(b)
+        for key in exact:
+            assert a.get(key) == b.get(key), (key, a, b)
+        for key in close:
+            if b.get(key) is None:
+                assert a.get(key) is None, (key, a, b)
+            else:
+                assert a[key] == pytest.approx(b[key], abs=atol), (key, a, b)
+        assert a["center"] == pytest.approx(b["center"], abs=atol * CENTRE_SCALE), (a, b)
+        for key in ("center_norm", "center_norm_xy"):
+            assert a[key] == pytest.approx(b[key], abs=atol), (key, a, b)
+        if "center_calibrated" in b:
+            # offset + centre * pixel size: the centre's tolerance in physical units.
+            assert a["center_calibrated"] == pytest.approx(
+                b["center_calibrated"], rel=atol, abs=atol * CENTRE_SCALE
+            ), (a, b)
+
+
+def assert_same_regions(got: list[dict], want: list[dict], atol: float = 1e-5) -> None:
+    """Two region lists agree: labels, windows and boxes exactly, scores and centres closely.
+
+    Tolerances as in :func:`assert_same_rois`.
+    """
+    got, want = json.loads(json.dumps(got)), json.loads(json.dumps(want))
+    assert len(got) == len(want), (got, want)
+    for a, b in zip(got, want, strict=True):
+        assert set(a) == set(b)
+        for key in ("label", "bbox", "n_windows", "frame_fraction", "unknown", "nearest_class"):
+            assert a.get(key) == b.get(key), (key, a, b)
+        for key in ("score", "uncertainty"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=atol), (key, a, b)
+        assert a["centroid"] == pytest.approx(b["centroid"], abs=atol * CENTRE_SCALE), (a, b)
+        assert a["centroid_norm"] == pytest.approx(b["centroid_norm"], abs=atol), (a, b)

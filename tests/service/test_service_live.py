@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from defectscope.maps.detector import Detector
+from defectscope.maps.options import MapOptions
 from defectscope.service.client import Client, ServiceError
 from defectscope.service.live import LiveDetector
 from defectscope.service.server import (
@@ -25,6 +26,7 @@ from defectscope.service.server import (
     is_loopback,
     serve,
 )
+from tests.conftest import CENTRE_SCALE, assert_same_regions, assert_same_rois
 from tests.synthetic import lattice
 
 zmq = pytest.importorskip("zmq")
@@ -64,7 +66,8 @@ def test_map_reply_matches_in_process(server, model_dir):
         remote = client.map(frame, stride=16)["regions"]
     with Detector.load(model_dir, backend="torch") as det:
         local = det.map(frame, stride=16).regions()
-    assert json.loads(json.dumps(local)) == remote
+    # Two runs of one map: labels and boxes exactly, scores and centres within float32 noise.
+    assert_same_regions(remote, local)
 
 
 @pytest.mark.parametrize(
@@ -123,6 +126,14 @@ headers = st.fixed_dictionaries(
         "top": st.integers(-2, 10) | json_values,
         "pixel_size": st.floats() | json_values,
         "unit": json_values,
+        "mode": st.sampled_from(["auto", "dense", "window"]) | json_values,
+        "unknown": st.sampled_from(["ignore", "explore"]) | json_values,
+        "options": st.dictionaries(
+            st.sampled_from(["stride", "top_k", "mode", "min_spacing", "background", "x"]),
+            json_values,
+            max_size=3,
+        )
+        | json_values,
     },
 )
 
@@ -300,9 +311,9 @@ class SlowEngineDetector:
     def __init__(self, detector, delay):
         self.detector, self.delay = detector, delay
 
-    def map(self, *args, **kwargs):
+    def find(self, *args, **kwargs):
         time.sleep(self.delay)
-        return self.detector.map(*args, **kwargs)
+        return self.detector.find(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -348,8 +359,169 @@ def test_live_subregion_reports_full_frame_positions(detector):
     direct = detector.map(frame[40:140, 60:190], stride=16).regions()
     assert len(sub.regions) == len(direct)
     for a, b in zip(sub.regions, direct, strict=True):
-        assert a["centroid"] == pytest.approx([b["centroid"][0] + 40, b["centroid"][1] + 60])
+        assert a["bbox"] == [
+            b["bbox"][0] + 40,
+            b["bbox"][1] + 60,
+            b["bbox"][2] + 40,
+            b["bbox"][3] + 60,
+        ]
+        want = [b["centroid"][0] + 40, b["centroid"][1] + 60]
+        assert a["centroid"] == pytest.approx(want, abs=1e-5 * CENTRE_SCALE)
         y, x = a["centroid"]
         assert a["centroid_norm"] == pytest.approx([(y + 0.5) / 160, (x + 0.5) / 200])
     with LiveDetector(detector) as live, pytest.raises(ValueError, match="not inside"):
         live.submit(frame, subregion=(0, 0, 500, 10))
+
+
+# --- one path: the service and the live detector give what Detector.find gives ----------
+
+
+def cluster_frame(seed: int = 3) -> np.ndarray:
+    """A 128 x 160 uint16 lattice with two 2x2 vacancy clusters (the toy model's defect)."""
+    vacancies = [(2, 2), (2, 3), (3, 2), (3, 3), (9, 12), (9, 13), (10, 12), (10, 13)]
+    image = lattice((128, 160), vacancies=vacancies, seed=seed) * 3000
+    return image.clip(0, 65535).astype(np.uint16)
+
+
+ROI_OPTIONS = [
+    MapOptions(),
+    MapOptions(stride=24, top_k=2, min_spacing=40.0),
+    MapOptions(stride=32, top_k=3, symmetry="d4", mode="window"),
+]
+
+
+def request(service: Service, header: dict, frame: np.ndarray | None = None) -> dict:
+    """One request through ``Service.handle`` (as the socket loop calls it), JSON both ways."""
+    payload = None
+    if frame is not None:
+        header = {**header, "dtype": frame.dtype.name, "shape": list(frame.shape)}
+        payload = frame.tobytes()
+    reply = service.handle(json.dumps(header).encode(), payload)
+    return json.loads(json.dumps(reply, allow_nan=False))
+
+
+@pytest.mark.parametrize("options", ROI_OPTIONS, ids=lambda o: json.dumps(o.to_json()))
+def test_service_and_live_give_the_rois_of_find(detector, options):
+    frame = cluster_frame(3)
+    want = detector.find(frame, options, calibration=None)
+    assert want.rois  # the lattice's vacancy makes at least one ROI
+    service = Service(detector)
+    reply = request(service, {"op": "rois", "id": 1, "options": options.to_json()}, frame)
+    assert reply["ok"], reply
+    assert_same_rois(reply["rois"], want.rois)
+    assert_same_regions(reply["regions"], want.result.regions())
+    # The reply names the options used (the background is the model's own here).
+    assert reply["options"] == {**options.to_json(), "background": "Bulk"}
+    with LiveDetector(detector, options=options) as live:
+        live.submit(frame, frame_id="a")
+        result = live.get(timeout=120)
+    assert result.options == options
+    assert_same_rois(result.rois, want.rois)
+    assert_same_regions(result.regions, want.result.regions())
+
+
+def test_service_header_keys_of_old_keep_their_meaning(detector):
+    frame = cluster_frame(3)
+    service = Service(detector)
+    header = {"op": "rois", "stride": 24, "top": 1, "unknown": "explore", "pixel_size": 0.05}
+    reply = request(service, header, frame)
+    options = MapOptions(stride=24, top_k=1, unknown="explore")
+    assert reply["options"] == {**options.to_json(), "background": "Bulk"}
+    from defectscope.io.frames import Calibration
+
+    want = detector.find(frame, options, calibration=Calibration.square(0.05, "nm"))
+    assert_same_rois(reply["rois"], want.rois)
+    # Without map options the service's defaults apply: stride 16, five ROIs.
+    reply = request(service, {"op": "map"}, frame)
+    assert reply["options"]["stride"] == 16 and reply["options"]["top_k"] == 5
+    assert "rois" not in reply
+    assert request(service, {"op": "info"})["options"] == MapOptions().to_json()
+    custom = Service(detector, default_stride=32, default_top=2)
+    assert request(custom, {"op": "map"}, frame)["options"]["stride"] == 32
+    assert custom.options == MapOptions(stride=32, top_k=2)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        # Finding 11 (issue 25): a JSON integer beyond the float range was a raw TypeError.
+        ({"pixel_size": 10**400}, "pixel_size is beyond the float range"),
+        ({"pixel_size": "x"}, "pixel_size must be a positive number"),
+        ({"pixel_size": -1}, "pixel_size must be a positive number"),
+        ({"stride": 10**400}, "stride must be at most"),
+        ({"top": -1}, "top must be a positive integer"),
+        ({"top": "x"}, "top must be an integer"),
+        ({"mode": None}, "mode must not be null"),
+        ({"unknown": "chase"}, "unknown must be one of ignore, explore"),
+        ({"options": {"min_spacing": 10**400}}, "min_spacing is beyond the float range"),
+        ({"options": {"stride": -1}}, "stride must be a positive integer"),
+        ({"options": {"stride": "x"}}, "stride must be an integer"),
+        ({"options": {"strde": 8}}, "unknown map option(s) strde"),
+        ({"options": {"keep_embeddings": None}}, "keep_embeddings must not be null"),
+        ({"options": [16]}, "options must be a JSON object"),
+        ({"stride": 16, "options": {"stride": 16}}, "stride is given both in the header"),
+        ({"top": 2, "options": {"top_k": 2}}, "top_k is given both in the header"),
+        ({"top": 2, "top_k": 2}, "top_k is given twice"),
+        ({"batch_size": 3}, "batch_size is the service's own (64)"),
+        ({"background": "Nope"}, "background class 'Nope' is not among"),
+        ({"mode": "dense"}, "no dense map: no dense graph loaded"),
+    ],
+)
+def test_bad_map_options_get_a_reply_naming_the_key(detector, header, message):
+    reply = request(Service(detector), {"op": "rois", "id": 9, **header}, test_frame())
+    assert reply["id"] == 9 and reply["ok"] is False
+    assert message in reply["error"] and "\n" not in reply["error"]
+    assert "Error:" not in reply["error"]  # an answer, not an exception's repr
+
+
+def test_nan_policy_lets_the_service_map_nan_frames(detector):
+    frame = test_frame().astype(np.float32)
+    frame[40, 50] = np.nan
+    service = Service(detector)
+    refused = request(service, {"op": "map"}, frame)
+    assert not refused["ok"] and "NaN" in refused["error"] and "nan_policy" in refused["error"]
+    reply = request(service, {"op": "rois", "options": {"nan_policy": "zero"}}, frame)
+    assert reply["ok"], reply
+    zeroed = np.nan_to_num(frame, nan=0.0)
+    want = detector.find(zeroed, MapOptions())
+    assert_same_rois(reply["rois"], want.rois)
+
+
+def test_client_sends_options_whole(server, detector):
+    frame = cluster_frame(5)
+    options = MapOptions(stride=24, top_k=2)
+    with Client(server, timeout_ms=60_000) as client:
+        reply = client.rois(frame, options=options)
+        assert reply["options"]["stride"] == 24 and reply["options"]["top_k"] == 2
+        assert client.rois(frame, options=options.to_json())["options"] == reply["options"]
+        with pytest.raises(ServiceError, match="stride is given both"):
+            client.rois(frame, stride=16, options=options)
+    assert_same_rois(reply["rois"], detector.find(frame, options).rois)
+
+
+def test_live_detector_options_and_old_keywords(detector):
+    with LiveDetector(detector, stride=24, top=2, unknown="explore") as live:
+        assert live.options == MapOptions(stride=24, top_k=2, unknown="explore")
+        assert (live.stride, live.top, live.unknown) == (24, 2, "explore")
+        live.top = 3
+        assert live.options.top_k == 3
+    with pytest.raises(ValueError, match=r"stride=8 differs from options.stride=16"):
+        LiveDetector(detector, stride=8, options=MapOptions())
+    with pytest.raises(ValueError, match=r"^top must be a positive integer"):
+        LiveDetector(detector, top=0)
+
+
+def test_service_handle_answers_an_engine_that_exits(detector):
+    class Exiting:
+        config = detector.engine.config
+        classes = detector.engine.classes
+        input_shape = detector.engine.input_shape
+        name = "exiting"
+
+        def run(self, inputs):
+            raise SystemExit(3)
+
+    service = Service(Detector(Exiting()))
+    reply = request(service, {"op": "rois", "id": "x"}, test_frame())
+    assert reply == {"id": "x", "ok": False, "error": "SystemExit: 3"}
+    assert request(service, {"op": "ping", "id": 2}) == {"id": 2, "ok": True, "pong": True}

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ from defectscope.engines.dense import (
 )
 from defectscope.engines.loader import load_engine
 from defectscope.io.frames import Calibration, Frame
-from defectscope.maps.options import MODES, SYMMETRIES, MapOptions
+from defectscope.maps.options import MODES, SYMMETRIES, MapOptions, resolve_options
 from defectscope.maps.result import MapResult
 from defectscope.maps.rois import select_rois
 from defectscope.tiling.tiler import NanPolicy, check_frame, tile, window_origins
@@ -94,6 +95,29 @@ def check_stride(stride, patch_size: int) -> int:
     return int(stride)
 
 
+def check_subregion(subregion, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """``(y0, x0, y1, x1)`` as ints inside a frame of ``shape``, or an error naming both.
+
+    Integral floats (``40.0``) pass; a fractional bound is refused, not truncated.
+    """
+    try:
+        values = [
+            float(v) if isinstance(v, float | np.floating) else operator.index(v) for v in subregion
+        ]
+    except TypeError:
+        values = None
+    if (
+        values is None
+        or len(values) != 4
+        or any(isinstance(v, float) and not v.is_integer() for v in values)
+    ):
+        raise ValueError(f"subregion must be four integers (y0, x0, y1, x1), got {subregion!r}")
+    y0, x0, y1, x1 = (int(v) for v in values)
+    if not (0 <= y0 < y1 <= shape[0] and 0 <= x0 < x1 <= shape[1]):
+        raise ValueError(f"subregion {tuple(subregion)} is not inside the frame {tuple(shape)}")
+    return y0, x0, y1, x1
+
+
 class Detector:
     """A loaded, warmed engine that maps frames.
 
@@ -157,7 +181,7 @@ class Detector:
         threads: int = 0,
         warmup: bool = True,
         background: str | None = None,
-        dense: bool | str = "auto",
+        dense: bool | str | None = None,
         options: MapOptions | None = None,
     ) -> Detector:
         """Open a model directory, ``.onnx`` file or TensorRT engine.
@@ -166,13 +190,17 @@ class Detector:
         ``background`` names the defect-free class when the model's own choice (a
         class named like 'bulk') is missing or wrong. ``dense``: ``'auto'`` loads the
         dense graphs a model directory holds (``defectscope densify``) when the backend
-        runs ONNX on the CPU; ``True`` requires them; ``False`` maps window by window.
+        runs ONNX on the CPU; ``True`` requires them; ``False`` maps window by window;
+        by default it follows ``options.mode`` (dense: True, window: False, auto).
         ``options`` (:class:`MapOptions`), when given, sets the batch size and the
         background class instead.
         """
         if options is not None:
             batch_size = options.batch_size
             background = options.background or background
+        if dense is None:  # from the options' mode: 'dense' needs the graphs, 'window' skips them
+            mode = options.mode if options is not None else "auto"
+            dense = {"auto": "auto", "dense": True, "window": False}[mode]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
         if dense not in ("auto", True, False):
@@ -447,31 +475,34 @@ class Detector:
 
     def rois(
         self,
-        frame: np.ndarray,
-        k: int = 5,
-        stride: int = 16,
+        frame: np.ndarray | Frame,
+        k: int | None = None,
+        stride: int | None = None,
         min_spacing: float | None = None,
         pixel_size: float | None = None,
         unit: str | None = None,
-        unknown: str = "ignore",
-        mode: str = "auto",
+        unknown: str | None = None,
+        mode: str | None = None,
+        options: MapOptions | None = None,
     ) -> list[dict]:
-        """Map ``frame`` and return its ``k`` best regions of interest (see :mod:`rois`).
+        """Map ``frame`` and return its ``k`` best regions of interest (see :meth:`find`).
 
-        ``pixel_size`` and ``unit`` calibrate a bare array; a
-        :class:`~defectscope.io.frames.Frame` with a calibration needs neither. ``unknown``
-        ('ignore' or 'explore') says what regions unlike the training data do;
-        ``mode`` as in :meth:`map`.
+        ``k`` (default 5), ``stride`` (16), ``min_spacing``, ``unknown`` ('ignore') and
+        ``mode`` ('auto') are the :class:`MapOptions` fields ``top_k``, ``stride``,
+        ``min_spacing``, ``unknown`` and ``mode``; give them here or as ``options``
+        (a keyword that differs from ``options`` is an error). ``pixel_size`` and
+        ``unit`` calibrate a bare array; a :class:`~defectscope.io.frames.Frame` with a
+        calibration needs neither.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1):
             raise ValueError(f"the number of ROIs must be a positive integer, got {k!r}")
+        options = resolve_options(
+            options, top=k, stride=stride, min_spacing=min_spacing, unknown=unknown, mode=mode
+        )
         calibration = None
         if pixel_size is not None:
             calibration = Calibration.square(pixel_size, unit or "px")
-        result = self.map(
-            frame, stride=stride, keep_embeddings=True, calibration=calibration, mode=mode
-        )
-        return select_rois(result, k, min_spacing, unknown=unknown)
+        return self.find(frame, options, calibration=calibration).rois
 
     def find(
         self,
@@ -481,6 +512,7 @@ class Detector:
         calibration: Calibration | None = None,
         timeout_s: float | None = None,
         cancel: Callable[[], bool] | None = None,
+        subregion: tuple[int, int, int, int] | None = None,
     ) -> Findings:
         """Map ``frame`` and rank its ROIs: the one path from a frame to results.
 
@@ -494,18 +526,40 @@ class Detector:
             (default: :class:`MapOptions` ()). ``batch_size`` is the detector's own
             (see :meth:`load`).
         calibration : Calibration, optional
-            Pixel size, offset and unit for a bare array.
+            Pixel size, offset and unit for a bare array (of the whole frame).
         timeout_s, cancel
             As in :meth:`map`.
+        subregion : (y0, x0, y1, x1), optional
+            Map only these rows ``y0:y1`` and columns ``x0:x1`` (a subscan's part of a
+            survey); the map, its regions and the ROIs keep the whole frame's pixel
+            (and calibrated) coordinates.
 
         Returns
         -------
         Findings
             ``result`` (the :class:`MapResult`), ``rois`` and ``options``.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`map`, and for a background class the model lacks or a
+            subregion outside the frame.
         """
-        options = options or MapOptions()
+        options = options if options is not None else MapOptions()
         if not isinstance(options, MapOptions):
             raise TypeError(f"options must be MapOptions, got {type(options).__name__}")
+        if isinstance(frame, Frame):
+            calibration = calibration or frame.calibration
+            frame = frame.data
+        origin = (0, 0)
+        full_shape = None
+        if subregion is not None:
+            frame = np.asarray(frame)
+            y0, x0, y1, x1 = check_subregion(subregion, frame.shape)
+            if calibration is not None:
+                calibration.check_extent(frame.shape)
+            full_shape, origin = tuple(frame.shape[:2]), (y0, x0)
+            frame = frame[y0:y1, x0:x1]
         result = self.map(
             frame,
             stride=options.stride,
@@ -517,6 +571,10 @@ class Detector:
             symmetry=options.symmetry,
             mode=options.mode,
         )
+        if full_shape is not None:
+            # Positions in the whole frame's pixels; the calibration is the whole frame's.
+            result.origins = result.origins + np.asarray(origin, dtype=result.origins.dtype)
+            result.frame_shape = full_shape
         if options.background is not None and options.background != result.background:
             if options.background not in result.classes:
                 raise ValueError(

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from collections.abc import Mapping
 from typing import Any
 
-from defectscope.maps.rois import UNKNOWN_POLICIES
-
 MODES = ("auto", "dense", "window")
+# What regions unlike the training data may do: never ROIs, or compete as ROIs.
+UNKNOWN_POLICIES = ("ignore", "explore")
 SYMMETRIES = ("none", "d4")
 NAN_POLICIES = ("raise", "zero", "propagate")
 
@@ -57,10 +58,22 @@ class MapOptions:
         Keep per-window embeddings in the result (ROIs need them; a map alone may not).
     batch_size : int
         Windows per engine call, used when a detector is loaded with these options.
+
+    Raises
+    ------
+    ValueError
+        For a value of the wrong type or range; the message names the field. Integer
+        fields take any integral number (``numpy.int64`` too) and store an ``int``;
+        ``min_spacing`` is stored as a ``float``.
     """
 
     stride: int = _field(16, "window step in pixels")
-    mode: str = _field("auto", "dense: one trunk pass per frame; window: each window", MODES)
+    mode: str = _field(
+        "auto",
+        "dense: one trunk pass over the frame (needs 'densify'); window: each window on its "
+        "own; auto: dense where a dense graph serves the stride",
+        MODES,
+    )
     symmetry: str = _field("none", "d4: average the 8 symmetries of the square", SYMMETRIES)
     nan_policy: str = _field("raise", "what NaN/inf pixels do", NAN_POLICIES)
     unknown: str = _field(
@@ -73,25 +86,9 @@ class MapOptions:
     batch_size: int = _field(64, "windows per engine call")
 
     def __post_init__(self) -> None:
-        for name in ("stride", "top_k", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for field in dataclasses.fields(self):
-            choices = field.metadata.get("choices")
-            value = getattr(self, field.name)
-            if choices and value not in choices:
-                raise ValueError(f"{field.name} must be one of {', '.join(choices)}, got {value!r}")
-        if self.min_spacing is not None:
-            spacing = self.min_spacing
-            if isinstance(spacing, bool) or not isinstance(spacing, int | float):
-                raise ValueError(f"min_spacing must be a number, got {spacing!r}")
-            if not math.isfinite(spacing) or spacing < 0:
-                raise ValueError(f"min_spacing must be finite and >= 0, got {spacing!r}")
-        if self.background is not None and not isinstance(self.background, str):
-            raise ValueError(f"background must be a class name, got {self.background!r}")
-        if not isinstance(self.keep_embeddings, bool):
-            raise ValueError(f"keep_embeddings must be true or false, got {self.keep_embeddings!r}")
+            value = _check(field.name, field, getattr(self, field.name))
+            object.__setattr__(self, field.name, value)
 
     def replace(self, **changes: Any) -> MapOptions:
         """A copy with ``changes`` applied (and validated)."""
@@ -103,30 +100,136 @@ class MapOptions:
 
     @classmethod
     def from_json(
-        cls, data: Mapping[str, Any] | None, base: MapOptions | None = None
+        cls,
+        data: Mapping[str, Any] | None,
+        base: MapOptions | None = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> MapOptions:
         """Options from a JSON object, over ``base`` (default: the defaults).
+
+        Parameters
+        ----------
+        data : mapping or None
+            Field names (or ``aliases``) to JSON values; None gives ``base``.
+        base : MapOptions, optional
+            The options that keys absent from ``data`` keep.
+        aliases : mapping, optional
+            Other names a key may have, to the field they set (``{"top": "top_k"}``,
+            see :data:`LEGACY_NAMES`); an error names the key as ``data`` spelt it.
 
         Raises
         ------
         ValueError
-            For a key that is no option, or a value of the wrong type or range; the
-            message names the key.
+            For a key that is no option (or a field given under two names), or a value
+            of the wrong type or range; the message names the key.
         """
         base = base or cls()
         if data is None:
             return base
         if not isinstance(data, Mapping):
             raise ValueError(f"map options must be a JSON object, got {type(data).__name__}")
-        names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        aliases = dict(aliases or {})
+        unknown = sorted(str(key) for key in data if key not in fields and key not in aliases)
         if unknown:
-            raise ValueError(f"unknown map option(s) {', '.join(map(str, unknown))}")
+            raise ValueError(
+                f"unknown map option(s) {', '.join(unknown)}; known: {', '.join(fields)}"
+            )
         hints = typing.get_type_hints(cls)
-        changes = {}
+        changes: dict[str, Any] = {}
+        given_as: dict[str, str] = {}
         for key, value in data.items():
-            changes[key] = _coerce(key, value, hints[key])
+            name = aliases.get(key, key)
+            if name in given_as:
+                raise ValueError(f"map option {name} is given twice, as {given_as[name]} and {key}")
+            given_as[name] = key
+            changes[name] = _check(key, fields[name], _coerce(key, value, hints[name]))
         return dataclasses.replace(base, **changes)
+
+
+# The largest stride, top_k or batch size: the tiler's int32 range.
+MAX_INT = 2**31 - 1
+
+# Names the service header and older keyword arguments use for MapOptions fields.
+LEGACY_NAMES = {"top": "top_k"}
+
+
+def resolve_options(options: MapOptions | None = None, **given: Any) -> MapOptions:
+    """``options`` with the keyword arguments of an older signature that were given.
+
+    ``LiveDetector``, ``visit_top_roi`` and ``Detector.rois`` keep their keywords
+    (``stride=``, ``top=``, ``unknown=`` ...) beside ``options=``; a keyword left at
+    None is not given. Without ``options`` the given keywords apply over the
+    defaults; with ``options`` a given keyword must agree with it.
+
+    Raises
+    ------
+    TypeError
+        When ``options`` is not a :class:`MapOptions`.
+    ValueError
+        For a bad value (naming the keyword as given), or a keyword that differs from
+        ``options``.
+    """
+    if options is not None and not isinstance(options, MapOptions):
+        raise TypeError(f"options must be MapOptions, got {type(options).__name__}")
+    fields = {field.name: field for field in dataclasses.fields(MapOptions)}
+    changes: dict[str, Any] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        name = LEGACY_NAMES.get(key, key)
+        if name not in fields:
+            raise TypeError(f"{key} is no map option")
+        changes[name] = _check(key, fields[name], value)
+        if options is not None and getattr(options, name) != changes[name]:
+            raise ValueError(
+                f"{key}={value!r} differs from options.{name}={getattr(options, name)!r}; "
+                "give it in one place"
+            )
+    return options if options is not None else MapOptions(**changes)
+
+
+def _check(key: str, field: dataclasses.Field, value: Any) -> Any:
+    """``value`` validated (and normalized) for ``field``; errors name ``key``."""
+    name = field.name
+    if name in ("stride", "top_k", "batch_size"):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {_short(value)}")
+        if value > MAX_INT:  # a JSON integer may have any number of digits
+            raise ValueError(f"{key} must be at most {MAX_INT}, got {_short(value)}")
+        return int(value)
+    choices = field.metadata.get("choices")
+    if choices:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    if name == "min_spacing":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        try:
+            spacing = float(value)
+        except OverflowError:
+            raise ValueError(f"{key} is beyond the float range: {_short(value)}") from None
+        if not math.isfinite(spacing) or spacing < 0:
+            raise ValueError(f"{key} must be finite and >= 0, got {value!r}")
+        return spacing
+    if name == "background":
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{key} must be a class name, got {value!r}")
+        return value
+    if name == "keep_embeddings":
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    raise AssertionError(f"map option {name} has no check")  # a new field needs one here
+
+
+def _short(value: Any) -> str:
+    """A number for a one-line message: a 400-digit integer is named by its size."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"an integer of {len(text)} digits"
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -138,24 +241,24 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise ValueError(f"{key} must not be null")
     if bool in allowed:
         if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
+            raise ValueError(f"{key} must be true or false, got {_short(value)}")
         return value
     if int in allowed:
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
+            raise ValueError(f"{key} must be an integer, got {_short(value)}")
         return value
     if float in allowed:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{key} must be a number, got {value!r}")
+            raise ValueError(f"{key} must be a number, got {_short(value)}")
         try:
             number = float(value)
         except OverflowError:
-            raise ValueError(f"{key} is out of range: {value!r}") from None
+            raise ValueError(f"{key} is beyond the float range: {_short(value)}") from None
         if not math.isfinite(number):
             raise ValueError(f"{key} must be finite, got {value!r}")
         return number
     if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, got {value!r}")
+        raise ValueError(f"{key} must be a string, got {_short(value)}")
     return value

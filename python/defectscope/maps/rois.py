@@ -27,6 +27,7 @@ import dataclasses
 
 import numpy as np
 
+from defectscope.maps.options import UNKNOWN_POLICIES
 from defectscope.maps.result import MapResult, label_regions, region_records, scan_fraction
 
 
@@ -55,9 +56,6 @@ def _bulk_reference(result: MapResult) -> tuple[np.ndarray, float]:
         centroid = bulk.mean(axis=0)
         spread = float(np.linalg.norm(bulk - centroid, axis=1).mean())
     return centroid, max(spread, 1e-9)
-
-
-UNKNOWN_POLICIES = ("ignore", "explore")
 
 
 def select_rois(

@@ -1,8 +1,9 @@
 """napari plugin (npe2, manifest ``napari.yaml``): microscope files in, defects out.
 
 - Reader: every file :func:`~defectscope.io.frames.read_frame` opens, as an Image layer with
-  the calibration's ``scale``, ``translate`` and ``units``; a ``map`` output folder
-  as its layers.
+  the calibration's ``scale``, ``translate`` and ``units``; a stack of frames as one
+  layer with a frame slider (its leading axis) and, hidden, the sum of its frames; a
+  ``map`` output folder as its layers.
 - Widget "Find defects": maps the selected image layer (each frame of a stack) in a
   worker thread with progress and cancel, and adds the class Labels, confidence
   Image, ROI Points and region-box Shapes layers in the frame's physical coordinates.
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from defectscope.io.files import atomic_write_text
-from defectscope.io.frames import FRAME_SUFFIXES, Calibration, read_frame
+from defectscope.io.frames import FRAME_SUFFIXES, Calibration, ImageReadError, read_frame
 
 LayerData = tuple  # (data, kwargs, layer_type)
 
@@ -58,10 +59,7 @@ def get_reader(path: str | list[str]):
     return None
 
 
-def read_microscope_file(path: str | list[str]) -> list[LayerData]:
-    """The frame of a microscope file as an Image layer with its calibration."""
-    path = path[0] if isinstance(path, list) else path
-    frame = read_frame(path)
+def _frame_metadata(path, frame) -> dict[str, Any]:
     metadata = {"source": str(path), "title": frame.title}
     if frame.calibration is not None:
         metadata["calibration"] = {
@@ -69,8 +67,71 @@ def read_microscope_file(path: str | list[str]) -> list[LayerData]:
             "offset": list(frame.calibration.offset),
             "unit": frame.calibration.unit,
         }
+    return metadata
+
+
+def read_microscope_file(path: str | list[str]) -> list[LayerData]:
+    """The frame of a microscope file as an Image layer with its calibration.
+
+    A stack of frames (``(n, H, W)``: ``.npy``, TIFF, ``.dm4``, ``.ser`` ...) gives two
+    layers: the stack, whose leading axis napari shows as a frame slider, and the sum
+    of its frames (hidden), each as :func:`~defectscope.io.frames.read_frame` reads
+    them (``frame=i``, ``sum_frames=True``).
+    """
+    path = path[0] if isinstance(path, list) else path
+    try:
+        frame = read_frame(path)
+    except ImageReadError as error:
+        layers = _read_stack(path)
+        if layers is None:
+            raise error from None
+        return layers
+    metadata = _frame_metadata(path, frame)
     kwargs = {"name": Path(path).name, "metadata": metadata, **_geometry(frame.calibration)}
     return [(frame.data, kwargs, "image")]
+
+
+def _read_stack(path) -> list[LayerData] | None:
+    """The stack layer and the sum layer of a stack file, or None when it is no stack."""
+    try:
+        total = read_frame(path, sum_frames=True)  # refuses anything but a stack
+    except ImageReadError:
+        return None
+    frames = []
+    # read_frame takes a stack one frame at a time; the first index it refuses ends it.
+    while True:
+        try:
+            frames.append(read_frame(path, frame=len(frames)).data)
+        except ImageReadError:
+            if not frames:
+                raise
+            break
+    stack = np.stack(frames)
+    name = Path(path).name
+    geometry = _geometry(total.calibration)
+    stack_geometry = {}
+    if geometry:
+        # One more axis in front: the frame index, one step per frame.
+        stack_geometry = {
+            "scale": (1.0, *geometry["scale"]),
+            "translate": (0.0, *geometry["translate"]),
+        }
+        if "units" in geometry:
+            stack_geometry["units"] = ("pixel", *geometry["units"])
+    metadata = {**_frame_metadata(path, total), "frames": len(frames)}
+    return [
+        (stack, {"name": name, "metadata": metadata, **stack_geometry}, "image"),
+        (
+            total.data,
+            {
+                "name": f"{name} (sum of {len(frames)})",
+                "metadata": {**metadata, "sum": True},
+                "visible": False,
+                **geometry,
+            },
+            "image",
+        ),
+    ]
 
 
 def read_map_folder(path: str | list[str]) -> list[LayerData]:
@@ -111,12 +172,21 @@ def _region_layer(regions: list[dict], geometry: dict, name: str) -> LayerData:
 
 
 def _roi_layer(rois: list[dict], geometry: dict, name: str, frame_shape) -> LayerData:
+    import pandas as pd  # napari's own dependency
+
     centres = np.array([r["center"] for r in rois], float).reshape(-1, 2)
-    features = {
-        "rank": [int(r["rank"]) for r in rois],
-        "label": [str(r["label"]) for r in rois],
-        "score": [np.nan if r.get("score") is None else float(r["score"]) for r in rois],
-    }
+    # Typed columns: with no ROI, napari would read empty lists as floats and then
+    # refuse the "manual" label default of a point added by hand.
+    features = pd.DataFrame(
+        {
+            "rank": pd.Series([int(r["rank"]) for r in rois], dtype="int64"),
+            "label": pd.Series([str(r["label"]) for r in rois], dtype=object),
+            "score": pd.Series(
+                [np.nan if r.get("score") is None else float(r["score"]) for r in rois],
+                dtype="float64",
+            ),
+        }
+    )
     kwargs = {
         "name": f"{name} ROIs",
         "features": features,

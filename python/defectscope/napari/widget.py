@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
 )
 
 from defectscope.io.frames import Calibration
+from defectscope.maps.options import MapOptions
 from defectscope.napari.plugin import map_layers
 
 
@@ -28,9 +29,11 @@ class FindDefects(QWidget):
 
     The map runs in a napari worker thread; the progress bar counts engine batches
     (the detector's ``cancel`` hook is called between them), and Cancel stops the map
-    at the next batch. The model artifact, backend, stride, number of ROIs and the
-    background class are the widget's fields; a layer that names its model in
-    ``metadata["defectscope_model"]`` (the sample data does) fills the model field.
+    at the next batch. The model artifact and backend, and the map options (stride,
+    number of ROIs, mode, unknown policy, background class: a
+    :class:`~defectscope.maps.options.MapOptions`, see :meth:`options`) are the
+    widget's fields; a layer that names its model in ``metadata["defectscope_model"]``
+    (the sample data does) fills the model field.
     """
 
     def __init__(self, napari_viewer):
@@ -51,6 +54,14 @@ class FindDefects(QWidget):
         self.top = QSpinBox()
         self.top.setRange(1, 1000)
         self.top.setValue(10)
+        # Choices and tips from the MapOptions fields: one meaning everywhere.
+        fields = MapOptions.__dataclass_fields__
+        self.mode = QComboBox()
+        self.mode.addItems(list(fields["mode"].metadata["choices"]))
+        self.mode.setToolTip(fields["mode"].metadata["help"])
+        self.unknown = QComboBox()
+        self.unknown.addItems(list(fields["unknown"].metadata["choices"]))
+        self.unknown.setToolTip(fields["unknown"].metadata["help"])
         self.background = QLineEdit()
         self.background.setPlaceholderText("the model's own (e.g. Bulk)")
         self.run_button = QPushButton("Find defects")
@@ -65,6 +76,8 @@ class FindDefects(QWidget):
         form.addRow("backend", self.backend)
         form.addRow("stride (px)", self.stride)
         form.addRow("ROIs", self.top)
+        form.addRow("mode", self.mode)
+        form.addRow("unknown regions", self.unknown)
         form.addRow("background class", self.background)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
@@ -108,6 +121,30 @@ class FindDefects(QWidget):
         if layer is not None and not self.model.text():
             self.model.setText(str(layer.metadata.get("defectscope_model", "")))
 
+    def options(self) -> MapOptions:
+        """The map options the fields hold.
+
+        Raises
+        ------
+        ValueError
+            Naming the field, for a value :class:`MapOptions` refuses.
+        """
+        return MapOptions(
+            stride=self.stride.value(),
+            top_k=self.top.value(),
+            mode=self.mode.currentText(),
+            unknown=self.unknown.currentText(),
+            background=self.background.text().strip() or None,
+        )
+
+    def set_options(self, options: MapOptions) -> None:
+        """Show ``options`` in the fields (those the widget has)."""
+        self.stride.setValue(options.stride)
+        self.top.setValue(options.top_k)
+        self.mode.setCurrentText(options.mode)
+        self.unknown.setCurrentText(options.unknown)
+        self.background.setText(options.background or "")
+
     def run(self) -> None:
         """Start mapping the selected image layer in a worker thread."""
         from napari.qt.threading import create_worker
@@ -121,14 +158,17 @@ class FindDefects(QWidget):
         if not self.model.text():
             self.status.setText("choose a model first")
             return
+        try:
+            options = self.options()
+        except ValueError as error:
+            self.status.setText(f"error: {error}")
+            return
         data = np.asarray(layer.data)
         frames = data[None] if data.ndim == 2 else data.reshape(-1, *data.shape[-2:])
         settings = {
             "artifact": self.model.text(),
             "backend": self.backend.currentText(),
-            "stride": self.stride.value(),
-            "top": self.top.value(),
-            "background": self.background.text() or None,
+            "options": options,
             "calibration": _layer_calibration(layer),
         }
         self._done, self._total, self._cancelled, self.error = 0, 0, False, None
@@ -151,35 +191,32 @@ class FindDefects(QWidget):
             self._done += 1
         return self._cancelled
 
-    def _map_frames(self, frames: np.ndarray, settings: dict) -> list:
+    def _map_frames(self, frames: np.ndarray, settings: dict) -> list | None:
         from defectscope.maps.detector import Detector, MapCancelled
-        from defectscope.maps.rois import select_rois
         from defectscope.tiling.tiler import window_origins
 
-        key = (settings["artifact"], settings["backend"], settings["background"])
+        options: MapOptions = settings["options"]
+        key = (settings["artifact"], settings["backend"])
         if self._detector_key != key:
             if self._detector is not None:
                 self._detector.close()
-            self._detector = Detector.load(
-                settings["artifact"], backend=settings["backend"], background=settings["background"]
-            )
+            self._detector = None  # a failed load must not leave the old one keyed
+            self._detector_key = None
+            self._detector = Detector.load(settings["artifact"], backend=settings["backend"])
             self._detector_key = key
         detector = self._detector
         patch = detector.engine.config.patch_size
-        windows = len(window_origins(frames.shape[-2:], patch, settings["stride"]))
+        windows = len(window_origins(frames.shape[-2:], patch, options.stride))
         self._total = len(frames) * -(-windows // detector.batch_size)
         results = []
         for frame in frames:
             try:
-                result = detector.map(
-                    frame,
-                    stride=settings["stride"],
-                    calibration=settings["calibration"],
-                    cancel=self._tick,
+                found = detector.find(
+                    frame, options, calibration=settings["calibration"], cancel=self._tick
                 )
             except MapCancelled:  # asked for, not an error: no layers are added
                 return None
-            results.append((result, select_rois(result, settings["top"])))
+            results.append((found.result, found.rois))
         return results
 
     def _show_progress(self) -> None:
@@ -188,6 +225,12 @@ class FindDefects(QWidget):
             self.progress.setValue(min(self._done, self._total))
 
     def _add_layers(self, layer, results: list | None) -> None:
+        try:
+            self._add_result_layers(layer, results)
+        except Exception as error:  # raised in a Qt slot it would be lost: show it
+            self._failed(error)
+
+    def _add_result_layers(self, layer, results: list | None) -> None:
         from napari.layers import Layer
 
         if results is None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from defectscope.io.frames import Calibration, Frame
 from defectscope.maps.detector import Detector
+from defectscope.maps.options import MapOptions, resolve_options
 from defectscope.simulate.lattice import LatticeSample, ScanField
 
 _EXTRA = "pip install 'defectscope[nion]' (nionswift, nionswift-instrumentation, nionswift-usim)"
@@ -225,6 +226,8 @@ class ClosedLoopStep:
     timing_ms : dict
         Wall time of ``survey`` (scan), ``rois`` (map and rank), ``subscan`` (probe,
         subscan scan) and ``total``.
+    options : MapOptions or None
+        How the survey was mapped and its ROIs ranked.
     """
 
     survey: Frame
@@ -233,6 +236,7 @@ class ClosedLoopStep:
     subscan_region: tuple[float, float, float, float] | None = None
     subscan: Frame | None = None
     timing_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+    options: MapOptions | None = None
 
 
 def visit_top_roi(
@@ -240,11 +244,12 @@ def visit_top_roi(
     scan_source: Any,
     stem_controller: Any,
     *,
-    stride: int = 16,
-    top: int = 5,
+    stride: int | None = None,
+    top: int | None = None,
     subscan_fraction: float = 0.25,
     channel: str | None = None,
     timeout: float = 30.0,
+    options: MapOptions | None = None,
 ) -> ClosedLoopStep:
     """Survey, rank ROIs, park the probe on the best one and subscan around it.
 
@@ -257,14 +262,18 @@ def visit_top_roi(
     stem_controller : STEM controller
         Takes ``probe_position`` as ``Geometry.FloatPoint(y=..., x=...)``, 0..1 of
         the survey field, origin top-left.
-    stride, top : int
-        Window stride and number of ROIs ranked.
+    stride, top : int, optional
+        Window stride (default 16) and number of ROIs ranked (default 5): ``options``'
+        ``stride`` and ``top_k``, which they must agree with when both are given.
     subscan_fraction : float
         Subscan side as a fraction of the survey's (same pixel size as the survey).
     channel : str, optional
         Detector channel to map (default HAADF).
     timeout : float
         Seconds to wait for each frame.
+    options : MapOptions, optional
+        How the survey is mapped and its ROIs ranked (:meth:`Detector.find`): stride,
+        mode, unknown policy, number of ROIs, least spacing ...
 
     Returns
     -------
@@ -273,12 +282,13 @@ def visit_top_roi(
     """
     if not 0 < subscan_fraction <= 1:
         raise ValueError(f"subscan_fraction must be in (0, 1], got {subscan_fraction}")
+    options = resolve_options(options, stride=stride, top=top)
     start = time.perf_counter()
     survey = acquire(scan_source, channel, timeout)
     scanned = time.perf_counter()
-    rois = detector.rois(survey, k=top, stride=stride)
+    rois = detector.find(survey, options).rois  # the survey brings its calibration
     ranked = time.perf_counter()
-    step = ClosedLoopStep(survey=survey, rois=rois)
+    step = ClosedLoopStep(survey=survey, rois=rois, options=options)
     step.timing_ms = {"survey": (scanned - start) * 1e3, "rois": (ranked - scanned) * 1e3}
     if not rois:
         step.timing_ms["total"] = (ranked - start) * 1e3

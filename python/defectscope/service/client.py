@@ -20,6 +20,7 @@ class Client:
     --------
     >>> with Client("tcp://127.0.0.1:5555") as client:           # doctest: +SKIP
     ...     rois = client.rois(frame, top=5, pixel_size=0.02)["rois"]
+    ...     reply = client.rois(frame, options=MapOptions(stride=8, top_k=3))
     """
 
     def __init__(
@@ -80,13 +81,40 @@ class Client:
     def info(self) -> dict[str, Any]:
         return self.request({"op": "info"})
 
-    def map(self, frame: np.ndarray, stride: int = 16, **calibration) -> dict[str, Any]:
-        """Regions of ``frame``; ``pixel_size=`` and ``unit=`` add calibrated centres."""
-        return self.request({"op": "map", "stride": stride, **calibration}, frame)
+    def map(
+        self, frame: np.ndarray, stride: int | None = None, options: Any = None, **header: Any
+    ) -> dict[str, Any]:
+        """Regions of ``frame``; ``pixel_size=`` and ``unit=`` add calibrated centres.
 
-    def rois(self, frame: np.ndarray, top: int = 5, stride: int = 16, **calibration):
-        """Regions and the ``top`` ROIs of ``frame``."""
-        return self.request({"op": "rois", "stride": stride, "top": top, **calibration}, frame)
+        ``stride`` (default 16) and other header keys (``mode=``, ``unknown=`` ...) go
+        in the header; ``options`` (a :class:`~defectscope.maps.options.MapOptions` or
+        its JSON dict) is sent whole as ``"options"``, in place of ``stride``.
+        """
+        return self.request(self._header("map", options, stride=stride, **header), frame)
+
+    def rois(
+        self,
+        frame: np.ndarray,
+        top: int | None = None,
+        stride: int | None = None,
+        options: Any = None,
+        **header: Any,
+    ) -> dict[str, Any]:
+        """Regions and the ``top`` (default 5) ROIs of ``frame``; see :meth:`map`."""
+        return self.request(self._header("rois", options, stride=stride, top=top, **header), frame)
+
+    @staticmethod
+    def _header(op: str, options: Any, **given: Any) -> dict[str, Any]:
+        header = {"op": op, **{key: value for key, value in given.items() if value is not None}}
+        if options is not None:
+            # Duck-typed: the client needs no more of the package than numpy. A field
+            # also given as a keyword is refused by the service (given twice).
+            header["options"] = options.to_json() if hasattr(options, "to_json") else dict(options)
+        else:
+            header.setdefault("stride", 16)
+            if op == "rois":
+                header.setdefault("top", 5)
+        return header
 
     def close(self) -> None:
         self.socket.close()

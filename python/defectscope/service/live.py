@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import numbers
 import threading
 import time
 from collections.abc import Callable
@@ -25,8 +26,8 @@ from typing import Any, Literal
 import numpy as np
 
 from defectscope.io.frames import Calibration
-from defectscope.maps.detector import Detector
-from defectscope.maps.rois import UNKNOWN_POLICIES, select_rois
+from defectscope.maps.detector import Detector, check_subregion
+from defectscope.maps.options import MapOptions, resolve_options
 
 log = logging.getLogger(__name__)
 Policy = Literal["block", "drop_oldest", "latest_only"]
@@ -42,6 +43,7 @@ class LiveResult:
     latency_ms: float
     map_ms: float
     subregion: tuple[int, int, int, int] | None
+    options: MapOptions | None = None  # how the frame was mapped
 
 
 @dataclasses.dataclass
@@ -60,10 +62,10 @@ class LiveDetector:
     ----------
     detector : Detector
         A loaded detector (its engine is warmed on load).
-    stride : int
-        Window stride for every frame.
-    top : int
-        ROIs returned per frame.
+    stride : int, optional
+        Window stride for every frame (default 16; ``options.stride``).
+    top : int, optional
+        ROIs returned per frame (default 5; ``options.top_k``).
     queue_size : int
         Frames that may wait (``latest_only`` uses 1).
     policy : {'block', 'drop_oldest', 'latest_only'}
@@ -71,13 +73,18 @@ class LiveDetector:
         Called with each :class:`LiveResult` from the worker thread; results are
         also kept for :meth:`get`. An exception it raises is logged and kept in
         :attr:`callback_errors`; the detector goes on.
-    unknown : {'ignore', 'explore'}
-        Whether regions unlike the training data can be ROIs (see :func:`select_rois`).
+    unknown : {'ignore', 'explore'}, optional
+        Whether regions unlike the training data can be ROIs (default 'ignore';
+        ``options.unknown``, see :func:`~defectscope.maps.rois.select_rois`).
+    options : MapOptions, optional
+        How every frame is mapped (:meth:`Detector.find`); ``stride``, ``top`` and
+        ``unknown``, when given, must agree with it.
 
     Examples
     --------
     >>> det = Detector.load("runs/cdte/model")                       # doctest: +SKIP
     >>> live = LiveDetector(det, policy="latest_only")               # doctest: +SKIP
+    >>> live = LiveDetector(det, options=MapOptions(stride=8, top_k=3))  # doctest: +SKIP
     >>> live.submit(frame, pixel_size=0.02, unit="nm")               # doctest: +SKIP
     >>> result = live.get(timeout=1.0)                               # doctest: +SKIP
     >>> live.latency_percentiles()                                   # doctest: +SKIP
@@ -86,28 +93,27 @@ class LiveDetector:
     def __init__(
         self,
         detector: Detector,
-        stride: int = 16,
-        top: int = 5,
+        stride: int | None = None,
+        top: int | None = None,
         queue_size: int = 4,
         policy: Policy = "block",
         on_result: Callable[[LiveResult], None] | None = None,
-        unknown: str = "ignore",
+        unknown: str | None = None,
+        options: MapOptions | None = None,
     ):
         if policy not in ("block", "drop_oldest", "latest_only"):
             raise ValueError(f"policy must be block, drop_oldest or latest_only, got {policy!r}")
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+        if (
+            isinstance(queue_size, bool)
+            or not isinstance(queue_size, numbers.Integral)
+            or queue_size < 1
+        ):
+            raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
         self.detector = detector
-        self.stride = stride
-        self.top = top
+        self.options = resolve_options(options, stride=stride, top=top, unknown=unknown)
         self.policy = policy
         self.capacity = 1 if policy == "latest_only" else queue_size
         self.on_result = on_result
-        if unknown not in UNKNOWN_POLICIES:
-            raise ValueError(
-                f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}"
-            )
-        self.unknown = unknown
         self.dropped = 0
         self.processed = 0
         self._pending: collections.deque[_Job] = collections.deque()
@@ -121,6 +127,33 @@ class LiveDetector:
         self._stopped: BaseException | None = None  # why the worker ended, if it did early
         self._worker = threading.Thread(target=self._run, name="defectscope-live", daemon=True)
         self._worker.start()
+
+    @property
+    def stride(self) -> int:
+        """``options.stride``; setting it applies to the frames mapped from then on."""
+        return self.options.stride
+
+    @stride.setter
+    def stride(self, value: int) -> None:
+        self.options = self.options.replace(stride=value)
+
+    @property
+    def top(self) -> int:
+        """``options.top_k``; setting it applies to the frames mapped from then on."""
+        return self.options.top_k
+
+    @top.setter
+    def top(self, value: int) -> None:
+        self.options = self.options.replace(top_k=value)
+
+    @property
+    def unknown(self) -> str:
+        """``options.unknown``; setting it applies to the frames mapped from then on."""
+        return self.options.unknown
+
+    @unknown.setter
+    def unknown(self, value: str) -> None:
+        self.options = self.options.replace(unknown=value)
 
     def submit(
         self,
@@ -139,10 +172,7 @@ class LiveDetector:
         if frame.ndim != 2:
             raise ValueError(f"frame must be 2-D, got shape {frame.shape}")
         if subregion is not None:
-            y0, x0, y1, x1 = (int(v) for v in subregion)
-            if not (0 <= y0 < y1 <= frame.shape[0] and 0 <= x0 < x1 <= frame.shape[1]):
-                raise ValueError(f"subregion {subregion} is not inside the frame {frame.shape}")
-            subregion = (y0, x0, y1, x1)
+            subregion = check_subregion(subregion, frame.shape)
         calibration = None
         if pixel_size is not None:
             calibration = Calibration.square(pixel_size, unit)
@@ -169,20 +199,20 @@ class LiveDetector:
             raise RuntimeError("LiveDetector is closed")
 
     def _process(self, job: _Job) -> LiveResult:
-        frame, origin = job.frame, (0, 0)
-        if job.subregion is not None:
-            y0, x0, y1, x1 = job.subregion
-            frame, origin = job.frame[y0:y1, x0:x1], (y0, x0)
-        result = self.detector.map(frame, stride=self.stride, calibration=job.calibration)
-        if origin != (0, 0):
-            # Report positions in the full frame's pixels.
-            result.origins = result.origins + np.asarray(origin)
-            result.frame_shape = tuple(job.frame.shape)
-        regions = result.regions()
-        rois = select_rois(result, self.top, unknown=self.unknown)
+        # Positions stay in the full frame's pixels when only a subregion is mapped.
+        found = self.detector.find(
+            job.frame, self.options, calibration=job.calibration, subregion=job.subregion
+        )
+        result = found.result
         latency = (time.perf_counter() - job.submitted) * 1000
         return LiveResult(
-            job.frame_id, regions, rois, latency, result.timing_ms["total"], job.subregion
+            job.frame_id,
+            result.regions(),
+            found.rois,
+            latency,
+            result.timing_ms["total"],
+            job.subregion,
+            found.options,
         )
 
     def _run(self) -> None:

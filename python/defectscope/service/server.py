@@ -5,10 +5,15 @@ Wire format (also in the README):
 - request: multipart; part 1 a UTF-8 JSON header, part 2 the raw frame bytes in C
   order (absent for ops without a frame). Header:
   ``{"op": "map"|"rois"|"ping"|"info", "id": <any JSON>, "dtype": "uint16",
-  "shape": [H, W], "pixel_size": 0.02, "unit": "nm", "stride": 16, "top": 5}``;
-- reply: one part, UTF-8 JSON: ``{"id", "ok": true, "regions", "rois", "map", "timing_ms"}``
-  (``map``: ``{"mode": "dense"|"window", ...}`` as ``MapResult.info``)
-  or ``{"id", "ok": false, "error": "<one line>"}``.
+  "shape": [H, W], "pixel_size": 0.02, "unit": "nm", "stride": 16, "top": 5}``.
+  How to map is a :class:`~defectscope.maps.options.MapOptions`: its fields may stand
+  in the header itself (``"top"`` is ``top_k``; ``"stride"``, ``"unknown"``, ``"mode"``,
+  ``"symmetry"`` ...) or together as ``"options": {...}`` (``MapOptions.to_json()``),
+  not both for one field; :meth:`MapOptions.from_json` validates them;
+- reply: one part, UTF-8 JSON: ``{"id", "ok": true, "regions", "rois", "map", "options",
+  "timing_ms"}`` (``map``: ``{"mode": "dense"|"window", ...}`` as ``MapResult.info``;
+  ``options``: the options used, every field) or ``{"id", "ok": false, "error":
+  "<one line>"}``.
 
 The socket is a ROUTER, so REQ clients (which add an empty delimiter frame) and
 DEALER clients both work; every request gets exactly one reply. Binding to
@@ -18,6 +23,7 @@ anything but loopback requires CURVE keys.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -33,7 +39,7 @@ import numpy as np
 from defectscope._version import __version__
 from defectscope.io.frames import Calibration
 from defectscope.maps.detector import Detector, MapCancelled
-from defectscope.maps.rois import UNKNOWN_POLICIES, select_rois
+from defectscope.maps.options import LEGACY_NAMES, MapOptions, resolve_options
 from defectscope.tiling.tiler import SUPPORTED_DTYPES
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,10 @@ DEFAULT_QUEUE = 64
 # On SIGTERM the map in flight gets this long to finish before it is cancelled.
 SHUTDOWN_GRACE_S = 5.0
 OPS = ("map", "rois", "ping", "info")
+# Header keys that are map options: every MapOptions field, and the older names.
+MAP_OPTION_KEYS = frozenset(field.name for field in dataclasses.fields(MapOptions)) | frozenset(
+    LEGACY_NAMES
+)
 
 
 class RequestError(ValueError):
@@ -88,6 +98,12 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())[:500]
 
 
+def _short(value: Any) -> str:
+    # A 400-digit integer is named by its size, so the reply stays one short line.
+    text = repr(value)
+    return text if len(text) <= 40 else f"an integer of {len(text)} digits"
+
+
 class Service:
     """The request handler, separate from the socket so it can be tested directly.
 
@@ -96,18 +112,28 @@ class Service:
     detector : Detector
     max_pixels : int
         Largest ``H * W`` a request may claim.
-    default_stride, default_top : int
-        Used when the header does not say.
+    default_stride, default_top : int, optional
+        Stride and number of ROIs when the header does not say (16 and 5); the same
+        as ``options``' ``stride`` and ``top_k``.
+    max_bytes : int
+        Largest frame a request may send, in bytes.
+    request_timeout_s : float
+        A map running longer is stopped and answered with an error.
+    options : MapOptions, optional
+        What a request's map options apply over (default :class:`MapOptions` ());
+        its ``batch_size`` becomes the detector's (the one its buffers hold), and a
+        request that names another batch size is refused.
     """
 
     def __init__(
         self,
         detector: Detector,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        default_stride: int = 16,
-        default_top: int = 5,
+        default_stride: int | None = None,
+        default_top: int | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        options: MapOptions | None = None,
     ):
         for name, value in (("max_pixels", max_pixels), ("max_bytes", max_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -118,8 +144,11 @@ class Service:
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
         self.request_timeout_s = float(request_timeout_s)
-        self.default_stride = default_stride
-        self.default_top = default_top
+        options = resolve_options(options, stride=default_stride, top=default_top)
+        # The batch size is the loaded detector's: a request cannot change it.
+        self.options = options.replace(batch_size=detector.batch_size)
+        self.default_stride = self.options.stride
+        self.default_top = self.options.top_k
         # Set from another thread to stop the map in flight (service shutdown).
         self.cancel = threading.Event()
 
@@ -131,9 +160,10 @@ class Service:
             "backend": engine.name,
             "version": __version__,
             "background": self.detector.background,
+            "options": self.options.to_json(),
         }
 
-    def _frame(self, header: dict, payload: bytes | None) -> np.ndarray:
+    def _frame(self, header: dict, payload: bytes | None, nan_policy: str = "raise") -> np.ndarray:
         dtype = header.get("dtype")
         if dtype not in SUPPORTED_DTYPES:
             raise RequestError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype!r}")
@@ -158,8 +188,11 @@ class Service:
                 f"frame has {len(payload)} bytes, but {dtype} x {shape} needs {expected}"
             )
         frame = np.frombuffer(payload, dtype=dtype).reshape(shape)
-        if frame.dtype.kind == "f" and not np.isfinite(frame).all():
-            raise RequestError("frame contains NaN or infinite values")
+        if nan_policy == "raise" and frame.dtype.kind == "f" and not np.isfinite(frame).all():
+            raise RequestError(
+                'frame contains NaN or infinite values (map options "nan_policy": "zero" or '
+                '"propagate" map it)'
+            )
         return frame
 
     def _parse_header(self, header_bytes: bytes) -> dict:
@@ -199,7 +232,9 @@ class Service:
             return {"id": request_id, "ok": True, **self._map(header, payload, op)}
         except (RequestError, MapCancelled) as exc:
             return {"id": request_id, "ok": False, "error": _one_line(exc)}
-        except Exception as exc:  # a bad frame must never stop the service
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a bad frame (or an engine's SystemExit) never stops it
             log.exception("request failed")
             return {
                 "id": request_id,
@@ -207,50 +242,87 @@ class Service:
                 "error": _one_line(f"{type(exc).__name__}: {exc}"),
             }
 
+    def map_options(self, header: dict) -> MapOptions:
+        """The request's map options over the service's, validated in one place.
+
+        Raises
+        ------
+        RequestError
+            Naming the key, for a bad value, an unknown key under ``"options"``, a
+            field given twice, or a ``batch_size`` other than the service's.
+        """
+        given = {key: value for key, value in header.items() if key in MAP_OPTION_KEYS}
+        if "options" in header:
+            nested = header["options"]
+            if not isinstance(nested, dict):
+                raise RequestError(f"options must be a JSON object, got {_short(nested)}")
+            fields = {LEGACY_NAMES.get(key, key): key for key in given}
+            twice = [key for key in nested if LEGACY_NAMES.get(key, key) in fields]
+            if twice:
+                raise RequestError(
+                    f"map option {twice[0]} is given both in the header and in options"
+                )
+            given.update(nested)
+        try:
+            options = MapOptions.from_json(given, base=self.options, aliases=LEGACY_NAMES)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        if options.batch_size != self.options.batch_size:
+            raise RequestError(
+                f"batch_size is the service's own ({self.options.batch_size}), set when it "
+                f"starts; got {options.batch_size}"
+            )
+        return options
+
+    def _calibration(self, header: dict, shape: tuple[int, int]) -> Calibration | None:
+        pixel_size = header.get("pixel_size")
+        if pixel_size is None:
+            return None
+        if isinstance(pixel_size, bool) or not isinstance(pixel_size, int | float):
+            raise RequestError(f"pixel_size must be a positive number, got {_short(pixel_size)}")
+        try:
+            size = float(pixel_size)
+        except OverflowError:  # a JSON integer has no size limit; a float has
+            raise RequestError(
+                f"pixel_size is beyond the float range: {_short(pixel_size)}"
+            ) from None
+        if not np.isfinite(size) or size <= 0:
+            raise RequestError(f"pixel_size must be a positive number, got {_short(pixel_size)}")
+        unit = header.get("unit", "nm")
+        if not isinstance(unit, str):
+            raise RequestError(f"unit must be a string, got {_short(unit)}")
+        try:
+            calibration = Calibration.square(size, unit)
+            calibration.check_extent(shape)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from exc
+        return calibration
+
     def _map(self, header: dict, payload: bytes | None, op: str) -> dict[str, Any]:
         started = time.perf_counter()
-        frame = self._frame(header, payload)
-        stride = header.get("stride", self.default_stride)
-        top = header.get("top", self.default_top)
-        for name, value in (("stride", stride), ("top", top)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise RequestError(f"{name} must be a positive integer, got {value!r}")
-        unknown = header.get("unknown", "ignore")
-        if unknown not in UNKNOWN_POLICIES:
-            raise RequestError(
-                f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}"
-            )
-        calibration = None
-        pixel_size = header.get("pixel_size")
-        if pixel_size is not None:
-            if (
-                not isinstance(pixel_size, int | float)
-                or not np.isfinite(pixel_size)
-                or pixel_size <= 0
-            ):
-                raise RequestError(f"pixel_size must be a positive number, got {pixel_size!r}")
-            unit = header.get("unit", "nm")
-            if not isinstance(unit, str):
-                raise RequestError(f"unit must be a string, got {unit!r}")
-            try:
-                calibration = Calibration.square(float(pixel_size), unit)
-                calibration.check_extent(frame.shape)
-            except ValueError as exc:
-                raise RequestError(str(exc)) from exc
+        options = self.map_options(header)
+        frame = self._frame(header, payload, options.nan_policy)
+        calibration = self._calibration(header, frame.shape)
         size = self.detector.engine.config.patch_size
         if frame.shape[0] < size or frame.shape[1] < size:
             raise RequestError(f"frame {list(frame.shape)} is smaller than the {size}x{size} patch")
-        result = self.detector.map(
-            frame,
-            stride=stride,
-            calibration=calibration,
-            timeout_s=self.request_timeout_s,
-            cancel=self.cancel.is_set,
-        )
+        try:
+            found = self.detector.find(
+                frame,
+                options,
+                calibration=calibration,
+                timeout_s=self.request_timeout_s,
+                cancel=self.cancel.is_set,
+            )
+        except ValueError as exc:  # what the options ask cannot be done (no dense graph, ...)
+            raise RequestError(str(exc)) from exc
+        result = found.result
         # How the map was made: dense or window by window, and why not dense.
         reply: dict[str, Any] = {"regions": result.regions(), "map": result.info}
         if op == "rois":
-            reply["rois"] = select_rois(result, top, unknown=unknown)
+            reply["rois"] = found.rois
+        # The options used, the background the model chose included.
+        reply["options"] = options.replace(background=result.background).to_json()
         reply["timing_ms"] = {
             **{k: round(v, 3) for k, v in result.timing_ms.items()},
             "request": round((time.perf_counter() - started) * 1000, 3),
@@ -384,8 +456,12 @@ def serve(
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     queue_size: int = DEFAULT_QUEUE,
     shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+    options: MapOptions | None = None,
 ) -> int:
     """Serve requests until SIGTERM or SIGINT.
+
+    ``options`` (:class:`MapOptions`) are what each request's map options apply over;
+    their ``batch_size`` and ``background`` are the loaded detector's.
 
     Binding to a non-loopback address needs ``curve_secret`` (the server's secret
     key file from ``zmq.auth.create_certificates``) and ``curve_clients`` (a folder
@@ -418,9 +494,15 @@ def serve(
         raise ValueError(f"queue size must be a positive integer, got {queue_size!r}")
     if not (isinstance(shutdown_grace_s, int | float) and 0 <= shutdown_grace_s < float("inf")):
         raise ValueError(f"shutdown grace must be finite seconds >= 0, got {shutdown_grace_s!r}")
-    detector = Detector.load(artifact, backend=backend)
+    if options is not None and not isinstance(options, MapOptions):
+        raise TypeError(f"options must be MapOptions, got {type(options).__name__}")
+    detector = Detector.load(artifact, backend=backend, options=options)
     service = Service(
-        detector, max_pixels=max_pixels, max_bytes=max_bytes, request_timeout_s=request_timeout_s
+        detector,
+        max_pixels=max_pixels,
+        max_bytes=max_bytes,
+        request_timeout_s=request_timeout_s,
+        options=options,
     )
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
