@@ -26,6 +26,7 @@ from defectscope.engines.dense import (
     find_dense_all,
 )
 from defectscope.engines.loader import load_engine
+from defectscope.engines.torch_dense import TorchDenseEngine, load_torch_dense
 from defectscope.io.frames import Calibration, Frame
 from defectscope.maps.options import MODES, SYMMETRIES, MapOptions, resolve_options
 from defectscope.maps.result import MapResult
@@ -59,7 +60,8 @@ def _load_dense(
     """The dense graphs beside ``artifact`` that suit ``engine`` (see Detector.load).
 
     ONNX Runtime on the CPU runs the dense ONNX graphs; the TensorRT backend runs their
-    TensorRT engines (``export --format tensorrt --dense``).
+    TensorRT engines (``export --format tensorrt --dense``); PyTorch on a CUDA GPU runs the
+    adapted dense network (``dense/dense.pt``, :mod:`~defectscope.engines.torch_dense`).
     """
     model_dir = artifact if artifact.is_dir() else artifact.parent
     prefer_int8 = getattr(engine, "precision", "int8") == "int8"
@@ -71,6 +73,15 @@ def _load_dense(
                 f"export {model_dir} --format tensorrt --dense'"
             )
         return [TensorRTDenseEngine(path) for path in paths]
+    if engine.name == "torch" and engine.device.type == "cuda":
+        # A GPU without TensorRT: PyTorch runs the adapted dense network on the device.
+        engines = load_torch_dense(model_dir, device="cuda")
+        if required and not engines:
+            raise EngineError(
+                f"{model_dir}: no dense weights (dense/dense.pt); make them with "
+                "'defectscope densify'"
+            )
+        return engines
     on_cpu_onnx = engine.name == "onnxruntime" and not getattr(engine, "on_gpu", False)
     if not on_cpu_onnx and not (artifact.is_dir() and backend == "auto"):
         if required:
@@ -420,16 +431,20 @@ class Detector:
                 raise MapCancelled("map cancelled")
 
         density = dense.density
+        keep = keep_embeddings or density is not None
         with self._lock:
-            arrays = dense_map_arrays(
-                dense,
-                frame,
-                stride,
-                keep_embeddings=keep_embeddings or density is not None,
-                crop=self.dense_crop,
-                threads=self.tiler_threads,
-                cancel=check,
-            )
+            if isinstance(dense, TorchDenseEngine):  # normalizes and gathers on its device
+                arrays = dense.map_arrays(frame, stride, keep, crop=self.dense_crop, cancel=check)
+            else:
+                arrays = dense_map_arrays(
+                    dense,
+                    frame,
+                    stride,
+                    keep_embeddings=keep,
+                    crop=self.dense_crop,
+                    threads=self.tiler_threads,
+                    cancel=check,
+                )
         if arrays is None:
             return None
         origins, probabilities, embeddings = arrays
