@@ -84,7 +84,7 @@ def test_normalize_region_imagenet_has_three_channels():
     np.testing.assert_allclose(got, normalize_region_numpy(frame, "imagenet"), atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e300])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_normalize_region_gives_way_on_values_it_cannot_take(bad):
     frame = np.ones((80, 80), np.float64)
     frame[40, 40] = bad
@@ -427,3 +427,225 @@ def test_tensorrt_dense_engine_on_the_gpu(dense_model_dir, tmp_path):
     assert a.info["mode"] == "dense" and a.info.get("precision") == "fp16"
     assert np.mean(a.labels == b.labels) >= 0.98
     assert np.abs(a.probabilities - b.probabilities).max() < 0.05
+
+
+# --- dense graphs bound to their model (issue 25, findings 1, 9 and 11) ------------
+
+
+def _other_model(target, like) -> None:
+    """Untrained weights with the configuration (classes, patch size) of model ``like``."""
+    from defectscope.nets.checkpoint import load_checkpoint, save_checkpoint
+
+    _, config, _ = load_checkpoint(like)
+    torch.manual_seed(123)
+    other = build_model(len(config.classes), patch_size=config.patch_size,
+                        embedding_dim=config.embedding_dim,
+                        architecture=config.architecture)  # fmt: skip
+    save_checkpoint(target, other.eval(), config)
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_make_dense_binds_the_folder_to_the_weights(dense_model_dir):
+    model_dir, record = dense_model_dir
+    assert record["weights_sha256"] == _sha256(model_dir / "weights.pt")
+    folder = model_dir / "dense"
+    assert record["files"] == {
+        p.name: _sha256(p) for p in folder.iterdir() if p.name != "dense.json"
+    }
+    assert DenseEngine(folder / "dense16.onnx").weights_sha256 == record["weights_sha256"]
+    assert not [p for p in model_dir.iterdir() if p.name.startswith(".dense")]
+
+
+def test_dense_graphs_of_another_model_are_refused(dense_model_dir, tmp_path, caplog):
+    """Before: another model's dense/ (same classes) mapped in dense mode, agreement 0.024."""
+    import logging
+
+    from defectscope.artifacts.provenance import ProvenanceError
+
+    source = dense_model_dir[0]
+    other = tmp_path / "other"
+    _other_model(other, source)
+    shutil.copytree(source / "dense", other / "dense")
+    want, got = _sha256(source / "weights.pt"), _sha256(other / "weights.pt")
+    with caplog.at_level(logging.WARNING):
+        assert find_dense_all(other) == []
+    assert any(want in r.getMessage() and got in r.getMessage() for r in caplog.records)
+    with pytest.raises(ProvenanceError) as caught:
+        find_dense_all(other, strict=True)
+    assert want in str(caught.value) and got in str(caught.value)
+    with pytest.raises(ProvenanceError, match=got):
+        DenseEngine(other / "dense" / "dense16.onnx")
+    frame = clustered_frame((160, 160), 43)
+    with Detector.load(other) as det:
+        assert det.dense_engines == []
+        assert det.map(frame, stride=16).info["mode"] == "window"
+
+
+def test_replaced_weights_map_with_themselves(dense_model_dir, tmp_path):
+    """Before: weights.pt (and model.json) replaced, the old model.onnx and dense/ answered."""
+    source = dense_model_dir[0]
+    replaced = tmp_path / "replaced"
+    shutil.copytree(source, replaced)
+    _other_model(tmp_path / "new", source)
+    for name in ("weights.pt", "model.json"):
+        shutil.copy(tmp_path / "new" / name, replaced / name)
+    frame = clustered_frame((160, 160), 44)
+    with Detector.load(replaced) as det, Detector.load(tmp_path / "new") as own:
+        assert det.engine.name == "torch" and det.dense_engines == []
+        mapped, reference = det.map(frame, stride=16), own.map(frame, stride=16)
+    assert mapped.info["mode"] == "window"
+    np.testing.assert_allclose(mapped.probabilities, reference.probabilities, atol=1e-6)
+
+
+def test_an_unfinished_or_changed_dense_folder_is_not_loaded(dense_model_dir, tmp_path, caplog):
+    """Before: dense16.onnx without dense.json (a densify that failed) was used by map."""
+    import logging
+
+    from defectscope.artifacts.provenance import ProvenanceError
+    from defectscope.engines.base import EngineError
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(dense_model_dir[0], model_dir)
+    (model_dir / "dense" / "dense.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert find_dense_all(model_dir) == []
+    assert any("densify did not finish" in r.getMessage() for r in caplog.records)
+    with pytest.raises(EngineError, match="densify did not finish"):
+        find_dense_all(model_dir, strict=True)
+    # A graph that is not the one dense.json lists (edited, or copied over) is refused.
+    shutil.copy(dense_model_dir[0] / "dense" / "dense.json", model_dir / "dense" / "dense.json")
+    assert find_dense_all(model_dir) == [model_dir / "dense" / "dense16.onnx"]
+    with open(model_dir / "dense" / "dense16.onnx", "ab") as handle:
+        handle.write(b"\0")
+    assert find_dense_all(model_dir) == []
+    with pytest.raises(ProvenanceError, match="changed since densify made it"):
+        find_dense_all(model_dir, strict=True)
+
+
+def _edit_dense_metadata(source, target, **changes) -> None:
+    import onnx
+
+    from defectscope.artifacts.metadata import METADATA_KEY
+
+    proto = onnx.load(str(source))
+    for entry in proto.metadata_props:
+        if entry.key == METADATA_KEY:
+            record = json.loads(entry.value)
+            record["dense"].update(changes)
+            entry.value = json.dumps(record)
+    onnx.save(proto, str(target))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"native_stride": 8}, "align 16 does not match native_stride 8"),
+        # Before: an IndexError on map --stride 32; then a map on the wrong grid.
+        ({"native_stride": 8, "align": 8}, "native stride 16"),
+        ({"native_stride": 32, "align": 32}, "native stride 16"),
+        ({"native_stride": 32}, "align 16 does not match native_stride 32"),
+        ({"box": 2}, "box 2 differs from the patch size 64"),  # before: a wrong map
+        ({"margin": 10}, r"margin 10 differs from the vgg16(_bn)? receptive margin 90"),
+        ({"native_stride": "16"}, "native_stride must be an integer"),
+        ({"box": 64.5}, "box must be an integer"),
+        ({"native_stride": 12}, "native_stride must be one of"),
+    ],
+)
+def test_edited_dense_metadata_is_refused(dense_model_dir, tmp_path, changes, message):
+    from defectscope.engines.base import EngineError
+
+    target = tmp_path / "edited.onnx"
+    _edit_dense_metadata(dense_model_dir[0] / "dense" / "dense16.onnx", target, **changes)
+    with pytest.raises(EngineError, match=message) as caught:
+        DenseEngine(target)
+    assert "\n" not in str(caught.value)
+
+
+def test_edited_dense_graph_in_a_model_maps_window_by_window(dense_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(dense_model_dir[0], model_dir)
+    graph = model_dir / "dense" / "dense16.onnx"
+    _edit_dense_metadata(dense_model_dir[0] / "dense" / "dense16.onnx", graph, native_stride=8)
+    frame = clustered_frame((224, 224), 45)
+    with Detector.load(model_dir) as det:
+        assert det.map(frame, stride=32).info["mode"] == "window"
+    with pytest.raises(ValueError, match=r"dense16\.onnx|no dense graphs"):
+        Detector.load(model_dir, dense=True)
+
+
+def test_receptive_margins_follow_from_the_layers():
+    from defectscope.engines.dense import RECEPTIVE_MARGINS
+
+    for architecture, margin in RECEPTIVE_MARGINS.items():
+        assert receptive_margin(build_model(2, architecture=architecture), 64) == margin
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (np.zeros((63, 300), np.uint8), r"check frame 1: shape \(63, 300\) is smaller than 64"),
+        (np.full((128, 128), np.nan, np.float32), "check frame 1: holds non-finite values"),
+        (np.zeros((2, 128, 128), np.uint8), "check frame 1: frame must be 2-D"),
+    ],
+)
+def test_densify_checks_its_frames_before_any_work(
+    density_model_dir, tmp_path, monkeypatch, frame, message
+):
+    """Before: the check frame failed after the work, leaving dense16.onnx without dense.json."""
+    import defectscope.export.dense as dense_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("densify started working before checking its frames")
+
+    monkeypatch.setattr(dense_module, "distill_dense", no_work)
+    model_dir = tmp_path / "model"
+    shutil.copytree(density_model_dir, model_dir)
+    good = clustered_frame((256, 256), 1)
+    with pytest.raises(ValueError, match=message):
+        make_dense(model_dir, [good], [frame], steps=0, int8=False, progress=False)
+    holes = good.astype(np.float32)
+    holes[3, 4] = np.nan
+    with pytest.raises(ValueError, match="frame 2: holds non-finite"):
+        make_dense(model_dir, [good, holes], steps=0, int8=False, progress=False)
+    with pytest.raises(ValueError, match=r"frame 1: shape \(90, 256\) is smaller than 96"):
+        make_dense(model_dir, [good[:90]], steps=0, int8=False, progress=False)
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(
+        p.name for p in density_model_dir.iterdir()
+    )
+
+
+def test_a_failed_densify_keeps_the_previous_folder_whole(dense_model_dir, tmp_path, monkeypatch):
+    """The folder is made aside and renamed at the end: a failure leaves the old one as it was."""
+    import defectscope.export.dense as dense_module
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(dense_model_dir[0], model_dir)
+    before = {p.name: _sha256(p) for p in (model_dir / "dense").iterdir()}
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("stopped while checking agreement")
+
+    monkeypatch.setattr(dense_module, "measure_agreement", fails)
+    frame = acquired_frame((224, 224), 3)[0]
+    with pytest.raises(RuntimeError, match="stopped"):
+        make_dense(model_dir, [frame], [frame], steps=0, int8=False, progress=False)
+    assert {p.name: _sha256(p) for p in (model_dir / "dense").iterdir()} == before
+    assert not [p for p in model_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_dense_files_and_folders_have_the_umask_modes(dense_model_dir):
+    """Before: dense.pt was written 0600 (a temporary file's mode), unreadable to others."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    folder = dense_model_dir[0] / "dense"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path.name

@@ -166,3 +166,82 @@ def test_download_of_the_right_files_is_accepted(public_data, tmp_path, monkeypa
     final = datasets._download_upstream(tmp_path)
     assert final == tmp_path / datasets.UPSTREAM_NAME
     assert (final / "Image Data" / "DataSet_CdTe").is_dir()
+
+
+def test_hidden_files_are_skipped_and_listed(tmp_path, gray, caplog):
+    """Before: names beginning with '.' were left out without a word."""
+    import logging
+
+    _write_upstream(tmp_path / "up", gray)
+    tifffile.imwrite(tmp_path / "up" / "._Bulk_0.tif", gray)
+    (tmp_path / "up" / ".DS_Store").write_bytes(b"not an image: not listed")
+    with caplog.at_level(logging.WARNING):
+        patches = load_patches(tmp_path / "up")
+    assert len(patches.labels) == 6
+    assert patches.skipped == [(str(tmp_path / "up" / "._Bulk_0.tif"), patches.skipped[0][1])]
+    assert "name begins with '.'" in patches.skipped[0][1]
+    assert any("._Bulk_0.tif" in r.getMessage() for r in caplog.records)
+    # One folder per class: hidden files, hidden folders inside and beside the classes.
+    root = tmp_path / "byclass"
+    for c in ("Bulk", "Vacancy"):
+        (root / c / "more").mkdir(parents=True)
+        Image.fromarray(gray).save(root / c / "p.png")
+        Image.fromarray(gray).save(root / c / "more" / "q.png")
+        Image.fromarray(gray).save(root / c / ".p.png")
+    (root / "Bulk" / ".thumbs").mkdir()
+    Image.fromarray(gray).save(root / "Bulk" / ".thumbs" / "p.png")
+    (root / ".trash" / "Bulk").mkdir(parents=True)
+    Image.fromarray(gray).save(root / ".trash" / "Bulk" / "x.png")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref")
+    patches = load_patches(root)
+    assert patches.counts() == {"Bulk": 2, "Vacancy": 2}
+    assert sorted(Path(p).relative_to(root).as_posix() for p, _ in patches.skipped) == [
+        ".trash",
+        "Bulk/.p.png",
+        "Bulk/.thumbs",
+        "Vacancy/.p.png",
+    ]
+    reasons = dict((Path(p).name, r) for p, r in patches.skipped)
+    assert reasons[".trash"] == "hidden folder (name begins with '.'), 1 images not read"
+
+
+def test_files_and_folders_get_the_umask_modes(tmp_path):
+    """Written files 0666 and folders 0777 less the umask, as any new file (not mkstemp's 0600)."""
+    import os
+    import stat
+
+    from defectscope.io.files import atomic_write_bytes, staging_dir
+
+    for mask in (0o022, 0o027):
+        old = os.umask(mask)
+        try:
+            atomic_write_bytes(tmp_path / f"f{mask}.bin", b"x")
+            folder = staging_dir(tmp_path, f".stage{mask}-")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / f"f{mask}.bin").stat().st_mode) == 0o666 & ~mask
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+        assert folder.name.startswith(f".stage{mask}-{os.getpid()}-")
+
+
+def test_replace_dir_swaps_a_finished_folder_in(tmp_path):
+    from defectscope.io.files import remove_stale_staging, replace_dir, staging_dir
+
+    target = tmp_path / "dense"
+    target.mkdir()
+    (target / "old.onnx").write_text("old")
+    new = staging_dir(tmp_path, ".dense.staging-")
+    (new / "new.onnx").write_text("new")
+    replace_dir(new, target)
+    assert [p.name for p in target.iterdir()] == ["new.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+    fresh = staging_dir(tmp_path, ".x-")
+    replace_dir(fresh, tmp_path / "made")  # nothing there before
+    assert (tmp_path / "made").is_dir()
+    # A staging folder of a process that is gone is removed; one of a live process is not.
+    dead = tmp_path / ".dense.staging-999999999-abc"
+    dead.mkdir()
+    live = staging_dir(tmp_path, ".dense.staging-")
+    assert remove_stale_staging(tmp_path, ".dense.staging-") == [dead]
+    assert live.is_dir() and not dead.exists()

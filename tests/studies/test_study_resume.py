@@ -100,3 +100,63 @@ def test_finished_work_is_not_reused_when_anything_changed(first_run):
     (out / "finished" / "fold-2-of-3.json").write_text("{not json")
     work = FinishedWork(out, patches, CONFIG, resume=True)
     assert work.get("fold-2-of-3", split) is None
+
+
+@pytest.mark.parametrize(
+    ("unit", "damage", "lacking"),
+    [
+        ("fold-3-of-3", lambda stored: stored.pop("record"), "record"),
+        ("fold-3-of-3", lambda stored: stored["record"].pop("metrics"), "record.metrics"),
+        ("grouped-split", lambda stored: stored["record"].pop("metrics"), "record.metrics"),
+        ("without-class-1", lambda stored: stored["record"].pop("result"), "record.result"),
+    ],
+)
+def test_a_damaged_finished_record_is_trained_again(first_run, unit, damage, lacking, caplog):
+    """Before: a finished/*.json without 'record' or 'metrics' raised KeyError."""
+    import logging
+
+    from defectscope.evaluation.grouping import find_groups
+    from defectscope.evaluation.metrics import grouped_folds
+    from defectscope.studies.resume import FOLD_RECORD, LOCO_RECORD, SPLIT_RECORD
+
+    out, _ = first_run
+    patches = three_classes()
+    groups = find_groups(patches.images)
+    splits = grouped_folds(patches.labels, groups.ids, patches.classes, 3, seed=CONFIG.seed)
+    split = splits[2] if unit.startswith("fold") else splits[0]
+    required = {"fold": FOLD_RECORD, "grouped": SPLIT_RECORD, "without": LOCO_RECORD}
+    required = required[unit.split("-")[0]]
+    work = FinishedWork(out, patches, CONFIG, resume=True)
+    path = out / "finished" / f"{unit}.json"
+    stored = json.loads(path.read_text())
+    assert work.get(unit, split, required=required) == stored["record"]
+    damage(stored)
+    damaged = out / "damaged" / f"{unit}.json"
+    damaged.parent.mkdir(exist_ok=True)
+    damaged.write_text(json.dumps(stored))
+    work.directory = damaged.parent
+    with caplog.at_level(logging.WARNING):
+        assert work.get(unit, split, required=required) is None
+    assert any(f"no {lacking}" in r.getMessage() for r in caplog.records)
+
+
+def test_a_resumed_study_retrains_only_the_damaged_unit(first_run, monkeypatch):
+    out, _ = first_run
+    path = out / "finished" / "fold-3-of-3.json"
+    stored = json.loads(path.read_text())
+    del stored["record"]["metrics"]
+    path.write_text(json.dumps(stored))
+    trained = []
+    score_split = study_module._score_split
+
+    def counted(patches, split, config, name, progress):
+        trained.append(name)
+        return score_split(patches, split, config, name, progress)
+
+    monkeypatch.setattr(study_module, "_score_split", counted)
+    again = run_study(
+        three_classes(), out, CONFIG, "toy", progress=False, folds=3, loco=False, resume=True
+    )
+    assert "grouped fold 3/3" in trained
+    assert "metrics" in again["cross_validation"]["folds"][2]
+    assert json.loads(path.read_text())["record"]["metrics"]  # written again, whole

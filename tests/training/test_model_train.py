@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from scipy.special import softmax
 
+from defectscope.evaluation.scoring import classify_patches, open_engine
 from defectscope.nets.checkpoint import CheckpointError, load_checkpoint
 from defectscope.nets.vgg import WeightsUnavailableError, build_model, imagenet_cache_path
 from defectscope.tiling.tiler import Normalization, patches_to_inputs, tile_numpy
 from defectscope.training.augment import Augmentation, augment_batch
-from defectscope.training.classifier import PatchClassifier
-from defectscope.training.loop import TrainConfig, save_training, train_classifier
+from defectscope.training.loop import TrainConfig, predict_logits, save_training, train_classifier
 from tests.synthetic import toy_patches
 
 
@@ -110,8 +112,9 @@ def test_training_learns_and_checkpoint_round_trips(tmp_path):
     assert min(h["train_loss"] for h in history[1:]) < history[0]["train_loss"]
     best = result.best_epoch
     assert history[best]["val_loss"] <= min(h["val_loss"] for h in history) + 1e-4
-    clf = PatchClassifier(result.model, result.config)
-    probs, emb = clf.predict(val.images)
+    inputs = patches_to_inputs(val.images, result.config.normalization)
+    logits_a, emb = predict_logits(result.model, inputs)
+    probs = softmax(logits_a, axis=1)
     assert probs.shape == (8, 2) and emb.shape == (8, 256)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     kept_loss = float(np.mean(-np.log(probs[np.arange(8), val.labels])))
@@ -120,11 +123,11 @@ def test_training_learns_and_checkpoint_round_trips(tmp_path):
     save_training(
         tmp_path / "m", result, config, extra_record={"calibration": {"temperature": 2.0}}
     )
-    loaded = PatchClassifier.load(tmp_path / "m")
+    loaded = open_engine(tmp_path / "m", backend="torch")
     assert loaded.classes == ["Bulk", "Vacancy"] and loaded.temperature == 2.0
-    logits_a, _ = clf.logits(val.images)
-    logits_b, _ = loaded.logits(val.images)
-    np.testing.assert_allclose(logits_a, logits_b, atol=1e-5)
+    probs_b, _ = classify_patches(loaded, val.images)
+    atol = 1e-5 if loaded.device.type == "cpu" else 0.02  # CUDA convolutions run in TF32
+    np.testing.assert_allclose(probs_b, softmax(logits_a / 2.0, axis=1), atol=atol)
     _, config_loaded, record = load_checkpoint(tmp_path / "m")
     assert config_loaded.background_class == "Bulk"
     assert record["training"]["epochs"] == 6 and len(record["history"]) == len(history)
@@ -278,7 +281,9 @@ def test_training_on_the_gpu_matches_its_cpu_scoring(tmp_path, precision):
     assert {p.device.type for p in result.model.parameters()} == {"cpu"}
     history = result.history
     assert min(h["train_loss"] for h in history[1:]) < history[0]["train_loss"]
-    probs, _ = PatchClassifier(result.model, result.config).predict(val.images)
+    inputs = patches_to_inputs(val.images, result.config.normalization)
+    logits, _ = predict_logits(result.model, inputs)
+    probs = softmax(logits, axis=1)
     kept_loss = float(np.mean(-np.log(probs[np.arange(8), val.labels])))
     # The GPU scored validation in its own arithmetic (TF32 convolutions, bf16 for auto).
     tolerance = 0.02 if precision == "fp32" else 0.1
@@ -304,3 +309,69 @@ def test_new_weights_remove_what_was_made_from_the_old(tmp_path):
     (tmp_path / "notes.txt").write_text("the user's")
     save_checkpoint(tmp_path, model, config)  # the same directory, new weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "notes.txt", "weights.pt"]
+
+
+def _write_patches(folder, patches, hidden=True):
+    """A class-per-folder dataset of ``patches``, plus hidden files a system leaves."""
+    import tifffile
+
+    for i, (image, label) in enumerate(zip(patches.images, patches.labels, strict=True)):
+        (folder / patches.classes[label]).mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(folder / patches.classes[label] / f"p{i}.tif", image)
+    if hidden:
+        tifffile.imwrite(folder / "Bulk" / "._p0.tif", patches.images[0])
+        (folder / "Bulk" / ".ipynb_checkpoints").mkdir()
+        tifffile.imwrite(folder / "Bulk" / ".ipynb_checkpoints" / "p0.tif", patches.images[0])
+
+
+def test_one_class_is_refused_before_any_training(tmp_path, monkeypatch, capsys):
+    """Before: train on one class exited 0 and saved a model that map refuses."""
+    import defectscope.training.loop as loop
+    from defectscope.cli import main
+    from defectscope.io.datasets import load_patches
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained on one class")
+
+    monkeypatch.setattr(loop, "train_classifier", no_training)
+    patches = toy_patches(4)
+    only_bulk = patches.subset(np.flatnonzero(patches.labels == 0))
+    with pytest.raises(loop.TrainingDataError) as caught:
+        loop.train_model_dir(only_bulk, tmp_path / "m", TrainConfig(epochs=1))
+    message = str(caught.value)
+    assert "at least two classes, found 1: Bulk (4 patches); no patches of Vacancy" in message
+    assert not (tmp_path / "m").exists()
+    # Simulated patches of one class: refused before the pretraining.
+    data = tmp_path / "simulated"
+    _write_patches(data, only_bulk, hidden=False)
+    simulated = load_patches(data)
+    with pytest.raises(loop.TrainingDataError, match=r"simulated patches: .* found 1: Bulk"):
+        loop.train_from_simulated(simulated, tmp_path / "s", TrainConfig(epochs=1), real=patches)
+    assert not (tmp_path / "s").exists()
+    code = main(["train", str(data), "--out", str(tmp_path / "cli"), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "found 1: Bulk (4 patches)" in err
+    assert not (tmp_path / "cli").exists()
+
+
+def test_skipped_files_are_listed_and_recorded(tmp_path):
+    """Before: files whose names begin with '.' were left out without a word."""
+    from defectscope.io.datasets import load_patches
+    from defectscope.training.loop import train_model_dir
+
+    data = tmp_path / "data"
+    _write_patches(data, toy_patches(4))
+    patches = load_patches(data)
+    assert len(patches.labels) == 8
+    skipped = {path.split("/data/")[1]: reason for path, reason in patches.skipped}
+    assert set(skipped) == {"Bulk/._p0.tif", "Bulk/.ipynb_checkpoints"}
+    assert "name begins with '.'" in skipped["Bulk/._p0.tif"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = TrainConfig(epochs=1, batch_size=8, precision="fp32")
+        train_model_dir(patches, tmp_path / "m", config, validation="none")
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert {Path(s["path"]).name for s in record["skipped"]} == {"._p0.tif", ".ipynb_checkpoints"}

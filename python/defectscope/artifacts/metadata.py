@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,11 @@ OUTPUT_NAMES = ("probabilities", "embedding")
 _BACKGROUND_NAMES = ("bulk", "background", "lattice", "perfect")
 MAX_PATCH_SIZE = 1024
 MAX_EMBEDDING_DIM = 65536
+# Where a model directory's dense graphs live (``defectscope densify``).
+DENSE_DIR = "dense"
+# The SHA-256 of the weights an artifact was made from (see :mod:`.provenance`).
+WEIGHTS_SHA256 = "weights_sha256"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class MetadataError(ValueError):
@@ -91,6 +97,15 @@ def _normalization(data: Any) -> Normalization:
 
 def _finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sha256(value: Any, key: str = WEIGHTS_SHA256) -> str | None:
+    """A SHA-256 hex digest (64 lowercase hex digits) or None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise MetadataError(f"{key} must be a SHA-256 hex digest (64 hex digits), got {value!r}")
+    return value
 
 
 def check_temperature(value: Any) -> float:
@@ -153,13 +168,18 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactMetadata:
-    """The checked record of an artifact: its config and temperature."""
+    """The checked record of an artifact: its config and temperature.
+
+    ``weights_sha256`` is the SHA-256 of the ``weights.pt`` the artifact was made from
+    (None for artifacts made before it was recorded).
+    """
 
     config: ModelConfig
     temperature: float = 1.0
     precision: str = "fp32"
     raw: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     density: FeatureDensity | None = dataclasses.field(default=None, compare=False, repr=False)
+    weights_sha256: str | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def from_record(cls, record: Any, source: str) -> ArtifactMetadata:
@@ -187,7 +207,8 @@ class ArtifactMetadata:
                     )
                 except ValueError as exc:
                     raise MetadataError(str(exc)) from None
-            return cls(config, check_temperature(temperature), precision, record, density)
+            weights = check_sha256(record.get(WEIGHTS_SHA256))
+            return cls(config, check_temperature(temperature), precision, record, density, weights)
         except MetadataError as exc:
             raise MetadataError(f"{source}: invalid model metadata: {exc}") from None
 

@@ -33,12 +33,18 @@ class Engine:
     name = "engine"
 
     def __init__(
-        self, config: ModelConfig, temperature: float = 1.0, density: FeatureDensity | None = None
+        self,
+        config: ModelConfig,
+        temperature: float = 1.0,
+        density: FeatureDensity | None = None,
+        weights_sha256: str | None = None,
     ):
         self.config = config
         self.temperature = float(temperature)
         # The embedding's training density, when the artifact carries one (uncertainty).
         self.density = density
+        # SHA-256 of the weights.pt the artifact was made from (None: not recorded).
+        self.weights_sha256 = weights_sha256
 
     @property
     def classes(self) -> list[str]:
@@ -54,7 +60,10 @@ class Engine:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "classes": self.classes, "patch_size": self.config.patch_size}
+        info = {"backend": self.name, "classes": self.classes, "patch_size": self.config.patch_size}
+        if self.weights_sha256 is not None:
+            info["weights_sha256"] = self.weights_sha256
+        return info
 
 
 def artifact_kind(path: str | os.PathLike) -> str:

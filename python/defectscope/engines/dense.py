@@ -21,7 +21,7 @@ was cut. This module imports neither PyTorch nor ONNX; it needs onnxruntime.
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -29,19 +29,34 @@ from typing import Any
 import numpy as np
 
 from defectscope.artifacts.metadata import (
+    DENSE_DIR,
     METADATA_KEY,
     OUTPUT_NAMES,
+    WEIGHTS_SHA256,
     ArtifactMetadata,
+    MetadataError,
+    ModelConfig,
+    check_sha256,
     parse_metadata_json,
-    read_sidecar,
+)
+from defectscope.artifacts.provenance import (
+    ProvenanceError,
+    cached_file_hash,
+    check_weights,
+    warn_once,
 )
 from defectscope.engines.base import Engine, EngineError
-from defectscope.engines.tensorrt import TensorRTSession
+from defectscope.engines.tensorrt import TensorRTSession, read_engine_metadata
 from defectscope.tiling.tiler import dense_channels, normalize_region, window_origins
 
+log = logging.getLogger(__name__)
+
 DENSE_INPUT = "frame"
-DENSE_DIR = "dense"
 NATIVE_STRIDES = (32, 16, 8)
+DENSE_REPORT = "dense.json"
+# Pixels beyond a window's edge that reach its output, per architecture (the value
+# ``nets.dense.receptive_margin`` computes from the layers; a test holds them equal).
+RECEPTIVE_MARGINS = {"vgg16": 90, "vgg16_bn": 90}
 
 
 def dense_file(native_stride: int, precision: str = "fp32", target: str = "cpu") -> str:
@@ -81,16 +96,93 @@ class DenseInfo:
     align: int
 
     @classmethod
-    def from_dict(cls, data: Any, source: str) -> DenseInfo:
-        try:
-            info = cls(*(int(data[k]) for k in ("native_stride", "margin", "box", "align")))
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise EngineError(f"{source}: dense metadata is missing or malformed ({exc})") from exc
-        if info.native_stride not in NATIVE_STRIDES or not 0 <= info.margin <= 4096:
-            raise EngineError(f"{source}: dense metadata out of range: {info}")
-        if info.box < 2 or info.box % 2 or info.align not in (8, 16, 32):
-            raise EngineError(f"{source}: dense metadata out of range: {info}")
+    def from_dict(cls, data: Any, source: str, config: ModelConfig | None = None) -> DenseInfo:
+        """Check a dense graph's ``dense`` record, as ``model.json`` is checked.
+
+        With the model's ``config``, the values that follow from it are checked too:
+        ``box`` is the patch size (the footprint a window's z-score sees), ``margin`` the
+        architecture's receptive margin, and a crop step ``align`` equal to the native
+        stride. A value off any of these gives maps that are silently wrong, or crops
+        that do not fit, so it is an error naming the field.
+        """
+        if not isinstance(data, dict):
+            raise EngineError(f"{source}: dense metadata is missing or not an object: {data!r}")
+        values = {}
+        for key in ("native_stride", "margin", "box", "align"):
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise EngineError(
+                    f"{source}: dense metadata {key} must be an integer, got {value!r}"
+                )
+            values[key] = value
+        info = cls(**values)
+        if info.native_stride not in NATIVE_STRIDES:
+            raise EngineError(
+                f"{source}: dense metadata native_stride must be one of {NATIVE_STRIDES}, "
+                f"got {info.native_stride}"
+            )
+        if info.align != info.native_stride:
+            raise EngineError(
+                f"{source}: dense metadata align {info.align} does not match native_stride "
+                f"{info.native_stride} (they are equal in a dense graph)"
+            )
+        if not 0 <= info.margin <= 4096:
+            raise EngineError(
+                f"{source}: dense metadata margin must be in 0..4096, got {info.margin}"
+            )
+        if info.box < 2 or info.box % 2:
+            raise EngineError(f"{source}: dense metadata box must be even and >= 2, got {info.box}")
+        if config is not None:
+            if info.box != config.patch_size:
+                raise EngineError(
+                    f"{source}: dense metadata box {info.box} differs from the patch size "
+                    f"{config.patch_size} (the normalization footprint is the window)"
+                )
+            if config.patch_size % 32:
+                raise EngineError(
+                    f"{source}: a dense graph needs a patch size that is a multiple of 32, "
+                    f"got {config.patch_size}"
+                )
+            expected = RECEPTIVE_MARGINS.get(config.architecture)
+            if expected is not None and info.margin != expected:
+                raise EngineError(
+                    f"{source}: dense metadata margin {info.margin} differs from the "
+                    f"{config.architecture} receptive margin {expected}"
+                )
         return info
+
+    def grid_size(self, side: int, patch_size: int) -> int:
+        """Windows along a region side of ``side`` px: what the graph's output must hold."""
+        return (side - patch_size) // self.native_stride + 1
+
+
+def _check_output_shapes(
+    path, info: DenseInfo, config: ModelConfig, side: int, shapes: dict[str, tuple]
+) -> None:
+    """Refuse a graph whose outputs on a ``side``-px region disagree with its metadata.
+
+    The number of windows per side gives away the graph's real native stride (an edited
+    ``native_stride`` would index past its outputs, or read them on the wrong grid);
+    the channels its class count and embedding width.
+    """
+    n = info.grid_size(side, config.patch_size)
+    want = {
+        OUTPUT_NAMES[0]: (1, len(config.classes), n, n),
+        OUTPUT_NAMES[1]: (1, config.embedding_dim, n, n),
+    }
+    for name, expected in want.items():
+        got = tuple(int(v) for v in shapes.get(name, ()))
+        if got == expected:
+            continue
+        hint = ""
+        if len(got) == 4 and got[2] > 1 and got[2] == got[3] and got[:2] == expected[:2]:
+            actual = (side - config.patch_size) // (got[2] - 1)
+            hint = f" (windows every {actual} px: native stride {actual})"
+        raise EngineError(
+            f"{path}: on a {side}x{side} region the graph's {name} has shape {got}{hint}, but "
+            f"its metadata (native_stride {info.native_stride}, {len(config.classes)} classes, "
+            f"embedding {config.embedding_dim}) says {expected}"
+        )
 
 
 class DenseEngine(Engine):
@@ -121,12 +213,40 @@ class DenseEngine(Engine):
             raise EngineError(f"{path}: ONNX model has no defectscope metadata")
         record = parse_metadata_json(custom[METADATA_KEY], str(path))
         metadata = ArtifactMetadata.from_record(record, str(path))
-        super().__init__(metadata.config, metadata.temperature, metadata.density)
+        check_weights(path, metadata.weights_sha256)
+        super().__init__(
+            metadata.config, metadata.temperature, metadata.density, metadata.weights_sha256
+        )
         self.path = Path(path)
         self.precision = metadata.precision
-        self.dense = DenseInfo.from_dict(record.get("dense"), str(path))
-        self.agreement = record.get("dense", {}).get("agreement")
+        self.dense = DenseInfo.from_dict(record.get("dense"), str(path), self.config)
+        self.agreement = record["dense"].get("agreement")
         self.channels = dense_channels(self.config.normalization)
+        self._probe()
+
+    def _probe(self) -> None:
+        """Run the graph once on a small blank region; refuse it if its outputs disagree."""
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != DENSE_INPUT:
+            raise EngineError(
+                f"{self.path}: a dense graph takes one input {DENSE_INPUT!r}, got "
+                f"{[i.name for i in inputs]}"
+            )
+        shape = inputs[0].shape
+        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != self.channels):
+            raise EngineError(
+                f"{self.path}: input shape {shape}, but the metadata's normalization needs "
+                f"(1, {self.channels}, height, width)"
+            )
+        side = self.config.patch_size + 2 * 32  # a multiple of every native stride
+        region = np.zeros((self.channels, side, side), np.float32)
+        try:
+            outputs = self.session.run(None, {DENSE_INPUT: region[None]})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"{self.path}: the graph does not run on a region ({exc})") from exc
+        names = [o.name for o in self.session.get_outputs()]
+        shapes = {name: out.shape for name, out in zip(names, outputs, strict=False)}
+        _check_output_shapes(self.path, self.dense, self.config, side, shapes)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -161,23 +281,31 @@ class TensorRTDenseEngine(Engine):
 
     def __init__(self, path: str | os.PathLike):
         self.session = TensorRTSession(path)
-        metadata = read_sidecar(path)
-        super().__init__(metadata.config, metadata.temperature, metadata.density)
+        metadata = read_engine_metadata(path)
+        super().__init__(
+            metadata.config, metadata.temperature, metadata.density, metadata.weights_sha256
+        )
         self.path = Path(path)
         self.precision = metadata.precision
-        self.dense = DenseInfo.from_dict(metadata.raw.get("dense"), str(path))
+        sidecar = f"{path}.json"
+        self.dense = DenseInfo.from_dict(metadata.raw.get("dense"), sidecar, self.config)
         self.agreement = metadata.raw["dense"].get("agreement")
         self.channels = dense_channels(self.config.normalization)
-        try:
-            self.max_side = int(metadata.raw["max_side"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EngineError(f"{path}: the engine's metadata has no valid max_side") from exc
+        max_side = metadata.raw.get("max_side")
+        if isinstance(max_side, bool) or not isinstance(max_side, int):
+            raise EngineError(f"{sidecar}: max_side must be an integer, got {max_side!r}")
+        self.max_side = max_side
         if self.max_side < self.config.patch_size + 2 * self.dense.margin + self.dense.align:
             raise EngineError(
                 f"{path}: max_side {self.max_side} cannot hold a window and its margins"
             )
+        if self.max_side % self.dense.align:
+            raise EngineError(
+                f"{sidecar}: max_side {self.max_side} is not a multiple of align {self.dense.align}"
+            )
         largest = (1, self.channels, self.max_side, self.max_side)
         outputs = self.session.set_input_shape(DENSE_INPUT, largest)
+        _check_output_shapes(path, self.dense, self.config, self.max_side, outputs)
         nbytes = {DENSE_INPUT: int(np.prod(largest)) * 4}
         nbytes.update({name: int(np.prod(shape)) * 4 for name, shape in outputs.items()})
         self.session.allocate(nbytes)
@@ -205,13 +333,35 @@ class TensorRTDenseEngine(Engine):
 
 
 def find_dense_all(
-    model_dir: str | os.PathLike, prefer_int8: bool = True, tensorrt: bool = False
+    model_dir: str | os.PathLike,
+    prefer_int8: bool = True,
+    tensorrt: bool = False,
+    strict: bool = False,
 ) -> list[Path]:
     """The dense graphs of ``model_dir``, one per native stride (INT8 first by default).
 
     ``tensorrt``: their TensorRT engines instead of the ONNX graphs.
+
+    Only graphs bound to this model are returned: the folder's ``dense.json`` must be
+    there (``densify`` writes it last, so a folder without it is unfinished), record the
+    SHA-256 of the model's weights, and list each graph with its own hash; a TensorRT
+    engine's ``<engine>.json`` must describe it and the same weights. A graph that fails
+    is, with ``strict`` (dense maps were asked for), a one-line error naming the hashes;
+    without it, a warning, and the map runs window by window (or with the next precision).
+    A folder made before hashes were recorded is used, with a warning.
     """
-    folder = Path(model_dir) / DENSE_DIR
+    model_dir = Path(model_dir)
+    folder = model_dir / DENSE_DIR
+    if not folder.is_dir():
+        return []
+    try:
+        report = _dense_report(folder)
+        check_weights(folder, report.get(WEIGHTS_SHA256), model_dir)
+    except (EngineError, MetadataError) as exc:
+        if strict:
+            raise
+        log.warning("%s; the dense graphs are not used, maps run window by window", exc)
+        return []
     if tensorrt:
         names = (("int8", "fp16") if prefer_int8 else ("fp16", "int8"), dense_engine_file)
     else:
@@ -221,10 +371,84 @@ def find_dense_all(
     for native in NATIVE_STRIDES:
         for precision in precisions:
             path = folder / name_of(native, precision)
-            if path.is_file():
-                found.append(path)
-                break
+            if not path.is_file():
+                continue
+            try:
+                _check_graph_file(path, report, model_dir, tensorrt)
+            except (EngineError, MetadataError) as exc:
+                if strict:
+                    raise
+                log.warning("%s; not used", exc)
+                continue
+            found.append(path)
+            break
     return found
+
+
+def check_dense_file(path: str | os.PathLike) -> None:
+    """Refuse a file of a model's ``dense/`` folder that is not bound to the model.
+
+    As :func:`find_dense_all` with ``strict``, for one graph (ONNX or TensorRT engine),
+    e.g. the source of an engine about to be built.
+    """
+    path = Path(path)
+    folder = path.parent
+    report = _dense_report(folder)
+    check_weights(folder, report.get(WEIGHTS_SHA256), folder.parent)
+    _check_graph_file(path, report, folder.parent, path.suffix == ".engine")
+
+
+def _dense_report(folder: Path) -> dict[str, Any]:
+    """The checked ``dense.json`` of a dense folder, or an error saying what is wrong."""
+    path = folder / DENSE_REPORT
+    if not path.is_file():
+        raise EngineError(
+            f"{folder}: no {DENSE_REPORT} (densify did not finish); run 'defectscope densify' again"
+        )
+    try:
+        report = parse_metadata_json(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot read it ({exc})") from exc
+    if not isinstance(report, dict):
+        raise EngineError(f"{path}: must be a JSON object, got {type(report).__name__}")
+    try:
+        check_sha256(report.get(WEIGHTS_SHA256))
+    except MetadataError as exc:
+        raise EngineError(f"{path}: {exc}") from None
+    files = report.get("files")
+    if files is not None and not isinstance(files, dict):
+        raise EngineError(f"{path}: files must map file names to SHA-256 digests, got {files!r}")
+    return report
+
+
+def _check_graph_file(path: Path, report: dict, model_dir: Path, tensorrt: bool) -> None:
+    """Refuse a graph ``dense.json`` does not list with its hash, or a stale engine."""
+    files = report.get("files")
+    if tensorrt:
+        # Built later by export, from the graphs: bound by its sidecar.
+        read_engine_metadata(path)
+        return
+    if files is None:
+        warn_once(
+            f"{path.parent / DENSE_REPORT}: lists no graph hashes (written before "
+            "defectscope recorded them); run densify again to bind the graphs"
+        )
+        return
+    if path.name not in files:
+        raise EngineError(
+            f"{path}: not among the graphs {path.parent / DENSE_REPORT} lists (not made by "
+            "the densify run that wrote it); run 'defectscope densify' again"
+        )
+    try:
+        recorded = check_sha256(files[path.name], f"files[{path.name!r}]")
+    except MetadataError as exc:
+        raise EngineError(f"{path.parent / DENSE_REPORT}: {exc}") from None
+    actual = cached_file_hash(path)
+    if actual != recorded:
+        raise ProvenanceError(
+            f"{path}: sha256 {actual}, but {path.parent / DENSE_REPORT} records sha256 "
+            f"{recorded} for it (changed since densify made it); run 'defectscope densify' again"
+        )
 
 
 def _axis_plan(
@@ -347,7 +571,7 @@ def dense_map_arrays(
 
 def read_dense_report(model_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The agreement report ``make_dense`` left in ``model_dir/dense``, if any."""
-    path = Path(model_dir) / DENSE_DIR / "dense.json"
-    if not path.is_file():
+    folder = Path(model_dir) / DENSE_DIR
+    if not (folder / DENSE_REPORT).is_file():
         return None
-    return json.loads(path.read_text())
+    return _dense_report(folder)

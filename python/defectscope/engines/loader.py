@@ -1,16 +1,32 @@
-"""Loader."""
+"""Opening an artifact with a backend, and the files a run loads for it."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 from pathlib import Path
 
+from defectscope.artifacts.metadata import DENSE_DIR, META_FILE, WEIGHTS_FILE
+from defectscope.artifacts.provenance import ProvenanceError, cached_file_hash, model_dir_of
 from defectscope.engines.base import Engine, EngineError, artifact_kind
 from defectscope.engines.onnx import GPU_PROVIDERS, OnnxEngine
 from defectscope.engines.pytorch import TorchEngine
 from defectscope.engines.tensorrt import TensorRTEngine
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+# What a run may load from a model directory besides its dense/ folder.
+MODEL_FILES = (
+    META_FILE,
+    WEIGHTS_FILE,
+    "model.onnx",
+    "model.int8.onnx",
+    "model.fp16.engine",
+    "model.fp16.engine.json",
+    "model.int8.engine",
+    "model.int8.engine.json",
+)
+log = logging.getLogger(__name__)
 
 
 def gpu_providers_available() -> bool:
@@ -33,6 +49,18 @@ def load_engine(
     CPU the INT8 model (``model.int8.onnx``, U8S8 for VNNI) is preferred; with a GPU
     provider the FP32 ``model.onnx`` is taken (the TensorRT provider builds FP16 from
     it), since the CPU INT8 model's asymmetric activations do not suit TensorRT.
+
+    An artifact made from other weights than its model directory's ``weights.pt`` is
+    refused when it was asked for (a file, or the ``onnxruntime``/``tensorrt`` backend);
+    one ``auto`` finds beside the weights is passed by with a warning, for the next
+    choice (PyTorch last, when it is installed).
+
+    Raises
+    ------
+    EngineError
+        The backend cannot run the artifact.
+    ProvenanceError
+        A derived artifact asked for was made from other weights (both hashes named).
     """
     if backend not in BACKENDS:
         raise EngineError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -53,9 +81,16 @@ def load_engine(
         raise EngineError(f"{artifact}: export a TensorRT engine first (defectscope export)")
     if backend == "auto":
         names = ["model.onnx"] if gpu_providers_available() else ["model.int8.onnx", "model.onnx"]
+        stale: list[ProvenanceError] = []
         for name in names:
             if (artifact / name).is_file():
-                return OnnxEngine(artifact / name, threads=threads)
+                try:
+                    return OnnxEngine(artifact / name, threads=threads)
+                except ProvenanceError as exc:
+                    stale.append(exc)
+                    log.warning("%s; not used", exc)
+        if stale and importlib.util.find_spec("torch") is None:
+            raise stale[0]  # nothing else to run it with: say why
         backend = "torch"
     if backend == "onnxruntime":
         onnx_path = artifact / "model.onnx"
@@ -63,3 +98,55 @@ def load_engine(
             raise EngineError(f"{artifact}: no model.onnx; run 'defectscope export' first")
         return OnnxEngine(onnx_path, threads=threads)
     return TorchEngine(artifact, precision=precision)
+
+
+def artifact_files(artifact: str | os.PathLike) -> list[Path]:
+    """Every file a run may load for ``artifact``, sorted: hash these to know it is the same.
+
+    A model directory: ``model.json``, ``weights.pt``, the exported models and engines
+    with their sidecars, and every file of ``dense/``. A file (``.onnx``, an engine): it,
+    its sidecar, and, when it lies in a model directory, that directory's ``model.json``,
+    ``weights.pt`` (what it is checked against) and ``dense/`` (the dense graphs a map
+    loads beside it). Which of them a given run opens depends on the backend and the
+    machine (GPU, PyTorch), so all are listed: a change to any means the results may
+    change. Hidden files (``.name``: staging folders, temporary files) are not loaded
+    and not listed.
+
+    Raises
+    ------
+    EngineError
+        When ``artifact`` is not a model directory, ONNX file or engine.
+    """
+    path = Path(artifact)
+    kind = artifact_kind(path)
+    files: set[Path] = set()
+    model_dir = path if kind == "model_dir" else model_dir_of(path)
+    if kind != "model_dir":
+        files.add(path)
+        sidecar = Path(f"{path}.json")
+        if sidecar.is_file():
+            files.add(sidecar)
+    if model_dir is not None:
+        names = MODEL_FILES if kind == "model_dir" else (META_FILE, WEIGHTS_FILE)
+        files.update(model_dir / name for name in names if (model_dir / name).is_file())
+        dense = model_dir / DENSE_DIR
+        if dense.is_dir():
+            files.update(p for p in dense.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(files)
+
+
+def artifact_hashes(artifact: str | os.PathLike) -> dict[str, str]:
+    """``{file: sha256}`` for :func:`artifact_files`, names relative to the model directory.
+
+    Equal dictionaries mean a run loads the same bytes; a batch run keys its results by it.
+    """
+    path = Path(artifact)
+    base = path if path.is_dir() else (model_dir_of(path) or path.parent)
+    hashes = {}
+    for file in artifact_files(path):
+        try:
+            name = file.relative_to(base).as_posix()
+        except ValueError:
+            name = str(file)
+        hashes[name] = cached_file_hash(file)
+    return hashes

@@ -15,6 +15,7 @@ from defectscope.artifacts.metadata import (
     ArtifactMetadata,
     parse_metadata_json,
 )
+from defectscope.artifacts.provenance import check_weights
 from defectscope.engines.base import Engine, EngineError
 
 
@@ -42,6 +43,9 @@ class OnnxEngine(Engine):
     the CPU a plain ``run`` is as fast and copies less. The TensorRT provider keeps
     the engines it builds in a cache folder (``DEFECTSCOPE_CACHE``), so a process
     does not rebuild them for every start and batch size.
+
+    A file in a model directory made from other weights than the directory's
+    ``weights.pt`` is refused (:class:`~defectscope.artifacts.provenance.ProvenanceError`).
     """
 
     name = "onnxruntime"
@@ -89,7 +93,10 @@ class OnnxEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"{path}: not a loadable ONNX model ({exc})") from exc
         metadata = onnx_metadata(self.session, path)
-        super().__init__(metadata.config, metadata.temperature, metadata.density)
+        check_weights(path, metadata.weights_sha256)
+        super().__init__(
+            metadata.config, metadata.temperature, metadata.density, metadata.weights_sha256
+        )
         self.precision = metadata.precision
         self._check_io(path)
         self.providers = self.session.get_providers()
@@ -111,6 +118,19 @@ class OnnxEngine(Engine):
             raise EngineError(
                 f"{path}: input shape {shape} does not match the metadata's {self.input_shape}"
             )
+        # Widths the graph states must be the metadata's: a class list of another model
+        # would otherwise name the columns of these probabilities.
+        widths = {OUTPUT_NAMES[0]: len(self.classes), OUTPUT_NAMES[1]: self.config.embedding_dim}
+        for output in self.session.get_outputs():
+            want = widths.get(output.name)
+            shape = output.shape
+            if want is None:
+                continue
+            if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != want):
+                raise EngineError(
+                    f"{path}: output {output.name!r} has shape {shape}, but the metadata says "
+                    f"(batch, {want})"
+                )
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "providers": self.providers, "precision": self.precision}

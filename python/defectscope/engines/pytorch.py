@@ -36,7 +36,9 @@ class TorchEngine(Engine):
 
         model, config, record = load_checkpoint(model_dir)
         metadata = ArtifactMetadata.from_record(record, str(Path(model_dir) / META_FILE))
-        super().__init__(config, metadata.temperature, metadata.density)
+        # load_checkpoint refused a model.json written for other weights; the hash here is
+        # of the weights loaded.
+        super().__init__(config, metadata.temperature, metadata.density, metadata.weights_sha256)
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()

@@ -10,9 +10,14 @@ import numpy as np
 from defectscope.artifacts.metadata import (
     INPUT_NAME,
     OUTPUT_NAMES,
+    ArtifactMetadata,
+    check_sha256,
     read_sidecar,
 )
+from defectscope.artifacts.provenance import cached_file_hash, check_weights
 from defectscope.engines.base import Engine, EngineError
+
+ENGINE_SHA256 = "engine_sha256"
 
 
 def _cudart():
@@ -131,6 +136,28 @@ class TensorRTSession:
             cudart.cudaStreamDestroy(self.stream)
 
 
+def read_engine_metadata(path: str | os.PathLike) -> ArtifactMetadata:
+    """The checked ``<engine>.json`` of a TensorRT engine, bound to the engine and its weights.
+
+    The sidecar records the SHA-256 of the engine it was written with (``engine_sha256``)
+    and of the weights the engine was made from; an engine that is not the one its
+    sidecar describes, or one made from other weights than its model directory's
+    ``weights.pt``, is refused.
+    """
+    metadata = read_sidecar(path)
+    try:
+        recorded = check_sha256(metadata.raw.get(ENGINE_SHA256), ENGINE_SHA256)
+    except ValueError as exc:
+        raise EngineError(f"{path}.json: {exc}") from None
+    if recorded is not None and recorded != (actual := cached_file_hash(path)):
+        raise EngineError(
+            f"{path}: engine sha256 {actual}, but {Path(path).name}.json describes the engine "
+            f"sha256 {recorded}; export the engine again"
+        )
+    check_weights(path, metadata.weights_sha256)
+    return metadata
+
+
 class TensorRTEngine(Engine):
     """A serialized TensorRT engine of the per-window model (batches of patches)."""
 
@@ -138,8 +165,10 @@ class TensorRTEngine(Engine):
 
     def __init__(self, path: str | os.PathLike):
         self.session = TensorRTSession(path)
-        metadata = read_sidecar(path)
-        super().__init__(metadata.config, metadata.temperature, metadata.density)
+        metadata = read_engine_metadata(path)
+        super().__init__(
+            metadata.config, metadata.temperature, metadata.density, metadata.weights_sha256
+        )
         self.precision = metadata.precision
         self.max_batch = int(metadata.raw.get("max_batch", 256))
         widths = {

@@ -32,7 +32,14 @@ from defectscope.artifacts.metadata import (
     parse_metadata_json,
 )
 from defectscope.engines.base import Engine, EngineError
-from defectscope.engines.dense import DENSE_DIR, NATIVE_STRIDES, DenseInfo, _axis_plan, dense_file
+from defectscope.engines.dense import (
+    DENSE_DIR,
+    NATIVE_STRIDES,
+    DenseInfo,
+    _axis_plan,
+    check_dense_file,
+    dense_file,
+)
 from defectscope.tiling.tiler import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -133,10 +140,14 @@ class TorchDenseEngine(Engine):
                     f"{needed}: missing; make the dense graphs with 'defectscope densify "
                     f"{model_dir}'"
                 )
+        for bound in (graph, weights):  # made from this model's weights, and unchanged
+            check_dense_file(bound)
         record = _read_graph_metadata(graph)
         metadata = ArtifactMetadata.from_record(record, str(graph))
-        super().__init__(metadata.config, metadata.temperature, metadata.density)
-        self.dense = DenseInfo.from_dict(record.get("dense"), str(graph))
+        super().__init__(
+            metadata.config, metadata.temperature, metadata.density, metadata.weights_sha256
+        )
+        self.dense = DenseInfo.from_dict(record.get("dense"), str(graph), metadata.config)
         if self.dense.native_stride != native_stride:
             raise EngineError(
                 f"{graph}: metadata says native stride {self.dense.native_stride}, "

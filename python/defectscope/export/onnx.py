@@ -16,6 +16,7 @@ from defectscope.artifacts.metadata import (
     INPUT_NAME,
     METADATA_KEY,
     OUTPUT_NAMES,
+    WEIGHTS_SHA256,
     ArtifactMetadata,
     ModelConfig,
     parse_metadata_json,
@@ -42,11 +43,18 @@ class _ExportWrapper(nn.Module):
 
 
 def artifact_metadata(config: ModelConfig, record: dict[str, Any]) -> dict[str, Any]:
-    """What a runtime needs beside the network: config, temperature and the density."""
+    """What a runtime needs beside the network: config, temperature and the density.
+
+    ``record`` is what :func:`~defectscope.nets.checkpoint.load_checkpoint` returns; its
+    ``weights_sha256`` (the weights loaded) goes along, so a loader can tell the artifact
+    from one made from other weights.
+    """
     temperature = record.get("calibration", {}).get("temperature", 1.0)
     metadata = {"model": config.to_dict(), "temperature": float(temperature), "format_version": 1}
     if record.get("density") is not None:
         metadata["density"] = record["density"]  # uncertainty travels with every artifact
+    if record.get(WEIGHTS_SHA256) is not None:
+        metadata[WEIGHTS_SHA256] = record[WEIGHTS_SHA256]
     return metadata
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -10,14 +11,16 @@ from defectscope.artifacts.metadata import (
     INPUT_NAME,
     ArtifactMetadata,
 )
+from defectscope.artifacts.provenance import check_weights
 from defectscope.engines.dense import (
     DENSE_DIR,
     DENSE_INPUT,
     NATIVE_STRIDES,
+    check_dense_file,
     dense_engine_file,
     dense_file,
 )
-from defectscope.engines.tensorrt import tensorrt_available
+from defectscope.engines.tensorrt import ENGINE_SHA256, tensorrt_available
 from defectscope.export.int8 import INT8_FILES
 from defectscope.export.onnx import ExportError, read_onnx_metadata
 from defectscope.io.files import atomic_write_bytes, atomic_write_json
@@ -59,7 +62,9 @@ def build_tensorrt_engine(
     from its Q/DQ nodes). A per-window model gets an optimization profile over batches
     of 1 to ``max_batch`` patches; a dense graph (``defectscope densify``) one over
     regions of one window up to ``max_side`` squared (see :func:`dense_profile`).
-    The metadata goes to ``<output>.json``.
+    The metadata goes to ``<output>.json``, with the SHA-256 of the engine and of the
+    weights the ONNX model was made from; an ONNX model made from other weights than its
+    model directory's ``weights.pt`` is refused before anything is built.
     """
     ok, reason = tensorrt_available()
     if not ok:
@@ -75,7 +80,9 @@ def build_tensorrt_engine(
         )
     if precision not in ("fp16", "int8"):
         raise ExportError(f"precision must be fp16 or int8, got {precision!r}")
-    config = ArtifactMetadata.from_record(metadata, str(onnx_path)).config
+    checked = ArtifactMetadata.from_record(metadata, str(onnx_path))
+    check_weights(onnx_path, checked.weights_sha256)
+    config = checked.config
     patch = config.patch_size
     dense = metadata.get("dense")
     extra: dict[str, Any] = {"precision": precision}
@@ -107,7 +114,9 @@ def build_tensorrt_engine(
     if serialized is None:
         raise ExportError(f"{onnx_path}: TensorRT engine build failed")
     output = Path(output)
-    atomic_write_bytes(output, bytes(serialized))
+    data = bytes(serialized)
+    extra[ENGINE_SHA256] = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(output, data)
     atomic_write_json(output.with_suffix(output.suffix + ".json"), {**metadata, **extra})
     return output
 
@@ -128,6 +137,7 @@ def build_dense_tensorrt_engines(
         source = folder / dense_file(native, "int8" if precision == "int8" else "fp32", "tensorrt")
         if not source.is_file():
             raise ValueError(f"{source}: missing; run 'defectscope densify' with --int8 first")
+        check_dense_file(source)  # an engine of a stale graph would be stale too
         engine = build_tensorrt_engine(
             source, folder / dense_engine_file(native, precision), precision, max_side=max_side
         )

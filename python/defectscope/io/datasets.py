@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ DATASET_FOLDERS = {"cdte": "DataSet_CdTe", "sto": "DataSet_STO"}
 # The large frames many of each dataset's patches were cropped from.
 DATASET_FRAMES = {"cdte": "CdTe_Training_Image.tif", "sto": "STO_Training_Image.jpg"}
 _NUMBERED = re.compile(r"^(?P<label>.+)_(?P<index>\d+)$")
+HIDDEN_REASON = "hidden (name begins with '.'), not read"
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -54,7 +57,8 @@ class PatchSet:
     paths : list of str
         Source file of each patch.
     skipped : list of (str, str)
-        ``(path, reason)`` of files left out with ``skip_bad``.
+        ``(path, reason)`` of what was left out: hidden files and folders (names
+        beginning with ``.``) always, unreadable or odd-sized files with ``skip_bad``.
     groups : ndarray of int64, shape (n,), optional
         Independent group of each patch when the dataset says (``groups.json``, as
         ``simulate`` writes it); ``None``: found from the pixels (:mod:`grouping`).
@@ -90,6 +94,51 @@ def _is_image(path: Path) -> bool:
     )
 
 
+def _is_hidden_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.name.startswith(".")
+
+
+def _count_images(folder: Path) -> int:
+    """Image files anywhere under ``folder`` (what a hidden folder keeps from being read)."""
+    return sum(
+        1
+        for _, _, names in os.walk(folder)
+        for name in names
+        if Path(name).suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _hidden_entry(path: Path, skipped: list[tuple[str, str]] | None) -> None:
+    """Note a hidden file, or a hidden folder that holds images, in ``skipped``."""
+    if skipped is None:
+        return
+    if path.is_dir():
+        count = _count_images(path)
+        if count:
+            skipped.append(
+                (str(path), f"hidden folder (name begins with '.'), {count} images not read")
+            )
+    elif _is_hidden_image(path):
+        skipped.append((str(path), HIDDEN_REASON))
+
+
+def _class_images(folder: Path, skipped: list[tuple[str, str]] | None) -> list[Path]:
+    """Image files under a class folder, hidden files and folders left out (and noted)."""
+    found = []
+    for top, dirs, names in os.walk(folder):
+        top = Path(top)
+        for name in sorted(d for d in dirs if d.startswith(".")):
+            _hidden_entry(top / name, skipped)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            path = top / name
+            if _is_image(path):
+                found.append(path)
+            else:
+                _hidden_entry(path, skipped)
+    return sorted(found)
+
+
 def label_from_filename(path: str | os.PathLike) -> str:
     """Class of an upstream-layout file: the stem before the last ``_<n>``.
 
@@ -105,8 +154,14 @@ def label_from_filename(path: str | os.PathLike) -> str:
     return match.group("label")
 
 
-def discover(root: str | os.PathLike) -> list[tuple[Path, str]]:
+def discover(
+    root: str | os.PathLike, skipped: list[tuple[str, str]] | None = None
+) -> list[tuple[Path, str]]:
     """List ``(file, label)`` pairs under ``root`` in either layout.
+
+    Files and folders whose names begin with ``.`` (system and editor files, checkpoint
+    folders) are not read; each such image file, and each such folder that holds
+    images, is appended to ``skipped`` as ``(path, reason)`` when a list is given.
 
     Raises
     ------
@@ -116,10 +171,17 @@ def discover(root: str | os.PathLike) -> list[tuple[Path, str]]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
-    files = sorted(p for p in root.iterdir() if _is_image(p))
+    entries = sorted(root.iterdir())
+    files = [p for p in entries if _is_image(p)]
     if files:
+        for path in entries:
+            if path.name.startswith("."):
+                _hidden_entry(path, skipped)
         return [(p, label_from_filename(p)) for p in files]
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for path in entries:
+        if path.name.startswith("."):
+            _hidden_entry(path, skipped)
+    subdirs = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
     nested = [d for d in subdirs if d.name.startswith("DataSet_") or d.name == "Image Data"]
     if nested:
         names = ", ".join(str(d) for d in nested)
@@ -129,7 +191,7 @@ def discover(root: str | os.PathLike) -> list[tuple[Path, str]]:
         )
     items: list[tuple[Path, str]] = []
     for class_dir in subdirs:
-        class_files = sorted(p for p in class_dir.rglob("*") if _is_image(p))
+        class_files = _class_images(class_dir, skipped)
         if not class_files:
             raise DatasetError(f"{class_dir}: class folder holds no images")
         items.extend((p, class_dir.name) for p in class_files)
@@ -156,11 +218,20 @@ def load_patches(root: str | os.PathLike, skip_bad: bool = False) -> PatchSet:
     Returns
     -------
     PatchSet
+        Hidden files and folders (names beginning with ``.``) are never read; they are
+        listed in ``PatchSet.skipped`` and logged as a warning.
     """
-    items = discover(root)
+    skipped: list[tuple[str, str]] = []
+    items = discover(root, skipped)
+    if skipped:
+        log.warning(
+            "%s: skipped %d hidden file(s) or folder(s) (names beginning with '.'): %s",
+            root,
+            len(skipped),
+            ", ".join(Path(p).name for p, _ in skipped[:5]) + (", ..." if len(skipped) > 5 else ""),
+        )
     images: list[np.ndarray] = []
     kept: list[tuple[Path, str]] = []
-    skipped: list[tuple[str, str]] = []
     for path, label in items:
         try:
             image = read_image(path)

@@ -1,10 +1,11 @@
-"""Files."""
+"""Files: hashes, atomic writes and staging folders, all with the umask's modes."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 
@@ -52,3 +53,88 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     import json
 
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def staging_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new, empty folder ``parent/<prefix><pid>-<random>`` with the umask's mode.
+
+    :func:`tempfile.mkdtemp` makes its folder 0700, and a staging folder renamed into
+    place would keep that mode: a derived artifact other users cannot read. ``mkdir``
+    with 0o777 lets the kernel apply the umask (0755 by default).
+
+    Parameters
+    ----------
+    parent : path-like
+        Where the folder goes (created if missing); the same file system as the folder
+        it will replace, so that the final rename is atomic.
+    prefix : str
+        Start of its name; begin it with ``.`` so listings and loaders pass it by.
+
+    Returns
+    -------
+    Path
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+
+
+def remove_stale_staging(parent: str | os.PathLike, prefix: str) -> list[Path]:
+    """Remove ``parent/<prefix><pid>-*`` folders whose process is gone (a killed run).
+
+    Returns the folders removed. Folders of live processes (another run making the same
+    artifact right now) are left alone.
+    """
+    removed = []
+    parent = Path(parent)
+    if not parent.is_dir():
+        return removed
+    for path in parent.glob(f"{prefix}*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if not path.is_dir() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OverflowError:
+        return False  # a number no process can have
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Put the finished folder ``staging`` in place of ``target`` (same file system).
+
+    A reader sees the old folder, then (for the instant between two renames) none, then
+    the new one: never a half-written one. The old folder is removed afterwards.
+    """
+    staging, target = Path(staging), Path(target)
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(6)}")
+        os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)  # put the previous artifact back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return target

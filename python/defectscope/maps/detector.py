@@ -66,7 +66,7 @@ def _load_dense(
     model_dir = artifact if artifact.is_dir() else artifact.parent
     prefer_int8 = getattr(engine, "precision", "int8") == "int8"
     if engine.name == "tensorrt":
-        paths = find_dense_all(model_dir, prefer_int8, tensorrt=True)
+        paths = find_dense_all(model_dir, prefer_int8, tensorrt=True, strict=required)
         if required and not paths:
             raise EngineError(
                 f"{model_dir}: no dense TensorRT engines; build them with 'defectscope "
@@ -89,7 +89,7 @@ def _load_dense(
                 f"{artifact}: dense graphs run on ONNX Runtime on the CPU or as TensorRT engines"
             )
         return []
-    paths = find_dense_all(model_dir, prefer_int8=prefer_int8)
+    paths = find_dense_all(model_dir, prefer_int8=prefer_int8, strict=required)
     if required and not paths:
         raise EngineError(f"{model_dir}: no dense graphs; make them with 'defectscope densify'")
     return [DenseEngine(path, threads=threads) for path in paths]
@@ -169,6 +169,13 @@ class Detector:
             if dense.classes != engine.classes:
                 raise ValueError(
                     f"dense graph classes {dense.classes} differ from the model's {engine.classes}"
+                )
+            made_from = getattr(dense, "weights_sha256", None)
+            weights = getattr(engine, "weights_sha256", None)
+            if made_from and weights and made_from != weights:
+                raise ValueError(
+                    f"dense graph {getattr(dense, 'path', '')} was made from weights "
+                    f"{made_from[:12]}, the model's are {weights[:12]}"
                 )
         if background is not None and background not in engine.classes:
             raise ValueError(f"background class {background!r} is not among {engine.classes}")

@@ -12,12 +12,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from defectscope.io.files import staging_dir
 from defectscope.maps.result import MapResult, windows_csv
 
 MAP_FILES = ("windows.csv", "regions.json", "overlay.png", "confidence.png", "uncertainty.png")
@@ -104,9 +104,8 @@ def write_map_outputs(
         raise OutputPathError(f"{out_dir}: exists and is not a folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out_dir)
-    staging = Path(
-        tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.staging-{os.getpid()}-")
-    )
+    # The umask's mode (0755 by default): mkdtemp's 0700 would stay after the rename.
+    staging = staging_dir(out_dir.parent, f".{out_dir.name}.staging-")
     try:
         (staging / "windows.csv").write_text(windows_csv(result))
         regions = result.regions()

@@ -1,6 +1,6 @@
 """A ZeroMQ service so acquisition programs in any language can ask for maps and ROIs.
 
-Wire format (also in the README):
+Wire format (also in docs/service.md):
 
 - request: multipart; part 1 a UTF-8 JSON header, part 2 the raw frame bytes in C
   order (absent for ops without a frame). Header:

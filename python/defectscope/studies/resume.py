@@ -25,6 +25,44 @@ from defectscope.util.system import cpu_description
 
 log = logging.getLogger(__name__)
 
+# What each kind of finished unit must hold for the study to use it (None: any value).
+_METRICS = {"accuracy": None, "macro_f1_classes": None, "per_class": dict}
+_CALIBRATION = {"ece_before": None, "ece_after": None}
+SPLIT_RECORD = {
+    "split": {"evaluable_classes": list, "n_test": None},
+    "metrics": {**_METRICS, "macro_f1": None},
+    "calibration": _CALIBRATION,
+    "epochs_run": None,
+    "warnings": list,
+}
+FOLD_RECORD = {
+    "n_test": None,
+    "evaluable_classes": list,
+    "metrics": _METRICS,
+    "calibration": _CALIBRATION,
+}
+LOCO_RECORD = {"class": str, "result": dict}
+
+
+def missing_part(record, spec: dict, prefix: str = "") -> str | None:
+    """The first entry ``spec`` asks for that ``record`` lacks (``"metrics.accuracy"``).
+
+    ``spec`` maps keys to None (any value), a type the value must be, or a nested spec.
+    """
+    if not isinstance(record, dict):
+        return f"{prefix or 'record'} (not an object)"
+    for key, want in spec.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in record:
+            return name
+        value = record[key]
+        if isinstance(want, dict):
+            if (inner := missing_part(value, want, name)) is not None:
+                return inner
+        elif want is not None and not isinstance(value, want):
+            return f"{name} (not a {want.__name__})"
+    return None
+
 
 class FinishedWork:
     """The trainings a study has finished, kept so that an interrupted run can resume.
@@ -62,16 +100,32 @@ class FinishedWork:
             digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes() + b"|")
         return digest.hexdigest()
 
-    def get(self, name: str, split: Split, model_dir: Path | None = None) -> dict | None:
-        """The stored record of ``name`` when it may be reused, else None."""
+    def get(
+        self,
+        name: str,
+        split: Split,
+        model_dir: Path | None = None,
+        required: dict | None = None,
+    ) -> dict | None:
+        """The stored record of ``name`` when it may be reused, else None.
+
+        ``required`` (see :func:`missing_part`) is what the record must hold: a stored
+        file without its ``record`` or lacking part of it (damaged, or edited by hand) is
+        trained again, with a warning, rather than failing the study later.
+        """
         path = self.directory / f"{name}.json"
         if not self.resume or not path.is_file():
             return None
         try:
             stored = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            log.warning("%s: damaged (%s); training %s again", path, exc, name)
             return None
         if not isinstance(stored, dict) or stored.get("key") != self._key(name, split):
+            return None
+        lacking = missing_part(stored, {"record": required or dict})
+        if lacking is not None:
+            log.warning("%s: damaged (no %s); training %s again", path, lacking, name)
             return None
         weights = model_dir / WEIGHTS_FILE if model_dir is not None else None
         if weights is not None and (

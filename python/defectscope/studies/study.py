@@ -33,7 +33,7 @@ from defectscope.io.files import atomic_write_json, atomic_write_text
 from defectscope.nets.device import device_name
 from defectscope.studies.frame_check import frame_check
 from defectscope.studies.markdown import summary_markdown
-from defectscope.studies.resume import FinishedWork
+from defectscope.studies.resume import FOLD_RECORD, LOCO_RECORD, SPLIT_RECORD, FinishedWork
 from defectscope.tiling.tiler import patches_to_inputs
 from defectscope.training.loop import (
     TrainConfig,
@@ -78,8 +78,10 @@ def evaluate_split(
     training ``finished`` holds, with its model unchanged, is not run again.
     """
     unit = f"{split.name}-split"
-    if finished is not None and (stored := finished.get(unit, split, model_dir)) is not None:
-        return stored
+    if finished is not None:
+        stored = finished.get(unit, split, model_dir, required=SPLIT_RECORD)
+        if stored is not None:
+            return stored
     result, metrics, calibration = _score_split(
         patches, split, config, name or f"{split.name} split", progress
     )
@@ -205,7 +207,7 @@ def cross_validate(
     folds = []
     for index, split in enumerate(splits):
         name = f"fold-{index + 1}-of-{len(splits)}"
-        fold = finished.get(name, split) if finished is not None else None
+        fold = finished.get(name, split, required=FOLD_RECORD) if finished is not None else None
         if fold is not None:
             folds.append(fold)
             continue
@@ -277,7 +279,7 @@ def leave_one_class_out(
         if classes is not None and name not in classes:
             continue
         unit = f"without-class-{drop}"
-        stored = finished.get(unit, split) if finished is not None else None
+        stored = finished.get(unit, split, required=LOCO_RECORD) if finished is not None else None
         if stored is not None and stored.get("class") == name:
             report[name] = stored["result"]
             continue

@@ -107,6 +107,29 @@ def _epoch_loss(model: DefectNet, inputs: np.ndarray, labels: np.ndarray, precis
     return loss, float((logits.argmax(1) == labels).mean())
 
 
+class TrainingDataError(ValueError):
+    """The patches cannot train a classifier (fewer than two classes)."""
+
+
+def check_classes(patches: PatchSet, what: str = "training patches") -> None:
+    """Refuse patches of fewer than two classes: one line naming what was found.
+
+    A classifier of one class answers that class everywhere; the model it saves cannot
+    be loaded (a model needs two classes or more), so it is refused before any work.
+    """
+    present = np.unique(patches.labels) if len(patches.labels) else np.array([], np.int64)
+    if len(present) >= 2:
+        return
+    counts = patches.counts()
+    found = ", ".join(f"{name} ({n} patches)" for name, n in counts.items() if n) or "no patches"
+    missing = [name for name, n in counts.items() if not n]
+    tail = f"; no patches of {', '.join(missing)}" if missing else ""
+    raise TrainingDataError(
+        f"{what}: a classifier needs patches of at least two classes, found "
+        f"{len(present)}: {found}{tail}"
+    )
+
+
 def train_classifier(
     train: PatchSet,
     validation: PatchSet | None = None,
@@ -132,7 +155,13 @@ def train_classifier(
     Returns
     -------
     TrainResult
+
+    Raises
+    ------
+    TrainingDataError
+        When ``train`` holds fewer than two classes.
     """
+    check_classes(train, name)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     started = time.perf_counter()
@@ -372,12 +401,24 @@ def train_model_dir(
         no class has three groups; a random 15 %; or none.
     extra_record : dict, optional
         Added to the model's JSON.
+
+    Raises
+    ------
+    TrainingDataError
+        When ``patches`` hold fewer than two classes (nothing is written).
+
+    Notes
+    -----
+    What :func:`~defectscope.io.datasets.load_patches` left out (``patches.skipped``:
+    hidden files, with ``skip_bad`` unreadable ones) is recorded in ``model.json`` under
+    ``"skipped"``.
     """
     from defectscope.evaluation.grouping import find_groups
     from defectscope.evaluation.metrics import fit_temperature, grouped_split, random_split
 
     if validation not in ("grouped", "random", "none"):
         raise ValueError(f"validation must be grouped, random or none, got {validation!r}")
+    check_classes(patches)
     held = np.array([], dtype=np.int64)
     used = validation
     if validation == "grouped":
@@ -392,6 +433,8 @@ def train_model_dir(
     train_set = patches.subset(train_index)
     result = train_classifier(train_set, val_set, config)
     record = {**(extra_record or {}), "validation": used}
+    if patches.skipped:
+        record["skipped"] = [{"path": path, "reason": reason} for path, reason in patches.skipped]
     density = fit_model_density(result.model, train_set, val_set, config.normalization)
     record["density"] = density.to_dict()
     if val_set is not None:
@@ -435,11 +478,17 @@ def train_from_simulated(
 
     Raises
     ------
+    TrainingDataError
+        When the simulated (or real) patches hold fewer than two classes: before any
+        training.
     RuntimeError
         When the simulated pretraining did not learn (its model is kept for inspection).
     """
     from defectscope.artifacts.metadata import WEIGHTS_FILE
 
+    check_classes(simulated, "simulated patches")
+    if real is not None:
+        check_classes(real, "real patches")
     out = Path(out)
     source = {"classes": simulated.classes, "patches": simulated.counts()}
     if real is None:
