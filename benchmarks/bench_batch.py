@@ -40,7 +40,7 @@ def archive(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["serial", "batch-1-worker", "batch-2-workers"])
 def test_archive_throughput(benchmark, bench_model, archive, tmp_path, mode):
     pytest.importorskip("distributed", reason="Dask is the optional 'scale' extra")
-    from defectscope.service.batch import _DETECTORS, artifact_hash, map_file, run_batch
+    from defectscope.service.batch import artifact_hash, clear_detectors, map_file, run_batch
 
     artifact = str(bench_model / "model.int8.onnx")
     files = sorted(str(p) for p in archive.glob("*.npy"))
@@ -68,4 +68,4 @@ def test_archive_throughput(benchmark, bench_model, archive, tmp_path, mode):
         mean_total_ms=float(np.mean([r["total_ms"] for r in rows])),
         cores=len(os.sched_getaffinity(0)),
     )
-    _DETECTORS.clear()
+    clear_detectors()

@@ -11,11 +11,10 @@ from defectscope.cli.options import add_backend_option, add_frame_options
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from defectscope.outputs.map_files import refuse_overwrite
     from defectscope.service.batch import run_batch
 
     options = MAPPING.build(args)
-    refuse_overwrite(args.out, [args.model, *args.sources])
+    # run_batch checks the output folder itself: never an input, never the model's folder.
     rows = run_batch(
         args.sources,
         args.model,
@@ -27,6 +26,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         channel=args.channel,
         frame_index=args.frame_index,
         sum_frames=args.sum,
+        verbose=getattr(args, "verbose", False),
     )
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "error")}
     print(

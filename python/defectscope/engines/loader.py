@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 
 from defectscope.artifacts.metadata import DENSE_DIR, META_FILE, WEIGHTS_FILE
@@ -12,7 +13,7 @@ from defectscope.artifacts.provenance import ProvenanceError, cached_file_hash, 
 from defectscope.engines.base import Engine, EngineError, artifact_kind
 from defectscope.engines.onnx import GPU_PROVIDERS, OnnxEngine
 from defectscope.engines.pytorch import TorchEngine
-from defectscope.engines.tensorrt import TensorRTEngine
+from defectscope.engines.tensorrt import TensorRTEngine, tensorrt_available
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 # What a run may load from a model directory besides its dense/ folder.
@@ -38,6 +39,21 @@ def gpu_providers_available() -> bool:
     return any(p in ort.get_available_providers() for p in GPU_PROVIDERS)
 
 
+def _pytorch_sees_a_gpu() -> bool:
+    """True when PyTorch is installed and sees a CUDA GPU.
+
+    PyTorch is imported only where an NVIDIA driver is present: importing it costs
+    seconds, which a CPU-only instrument PC should not pay to learn it has no GPU.
+    """
+    if not Path("/proc/driver/nvidia/version").exists() and "torch" not in sys.modules:
+        return False
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def load_engine(
     artifact: str | os.PathLike, backend: str = "auto", threads: int = 0, precision: str = "fp32"
 ) -> Engine:
@@ -45,7 +61,9 @@ def load_engine(
 
     ``auto`` picks the fastest that can run it: a TensorRT engine runs on TensorRT;
     an ONNX file on ONNX Runtime (TensorRT/CUDA providers first); a model directory
-    on ONNX Runtime when a model exported beside it exists, else on PyTorch. On the
+    on its TensorRT engine when TensorRT is importable, on PyTorch when PyTorch sees a
+    CUDA GPU and ONNX Runtime has no GPU provider, else on ONNX Runtime when a model
+    exported beside it exists, else on PyTorch. On the
     CPU the INT8 model (``model.int8.onnx``, U8S8 for VNNI) is preferred; with a GPU
     provider the FP32 ``model.onnx`` is taken (the TensorRT provider builds FP16 from
     it), since the CPU INT8 model's asymmetric activations do not suit TensorRT.
@@ -80,6 +98,14 @@ def load_engine(
                 return TensorRTEngine(artifact / name)
         raise EngineError(f"{artifact}: export a TensorRT engine first (defectscope export)")
     if backend == "auto":
+        if tensorrt_available()[0]:
+            for name in ("model.int8.engine", "model.fp16.engine"):
+                if (artifact / name).is_file():
+                    return TensorRTEngine(artifact / name)
+        if not gpu_providers_available() and _pytorch_sees_a_gpu():
+            # A GPU without TensorRT or onnxruntime-gpu: PyTorch runs the model there (and
+            # its dense network, engines.torch_dense), not ONNX Runtime on the CPU.
+            return TorchEngine(artifact, precision=precision)
         names = ["model.onnx"] if gpu_providers_available() else ["model.int8.onnx", "model.onnx"]
         stale: list[ProvenanceError] = []
         for name in names:

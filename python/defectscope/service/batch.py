@@ -1,532 +1,247 @@
 """Map a folder (or an archive) of microscope files on Dask, resumably.
 
-Each frame is one Dask task. A worker keeps its engine for every frame it maps
-(one engine per worker process, loaded on its first frame). Each frame's outputs go
-to their own folder, written atomically with a ``done.json`` record last; a rerun
-skips frames whose record matches the file's and the model's hashes, so a run
-stopped or a worker killed part-way loses nothing but the frames in flight, which
-Dask reschedules. The index (``index.parquet`` and ``index.csv``) is rebuilt from
-the records at the end of every run.
+Each frame is one Dask task (:func:`~.batch_map.map_file`); a worker keeps its engine
+for every frame it maps (:mod:`.batch_engines`). Each input is keyed by its path
+relative to the input root and gets its own output folder ``frames/<key>/``
+(:mod:`.batch_sources`), made whole in a staging folder with its record last
+(:mod:`.batch_records`). A rerun skips a frame whose record matches the file's hash,
+the hash of everything the model loads (:mod:`.batch_artifact`), the map options and
+the reading, and whose outputs are all there as recorded; a run stopped or a worker
+killed part-way loses nothing but the frames in flight, which Dask reschedules. A
+frame too large for a worker is mapped in bands across them (:mod:`.batch_bands`).
+The index (``index.parquet`` and ``index.csv``, :mod:`.batch_index`) lists this run's
+inputs, one row each.
 
 Dask (``distributed``) and pyarrow are the ``scale`` extra; nothing else in the
-package needs them.
+package needs them. The names of the modules above are re-exported here.
 """
 
 from __future__ import annotations
 
-import csv
-import glob
-import hashlib
-import io
-import json
+import contextlib
+import logging
 import os
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
-
-from defectscope.io.files import atomic_write_bytes, atomic_write_json, atomic_write_text, file_hash
-from defectscope.io.frames import FRAME_SUFFIXES
-
-INDEX_COLUMNS = (
-    "file",
-    "file_hash",
-    "model_hash",
-    "status",
-    "error",
-    "output",
-    "height",
-    "width",
-    "pixel_size",
-    "unit",
-    "n_windows",
-    "n_regions",
-    "n_unknown_windows",
-    "top_roi_label",
-    "top_roi_score",
-    "top_roi_center_y",
-    "top_roi_center_x",
-    "map_ms",
-    "total_ms",
-    "worker",
+from defectscope.io.files import file_hash
+from defectscope.maps.options import MapOptions
+from defectscope.service.batch_artifact import artifact_files, artifact_hash
+from defectscope.service.batch_bands import band_chunks, check_band, map_large_frame
+from defectscope.service.batch_engines import cached_detector, clear_detectors, engine_threads
+from defectscope.service.batch_frames import frame_pixels, open_large_frame
+from defectscope.service.batch_index import write_index
+from defectscope.service.batch_map import (
+    batch_options,
+    map_file,
+    map_large_file,
+    options_text,
+    reading,
+    task_lost,
 )
-RECORD = "done.json"
+from defectscope.service.batch_records import INDEX_COLUMNS, RECORD, completed, output_folder
+from defectscope.service.batch_sources import find_sources, keyed_sources, owned_paths
+
+__all__ = [
+    "INDEX_COLUMNS",
+    "RECORD",
+    "artifact_files",
+    "artifact_hash",
+    "band_chunks",
+    "cached_detector",
+    "clear_detectors",
+    "completed",
+    "engine_threads",
+    "file_hash",
+    "find_sources",
+    "frame_pixels",
+    "keyed_sources",
+    "map_file",
+    "map_large_frame",
+    "open_large_frame",
+    "output_folder",
+    "owned_paths",
+    "run_batch",
+    "write_index",
+]
+
+# Dask's loggers: quiet (WARNING) unless a run is verbose.
+_DASK_LOGGERS = ("distributed", "dask")
 
 
-def find_sources(sources: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named, found in folders (recursively) or matched by globs, sorted, unique.
-
-    Only files ``read_frame`` can open are taken from folders and globs; a TIA
-    ``.emi`` is left out when its ``.ser`` data files are there (they hold the same
-    image). A named file is always kept, so a wrong one gets its error row.
-    """
-    found: set[Path] = set()
-    for source in sources:
-        text = os.fspath(source)
-        path = Path(text)
-        if path.is_file():
-            found.add(path.resolve())
-            continue
-        if path.is_dir():
-            candidates = (p for p in path.rglob("*") if p.is_file())
-        elif glob.has_magic(text):
-            candidates = (Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-        else:
-            raise FileNotFoundError(f"{text}: no such file, folder or matching glob")
-        found.update(p.resolve() for p in candidates if p.suffix.lower() in FRAME_SUFFIXES)
-    files = sorted(found)
-    return [
-        p
-        for p in files
-        if not (p.suffix.lower() == ".emi" and any(p.parent.glob(f"{glob.escape(p.stem)}_*.ser")))
-    ]
-
-
-def artifact_hash(artifact: str | os.PathLike) -> str:
-    """SHA-256 over a model artifact: a file, or every file of a model directory."""
-    path = Path(artifact)
-    if path.is_file():
-        return file_hash(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: model artifact not found")
-    digest = hashlib.sha256()
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(item.relative_to(path).as_posix().encode() + b"\0")
-        digest.update(file_hash(item).encode())
-    return digest.hexdigest()
-
-
-def output_folder(out: Path, path: Path, digest: str) -> Path:
-    """A frame's own output folder: its name plus a short content hash (names repeat)."""
-    return out / "frames" / f"{path.stem}-{digest[:12]}"
-
-
-def _completed(folder: Path, digest: str, model: str) -> dict | None:
-    """The frame's record when its outputs are complete for this file and model."""
+@contextlib.contextmanager
+def _dask_logging(level: int) -> Iterator[None]:
+    """Dask's loggers at ``level`` in this process for the run, then as they were."""
+    loggers = [logging.getLogger(name) for name in _DASK_LOGGERS]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
     try:
-        record = json.loads((folder / RECORD).read_text())
-    except (OSError, ValueError):
+        yield
+    finally:
+        for logger, old in zip(loggers, before, strict=True):
+            logger.setLevel(old)
+
+
+def _positive_int(name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
         return None
-    if record.get("file_hash") != digest or record.get("model_hash") != model:
-        return None
-    if record.get("status") == "ok" and not (folder / "rois.json").is_file():
-        return None
-    return record
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
-# One engine per worker process, kept between frames: loading costs more than a frame.
-_DETECTORS: dict[tuple, object] = {}
-
-
-def _detector(artifact: str, backend: str, threads: int, background: str | None):
-    from defectscope.maps.detector import Detector
-
-    key = (artifact, backend, threads, background)
-    if key not in _DETECTORS:
-        _DETECTORS[key] = Detector.load(
-            artifact, backend=backend, threads=threads, background=background
-        )
-    return _DETECTORS[key]
-
-
-def frame_pixels(path: str | os.PathLike) -> int | None:
-    """Pixels of a 2-D ``.npy`` or TIFF frame from its header (None for other formats)."""
-    suffix = Path(path).suffix.lower()
-    try:
-        if suffix == ".npy":
-            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-        elif suffix in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                shape = tif.series[0].shape
-        else:
-            return None
-    except Exception:  # unreadable: the normal path reports why
-        return None
-    return int(np.prod(shape[:2])) if len(shape) == 2 else None
-
-
-def open_large_frame(path: str | os.PathLike) -> np.ndarray:
-    """A 2-D ``.npy`` or uncompressed TIFF frame as a read-only memory map (else read)."""
-    from defectscope.io.frames import read_frame
-
-    suffix = Path(path).suffix.lower()
-    try:
-        if suffix == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            return tifffile.memmap(path, mode="r")
-    except (ValueError, OSError):  # compressed or tiled: read it whole
-        pass
-    return read_frame(path).data
-
-
-def _describe_map(row: dict, result, rois: list[dict]) -> None:
-    """The map's figures in its index row."""
-    row.update(
-        n_windows=int(result.labels.size),
-        n_regions=len(result.regions()),
-        n_unknown_windows=int(result.unknown.sum()) if result.unknown is not None else None,
-        map_ms=round(float(result.timing_ms["total"]), 1),
-    )
-    if rois:
-        row.update(
-            top_roi_label=rois[0]["label"],
-            top_roi_score=float(rois[0]["score"]),
-            top_roi_center_y=float(rois[0]["center"][0]),
-            top_roi_center_x=float(rois[0]["center"][1]),
-        )
-
-
-def map_file(
-    path: str,
-    out: str,
-    artifact: str,
-    model_hash: str,
-    stride: int = 16,
-    top: int = 10,
-    backend: str = "auto",
-    threads: int = 1,
-    background: str | None = None,
-    unknown: str = "ignore",
-    channel: str | None = None,
-    frame_index: int | None = None,
-    sum_frames: bool = False,
-    large_pixels: int | None = None,
-) -> dict:
-    """Map one file into its output folder and return its index row (never raises).
-
-    A frame whose outputs are already complete for the same file and model hashes
-    is not mapped again; its stored row is returned with ``status`` 'skipped'. A
-    2-D frame of more than ``large_pixels`` pixels is not read here: its row comes
-    back with ``status`` 'large', for :func:`map_large_frame` to map in bands.
-    """
-    from defectscope.io.frames import read_frame
-    from defectscope.maps.rois import select_rois
-    from defectscope.outputs.map_files import write_map_outputs
-
-    started = time.perf_counter()
-    row = dict.fromkeys(INDEX_COLUMNS)
-    row.update(file=str(path), model_hash=model_hash, worker=f"{os.uname().nodename}:{os.getpid()}")
-    try:
-        digest = file_hash(path)
-    except OSError as exc:
-        return {**row, "status": "error", "error": f"{path}: {exc.strerror or exc}"}
-    folder = output_folder(Path(out), Path(path), digest)
-    row.update(file_hash=digest, output=str(folder))
-    done = _completed(folder, digest, model_hash)
-    if done is not None:
-        return {**done, "status": "skipped" if done["status"] == "ok" else done["status"]}
-    pixels = frame_pixels(path) if large_pixels else None
-    if pixels is not None and pixels > large_pixels:
-        return {**row, "status": "large"}
-    try:
-        frame = read_frame(path, channel, frame_index, sum_frames)
-        height, width = frame.data.shape
-        row.update(height=height, width=width)
-        if frame.calibration is not None:
-            row.update(pixel_size=frame.calibration.scale[0], unit=frame.calibration.unit)
-        detector = _detector(artifact, backend, threads, background)
-        result = detector.map(frame, stride=stride)
-        rois = select_rois(result, top, unknown=unknown)
-        write_map_outputs(frame.data, result, folder, inputs=[path, artifact], rois=rois)
-        atomic_write_json(folder / "rois.json", rois)
-        _describe_map(row, result, rois)
-        row["status"] = "ok"
-    except Exception as exc:  # one bad file is a row with its error, the run goes on
-        row.update(status="error", error=f"{path}: {type(exc).__name__}: {exc}")
-    row["total_ms"] = round((time.perf_counter() - started) * 1e3, 1)
-    if row["status"] == "ok":  # written last: the outputs are complete (errors are redone)
-        atomic_write_json(folder / RECORD, row)
-    return row
-
-
-def _band_chunks(height: int, band: int, patch: int) -> tuple[int, ...]:
-    """Row chunks of ``band`` rows; a remainder shorter than a patch joins the last one,
-    so the chunk that holds the frame's bottom edge always holds a whole window."""
-    chunks = [band] * (height // band)
-    remainder = height - sum(chunks)
-    if remainder and (remainder >= patch or not chunks):
-        chunks.append(remainder)
-    elif remainder:
-        chunks[-1] += remainder
-    return tuple(chunks)
-
-
-def _map_band(
-    band: np.ndarray,
-    artifact: str,
-    backend: str,
-    threads: int,
+def _check_run(
+    artifact: Path,
+    out: Path,
+    scheduler,
+    workers,
+    backend,
+    channel,
+    frame_index,
+    sum_frames,
+    large_pixels,
+    band,
     stride: int,
-    patch: int,
-    values: int,
-    background: str | None = None,
-) -> np.ndarray:
-    """One band's windows as ``(rows, cols, classes + embedding + 2)``: probabilities,
-    embedding, uncertainty (NaN without a density) and unknown (0/1).
+) -> None:
+    """Refuse bad settings before any work (and before a cluster starts)."""
+    from defectscope.engines.loader import BACKENDS
 
-    Window by window: a dense pass over a band would see the band's edges as the
-    frame's (padding, normalization footprint), so bands would not add up to the map
-    of the whole frame.
-    """
-    detector = _detector(artifact, backend, threads, background)
-    result = detector.map(np.ascontiguousarray(band), stride=stride, mode="window")
-    rows, cols = result.grid_shape
-    out = np.full((rows, cols, values), np.nan, np.float32)
-    n_classes = result.probabilities.shape[-1]
-    out[..., :n_classes] = result.probabilities
-    out[..., n_classes : values - 2] = result.embeddings
-    if result.uncertainty is not None:
-        out[..., -2] = result.uncertainty
-        out[..., -1] = result.unknown
-    return out
-
-
-def map_large_frame(
-    frame: np.ndarray,
-    artifact: str | os.PathLike,
-    client=None,
-    stride: int = 16,
-    band: int = 1024,
-    backend: str = "auto",
-    threads: int = 1,
-    calibration=None,
-    background: str | None = None,
-):
-    """Map one frame too large for a worker in bands across Dask workers.
-
-    The frame becomes a Dask array of ``band``-row chunks (``band`` a multiple of the
-    stride); ``dask.array.map_overlap`` gives each chunk a trailing halo of
-    ``patch - stride`` rows, so every window whose top-left corner lies in the chunk
-    is whole, and each worker maps its band with its own engine. The windows,
-    probabilities, embeddings, uncertainty and regions equal those of
-    ``Detector.map`` on the whole frame.
-
-    Parameters
-    ----------
-    frame : ndarray (H, W)
-        In memory or a ``np.memmap`` (bands are read where they are mapped).
-    client : distributed.Client, optional
-        Default: the current client, or Dask's local scheduler without one.
-
-    Returns
-    -------
-    MapResult
-    """
-    import dask.array as da
-
-    from defectscope.maps.detector import Detector, check_stride
-    from defectscope.maps.result import MapResult
-    from defectscope.tiling.tiler import check_frame, window_origins
-
-    artifact = str(artifact)
-    with Detector.load(
-        artifact, backend=backend, warmup=False, background=background, dense=False
-    ) as det:
-        config, classes, background = det.engine.config, det.classes, det.background
-    frame = check_frame(frame)
-    patch = config.patch_size
-    if frame.shape[0] < patch or frame.shape[1] < patch:
-        raise ValueError(f"frame {frame.shape} is smaller than the {patch}x{patch} patch")
-    stride = check_stride(stride, patch)
-    if isinstance(band, bool) or not isinstance(band, int) or band < patch or band % stride:
-        raise ValueError(
-            f"band must be a multiple of the stride ({stride}) of at least {patch} rows, "
-            f"got {band!r}"
-        )
-    if calibration is not None:
-        calibration.check_extent(frame.shape)
-    height, width = frame.shape
-    chunks = _band_chunks(height, band, patch)
-    n_classes = len(classes)
-    values = n_classes + config.embedding_dim + 2
-    origins = window_origins(frame.shape, patch, stride)
-    n_cols = len(np.unique(origins[:, 1]))
-    band_rows = []
-    for index, rows in enumerate(chunks):
-        start = sum(chunks[:index])
-        # Windows whose top-left row lies in this chunk (the last chunk sees the edge).
-        inside = (origins[::n_cols, 0] >= start) & (origins[::n_cols, 0] < start + rows)
-        band_rows.append(int(inside.sum()))
-    lazy = da.from_array(frame, chunks=(chunks, width))
-    mapped = da.map_overlap(
-        _map_band,
-        lazy,
-        depth={0: (0, patch - stride), 1: 0},
-        boundary="none",
-        trim=False,
-        dtype=np.float32,
-        chunks=(tuple(band_rows), (n_cols,), (values,)),
-        new_axis=[2],
-        artifact=artifact,
-        backend=backend,
-        threads=threads,
-        stride=stride,
-        patch=patch,
-        values=values,
-        background=background,
-    )
-    started = time.perf_counter()
-    grid = client.compute(mapped).result() if client is not None else mapped.compute()
-    rows = len(origins) // n_cols
-    if grid.shape != (rows, n_cols, values):
-        raise RuntimeError(f"bands gave a {grid.shape[:2]} window grid, expected {(rows, n_cols)}")
-    uncertainty = grid[..., -2]
-    has_density = not np.isnan(uncertainty).all()
-    return MapResult(
-        origins=origins,
-        grid_shape=(rows, n_cols),
-        probabilities=np.ascontiguousarray(grid[..., :n_classes]),
-        embeddings=np.ascontiguousarray(grid[..., n_classes:-2]),
-        classes=classes,
-        background=background,
-        frame_shape=(height, width),
-        patch_size=patch,
-        timing_ms={"total": (time.perf_counter() - started) * 1000, "bands": len(chunks)},
-        calibration=calibration,
-        uncertainty=np.ascontiguousarray(uncertainty) if has_density else None,
-        unknown=grid[..., -1].astype(bool) if has_density else None,
-    )
-
-
-def _map_large_file(row: dict, client, artifact: str, options: dict, top: int, band: int):
-    """Map a frame flagged 'large' in bands across the workers; its finished row."""
-    from defectscope.maps.rois import select_rois
-    from defectscope.outputs.map_files import write_map_outputs
-
-    started = time.perf_counter()
-    path, folder = row["file"], Path(row["output"])
-    try:
-        frame = open_large_frame(path)
-        row.update(height=frame.shape[0], width=frame.shape[1])
-        result = map_large_frame(
-            frame,
-            artifact,
-            client,
-            stride=options["stride"],
-            band=band,
-            backend=options["backend"],
-            threads=options["threads"],
-            background=options.get("background"),
-        )
-        rois = select_rois(result, top, unknown=options["unknown"])
-        write_map_outputs(frame, result, folder, inputs=[path, artifact], rois=rois)
-        atomic_write_json(folder / "rois.json", rois)
-        _describe_map(row, result, rois)
-        row["status"] = "ok"
-    except Exception as exc:
-        row.update(status="error", error=f"{path}: {type(exc).__name__}: {exc}")
-    row["total_ms"] = round((time.perf_counter() - started) * 1e3, 1)
-    if row["status"] == "ok":
-        atomic_write_json(folder / RECORD, row)
-    return row
-
-
-def write_index(out: Path, rows: Sequence[dict]) -> Path:
-    """Write ``index.parquet`` and its twin ``index.csv`` atomically; returns the Parquet path."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = sorted(rows, key=lambda r: r["file"])
-    table = pa.Table.from_pylist(
-        [{c: r.get(c) for c in INDEX_COLUMNS} for r in rows], schema=_schema(pa)
-    )
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    atomic_write_bytes(out / "index.parquet", buffer.getvalue().to_pybytes())
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=INDEX_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "index.csv", text.getvalue())
-    return out / "index.parquet"
-
-
-def _schema(pa):
-    numbers = {
-        "height": pa.int64(),
-        "width": pa.int64(),
-        "n_windows": pa.int64(),
-        "n_regions": pa.int64(),
-        "n_unknown_windows": pa.int64(),
-        "pixel_size": pa.float64(),
-        "top_roi_score": pa.float64(),
-        "top_roi_center_y": pa.float64(),
-        "top_roi_center_x": pa.float64(),
-        "map_ms": pa.float64(),
-        "total_ms": pa.float64(),
-    }
-    return pa.schema([(c, numbers.get(c, pa.string())) for c in INDEX_COLUMNS])
-
-
-def engine_threads(workers: int, cores: int | None = None) -> int:
-    """Engine threads per worker so that workers x threads does not exceed the cores."""
-    cores = cores or len(os.sched_getaffinity(0))
-    return max(1, cores // max(1, workers))
+    _positive_int("workers", workers, allow_none=True)
+    _positive_int("large_pixels", large_pixels)
+    check_band(band, stride)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not isinstance(scheduler, str) or not scheduler:
+        raise ValueError(f"scheduler must be 'local' or a scheduler address, got {scheduler!r}")
+    if channel is not None and not isinstance(channel, str):
+        raise ValueError(f"channel must be a signal name, got {channel!r}")
+    if frame_index is not None and (
+        isinstance(frame_index, bool) or not isinstance(frame_index, int) or frame_index < 0
+    ):
+        raise ValueError(f"frame must be an integer >= 0, got {frame_index!r}")
+    if not isinstance(sum_frames, bool):
+        raise ValueError(f"sum_frames must be true or false, got {sum_frames!r}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    target = out.resolve()
+    if target == artifact or (artifact.is_dir() and artifact in target.parents):
+        # Outputs in the model directory would change its hash and remap every frame.
+        raise ValueError(f"{out}: lies in the model directory {artifact}; choose another --out")
 
 
 def run_batch(
     sources: Iterable[str | os.PathLike],
     artifact: str | os.PathLike,
     out: str | os.PathLike,
-    stride: int = 16,
-    top: int = 10,
+    stride: int | None = None,
+    top: int | None = None,
     scheduler: str = "local",
     workers: int | None = None,
     backend: str = "auto",
     background: str | None = None,
-    unknown: str = "ignore",
+    unknown: str | None = None,
     channel: str | None = None,
     frame_index: int | None = None,
     sum_frames: bool = False,
     progress: bool = True,
     large_pixels: int = 8192 * 8192,
     band: int = 1024,
+    options: MapOptions | None = None,
+    verbose: bool = False,
 ) -> list[dict]:
     """Map every frame of ``sources`` on Dask and write the index under ``out``.
 
     Parameters
     ----------
     sources : iterable of path-like or str
-        Files, folders (searched recursively) and globs.
+        Files, folders (searched recursively) and globs. What the run writes under
+        ``out`` is never an input (see
+        :func:`~defectscope.service.batch_sources.owned_paths`).
     artifact : path-like
         Model directory, ``.onnx`` file or TensorRT engine; loaded once per worker.
     out : path-like
-        ``frames/<name>-<hash>/`` per frame, plus ``index.parquet`` and ``index.csv``.
+        ``frames/<key>/`` per input (``<key>`` its path relative to the input root),
+        plus ``index.parquet`` and ``index.csv``. Not inside the model directory.
+    stride, top, background, unknown
+        The :class:`MapOptions` fields ``stride``, ``top_k``, ``background`` and
+        ``unknown``; give them here or in ``options`` (default: MapOptions' defaults
+        with ``top_k`` 10). The options are recorded with every frame, and a frame
+        mapped with other options is mapped again.
     scheduler : str
         'local' starts a ``distributed.LocalCluster`` of worker processes on this
         machine; ``tcp://host:8786`` sends the work to a running scheduler.
     workers : int, optional
         Worker processes of the local cluster (default: one per two cores, at
         least one); engine threads per worker are cores // workers.
+    backend : str
+        Engine backend (see ``load_engine``).
+    channel, frame_index, sum_frames
+        How files of several signals or frames are read (see ``read_frame``).
+    progress : bool
+        Show a progress bar.
     large_pixels : int
         A 2-D ``.npy`` or TIFF frame with more pixels is mapped in bands of
         ``band`` rows across the workers (:func:`map_large_frame`) instead of by
         one worker.
+    band : int
+        Rows per band: a multiple of the stride (and at least a patch).
+    options : MapOptions, optional
+    verbose : bool
+        Let Dask log at INFO; by default its loggers say only WARNING and above.
 
     Returns
     -------
     list of dict
-        The index rows, sorted by file; ``status`` is 'ok', 'skipped' (done by an
+        The index rows, sorted by key; ``status`` is 'ok', 'skipped' (done by an
         earlier run) or 'error' (with ``error``).
+
+    Raises
+    ------
+    ValueError
+        For bad options or settings, before any cluster starts (the message names
+        the setting).
+    FileNotFoundError
+        For a source or model that does not exist.
     """
+    options = batch_options(options, stride, top, background, unknown)
+    out = Path(out)
+    artifact_path = Path(artifact).resolve()
+    _check_run(
+        artifact_path,
+        out,
+        scheduler,
+        workers,
+        backend,
+        channel,
+        frame_index,
+        sum_frames,
+        large_pixels,
+        band,
+        options.stride,
+    )
+    artifact = str(artifact_path)
+    files = keyed_sources(sources, out)
+    model_hash = artifact_hash(artifact)
+    out.mkdir(parents=True, exist_ok=True)
+    read = reading(channel, frame_index, sum_frames)
+    level = logging.INFO if verbose else logging.WARNING
+    with _dask_logging(level):
+        rows = _run_on_dask(
+            files, artifact, out, model_hash, options, scheduler, workers, backend, read,
+            progress, large_pixels, band, level,
+        )  # fmt: skip
+    write_index(out, rows)
+    return sorted(rows, key=lambda r: (r["key"] or "", r["file"]))
+
+
+def _run_on_dask(
+    files, artifact, out, model_hash, options, scheduler, workers, backend, read, progress,
+    large_pixels, band, level,
+) -> list[dict]:  # fmt: skip
     from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-    ):
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    out = Path(out)
-    artifact = str(Path(artifact).resolve())
-    files = find_sources(sources)
-    out.mkdir(parents=True, exist_ok=True)
-    model_hash = artifact_hash(artifact)
     cores = len(os.sched_getaffinity(0))
     if scheduler == "local":
         workers = max(1, cores // 2) if workers is None else workers
@@ -536,6 +251,7 @@ def run_batch(
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
+            silence_logs=level,
         )
         client = Client(cluster)
     else:
@@ -547,29 +263,26 @@ def run_batch(
         except (KeyError, AttributeError):  # no dashboard (bokeh not installed)
             print(f"Dask scheduler: {client.scheduler.address}")
         n_workers = max(1, len(client.scheduler_info()["workers"]))
-        options = {
-            "stride": stride,
-            "top": top,
-            "backend": backend,
-            "threads": engine_threads(n_workers, cores) if cluster is not None else 0,
-            "background": background,
-            "unknown": unknown,
-            "channel": channel,
-            "frame_index": frame_index,
-            "sum_frames": sum_frames,
-            "large_pixels": large_pixels,
-        }
+        threads = engine_threads(n_workers, cores) if cluster is not None else 0
+        text = options_text(options)
         futures = [
             client.submit(
                 map_file,
-                str(f),
+                str(source.path),
                 str(out),
                 artifact,
                 model_hash,
-                **options,
+                backend=backend,
+                threads=threads,
+                channel=read["channel"],
+                frame_index=read["frame"],
+                sum_frames=read["sum"],
+                large_pixels=large_pixels,
+                options=options,
+                source_key=source.key,
                 pure=False,
             )
-            for f in files
+            for source in files
         ]
         rows = []
         bar = tqdm(total=len(futures), desc="frames", unit="frame", disable=not progress)
@@ -577,24 +290,17 @@ def run_batch(
             try:
                 rows.append(future.result())
             except Exception as exc:  # the task itself was lost (e.g. killed too often)
-                index = futures.index(future)
-                rows.append(
-                    {
-                        **dict.fromkeys(INDEX_COLUMNS),
-                        "file": str(files[index]),
-                        "model_hash": model_hash,
-                        "status": "error",
-                        "error": f"{files[index]}: {type(exc).__name__}: {exc}",
-                    }
-                )
+                source = files[futures.index(future)]
+                rows.append(task_lost(source.path, source.key, model_hash, text, exc))
             bar.update()
         bar.close()
         for index, row in enumerate(rows):
             if row["status"] == "large":
-                rows[index] = _map_large_file(row, client, artifact, options, top, band)
+                rows[index] = map_large_file(
+                    row, client, artifact, options, band, backend, threads, read
+                )
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-    write_index(out, rows)
-    return sorted(rows, key=lambda r: r["file"])
+    return rows
