@@ -364,7 +364,10 @@ def test_tensorrt_dense_engines_map_like_onnx_runtime(dense_model_dir, tmp_path,
     sidecar = json.loads((model_dir / "dense" / "dense16.fp16.engine.json").read_text())
     assert sidecar["max_side"] == 320 and sidecar["dense"]["native_stride"] == 16
     frame = clustered_frame((400, 368), 41)
-    with Detector.load(model_dir, backend="tensorrt") as gpu, Detector.load(model_dir) as cpu:
+    with (
+        Detector.load(model_dir, backend="tensorrt") as gpu,
+        Detector.load(model_dir, backend="onnxruntime") as cpu,
+    ):
         assert [d.name for d in gpu.dense_engines] == ["tensorrt-dense"]
         assert gpu.dense_engines[0].path == engine_path
         maps = {
@@ -383,6 +386,10 @@ def test_tensorrt_dense_engines_map_like_onnx_runtime(dense_model_dir, tmp_path,
     # A 400x368 frame does not fit one 320 crop: several regions, none beyond the profile.
     regions = dense.seen_shapes[1:]  # the first is the largest shape, to size the buffers
     assert len(regions) >= 4 and max(max(s[2:]) for s in regions) <= 320
+    # Where TensorRT is importable, auto takes the TensorRT engines.
+    with Detector.load(model_dir) as auto:
+        assert auto.engine.name == "tensorrt"
+        assert [d.name for d in auto.dense_engines] == ["tensorrt-dense"]
 
 
 def test_tensorrt_dense_int8_is_built_from_the_symmetric_graph(
@@ -422,7 +429,10 @@ def test_tensorrt_dense_engine_on_the_gpu(dense_model_dir, tmp_path):
     assert main(["export", str(model_dir), "--format", "tensorrt"]) == 0
     assert main(["export", str(model_dir), "--format", "tensorrt", "--dense"]) == 0
     frame = clustered_frame((512, 512), 42)
-    with Detector.load(model_dir, backend="tensorrt") as gpu, Detector.load(model_dir) as cpu:
+    with (
+        Detector.load(model_dir, backend="tensorrt") as gpu,
+        Detector.load(model_dir, backend="onnxruntime") as cpu,
+    ):
         a, b = gpu.map(frame, stride=16), cpu.map(frame, stride=16)
     assert a.info["mode"] == "dense" and a.info.get("precision") == "fp16"
     assert np.mean(a.labels == b.labels) >= 0.98

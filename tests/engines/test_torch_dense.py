@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from defectscope.artifacts.provenance import ProvenanceError
 from defectscope.engines.base import EngineError
 from defectscope.engines.dense import DenseEngine, dense_file, dense_map_arrays
 from defectscope.engines.torch_dense import TorchDenseEngine, load_torch_dense
@@ -129,7 +130,7 @@ def test_bad_artifacts_and_settings_give_engine_errors(dense_dir, model_dir, tmp
     broken = tmp_path / "broken"
     shutil.copytree(dense_dir, broken)
     (broken / "dense" / "dense.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(EngineError, match="dense weights"):
+    with pytest.raises(ProvenanceError, match="changed since densify"):
         TorchDenseEngine(broken, 16, device="cpu")
     assert [e.dense.native_stride for e in load_torch_dense(dense_dir, device="cpu")] == [32, 16]
     assert load_torch_dense(model_dir, device="cpu") == []
