@@ -502,6 +502,31 @@ def _axis_plan(
     return starts, plans
 
 
+def crop_plan(
+    engine: Engine, frame_shape: tuple[int, int], stride: int, crop: int
+) -> tuple[np.ndarray, list, np.ndarray, list]:
+    """Window origins and crops along both axes: ``(rows, row_plan, cols, col_plan)``.
+
+    Shared by every dense engine (ONNX Runtime, TensorRT, PyTorch) so a window's output
+    cannot depend on which one ran; see ``_axis_plan`` for a plan's entries.
+    """
+    info, patch = engine.dense, engine.config.patch_size
+    if stride % info.native_stride:
+        raise ValueError(
+            f"stride {stride} is not a multiple of the dense graph's {info.native_stride}"
+        )
+    crop = max(crop, patch + 2 * info.margin + info.align)
+    rows, row_plan = _axis_plan(frame_shape[0], stride, info, patch, crop)
+    cols, col_plan = _axis_plan(frame_shape[1], stride, info, patch, crop)
+    return rows, row_plan, cols, col_plan
+
+
+def grid_origins(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``(rows * cols, 2)`` int64 origins, row-major, as :func:`window_origins` lists them."""
+    grid_rows, grid_cols = np.meshgrid(rows, cols, indexing="ij")
+    return np.stack([grid_rows.ravel(), grid_cols.ravel()], axis=1).astype(np.int64)
+
+
 def dense_map_arrays(
     engine: DenseEngine | TensorRTDenseEngine,
     frame: np.ndarray,
@@ -518,21 +543,13 @@ def dense_map_arrays(
 
     Returns ``(origins, probabilities (rows, cols, k), embeddings (rows, cols, d) or
     None)`` on the grid of :func:`~defectscope.tiling.tiler.window_origins`, or None when the
-    frame holds values the dense normalization does not take (non-finite, beyond
-    1e100): the per-window path handles those with its ``nan_policy``.
+    frame holds values the dense normalization does not take (NaN or infinity): the
+    per-window path handles those with its ``nan_policy``.
     """
-    info = engine.dense
-    patch = engine.config.patch_size
     # A TensorRT engine takes regions up to the largest side of its profile.
     crop = min(crop, getattr(engine, "max_side", crop))
-    if stride % info.native_stride:
-        raise ValueError(
-            f"stride {stride} is not a multiple of the dense graph's {info.native_stride}"
-        )
     height, width = frame.shape
-    crop = max(crop, patch + 2 * info.margin + info.align)
-    rows, row_plan = _axis_plan(height, stride, info, patch, crop)
-    cols, col_plan = _axis_plan(width, stride, info, patch, crop)
+    rows, row_plan, cols, col_plan = crop_plan(engine, frame.shape, stride, crop)
     n_classes = len(engine.classes)
     probabilities = np.empty((len(rows), len(cols), n_classes), np.float32)
     embeddings = (
@@ -553,7 +570,7 @@ def dense_map_arrays(
                 engine.config.normalization,
                 origin=(y0, x0),
                 shape=(fh, fw),
-                box=info.box,
+                box=engine.dense.box,
                 threads=threads,
             )
             if normalized is None:
@@ -564,9 +581,7 @@ def dense_map_arrays(
             probabilities[np.ix_(where_rows, where_cols)] = probs[sub]
             if embeddings is not None:
                 embeddings[np.ix_(where_rows, where_cols)] = emb[sub]
-    grid_rows, grid_cols = np.meshgrid(rows, cols, indexing="ij")
-    origins = np.stack([grid_rows.ravel(), grid_cols.ravel()], axis=1).astype(np.int64)
-    return origins, probabilities, embeddings
+    return grid_origins(rows, cols), probabilities, embeddings
 
 
 def read_dense_report(model_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -3,13 +3,13 @@
 A GPU workstation beside the microscope often has PyTorch with CUDA but neither TensorRT
 nor onnxruntime-gpu. This engine runs a model directory's adapted dense network
 (``dense/dense.pt``, written by ``defectscope densify``) with the same crop plan as the
-ONNX and TensorRT dense engines (:func:`~defectscope.engines.dense.dense_map_arrays`'s
-``_axis_plan``), but keeps everything on the device: each crop's footprint is copied
-once from pinned host memory, normalized on the device (the box-sum z-score of
+ONNX and TensorRT dense engines (:func:`~defectscope.engines.dense.crop_plan`), but
+keeps everything on the device: each crop's footprint is copied once from pinned host
+memory, normalized on the device (the box-sum z-score of
 :func:`~defectscope.tiling.tiler.normalize_region`, in float64 after scaling by a power
-of two and subtracting a local reference, so neither scale nor offset costs
-precision), run in bf16 or fp16 with channels-last and cuDNN autotuning, and written
-into device arrays; only the per-window probabilities and embeddings come back.
+of two and subtracting a local reference, so neither scale nor offset costs precision),
+run in bf16 or fp16 with channels-last and cuDNN autotuning, and written into device
+arrays; only the per-window probabilities and embeddings come back.
 
 The same code runs on the CPU (``device='cpu'``, fp32), which is how CI checks it
 against the ONNX dense graph. PyTorch is imported when an engine is built, never when
@@ -36,9 +36,10 @@ from defectscope.engines.dense import (
     DENSE_DIR,
     NATIVE_STRIDES,
     DenseInfo,
-    _axis_plan,
     check_dense_file,
+    crop_plan,
     dense_file,
+    grid_origins,
 )
 from defectscope.tiling.tiler import (
     IMAGENET_MEAN,
@@ -311,16 +312,8 @@ class TorchDenseEngine(Engine):
         """
         torch = self.torch
         frame = check_frame(frame)
-        info = self.dense
-        patch = self.config.patch_size
-        if stride % info.native_stride:
-            raise ValueError(
-                f"stride {stride} is not a multiple of the dense graph's {info.native_stride}"
-            )
         height, width = frame.shape
-        crop = max(crop, patch + 2 * info.margin + info.align)
-        rows, row_plan = _axis_plan(height, stride, info, patch, crop)
-        cols, col_plan = _axis_plan(width, stride, info, patch, crop)
+        rows, row_plan, cols, col_plan = crop_plan(self, frame.shape, stride, crop)
         probabilities = torch.empty(
             (len(rows), len(cols), len(self.classes)), dtype=torch.float32, device=self.device
         )
@@ -351,10 +344,8 @@ class TorchDenseEngine(Engine):
                 probabilities[r_at, c_at] = probs[0].permute(1, 2, 0)[r_out, c_out]
                 if embeddings is not None:
                     embeddings[r_at, c_at] = emb[0].permute(1, 2, 0)[r_out, c_out]
-        grid_rows, grid_cols = np.meshgrid(rows, cols, indexing="ij")
-        origins = np.stack([grid_rows.ravel(), grid_cols.ravel()], axis=1).astype(np.int64)
         return (
-            origins,
+            grid_origins(rows, cols),
             probabilities.cpu().numpy(),
             embeddings.cpu().numpy() if embeddings is not None else None,
         )
