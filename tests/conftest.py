@@ -270,3 +270,18 @@ def assert_same_regions(got: list[dict], want: list[dict], atol: float = 1e-5) -
                 assert a[key] == pytest.approx(b[key], abs=atol), (key, a, b)
         assert a["centroid"] == pytest.approx(b["centroid"], abs=atol * CENTRE_SCALE), (a, b)
         assert a["centroid_norm"] == pytest.approx(b["centroid_norm"], abs=atol), (a, b)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """TensorRT and CUDA stood in by ONNX Runtime on host memory (tests/fake_tensorrt.py)."""
+    import sys
+
+    import defectscope.engines.tensorrt as engines
+    from tests.fake_tensorrt import FakeCudart, fake_tensorrt
+
+    cudart = FakeCudart()
+    module = fake_tensorrt(cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    monkeypatch.setattr(engines, "_cudart", lambda: cudart)
+    return module

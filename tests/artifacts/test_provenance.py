@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -195,17 +194,6 @@ def test_a_deployment_without_weights_checks_against_model_json(models, tmp_path
         load_engine(deploy / "model.onnx")
     shutil.copy(a / "model.json", deploy / "model.json")
     assert load_engine(deploy).name == "onnxruntime"
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """TensorRT and CUDA stood in by ONNX Runtime on host memory (tests/fake_tensorrt.py)."""
-    import defectscope.engines.tensorrt as engines
-    from tests.fake_tensorrt import FakeCudart, fake_tensorrt
-
-    cudart = FakeCudart()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cudart))
-    monkeypatch.setattr(engines, "_cudart", lambda: cudart)
 
 
 def test_tensorrt_engines_are_bound_to_their_sidecar_and_weights(models, tmp_path, fake_gpu):

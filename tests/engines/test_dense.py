@@ -325,21 +325,6 @@ def test_match_density_carries_the_threshold_to_the_dense_scale():
 # --- TensorRT dense engines -------------------------------------------------------
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """TensorRT and CUDA stood in by ONNX Runtime on host memory (tests/fake_tensorrt.py)."""
-    import sys
-
-    import defectscope.engines.tensorrt as engines
-    from tests.fake_tensorrt import FakeCudart, fake_tensorrt
-
-    cudart = FakeCudart()
-    module = fake_tensorrt(cudart)
-    monkeypatch.setitem(sys.modules, "tensorrt", module)
-    monkeypatch.setattr(engines, "_cudart", lambda: cudart)
-    return module
-
-
 def test_dense_profile_spans_one_window_to_the_largest_crop():
     from defectscope.export.onnx import ExportError
     from defectscope.export.tensorrt import dense_profile

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import onnx
@@ -32,19 +31,6 @@ def fresh_model(model_dir, tmp_path):
         model_dir, folder, ignore=shutil.ignore_patterns("*.onnx", "*.engine*", "export.json")
     )
     return folder
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """TensorRT and CUDA stood in by ONNX Runtime on host memory (tests/fake_tensorrt.py)."""
-    import defectscope.engines.tensorrt as engines
-    from tests.fake_tensorrt import FakeCudart, fake_tensorrt
-
-    cudart = FakeCudart()
-    module = fake_tensorrt(cudart)
-    monkeypatch.setitem(sys.modules, "tensorrt", module)
-    monkeypatch.setattr(engines, "_cudart", lambda: cudart)
-    return module
 
 
 @pytest.fixture(scope="module")
