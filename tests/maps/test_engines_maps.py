@@ -182,6 +182,7 @@ def test_map_cli_writes_everything(model_dir, frame, tmp_path):
     )
     assert sorted(p.name for p in out.iterdir()) == [
         "confidence.png",
+        "map.json",
         "overlay.png",
         "regions.json",
         "windows.csv",

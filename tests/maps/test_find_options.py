@@ -78,6 +78,8 @@ BAD = {
     "min_spacing": ("1e400", "-1", '"x"'),
     "background": ("1e400", "-1"),
     "keep_embeddings": ("1e400", "-1", '"x"', "null"),
+    "scale": ("1e400", "-1", '"x"', "null"),
+    "ood_share": ("1e400", "-1", '"x"', "null"),
 }
 CASES = [(key, value) for key, values in BAD.items() for value in values]
 

@@ -498,7 +498,8 @@ def test_issue25_6_deleted_or_changed_outputs_are_rebuilt(onnx_artifact, tmp_pat
     assert all(json.loads(first[k]["options"]) == want_options for k in keys)
     folders = [output_folder(out, k) for k in keys]
     record = json.loads((folders[0] / "done.json").read_text())
-    expected = {"windows.csv", "regions.json", "overlay.png", "confidence.png", "rois.json"}
+    expected = {"windows.csv", "regions.json", "map.json", "overlay.png", "confidence.png"}
+    expected |= {"rois.json"}
     assert (
         set(record["outputs"]) == expected == {p.name for p in folders[0].iterdir()} - {"done.json"}
     )

@@ -2,7 +2,8 @@
 
 A model directory (``model.json``), an ONNX file (``metadata_props``) and a TensorRT
 engine (``<engine>.json``) all carry the same record: the classes, patch size,
-normalization, embedding width, background class and the softmax temperature. This
+normalization, embedding width, background class, the scale of the training patches
+(:class:`ModelScale`) and the softmax temperature. This
 module reads and validates that record without PyTorch, so runtimes on an instrument
 PC can load exported artifacts with numpy and ONNX Runtime alone.
 """
@@ -18,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.artifacts.density import FeatureDensity
+from defectscope.tiling.lattice import LatticePeriods
 from defectscope.tiling.tiler import Normalization
 
 FORMAT_VERSION = 1
+# The longest unit name a scale may carry ("nm", "Å", "pm", "µm", ...).
+MAX_UNIT_LENGTH = 32
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "model.json"
 # Made from a model directory's weights (export, densify): stale once the weights change.
@@ -116,6 +120,71 @@ def check_temperature(value: Any) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelScale:
+    """What a model knows about the scale of the patches it was trained on.
+
+    Attributes
+    ----------
+    pixel_size : float, optional
+        Pixel size of the training patches, when the data gave one (``train
+        --pixel-size``, a simulated dataset's settings); finite and > 0.
+    unit : str, optional
+        Unit of ``pixel_size`` (``"nm"``, ``"Å"``, ``"pm"``, ...); needed with it.
+    lattice : LatticePeriods, optional
+        Lattice periods (pixels) measured on the training patches' power spectra;
+        recorded also when they could not be measured (``measurable=False`` and why).
+    """
+
+    pixel_size: float | None = None
+    unit: str | None = None
+    lattice: LatticePeriods | None = None
+
+    def __post_init__(self) -> None:
+        # The same checks as a record read from a file: a bad scale is refused where it
+        # is made, not where a map first reads it.
+        _check_scale_fields(self.pixel_size, self.unit, self.lattice)
+        if self.pixel_size is not None:
+            object.__setattr__(self, "pixel_size", float(self.pixel_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (``from_dict`` reads it back)."""
+        return {
+            "pixel_size": self.pixel_size,
+            "unit": self.unit,
+            "lattice": None if self.lattice is None else self.lattice.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelScale:
+        """Build and check a scale record; :class:`MetadataError` names the bad key."""
+        if not isinstance(data, dict):
+            raise MetadataError(f"scale must be an object, got {data!r}")
+        lattice = data.get("lattice")
+        if lattice is not None:
+            if not isinstance(lattice, dict):
+                raise MetadataError(f"scale.lattice must be an object, got {lattice!r}")
+            try:
+                lattice = LatticePeriods.from_dict(lattice)
+            except (ValueError, TypeError) as exc:
+                raise MetadataError(f"scale.lattice: {exc}") from None
+        return cls(data.get("pixel_size"), data.get("unit"), lattice)
+
+
+def _check_scale_fields(pixel_size: Any, unit: Any, lattice: Any) -> None:
+    """Raise :class:`MetadataError` naming the first bad field of a :class:`ModelScale`."""
+    if pixel_size is not None and not (_finite_number(pixel_size) and pixel_size > 0):
+        raise MetadataError(f"scale.pixel_size must be a finite number > 0, got {pixel_size!r}")
+    if unit is not None and (
+        not isinstance(unit, str) or not unit.strip() or len(unit) > MAX_UNIT_LENGTH
+    ):
+        raise MetadataError(f"scale.unit must be a short name like 'nm', got {unit!r}")
+    if pixel_size is not None and unit is None:
+        raise MetadataError(f"scale.unit is missing: pixel_size {pixel_size!r} has no unit")
+    if lattice is not None and not isinstance(lattice, LatticePeriods):
+        raise MetadataError(f"scale.lattice must be LatticePeriods, got {lattice!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """What a runtime needs to rebuild and feed the network."""
 
@@ -125,11 +194,14 @@ class ModelConfig:
     embedding_dim: int = 256
     architecture: str = "vgg16"
     background_class: str | None = None
+    # The scale of the training patches; None for models trained before it was recorded.
+    scale: ModelScale | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["classes"] = list(self.classes)
         data["normalization"] = self.normalization.to_dict()
+        data["scale"] = None if self.scale is None else self.scale.to_dict()
         return data
 
     @classmethod
@@ -156,6 +228,7 @@ class ModelConfig:
         background = data.get("background_class")
         if background is not None and background not in classes:
             raise MetadataError(f"background_class {background!r} is not among {list(classes)}")
+        scale = data.get("scale")  # absent in model.json written before it was recorded
         return cls(
             classes=tuple(classes),
             patch_size=patch_size,
@@ -163,6 +236,7 @@ class ModelConfig:
             embedding_dim=embedding_dim,
             architecture=architecture,
             background_class=background,
+            scale=None if scale is None else ModelScale.from_dict(scale),
         )
 
 

@@ -48,7 +48,31 @@ def cmd_map(args: argparse.Namespace) -> int:
         f"{result.grid_shape[0] * result.grid_shape[1]} windows{unknown}, {len(regions)} "
         f"regions, {result.timing_ms['total']:.0f} ms ({how}) -> {args.out}"
     )
+    for line in map_notes(result):
+        print(line)
     return 0
+
+
+def map_notes(result) -> list[str]:
+    """Lines after a map's summary: its scale matching, and an out-of-distribution frame."""
+    from defectscope.maps.scale import describe
+
+    lines = []
+    record = result.info.get("scale")
+    if record is not None and (record.get("applied") or record.get("warning")):
+        lines.append(describe(record))
+    if result.unknown is not None and result.out_of_distribution:
+        lines.append(ood_line(result))
+    return lines
+
+
+def ood_line(result) -> str:
+    """``out of distribution: 95 % of windows unknown (threshold 25 %); no ROIs ...``."""
+    return (
+        f"out of distribution: {result.unknown_share:.0%} of windows unknown "
+        f"({result.unexplained_share:.0%} away from known defects, threshold "
+        f"{result.ood_threshold:.0%}); ROIs only with --unknown explore"
+    )
 
 
 def map_mode(result, detector) -> str:
@@ -71,9 +95,12 @@ def cmd_roi(args: argparse.Namespace) -> int:
     with Detector.load(
         args.artifact, backend=args.backend, dense=dense_for(options.mode), options=options
     ) as det:
-        rois = det.find(frame, options).rois
+        found = det.find(frame, options)
+    rois = found.rois
     atomic_write_json(args.out, rois)
     print(f"{len(rois)} ROIs -> {args.out}")
+    for line in map_notes(found.result):
+        print(line)
     return 0
 
 
@@ -90,7 +117,13 @@ def cmd_score_simulated(args: argparse.Namespace) -> int:
         args.artifact, backend=args.backend, dense=dense_for(options.mode), options=options
     ) as det:
         score = score_simulated(
-            det, args.simulated, options.stride, args.tolerance, args.known_only, options.mode
+            det,
+            args.simulated,
+            options.stride,
+            args.tolerance,
+            args.known_only,
+            options.mode,
+            scale=options.scale,
         )
     if args.json is not None:
         atomic_write_json(args.json, score)
@@ -118,8 +151,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     }
     refuse_overwrite(args.out, [args.source, args.model])
     if is_frame(args.source):
+        scale = MAPPING.build(args).scale
         frame = read_frame_option(args.source, args)
-        report = cluster_frame(frame, args.model, args.out, stride=args.stride, **common)
+        report = cluster_frame(
+            frame, args.model, args.out, stride=args.stride, scale=scale, **common
+        )
     elif Path(args.source).is_dir():
         report = cluster_dataset(args.source, args.model, args.out, **common)
     else:
@@ -171,7 +207,7 @@ def add_score_simulated(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the scores here")
     add_backend_option(p)
     # What score_simulated takes of the map options.
-    MAPPING.add(p, only=("stride", "mode", "background", "batch_size"))
+    MAPPING.add(p, only=("stride", "mode", "background", "batch_size", "scale"))
     p.set_defaults(func=cmd_score_simulated)
 
 
@@ -186,6 +222,7 @@ def add_cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=16, help="window stride for frames")
     add_backend_option(p)
     p.add_argument("--seed", type=int, default=0)
+    MAPPING.add(p, only=("scale",))  # frames only: resampled to the model's scale
     add_frame_options(p)
     p.set_defaults(func=cmd_cluster)
 

@@ -33,6 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         folder = args.simulated / "patches"
         simulated = load_patches(folder if folder.is_dir() else args.simulated, args.skip_bad)
         report_skipped(simulated)
+        simulated_pixel_size(args.simulated, simulated)
         record = {"data": None if args.data is None else str(args.data)}
         record["simulated_data"] = str(args.simulated)
         result = train_from_simulated(
@@ -49,6 +50,39 @@ def cmd_train(args: argparse.Namespace) -> int:
             "the warning in model.json"
         )
     return 0
+
+
+def simulated_pixel_size(folder: Path, patches) -> None:
+    """Set ``patches.pixel_size``/``unit`` from a 'simulate' output's ``truth.json``.
+
+    The settings it records are what the patches were made at; a bare patch folder
+    (no ``truth.json``) keeps what its TIFF calibration says, if anything.
+    """
+    import math
+
+    from defectscope.io.datasets import length_unit
+    from defectscope.simulate.truth import read_truth
+
+    if not (folder / "truth.json").is_file():
+        return
+    settings = read_truth(folder).get("settings")
+    settings = settings if isinstance(settings, dict) else {}
+    size, unit = settings.get("pixel_size"), settings.get("unit")
+    if size is None:
+        return
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, int | float)
+        or not math.isfinite(size)
+        or size <= 0
+        or not isinstance(unit, str)
+        or not unit.strip()
+    ):
+        raise ValueError(
+            f"{folder / 'truth.json'}: settings.pixel_size and settings.unit must be a "
+            f"finite number > 0 and a unit, got {size!r} and {unit!r}"
+        )
+    patches.pixel_size, patches.unit = float(size), length_unit(unit)
 
 
 def cmd_study(args: argparse.Namespace) -> int:

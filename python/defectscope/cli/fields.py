@@ -18,6 +18,10 @@ Field metadata read here (all optional):
     The option string, where it differs from ``--field-name`` (``--lr``).
 ``minimum``
     Values below it, and non-finite ones, are refused while parsing.
+
+A field annotated ``str | float`` (a word or a number, like ``MapOptions.scale``:
+``auto``, ``off`` or ``1.1``) takes one value, read as a number where it reads as one,
+else kept as text; the dataclass's own check then decides.
 ``cli``
     ``False`` leaves the field off the command line (it keeps its default).
 
@@ -235,6 +239,8 @@ def _argparse_kwargs(leaf: _Leaf) -> dict[str, Any]:
         kwargs["type"] = leaf.spelling.type
     elif hint is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
+    elif _word_or_number(hint):
+        kwargs["type"] = _number_or_text
     elif hint in _PLAIN_TYPES:
         if _PLAIN_TYPES[hint] is not None:
             kwargs["type"] = _PLAIN_TYPES[hint]
@@ -261,6 +267,25 @@ def _argparse_kwargs(leaf: _Leaf) -> dict[str, Any]:
     elif "action" not in kwargs and "choices" not in kwargs and leaf.flag != _default_flag(leaf):
         kwargs["metavar"] = leaf.flag.lstrip("-").replace("-", "_").upper()  # --lr LR
     return kwargs
+
+
+def _word_or_number(hint: Any) -> bool:
+    """Whether ``hint`` is ``str | float`` (or ``str | int``, in any order)."""
+    if _origin(hint) not in (typing.Union, types.UnionType):
+        return False
+    args = set(typing.get_args(hint))
+    return str in args and args - {str} <= {int, float} and len(args) > 1
+
+
+def _number_or_text(text: str) -> float | str:
+    """``"1.1"`` -> 1.1; ``"auto"`` stays text (argparse ``type`` of a word-or-number)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+_number_or_text.__name__ = "value"
 
 
 def _default_flag(leaf: _Leaf) -> str:

@@ -44,25 +44,38 @@ def locate_patches(
 
 
 def recall_at_sources(
-    result, positions: np.ndarray, labels: np.ndarray, classes: list[str]
+    result,
+    positions: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    crop_size: int | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Per class: of the crops located in the frame, how many the map labels correctly.
 
-    Each located crop is compared with the map's window whose origin is nearest
-    to the crop's position (at most half a stride away).
+    Each located crop is compared with the map's window whose centre is nearest to
+    the crop's centre (at most half a stride away). Centres, not top-left corners:
+    a window of a resampled map covers ``result.window_size`` pixels of the frame,
+    not the crop's side, so only the centres mark the same place.
 
     Parameters
     ----------
     result : MapResult
         Map of the frame the crops were located in.
     positions : ndarray, shape (n, 2)
-        From :func:`locate_patches`; ``-1`` rows are ignored.
+        Top-left ``(row, col)`` of each crop, from :func:`locate_patches`; ``-1`` rows
+        are ignored.
     labels : ndarray of int, shape (n,)
         Class index of each crop in ``classes``.
     classes : list of str
         Names of ``labels``; must be among the map's classes.
+    crop_size : int, optional
+        The crops' side in frame pixels (default: the model's patch size, as for
+        crops of the training patches located in the frame they were cut from).
     """
-    origins = result.origins.astype(np.float64)
+    size = result.patch_size if crop_size is None else crop_size
+    if size < 1:
+        raise ValueError(f"crop_size must be a positive number of pixels, got {crop_size}")
+    centers = np.asarray(result.centers, dtype=np.float64)
     predicted = result.labels.ravel()
     report = {}
     for index, name in enumerate(classes):
@@ -70,7 +83,8 @@ def recall_at_sources(
         if len(located) == 0:
             report[name] = {"located": 0, "recovered": None}
             continue
-        distance = ((located[:, None, :] - origins[None]) ** 2).sum(-1)
+        located = located.astype(np.float64) + (size - 1) / 2.0
+        distance = ((located[:, None, :] - centers[None]) ** 2).sum(-1)
         nearest = predicted[distance.argmin(axis=1)]
         hits = np.mean([result.classes[k] == name for k in nearest])
         report[name] = {"located": len(located), "recovered": float(hits)}

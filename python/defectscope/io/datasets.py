@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -62,6 +63,11 @@ class PatchSet:
     groups : ndarray of int64, shape (n,), optional
         Independent group of each patch when the dataset says (``groups.json``, as
         ``simulate`` writes it); ``None``: found from the pixels (:mod:`grouping`).
+    pixel_size : float, optional
+        Pixel size of the patches, in ``unit``, when the data say (every patch a
+        calibrated ImageJ TIFF of one pixel size, as ``simulate`` writes them).
+    unit : str, optional
+        Unit of ``pixel_size``.
     """
 
     images: np.ndarray
@@ -70,6 +76,8 @@ class PatchSet:
     paths: list[str]
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     groups: np.ndarray | None = None
+    pixel_size: float | None = None
+    unit: str | None = None
 
     @property
     def patch_size(self) -> int:
@@ -85,6 +93,8 @@ class PatchSet:
             self.classes,
             [self.paths[i] for i in index],
             groups=None if self.groups is None else self.groups[index],
+            pixel_size=self.pixel_size,
+            unit=self.unit,
         )
 
 
@@ -264,6 +274,7 @@ def load_patches(root: str | os.PathLike, skip_bad: bool = False) -> PatchSet:
     dtype = np.result_type(*{im.dtype for im in images})
     classes = sorted({label for _, label in kept})
     index = {c: i for i, c in enumerate(classes)}
+    pixel_size, unit = patch_calibration([p for p, _ in kept])
     return PatchSet(
         images=np.stack(images).astype(dtype, copy=False),
         labels=np.array([index[label] for _, label in kept], dtype=np.int64),
@@ -271,7 +282,68 @@ def load_patches(root: str | os.PathLike, skip_bad: bool = False) -> PatchSet:
         paths=[str(p) for p, _ in kept],
         skipped=skipped,
         groups=_known_groups(Path(root), [p for p, _ in kept]),
+        pixel_size=pixel_size,
+        unit=unit,
     )
+
+
+# ImageJ's names for "no length unit"; "A" is how ImageJ TIFFs spell Ångström.
+_NO_UNIT = ("", "pixel", "pixels", "px", "inch", "none")
+_UNIT_SPELLINGS = {"A": "Å", "angstrom": "Å", "um": "µm", "micron": "µm"}
+
+
+def _imagej_pixel_size(path: Path) -> tuple[float, str] | None:
+    """``(pixel size, unit)`` of an ImageJ TIFF with square calibrated pixels, else None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            unit = str((tif.imagej_metadata or {}).get("unit", "")).strip()
+            tags = tif.pages[0].tags
+            x, y = tags.get("XResolution"), tags.get("YResolution")
+            if unit.lower() in _NO_UNIT or x is None or y is None:
+                return None
+            # Resolution is pixels per unit, a rational (numerator, denominator).
+            (xn, xd), (yn, yd) = x.value, y.value
+    except Exception:  # an odd TIFF has no calibration to offer; its pixels were read
+        return None
+    if not (xn > 0 and xd > 0 and yn > 0 and yd > 0):
+        return None
+    size_x, size_y = xd / xn, yd / yn
+    if not (math.isfinite(size_x) and math.isclose(size_x, size_y, rel_tol=1e-6)):
+        return None
+    return size_x, length_unit(unit)
+
+
+def length_unit(unit: str) -> str:
+    """One spelling per length unit: ImageJ's and simulate's ``"A"`` is ``"Å"``, ``"um"``
+    is ``"µm"``; other names as they are."""
+    return _UNIT_SPELLINGS.get(unit, unit)
+
+
+def patch_calibration(paths: list[Path]) -> tuple[float | None, str | None]:
+    """The pixel size and unit all ``paths`` share, or ``(None, None)``.
+
+    Only calibrated ImageJ TIFFs (``simulate`` writes them) say; a folder where a patch
+    is not one, or where two patches disagree, has no pixel size (a warning says which
+    two disagree). The headers alone are read.
+    """
+    if not paths or any(Path(p).suffix.lower() not in (".tif", ".tiff") for p in paths):
+        return None, None
+    first = None
+    for path in paths:
+        found = _imagej_pixel_size(Path(path))
+        if found is None:
+            return None, None
+        if first is None:
+            first = (path, found)
+        elif found[1] != first[1][1] or not math.isclose(found[0], first[1][0], rel_tol=1e-6):
+            log.warning(
+                "patches of different pixel sizes (%s: %g %s, %s: %g %s): none is recorded",
+                first[0], first[1][0], first[1][1], path, found[0], found[1],
+            )  # fmt: skip
+            return None, None
+    return first[1]
 
 
 def _known_groups(root: Path, paths: list[Path]) -> np.ndarray | None:

@@ -31,6 +31,7 @@ from defectscope.io.frames import Calibration, Frame
 from defectscope.maps.options import MODES, SYMMETRIES, MapOptions, resolve_options
 from defectscope.maps.result import MapResult
 from defectscope.maps.rois import select_rois
+from defectscope.maps.scale import decide_scale, resampled_frame
 from defectscope.tiling.tiler import NanPolicy, check_frame, tile, window_origins
 
 
@@ -564,39 +565,99 @@ class Detector:
         Raises
         ------
         ValueError
-            As :meth:`map`, and for a background class the model lacks or a
-            subregion outside the frame.
+            As :meth:`map`, and for a background class the model lacks, a
+            subregion outside the frame, or a ``scale`` factor that shrinks the frame
+            below a patch.
+
+        Notes
+        -----
+        Scale matching (``options.scale``, see :mod:`defectscope.maps.scale`): the
+        frame (only the subregion, when one is given) is resampled to the scale of
+        the model's patches before it is tiled, by a factor from the calibration, the
+        frame's lattice period or the user, and mapped by :meth:`map` (window or
+        dense, unchanged). The result is in the original frame's coordinates:
+        ``origins`` are ``round(o / f)`` of the resampled frame's (plus the
+        subregion's corner), ``frame_shape`` and ``calibration`` are the original
+        frame's, ``result.scale`` is the zoom applied (1 when none) and each window
+        spans ``result.window_size = patch_size / scale`` original pixels.
+        ``result.info["scale"]`` records the factor, its source, whether it was
+        applied, the measured periods and pixel sizes, a warning when the frame was
+        mapped unscaled against the options' wish, and ``time_ms`` of the scale step
+        (measurement and resampling), also ``timing_ms["scale"]`` and counted in
+        ``timing_ms["total"]``. A memory-mapped frame is resampled band by band into
+        a temporary memmap that is deleted afterwards. :meth:`map` itself never
+        resamples.
         """
         options = options if options is not None else MapOptions()
         if not isinstance(options, MapOptions):
             raise TypeError(f"options must be MapOptions, got {type(options).__name__}")
+        started = time.perf_counter()
         if isinstance(frame, Frame):
             calibration = calibration or frame.calibration
             frame = frame.data
         origin = (0, 0)
-        full_shape = None
+        frame = check_frame(frame)
+        full_shape = tuple(frame.shape[:2])
+        if calibration is not None:
+            calibration.check_extent(full_shape)
         if subregion is not None:
-            frame = np.asarray(frame)
             y0, x0, y1, x1 = check_subregion(subregion, frame.shape)
-            if calibration is not None:
-                calibration.check_extent(frame.shape)
-            full_shape, origin = tuple(frame.shape[:2]), (y0, x0)
-            frame = frame[y0:y1, x0:x1]
-        result = self.map(
+            origin = (y0, x0)
+            frame = frame[y0:y1, x0:x1]  # a view: a memmap is not read here
+        frame = self._check_frame(frame)
+        size = self.engine.config.patch_size
+        decision = decide_scale(
             frame,
-            stride=options.stride,
-            keep_embeddings=True,  # ROI novelty needs them
-            nan_policy=options.nan_policy,
-            calibration=calibration,
-            timeout_s=timeout_s,
-            cancel=cancel,
-            symmetry=options.symmetry,
-            mode=options.mode,
+            calibration,
+            getattr(self.engine.config, "scale", None),
+            options.scale,
+            min_side=size,
         )
-        if full_shape is not None:
-            # Positions in the whole frame's pixels; the calibration is the whole frame's.
-            result.origins = result.origins + np.asarray(origin, dtype=result.origins.dtype)
-            result.frame_shape = full_shape
+        factor = decision.factor if decision.applied else 1.0
+        self._check_time(started, timeout_s, cancel, "before resampling the frame")
+        resampling = time.perf_counter()
+        with resampled_frame(frame, factor) as zoomed:
+            scale_ms = decision.time_ms + (time.perf_counter() - resampling) * 1000
+            remaining = None if timeout_s is None else timeout_s - (time.perf_counter() - started)
+            self._check_time(started, timeout_s, cancel, "after resampling the frame")
+            try:
+                result = self.map(
+                    zoomed,
+                    stride=options.stride,
+                    keep_embeddings=True,  # ROI novelty needs them
+                    nan_policy=options.nan_policy,
+                    calibration=None,  # the original frame's, set below
+                    timeout_s=remaining,
+                    cancel=cancel,
+                    symmetry=options.symmetry,
+                    mode=options.mode,
+                )
+            except ValueError as exc:
+                if factor != 1.0 and "contains NaN" in str(exc):
+                    raise ValueError(f"{exc} (of the frame resampled by {factor:.4g})") from None
+                raise
+            del zoomed  # a temporary memmap goes with its folder
+        # Back to the original frame's pixels: a window at o_r of the resampled frame
+        # starts at o_r / f (pixel edges scale, see tiling.resample), rounded.
+        origins = result.origins
+        if factor != 1.0:
+            origins = np.rint(origins / factor).astype(np.int64)
+        if origin != (0, 0):
+            origins = origins + np.asarray(origin, dtype=np.int64)
+        record = {**decision.to_dict(), "time_ms": scale_ms}
+        timing = dict(result.timing_ms)
+        timing["scale"] = scale_ms
+        timing["total"] = timing.get("total", 0.0) + scale_ms
+        result = dataclasses.replace(
+            result,
+            origins=origins,
+            frame_shape=full_shape,
+            calibration=calibration,
+            timing_ms=timing,
+            info={**result.info, "scale": record},
+            scale=factor,
+            ood_threshold=options.ood_share,
+        )
         if options.background is not None and options.background != result.background:
             if options.background not in result.classes:
                 raise ValueError(
@@ -607,6 +668,13 @@ class Detector:
         if not options.keep_embeddings:
             result = dataclasses.replace(result, embeddings=None)
         return Findings(result, rois, options)
+
+    @staticmethod
+    def _check_time(started, timeout_s, cancel, when: str) -> None:
+        if timeout_s is not None and time.perf_counter() - started > timeout_s:
+            raise MapCancelled(f"map stopped after the time limit of {timeout_s:g} s ({when})")
+        if cancel is not None and cancel():
+            raise MapCancelled(f"map cancelled ({when})")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -17,11 +17,15 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from defectscope.tiling.lattice import SCALE_RANGE
+
 MODES = ("auto", "dense", "window")
 # What regions unlike the training data may do: never ROIs, or compete as ROIs.
 UNKNOWN_POLICIES = ("ignore", "explore")
 SYMMETRIES = ("none", "d4")
 NAN_POLICIES = ("raise", "zero", "propagate")
+# Scale matching: measure the factor, or map as recorded (a number is a factor).
+SCALE_WORDS = ("auto", "off")
 
 
 def _field(default: Any, help: str, choices: tuple[str, ...] | None = None, **more: Any):
@@ -58,6 +62,17 @@ class MapOptions:
         Keep per-window embeddings in the result (ROIs need them; a map alone may not).
     batch_size : int
         Windows per engine call, used when a detector is loaded with these options.
+    scale : 'auto', 'off' or float
+        Resample the frame to the scale of the model's patches before tiling
+        (:func:`~defectscope.maps.scale.decide_scale`): ``auto`` from the calibration,
+        else the frame's lattice period; ``off`` maps the frame as recorded; a number
+        is the zoom itself (``1.1`` enlarges the frame by 10 %), within
+        :data:`~defectscope.tiling.lattice.SCALE_RANGE` (0.25-4). A string that reads
+        as a number (``"1.1"`` from the command line) is that number.
+    ood_share : float
+        Share of a frame's windows, in (0, 1], unknown beyond the rings of known
+        defects above which the whole frame is flagged ``out_of_distribution`` (and
+        gives no ROI unless ``unknown='explore'``).
 
     Raises
     ------
@@ -84,6 +99,15 @@ class MapOptions:
     background: str | None = _field(None, "the defect-free class, if the model's is wrong")
     keep_embeddings: bool = _field(True, "keep per-window embeddings (ROIs need them)")
     batch_size: int = _field(64, "windows per engine call")
+    scale: str | float = _field(
+        "auto",
+        "resample the frame to the model's scale before tiling: auto (from the calibration, "
+        "else the lattice period), off, or a factor (1.1 enlarges by 10%)",
+        metavar="auto|off|FACTOR",
+    )
+    ood_share: float = _field(
+        0.25, "share of unknown windows above which a frame is out of distribution, in (0, 1]"
+    )
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -219,11 +243,50 @@ def _check(key: str, field: dataclasses.Field, value: Any) -> Any:
         if value is not None and (not isinstance(value, str) or not value):
             raise ValueError(f"{key} must be a class name, got {value!r}")
         return value
+    if name == "scale":
+        return _check_scale(key, value)
+    if name == "ood_share":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{key} must be a number in (0, 1], got {_short(value)}")
+        try:
+            share = float(value)
+        except OverflowError:
+            raise ValueError(f"{key} is beyond the float range: {_short(value)}") from None
+        if not (math.isfinite(share) and 0 < share <= 1):
+            raise ValueError(f"{key} must be a number in (0, 1], got {value!r}")
+        return share
     if name == "keep_embeddings":
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
         return value
     raise AssertionError(f"map option {name} has no check")  # a new field needs one here
+
+
+def _check_scale(key: str, value: Any) -> str | float:
+    """``auto``, ``off`` or a factor in SCALE_RANGE as a float; errors name ``key``."""
+    low, high = SCALE_RANGE
+    wanted = f"{key} must be 'auto', 'off' or a factor from {low:g} to {high:g}"
+    if isinstance(value, str):
+        text = value.strip()
+        if text in SCALE_WORDS:
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{wanted}, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{wanted}, got {_short(value)}")
+    try:
+        factor = float(value)
+    except OverflowError:
+        raise ValueError(f"{wanted}, got {_short(value)} (beyond the float range)") from None
+    if not math.isfinite(factor) or factor <= 0:
+        raise ValueError(f"{wanted}, got {value!r}")
+    if not low <= factor <= high:
+        # A factor the user asked for is not silently dropped: outside the range a
+        # frame would be resampled beyond what any lattice needs (x10: 100x the pixels).
+        raise ValueError(f"{wanted}, got {factor:g}")
+    return factor
 
 
 def _short(value: Any) -> str:
@@ -235,6 +298,8 @@ def _short(value: Any) -> str:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """``value`` read from JSON as the field's type; ints given as floats like 16.0 pass."""
     allowed = typing.get_args(hint) or (hint,)
+    if str in allowed and isinstance(value, str):
+        return value  # a str | float field: the field's own check reads the text
     if value is None:
         if type(None) in allowed:
             return None

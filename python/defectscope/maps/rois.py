@@ -13,12 +13,25 @@ a score that says where to look next:
   ``d_bulk`` the mean distance of background windows from that centroid; 0.5
   means "as far as ordinary bulk varies", near 1 means unlike anything in bulk.
 
-Default weights are 0.5, 0.2 and 0.3. With a model that carries a density, regions of
-unknown windows (unlike anything trained on) are left out (``unknown="ignore"``), or
-compete with their mean uncertainty in place of the defect probability
-(``unknown="explore"``). Regions are taken best first, skipping any
-whose centre lies closer than ``min_spacing`` pixels to one already taken, so a
-microscope is not sent to the same place twice.
+Default weights are 0.5, 0.2 and 0.3. Regions are those of
+:func:`~defectscope.maps.result.find_regions`: a defect region includes the ring of
+unknown windows that see part of it (its ``n_windows`` and ``bbox``), while its
+probability and novelty come from its own windows. With a model that carries a density,
+regions of unknown windows (unlike anything trained on) are left out
+(``unknown="ignore"``), or compete with their mean uncertainty in place of the defect
+probability (``unknown="explore"``). Regions are taken best first, skipping any
+whose centre lies closer than ``min_spacing`` pixels (default: the window's side in the
+frame, :attr:`~defectscope.maps.result.MapResult.window_size`) to one already taken, so
+a microscope is not sent to the same place twice.
+
+A frame that is out of distribution as a whole
+(:attr:`~defectscope.maps.result.MapResult.out_of_distribution`: more of its windows
+unknown, away from the rings of known defects, than ``ood_threshold``; say a
+magnification or material the model never saw)
+gives no ROI unless the user asks to explore the unknown: its known regions are the
+classifier's guesses on data unlike its training, and ranking them would send the
+microscope to noise. With ``unknown="explore"`` its regions compete as on any frame, each
+ROI then marked ``"frame_out_of_distribution": true``.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import dataclasses
 import numpy as np
 
 from defectscope.maps.options import UNKNOWN_POLICIES
-from defectscope.maps.result import MapResult, label_regions, region_records, scan_fraction
+from defectscope.maps.result import MapResult, group_regions, region_records, scan_fraction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +88,8 @@ def select_rois(
     top : int
         Number of ROIs wanted.
     min_spacing : float, optional
-        Least distance in pixels between ROI centres (default: the patch size).
+        Least distance in pixels between ROI centres (default: the window's side in
+        the frame, :attr:`~defectscope.maps.result.MapResult.window_size`).
     weights : RoiWeights
     unknown : {'ignore', 'explore'}
         What to do with regions of unknown windows (unlike anything trained on, see
@@ -83,7 +97,10 @@ def select_rois(
         microscope goes only where the classifier can be trusted. ``explore``: they
         compete with defect regions, their mean ``uncertainty`` standing in for the
         defect probability in the score (``"unknown": true`` in the record), for a
-        scientist who wants to see what the model has not.
+        scientist who wants to see what the model has not. A frame that is
+        :attr:`~defectscope.maps.result.MapResult.out_of_distribution` gives no ROI
+        under ``ignore``; under ``explore`` its ROIs carry
+        ``"frame_out_of_distribution": true``.
     max_frame_fraction : float
         A region holding more than this share of the frame's windows is not a place
         to look at but a sign that the model calls the whole frame a defect (a frame
@@ -105,21 +122,30 @@ def select_rois(
         raise ValueError(f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
     if result.embeddings is None:
         raise ValueError("ROI novelty needs embeddings: map with keep_embeddings=True")
-    spacing = float(result.patch_size if min_spacing is None else min_spacing)
+    out_of_distribution = result.out_of_distribution
+    if out_of_distribution and unknown != "explore":
+        return []
+    spacing = float(result.window_size if min_spacing is None else min_spacing)
     centroid, spread = _bulk_reference(result)
     candidates = []
-    kinds = [False, True] if unknown == "explore" and result.unknown is not None else [False]
+    groups = group_regions(result)
+    kinds = [False, True] if unknown == "explore" and groups.unknown is not None else [False]
     flat = result.embeddings.reshape(-1, result.embeddings.shape[-1]).astype(np.float64)
     for is_unknown in kinds:
-        components, count = label_regions(result, unknown=is_unknown)
-        records = region_records(result, components, count, unknown=is_unknown)
-        # Mean embedding of every region at once: sums over the label image.
+        if is_unknown:
+            components, count, absorbed = groups.unknown, groups.n_unknown, None
+        else:
+            components, count = groups.known, groups.n_known
+            absorbed = groups.absorbed if groups.unknown is not None else None
+        records = region_records(result, components, count, is_unknown, absorbed)
+        # Mean embedding of every region's own windows at once: sums over the label image.
         sums = np.zeros((count + 1, flat.shape[1]))
         np.add.at(sums, components.ravel(), flat)
+        own = np.bincount(components.ravel(), minlength=count + 1)
         for index, record in enumerate(records, start=1):
             if record["frame_fraction"] > max_frame_fraction:
                 continue
-            distance = float(np.linalg.norm(sums[index] / record["n_windows"] - centroid))
+            distance = float(np.linalg.norm(sums[index] / own[index] - centroid))
             novelty = distance / (distance + spread)
             size = record["n_windows"] / (record["n_windows"] + 4.0)
             score = (
@@ -143,6 +169,8 @@ def select_rois(
             if "uncertainty" in record:
                 roi["uncertainty"] = record["uncertainty"]
                 roi["unknown"] = is_unknown
+            if out_of_distribution:
+                roi["frame_out_of_distribution"] = True
             if result.calibration is not None:
                 roi["center_calibrated"] = result.calibration.to_physical(cy, cx)
                 roi["unit"] = result.calibration.unit

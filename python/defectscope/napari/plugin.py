@@ -158,6 +158,11 @@ def _region_layer(regions: list[dict], geometry: dict, name: str) -> LayerData:
         "label": [r["label"] for r in regions],
         "unknown": [bool(r.get("unknown", False)) for r in regions],
         "n_windows": [int(r.get("n_windows", 0)) for r in regions],
+        # Unknown windows joined to the region: the ring that sees part of the defect.
+        "absorbed_unknown": [int(r.get("absorbed_unknown", 0)) for r in regions],
+        "frame_out_of_distribution": [
+            bool(r.get("frame_out_of_distribution", False)) for r in regions
+        ],
     }
     kwargs = {
         "name": f"{name} regions",
@@ -208,7 +213,13 @@ def _roi_layer(rois: list[dict], geometry: dict, name: str, frame_shape) -> Laye
 def map_layers(
     result, rois: list[dict], name: str, geometry: dict[str, Any] | None = None
 ) -> list[LayerData]:
-    """Labels (class per pixel), confidence, ROI points and region boxes of a map."""
+    """Labels (class per pixel), confidence, ROI points and region boxes of a map.
+
+    All in the original frame's pixels (then ``geometry``'s physical ones), whatever
+    the frame was resampled by for the model: pixels take their nearest window's
+    values, boxes span windows ``result.window_size`` wide. The labels layer's
+    metadata says the resampling factor and whether the frame is out of distribution.
+    """
     from defectscope.maps.result import pixel_grid_index
     from defectscope.outputs.figures import class_colors
 
@@ -229,7 +240,15 @@ def map_layers(
             "index": [0, *range(1, len(result.classes) + 1)],
             "class": ["none", *result.classes],
         },
-        "metadata": {"classes": list(result.classes), "background": result.background},
+        "metadata": {
+            "classes": list(result.classes),
+            "background": result.background,
+            "scale": float(result.scale),
+            "window_size": float(result.window_size),
+            "out_of_distribution": bool(result.out_of_distribution),
+            "unknown_share": float(result.unknown_share),
+            "unexplained_share": float(result.unexplained_share),
+        },
         **geometry,
     }
     confidence = result.confidence[np.ix_(rows, cols)].astype(np.float32)

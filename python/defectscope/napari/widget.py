@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -23,6 +24,8 @@ from defectscope.io.frames import Calibration
 from defectscope.maps.options import MapOptions
 from defectscope.napari.plugin import map_layers
 
+log = logging.getLogger("defectscope")
+
 
 class FindDefects(QWidget):
     """Map the selected image layer (each frame of a stack) without freezing the viewer.
@@ -30,10 +33,13 @@ class FindDefects(QWidget):
     The map runs in a napari worker thread; the progress bar counts engine batches
     (the detector's ``cancel`` hook is called between them), and Cancel stops the map
     at the next batch. The model artifact and backend, and the map options (stride,
-    number of ROIs, mode, unknown policy, background class: a
+    number of ROIs, mode, unknown policy, background class, scale matching: a
     :class:`~defectscope.maps.options.MapOptions`, see :meth:`options`) are the
-    widget's fields; a layer that names its model in ``metadata["defectscope_model"]``
-    (the sample data does) fills the model field.
+    widget's fields; the status line says how each frame's scale was matched (and
+    warns when it could not be) and flags a frame that is out of distribution; a layer
+    that names its model in ``metadata["defectscope_model"]`` (the sample data does)
+    fills the model field. The progress bar counts the windows of the frame as
+    recorded: a frame resampled to the model's scale has ``factor**2`` as many.
     """
 
     def __init__(self, napari_viewer):
@@ -64,6 +70,8 @@ class FindDefects(QWidget):
         self.unknown.setToolTip(fields["unknown"].metadata["help"])
         self.background = QLineEdit()
         self.background.setPlaceholderText("the model's own (e.g. Bulk)")
+        self.scale = QLineEdit("auto")
+        self.scale.setToolTip(fields["scale"].metadata["help"])
         self.run_button = QPushButton("Find defects")
         self.run_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel")
@@ -79,6 +87,7 @@ class FindDefects(QWidget):
         form.addRow("mode", self.mode)
         form.addRow("unknown regions", self.unknown)
         form.addRow("background class", self.background)
+        form.addRow("scale (auto, off or factor)", self.scale)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -135,6 +144,7 @@ class FindDefects(QWidget):
             mode=self.mode.currentText(),
             unknown=self.unknown.currentText(),
             background=self.background.text().strip() or None,
+            scale=self.scale.text().strip() or "auto",
         )
 
     def set_options(self, options: MapOptions) -> None:
@@ -144,6 +154,7 @@ class FindDefects(QWidget):
         self.mode.setCurrentText(options.mode)
         self.unknown.setCurrentText(options.unknown)
         self.background.setText(options.background or "")
+        self.scale.setText(str(options.scale))
 
     def run(self) -> None:
         """Start mapping the selected image layer in a worker thread."""
@@ -245,7 +256,8 @@ class FindDefects(QWidget):
             for data, kwargs, kind in map_layers(result, rois, name, geometry):
                 self.viewer.add_layer(Layer.create(data, kwargs, kind))
         regions = sum(len(r.regions()) for r, _ in results)
-        self.status.setText(f"{regions} regions, {sum(len(r) for _, r in results)} ROIs")
+        status = f"{regions} regions, {sum(len(r) for _, r in results)} ROIs"
+        self.status.setText("\n".join([status, *_result_notes([r for r, _ in results])]))
 
     def _failed(self, error: BaseException) -> None:
         self.error = error
@@ -259,14 +271,39 @@ class FindDefects(QWidget):
         self.worker = None
 
 
+def _result_notes(results: list) -> list[str]:
+    """Status lines: how the frames' scale was matched, and out-of-distribution frames."""
+    from defectscope.maps.scale import describe
+
+    notes = []
+    records = [r.info.get("scale") for r in results]
+    shown = [rec for rec in records if rec and (rec.get("applied") or rec.get("warning"))]
+    if shown:
+        more = f" (and {len(shown) - 1} more frames)" if len(shown) > 1 else ""
+        notes.append(describe(shown[0]) + more)
+    ood = [r for r in results if r.unknown is not None and r.out_of_distribution]
+    if ood:
+        share = max(r.unknown_share for r in ood)
+        notes.append(
+            f"out of distribution: {len(ood)} of {len(results)} frame(s), up to {share:.0%} "
+            "of windows unknown; ROIs only when unknown regions are explored"
+        )
+    return notes
+
+
 def _layer_calibration(layer) -> Calibration | None:
-    """The calibration a reader stored in the layer's metadata, if any."""
+    """The calibration a reader stored in the layer's metadata, if any.
+
+    One that cannot be a calibration (a pixel size that is not a finite number > 0)
+    is left out with one warning line: the frame is then mapped uncalibrated.
+    """
     stored = layer.metadata.get("calibration")
     if not stored:
         return None
     try:
         return Calibration(tuple(stored["scale"]), tuple(stored["offset"]), str(stored["unit"]))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError) as error:
+        log.warning("layer %s: calibration refused (%s); mapped uncalibrated", layer.name, error)
         return None
 
 

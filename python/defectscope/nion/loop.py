@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import math
 import tempfile
 import threading
 import time
@@ -27,6 +29,7 @@ from defectscope.maps.detector import Detector
 from defectscope.maps.options import MapOptions, resolve_options
 from defectscope.simulate.lattice import LatticeSample, ScanField
 
+log = logging.getLogger("defectscope")
 _EXTRA = "pip install 'defectscope[nion]' (nionswift, nionswift-instrumentation, nionswift-usim)"
 
 try:
@@ -156,13 +159,24 @@ def frame_from_xdata(xdata: Any) -> Frame:
     Nion calibrates pixel *edges* (``offset`` is the field's top-left corner);
     :class:`~defectscope.io.frames.Calibration` gives pixel centres, half a pixel in.
     Coordinates stay the instrument's own (for scans, relative to the field centre).
+    A calibration whose pixel size or offset is not a finite number (or the size not
+    > 0) is left out with one warning line: the survey is then mapped uncalibrated
+    (its scale from its lattice, see :mod:`defectscope.maps.scale`).
     """
     data = np.asarray(xdata.data)
     if data.ndim != 2:
         raise ValueError(f"expected a 2-D scan image, got data of shape {data.shape}")
     cal_y, cal_x = xdata.dimensional_calibrations
     calibration = None
-    if cal_y.units and cal_y.units == cal_x.units and cal_y.scale > 0 and cal_x.scale > 0:
+    numbers = [float(c.scale) for c in (cal_y, cal_x)] + [float(c.offset) for c in (cal_y, cal_x)]
+    usable = all(math.isfinite(v) for v in numbers) and cal_y.scale > 0 and cal_x.scale > 0
+    if cal_y.units and cal_y.units == cal_x.units and not usable:
+        log.warning(
+            "scan calibration refused: pixel size (%g, %g) %s, offset (%g, %g) is not finite "
+            "and > 0; the frame is mapped uncalibrated",
+            *numbers[:2], cal_y.units, *numbers[2:],
+        )  # fmt: skip
+    elif cal_y.units and cal_y.units == cal_x.units:
         calibration = Calibration(
             scale=(float(cal_y.scale), float(cal_x.scale)),
             offset=(
@@ -228,6 +242,12 @@ class ClosedLoopStep:
         subscan scan) and ``total``.
     options : MapOptions or None
         How the survey was mapped and its ROIs ranked.
+    scale : dict or None
+        The survey's scale matching (``MapResult.info["scale"]``: factor, source,
+        applied, warning).
+    out_of_distribution : bool or None
+        The survey as a whole is unlike the training data (no ROI is visited then
+        unless ``options.unknown`` is 'explore'); None without a feature density.
     """
 
     survey: Frame
@@ -237,6 +257,8 @@ class ClosedLoopStep:
     subscan: Frame | None = None
     timing_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     options: MapOptions | None = None
+    scale: dict | None = None
+    out_of_distribution: bool | None = None
 
 
 def visit_top_roi(
@@ -286,9 +308,19 @@ def visit_top_roi(
     start = time.perf_counter()
     survey = acquire(scan_source, channel, timeout)
     scanned = time.perf_counter()
-    rois = detector.find(survey, options).rois  # the survey brings its calibration
+    # The survey brings its calibration; it is resampled to the model's scale.
+    found = detector.find(survey, options)
+    rois, result = found.rois, found.result
     ranked = time.perf_counter()
-    step = ClosedLoopStep(survey=survey, rois=rois, options=options)
+    step = ClosedLoopStep(
+        survey=survey,
+        rois=rois,
+        options=options,
+        scale=result.info.get("scale"),
+        out_of_distribution=(
+            bool(result.out_of_distribution) if result.unknown is not None else None
+        ),
+    )
     step.timing_ms = {"survey": (scanned - start) * 1e3, "rois": (ranked - scanned) * 1e3}
     if not rois:
         step.timing_ms["total"] = (ranked - start) * 1e3

@@ -118,21 +118,30 @@ def cluster_frame(
     variance: float = 0.95,
     backend: str = "auto",
     seed: int = 0,
+    scale: str | float = "auto",
 ) -> dict:
     """Cluster the windows of a frame by the model's embeddings and map the clusters.
 
     ``frame`` is a file (read with :func:`~defectscope.io.frames.read_frame`) or a
     :class:`~defectscope.io.frames.Frame`; with a calibration, ``clusters.csv`` gains the
-    window centres in physical units and ``cluster.json`` the calibration.
+    window centres in physical units and ``cluster.json`` the calibration. The frame is
+    mapped as every map is (:meth:`Detector.find
+    <defectscope.maps.detector.Detector.find>`), resampled to the model's scale by
+    ``scale`` (:attr:`MapOptions.scale <defectscope.maps.options.MapOptions.scale>`);
+    window positions and the montage's crops are in the original frame's pixels, each
+    window ``result.window_size`` pixels wide, and ``cluster.json`` records the scale
+    matching under ``scale``.
     """
     from defectscope.maps.detector import Detector
+    from defectscope.maps.options import MapOptions
     from defectscope.maps.result import pixel_grid_index, window_coordinates
 
+    options = MapOptions(stride=stride, scale=scale)
     if not isinstance(frame, Frame):
         frame = read_frame(frame)
     image = frame.data
     with Detector.load(artifact, backend=backend) as det:
-        result = det.map(frame, stride=stride)
+        result = det.find(frame, options).result
     rows, cols = result.grid_shape
     embeddings = result.embeddings.reshape(rows * cols, -1)
     learned = cluster_embeddings(embeddings, k, k_range, variance, seed)
@@ -145,8 +154,17 @@ def cluster_frame(
     figures.pca_scatter(
         learned.coordinates, learned.labels, out / "pca.png", predicted, result.classes
     )
-    size = result.patch_size
-    windows = np.stack([image[y : y + size, x : x + size] for y, x in result.origins])
+    # Crops of the original frame, one window wide (clamped: a rounded window origin
+    # may put its far edge a pixel past the frame's).
+    size = min(result.window_extent, *image.shape[:2])
+    height, width = image.shape[:2]
+    windows = np.stack(
+        [
+            image[min(y, height - size) : min(y, height - size) + size,
+                  min(x, width - size) : min(x, width - size) + size]
+            for y, x in result.origins
+        ]
+    )  # fmt: skip
     figures.montage(windows, learned.labels, out / "montage.png")
     grid_rows, grid_cols = pixel_grid_index(result)
     figures.grid_map(
@@ -164,6 +182,8 @@ def cluster_frame(
         "n_items": len(items),
         "backend": det.engine.name,
         "calibration": frame.calibration.to_dict() if frame.calibration else None,
+        "scale": result.info.get("scale"),
+        "window_size": float(result.window_size),
         "learned": {**_summary(learned), **learned.agreement(predicted)},
         "note": "ARI/NMI here compare clusters with the classifier's own predictions",
     }

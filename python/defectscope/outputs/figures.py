@@ -218,10 +218,29 @@ def _frame_axes(ax, frame: np.ndarray, result) -> None:
     ax.add_artist(bar)
 
 
+def map_note(result) -> str:
+    """What a map's title must add: the resampling factor when the frame was resampled
+    for the model, and the frame's unknown share when it is out of distribution."""
+    notes = []
+    scale = float(getattr(result, "scale", 1.0))
+    if scale != 1.0:
+        notes.append(f"resampled x{scale:.3g} for the model")
+    if getattr(result, "out_of_distribution", False):
+        notes.append(
+            f"FRAME OUT OF DISTRIBUTION: {100 * result.unexplained_share:.0f} % of windows "
+            "unknown away from any known defect"
+        )
+    return "\n" + "; ".join(notes) if notes else ""
+
+
 def map_overlay(frame: np.ndarray, result, path: str | Path, rois: list[dict] | None = None):
     """Frame in gray with defect classes coloured (alpha by confidence), region boxes,
     numbered ROI markers, hatched unknown windows, a legend of every class and, when
-    the frame is calibrated, a scale bar."""
+    the frame is calibrated, a scale bar.
+
+    Pixels take the nearest window's values and region boxes span their windows, both
+    in the original frame's pixels (windows ``result.window_size`` wide); the title
+    says when the frame was resampled or is out of distribution (:func:`map_note`)."""
     from matplotlib.patches import Patch, Rectangle
 
     from defectscope.maps.result import pixel_grid_index
@@ -294,7 +313,9 @@ def map_overlay(frame: np.ndarray, result, path: str | Path, rois: list[dict] | 
     ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
-    ax.set_title("defect classes (alpha = confidence; hatched: unlike the training data)")
+    ax.set_title(
+        "defect classes (alpha = confidence; hatched: unlike the training data)" + map_note(result)
+    )
     return save(fig, path, dpi=110)
 
 
@@ -313,7 +334,7 @@ def map_confidence(result, path: str | Path, frame: np.ndarray | None = None) ->
         result.confidence[np.ix_(rows, cols)], vmin=0, vmax=1, cmap="viridis", alpha=alpha
     )
     fig.colorbar(image, ax=ax, label="confidence of predicted class (calibrated softmax)")
-    ax.set_title("confidence of the predicted class, by nearest window")
+    ax.set_title("confidence of the predicted class, by nearest window" + map_note(result))
     return save(fig, path, dpi=110)
 
 
@@ -336,5 +357,7 @@ def map_uncertainty(frame: np.ndarray, result, path: str | Path) -> Path:
             linewidths=1.0,
         )
     fig.colorbar(image, ax=ax, label="uncertainty (share of in-distribution windows closer)")
-    ax.set_title("uncertainty; cyan outline: unknown (beyond the validation threshold)")
+    ax.set_title(
+        "uncertainty; cyan outline: unknown (beyond the validation threshold)" + map_note(result)
+    )
     return save(fig, path, dpi=110)

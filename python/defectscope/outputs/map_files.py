@@ -1,9 +1,14 @@
 """Writing a map's files: staged, then moved in, and never over the inputs.
 
-``defectscope map`` writes ``windows.csv``, ``regions.json``, ``overlay.png`` and
-``confidence.png``. They are made in a hidden staging folder beside the output
-folder and moved in only when all succeeded. A staging folder left by a process that
-was killed (SIGKILL, power loss) names its process id and is removed by the next run.
+``defectscope map`` writes ``windows.csv``, ``regions.json``, ``map.json``,
+``overlay.png`` and ``confidence.png`` (and ``uncertainty.png`` with a density).
+``map.json`` is the metadata of ``windows.csv`` and ``regions.json``
+(:func:`map_summary`): how the map was made (dense or window by window), the scale
+matching (``scale``: factor, source, measured periods, warning), the window size in the
+frame's pixels, and whether the frame is out of distribution. They are made in a hidden
+staging folder beside the output folder and moved in only when all succeeded. A staging
+folder left by a process that was killed (SIGKILL, power loss) names its process id and
+is removed by the next run.
 """
 
 from __future__ import annotations
@@ -14,13 +19,21 @@ import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from defectscope.io.files import staging_dir
 from defectscope.maps.result import MapResult, windows_csv
 
-MAP_FILES = ("windows.csv", "regions.json", "overlay.png", "confidence.png", "uncertainty.png")
+MAP_FILES = (
+    "windows.csv",
+    "regions.json",
+    "map.json",
+    "overlay.png",
+    "confidence.png",
+    "uncertainty.png",
+)
 
 
 class OutputPathError(ValueError):
@@ -79,6 +92,35 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
     return removed
 
 
+def map_summary(result: MapResult) -> dict[str, Any]:
+    """What a map's files and replies say about the map as a whole (JSON-ready).
+
+    ``result.info`` (``mode``, ``native_stride``, ``precision``, ``reason``, and
+    ``scale``: the scale matching record, see :mod:`defectscope.maps.scale`), plus
+    ``frame_shape``, ``grid_shape``, ``patch_size``, ``window_size`` (a window's side in
+    the frame's pixels), ``classes``, ``background``, ``calibration`` (or None), and
+    ``unknown_share``, ``unexplained_share``, ``out_of_distribution`` and
+    ``ood_threshold`` (the first three None without a feature density). Windows and
+    regions are in the original frame's pixels whatever the scale.
+    """
+    has_density = result.unknown is not None
+    return {
+        **result.info,
+        "scale": result.info.get("scale"),
+        "frame_shape": [int(v) for v in result.frame_shape],
+        "grid_shape": [int(v) for v in result.grid_shape],
+        "patch_size": int(result.patch_size),
+        "window_size": float(result.window_size),
+        "classes": list(result.classes),
+        "background": result.background,
+        "calibration": None if result.calibration is None else result.calibration.to_dict(),
+        "unknown_share": result.unknown_share if has_density else None,
+        "unexplained_share": result.unexplained_share if has_density else None,
+        "out_of_distribution": bool(result.out_of_distribution) if has_density else None,
+        "ood_threshold": float(result.ood_threshold),
+    }
+
+
 def write_map_outputs(
     frame: np.ndarray,
     result: MapResult,
@@ -86,8 +128,9 @@ def write_map_outputs(
     inputs: Iterable[str | os.PathLike] = (),
     rois: list[dict] | None = None,
 ) -> Path:
-    """Write ``windows.csv``, ``regions.json``, ``overlay.png``, ``confidence.png`` and,
-    when the model has a density, ``uncertainty.png``.
+    """Write ``windows.csv``, ``regions.json``, ``map.json`` (:func:`map_summary`),
+    ``overlay.png``, ``confidence.png`` and, when the model has a density,
+    ``uncertainty.png``.
 
     Everything is written in a staging folder beside ``out_dir`` first and then
     moved in, so a failure leaves nothing partial in ``out_dir``. ``inputs`` (the
@@ -110,6 +153,8 @@ def write_map_outputs(
         (staging / "windows.csv").write_text(windows_csv(result))
         regions = result.regions()
         (staging / "regions.json").write_text(json.dumps(regions, indent=2, allow_nan=False) + "\n")
+        summary = json.dumps(map_summary(result), indent=2, allow_nan=False)
+        (staging / "map.json").write_text(summary + "\n")
         figures.map_overlay(np.asarray(frame), result, staging / "overlay.png", rois=rois)
         figures.map_confidence(result, staging / "confidence.png", frame=np.asarray(frame))
         if result.uncertainty is not None:

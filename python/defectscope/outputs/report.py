@@ -17,6 +17,7 @@ from pathlib import Path
 
 from defectscope.evaluation.metrics import format_mean_std
 from defectscope.io.files import atomic_write_text
+from defectscope.maps.scale import describe
 from defectscope.outputs import figures
 
 STYLE = """
@@ -232,6 +233,22 @@ def _gap_warnings(study: dict) -> list[str]:
     ]
 
 
+def _map_lines(check: dict, summary: dict | None) -> list[str]:
+    """The large frame's scale matching and out-of-distribution lines, from the frame
+    check's record (``study.json``) or, for runs that lack them, ``frame_map/map.json``."""
+    summary = summary or {}
+    record = check.get("scale", summary.get("scale"))
+    lines = [describe(record)] if record else []
+    ood = check.get("out_of_distribution", summary.get("out_of_distribution"))
+    share = check.get("unknown_share", summary.get("unknown_share"))
+    if ood and share is not None:
+        lines.append(
+            f"out of distribution: {share:.0%} of windows unknown; its known regions are "
+            "guesses on data unlike the training data and no ROI is proposed from it"
+        )
+    return lines
+
+
 def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
     """Write ``report.html`` for a run directory and return its path."""
     run = Path(run_dir)
@@ -263,6 +280,9 @@ def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
             check = study.get("frame_check")
             if check:
                 parts.append("<h2>Defect map of the large frame</h2>")
+                for line in _map_lines(check, _read_json(run / "frame_map" / "map.json")):
+                    css = ' class="warning"' if "warning" in line or "out of" in line else ""
+                    parts.append(f"<p{css}>{html.escape(line)}</p>")
                 parts.append(_img(run / "frame_map" / "overlay.png", "defect map overlay"))
                 if (run / "frame_map" / "uncertainty.png").is_file():
                     unknown = check.get("unknown_share")

@@ -6,6 +6,17 @@ top-left corner lies in the chunk is whole, and each worker maps its band window
 window with its own engine. The bands add up to the map of the whole frame: the same
 windows, labels, probabilities, embeddings, uncertainty and regions (to the rounding
 of the engine, which may differ between processes and CPUs).
+
+Scale matching (:mod:`defectscope.maps.scale`) is decided ONCE for the whole frame,
+before it is cut into bands: the lattice is measured on at most 16 tiles of 256 x 256
+px spread over the frame (a memmap is read only there), so every band is mapped at the
+same factor and the decision costs the same whatever the frame's size. When a factor
+is applied, the frame is resampled band by band into a temporary float32 memmap
+(:func:`~defectscope.maps.scale.resampled_frame`; in memory when the frame is and the
+result is under 1 GiB), whose bands are then mapped as above and deleted afterwards;
+window origins come back in the original frame's pixels (``round(o / f)``), so the
+result equals :meth:`Detector.find <defectscope.maps.detector.Detector.find>`'s map of
+the whole frame.
 """
 
 from __future__ import annotations
@@ -119,8 +130,9 @@ def map_large_frame(
     calibration : Calibration, optional
         Of the whole frame.
     options : MapOptions, optional
-        Stride, symmetry, NaN policy, background and batch size; bands map window by
-        window, so ``mode='dense'`` is refused.
+        Stride, symmetry, NaN policy, background, batch size, ``scale`` (decided once
+        for the whole frame, see the module's notes) and ``ood_share``; bands map
+        window by window, so ``mode='dense'`` is refused.
     model_hash : str, optional
         The artifact's hash (:func:`~defectscope.service.batch_artifact.artifact_hash`),
         which keys the workers' engine caches; computed when not given.
@@ -128,18 +140,19 @@ def map_large_frame(
     Returns
     -------
     MapResult
+        In the original frame's pixels; ``info["scale"]`` and ``timing_ms["scale"]``
+        as :meth:`Detector.find <defectscope.maps.detector.Detector.find>` gives them.
 
     Raises
     ------
     ValueError
         For a frame smaller than a patch, a bad band or options that bands cannot do.
     """
-    import dask.array as da
-
     from defectscope.maps.detector import Detector
     from defectscope.maps.result import MapResult
+    from defectscope.maps.scale import decide_scale, resampled_frame
     from defectscope.service.batch_artifact import artifact_hash
-    from defectscope.tiling.tiler import check_frame, window_origins
+    from defectscope.tiling.tiler import check_frame
 
     options = resolve_options(options, stride=stride, background=background)
     if options.mode == "dense":
@@ -158,9 +171,60 @@ def map_large_frame(
     band = check_band(band, stride, patch)
     if calibration is not None:
         calibration.check_extent(frame.shape)
+    started = time.perf_counter()
+    decision = decide_scale(frame, calibration, config.scale, options.scale, min_side=patch)
+    factor = decision.factor if decision.applied else 1.0
+    resampling = time.perf_counter()
+    with resampled_frame(frame, factor) as zoomed:
+        scale_ms = decision.time_ms + (time.perf_counter() - resampling) * 1000
+        origins, grid, n_bands = _map_bands(
+            zoomed, client, band, patch, stride, n_classes=len(classes), config=config,
+            artifact=artifact, model_hash=model_hash, backend=backend, threads=threads,
+            options=options,
+        )  # fmt: skip
+        del zoomed
+    rows, n_cols = grid.shape[:2]
+    n_classes = len(classes)
+    if factor != 1.0:  # back to the original frame's pixels, as Detector.find does
+        origins = np.rint(origins / factor).astype(np.int64)
+    uncertainty = grid[..., -2]
+    has_density = not np.isnan(uncertainty).all()
+    total = (time.perf_counter() - started) * 1000
+    return MapResult(
+        origins=origins,
+        grid_shape=(rows, n_cols),
+        probabilities=np.ascontiguousarray(grid[..., :n_classes]),
+        embeddings=np.ascontiguousarray(grid[..., n_classes:-2]),
+        classes=classes,
+        background=background,
+        frame_shape=tuple(frame.shape),
+        patch_size=patch,
+        timing_ms={"total": total, "scale": scale_ms, "bands": n_bands},
+        calibration=calibration,
+        uncertainty=np.ascontiguousarray(uncertainty) if has_density else None,
+        unknown=grid[..., -1].astype(bool) if has_density else None,
+        info={
+            "mode": "window",
+            "reason": "mapped in bands across workers",
+            "scale": {**decision.to_dict(), "time_ms": scale_ms},
+        },
+        scale=factor,
+        ood_threshold=options.ood_share,
+    )
+
+
+def _map_bands(
+    frame, client, band, patch, stride, *, n_classes, config, artifact, model_hash, backend,
+    threads, options,
+):  # fmt: skip
+    """Map ``frame`` (already at the model's scale) in bands; ``(origins, grid, bands)``
+    with ``grid`` of shape ``(rows, cols, classes + embedding + 2)``."""
+    import dask.array as da
+
+    from defectscope.tiling.tiler import window_origins
+
     height, width = frame.shape
     chunks = band_chunks(height, band, patch)
-    n_classes = len(classes)
     values = n_classes + config.embedding_dim + 2
     origins = window_origins(frame.shape, patch, stride)
     n_cols = len(np.unique(origins[:, 1]))
@@ -187,25 +251,8 @@ def map_large_frame(
         options_json=options.to_json(),
         values=values,
     )
-    started = time.perf_counter()
     grid = client.compute(mapped).result() if client is not None else mapped.compute()
     rows = len(origins) // n_cols
     if grid.shape != (rows, n_cols, values):
         raise RuntimeError(f"bands gave a {grid.shape[:2]} window grid, expected {(rows, n_cols)}")
-    uncertainty = grid[..., -2]
-    has_density = not np.isnan(uncertainty).all()
-    return MapResult(
-        origins=origins,
-        grid_shape=(rows, n_cols),
-        probabilities=np.ascontiguousarray(grid[..., :n_classes]),
-        embeddings=np.ascontiguousarray(grid[..., n_classes:-2]),
-        classes=classes,
-        background=background,
-        frame_shape=(height, width),
-        patch_size=patch,
-        timing_ms={"total": (time.perf_counter() - started) * 1000, "bands": len(chunks)},
-        calibration=calibration,
-        uncertainty=np.ascontiguousarray(uncertainty) if has_density else None,
-        unknown=grid[..., -1].astype(bool) if has_density else None,
-        info={"mode": "window", "reason": "mapped in bands across workers"},
-    )
+    return origins, grid, len(chunks)

@@ -21,6 +21,10 @@ _NUMBERS = {
     "n_regions": "int64",
     "n_unknown_windows": "int64",
     "pixel_size": "float64",
+    "unknown_share": "float64",
+    "out_of_distribution": "bool_",
+    "scale_factor": "float64",
+    "scale_applied": "bool_",
     "top_roi_score": "float64",
     "top_roi_center_y": "float64",
     "top_roi_center_x": "float64",
@@ -30,7 +34,7 @@ _NUMBERS = {
 
 
 def index_schema():
-    """The Parquet schema: numbers typed, everything else a string."""
+    """The Parquet schema: numbers and flags typed, everything else a string."""
     import pyarrow as pa
 
     return pa.schema([(c, getattr(pa, _NUMBERS.get(c, "string"))()) for c in INDEX_COLUMNS])

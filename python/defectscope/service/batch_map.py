@@ -76,11 +76,21 @@ def reading(channel: str | None, frame_index: int | None, sum_frames: bool) -> d
 
 
 def describe_map(row: dict, result, rois: list[dict]) -> None:
-    """The map's figures in its index row."""
+    """The map's figures in its index row: counts, the frame's unknown share and whether
+    it is out of distribution (None without a density), and the scale matching (factor,
+    source, whether applied, warning; see :mod:`defectscope.maps.scale`)."""
+    density = result.unknown is not None
+    scale = result.info.get("scale") or {}
     row.update(
         n_windows=int(result.labels.size),
         n_regions=len(result.regions()),
-        n_unknown_windows=int(result.unknown.sum()) if result.unknown is not None else None,
+        n_unknown_windows=int(result.unknown.sum()) if density else None,
+        unknown_share=result.unknown_share if density else None,
+        out_of_distribution=bool(result.out_of_distribution) if density else None,
+        scale_factor=scale.get("factor"),
+        scale_source=scale.get("source"),
+        scale_applied=scale.get("applied"),
+        scale_warning=scale.get("warning"),
         map_ms=round(float(result.timing_ms["total"]), 1),
     )
     if rois:

@@ -35,7 +35,13 @@ Policy = Literal["block", "drop_oldest", "latest_only"]
 
 @dataclasses.dataclass
 class LiveResult:
-    """What one frame gave."""
+    """What one frame gave.
+
+    ``scale`` is the scale matching record (``MapResult.info["scale"]``: factor,
+    source, applied, measured periods, warning); ``out_of_distribution`` and
+    ``unknown_share`` say whether the frame as a whole is unlike the training data
+    (None without a feature density). Regions and ROIs are in the frame's own pixels.
+    """
 
     frame_id: Any
     regions: list[dict]
@@ -44,6 +50,9 @@ class LiveResult:
     map_ms: float
     subregion: tuple[int, int, int, int] | None
     options: MapOptions | None = None  # how the frame was mapped
+    scale: dict | None = None
+    out_of_distribution: bool | None = None
+    unknown_share: float | None = None
 
 
 @dataclasses.dataclass
@@ -205,6 +214,7 @@ class LiveDetector:
         )
         result = found.result
         latency = (time.perf_counter() - job.submitted) * 1000
+        density = result.unknown is not None
         return LiveResult(
             job.frame_id,
             result.regions(),
@@ -213,6 +223,9 @@ class LiveDetector:
             result.timing_ms["total"],
             job.subregion,
             found.options,
+            scale=result.info.get("scale"),
+            out_of_distribution=bool(result.out_of_distribution) if density else None,
+            unknown_share=result.unknown_share if density else None,
         )
 
     def _run(self) -> None:

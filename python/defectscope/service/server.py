@@ -10,10 +10,16 @@ Wire format (also in docs/service.md):
   in the header itself (``"top"`` is ``top_k``; ``"stride"``, ``"unknown"``, ``"mode"``,
   ``"symmetry"`` ...) or together as ``"options": {...}`` (``MapOptions.to_json()``),
   not both for one field; :meth:`MapOptions.from_json` validates them;
-- reply: one part, UTF-8 JSON: ``{"id", "ok": true, "regions", "rois", "map", "options",
-  "timing_ms"}`` (``map``: ``{"mode": "dense"|"window", ...}`` as ``MapResult.info``;
-  ``options``: the options used, every field) or ``{"id", "ok": false, "error":
-  "<one line>"}``.
+- reply: one part, UTF-8 JSON: ``{"id", "ok": true, "regions", "rois", "map", "scale",
+  "out_of_distribution", "unknown_share", "options", "timing_ms"}`` (``map``: how the
+  map was made, :func:`~defectscope.outputs.map_files.map_summary`: ``{"mode":
+  "dense"|"window", ..., "scale": {...}, "window_size", "out_of_distribution", ...}``;
+  ``scale``: the scale matching, ``MapResult.info["scale"]`` (factor, source, applied,
+  measured periods, warning, time_ms); ``out_of_distribution`` (None without a feature
+  density) and ``unknown_share`` of the frame's windows; ``options``: the options used,
+  every field; positions in the frame's own pixels whatever the scale) or ``{"id",
+  "ok": false, "error": "<one line>"}``. A header may set ``"scale": "auto" | "off" |
+  1.1`` and ``"ood_share"`` like any map option.
 
 The socket is a ROUTER, so REQ clients (which add an empty delimiter frame) and
 DEALER clients both work; every request gets exactly one reply. Binding to
@@ -40,6 +46,7 @@ from defectscope._version import __version__
 from defectscope.io.frames import Calibration
 from defectscope.maps.detector import Detector, MapCancelled
 from defectscope.maps.options import LEGACY_NAMES, MapOptions, resolve_options
+from defectscope.outputs.map_files import map_summary
 from defectscope.tiling.tiler import SUPPORTED_DTYPES
 
 log = logging.getLogger(__name__)
@@ -317,8 +324,16 @@ class Service:
         except ValueError as exc:  # what the options ask cannot be done (no dense graph, ...)
             raise RequestError(str(exc)) from exc
         result = found.result
-        # How the map was made: dense or window by window, and why not dense.
-        reply: dict[str, Any] = {"regions": result.regions(), "map": result.info}
+        # How the map was made: dense or window by window (and why not dense), the scale
+        # matching, and whether the frame is out of distribution.
+        summary = map_summary(result)
+        reply: dict[str, Any] = {
+            "regions": result.regions(),
+            "map": summary,
+            "scale": summary["scale"],
+            "out_of_distribution": summary["out_of_distribution"],
+            "unknown_share": summary["unknown_share"],
+        }
         if op == "rois":
             reply["rois"] = found.rois
         # The options used, the background the model chose included.

@@ -15,21 +15,30 @@ CROP_MATCH_THRESHOLD = 0.97
 
 
 def frame_check(
-    model_dir: Path, frame_path: Path, patches: PatchSet, out_dir: Path, stride: int = 16
+    model_dir: Path,
+    frame_path: Path,
+    patches: PatchSet,
+    out_dir: Path,
+    stride: int = 16,
+    scale: str | float = "auto",
 ) -> dict:
     """Map the large frame and check each class lands where its crops were cut.
 
     The crops are training data, so this checks that the map reproduces the labelled
-    regions (localization), not that it generalizes.
+    regions (localization), not that it generalizes. The frame is mapped as every map
+    is (:meth:`Detector.find <defectscope.maps.detector.Detector.find>`, scale matching
+    by ``scale``); the report records the scale matching (``scale``) and, with a
+    density, ``unknown_share`` and ``out_of_distribution``.
     """
     from defectscope.evaluation.provenance import locate_patches, recall_at_sources
     from defectscope.io.frames import read_image
     from defectscope.maps.detector import Detector
+    from defectscope.maps.options import MapOptions
     from defectscope.outputs.map_files import write_map_outputs
 
     frame = read_image(frame_path)
     with Detector.load(model_dir, backend="torch") as det:
-        result = det.map(frame, stride=stride)
+        result = det.find(frame, MapOptions(stride=stride, scale=scale)).result
     write_map_outputs(frame, result, out_dir)
     positions, _ = locate_patches(frame, patches.images, threshold=CROP_MATCH_THRESHOLD)
     recall = recall_at_sources(result, positions, patches.labels, patches.classes)
@@ -39,6 +48,7 @@ def frame_check(
         "stride": stride,
         "map_dir": str(out_dir),
         "timing_ms": result.timing_ms,
+        "scale": result.info.get("scale"),
         "windows_per_class": {c: int(n) for c, n in zip(result.classes, counts, strict=True)},
         "n_regions": len(result.regions()),
         "recall_at_crop_sources": recall,
@@ -46,6 +56,8 @@ def frame_check(
     }
     if result.unknown is not None:
         report["unknown_share"] = float(result.unknown.mean())
+        report["unexplained_share"] = result.unexplained_share
+        report["out_of_distribution"] = bool(result.out_of_distribution)
     return report
 
 
@@ -57,7 +69,7 @@ def outside_crop_extent(result, positions: np.ndarray, labels: np.ndarray) -> di
     upper half of the CdTe frame) is a false alarm; counted over all windows, and over
     known windows only (unknown ones are not claimed as that class).
     """
-    size = result.patch_size
+    size = result.patch_size  # the crops' side: patches are cut at the model's patch size
     centres = result.centers
     predicted = result.labels.ravel()
     known = ~result.unknown_mask.ravel()

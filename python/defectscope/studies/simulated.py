@@ -17,6 +17,7 @@ import numpy as np
 
 from defectscope.io.frames import read_frame
 from defectscope.maps.detector import Detector
+from defectscope.maps.options import MapOptions
 from defectscope.simulate.truth import match_pairs, read_truth
 
 
@@ -27,6 +28,7 @@ def score_simulated(
     tolerance: float | None = None,
     known_only: bool = False,
     mode: str = "auto",
+    scale: str | float = "auto",
 ) -> dict[str, Any]:
     """Map every frame of a ``simulate`` output and match its regions to the truth.
 
@@ -42,14 +44,19 @@ def score_simulated(
         Leave regions of unknown windows out.
     mode : {'auto', 'dense', 'window'}
         See :meth:`Detector.map`.
+    scale : 'auto', 'off' or float
+        Scale matching (:attr:`MapOptions.scale
+        <defectscope.maps.options.MapOptions.scale>`): each frame is mapped as every
+        map is, by :meth:`Detector.find`; regions stay in the frame's pixels.
 
     Returns
     -------
     dict
         ``recall``, ``precision``, ``defects``, ``regions``, ``matched``, the
         tolerance in pixels, per-type recall and label accuracy of matched regions, and
-        one entry per frame.
+        one entry per frame (with its ``scale`` record and ``unknown_share``).
     """
+    options = MapOptions(stride=stride, mode=mode, scale=scale)
     directory = Path(directory)
     truth = read_truth(directory)
     pixel = float(truth["settings"]["pixel_size"])
@@ -61,8 +68,8 @@ def score_simulated(
     totals = {"defects": 0, "regions": 0, "matched": 0}
     started = time.perf_counter()
     for frame_record in truth["frames"]:
-        frame = read_frame(directory / frame_record["file"]).data
-        result = detector.map(frame, stride=stride, mode=mode)
+        frame = read_frame(directory / frame_record["file"])  # with its calibration, if any
+        result = detector.find(frame, options).result
         regions = [r for r in result.regions() if not (known_only and r.get("unknown"))]
         centres = np.array([r["centroid"] for r in regions]).reshape(-1, 2)
         defects = frame_record["defects"]
@@ -85,6 +92,8 @@ def score_simulated(
                 "matched": matched,
                 "recall": matched / len(defects) if defects else 1.0,
                 "precision": matched / len(regions) if regions else 1.0,
+                "scale": result.info.get("scale"),
+                "unknown_share": result.unknown_share if result.unknown is not None else None,
             }
         )
         totals["defects"] += len(defects)
@@ -107,6 +116,7 @@ def score_simulated(
         **totals,
         "tolerance_px": tolerance,
         "stride": stride,
+        "scale": scale,
         "per_type": per_type,
         "frames": per_frame,
         "seconds": time.perf_counter() - started,

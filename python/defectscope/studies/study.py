@@ -86,7 +86,9 @@ def evaluate_split(
         patches, split, config, name or f"{split.name} split", progress
     )
     train, val = patches.subset(split.train), patches.subset(split.validation)
-    density = fit_model_density(result.model, train, val, config.normalization)
+    density = fit_model_density(
+        result.model, train, val, config.normalization, augmentation=config.training_augmentation
+    )
     test = patches.subset(split.test)
     symmetry = None
     if len(test.labels):
@@ -300,7 +302,9 @@ def leave_one_class_out(
             progress=progress,
             name=f"without {name}",
         )
-        density = fit_model_density(result.model, train, val, norm)
+        density = fit_model_density(
+            result.model, train, val, norm, augmentation=config.training_augmentation
+        )
         if models_dir is not None:
             save_training(
                 models_dir / unit,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
-from defectscope.artifacts.metadata import N_BLOCKS
+from defectscope.artifacts.metadata import MAX_UNIT_LENGTH, N_BLOCKS
 from defectscope.tiling.tiler import Normalization
 from defectscope.training.augment import Augmentation
 
@@ -58,6 +59,19 @@ class TrainConfig:
         choices=("auto", "cpu", "cuda"),
     )
     embedding_dim: int = _field(256, "width of the embedding layer before the classifier")
+    # The scale of the patches, recorded in model.json: maps resample frames to it.
+    pixel_size: float | None = _field(
+        None,
+        "pixel size of the training patches in --unit (recorded in model.json, so maps can "
+        "bring calibrated frames to the patches' scale); default: the data's own, if any",
+        minimum=0,
+    )
+    unit: str = _field("nm", "unit of --pixel-size (nm, Å, pm, ...)")
+    physical_augmentation: bool = _field(
+        True,
+        "draw dose, scan jitter and drift, probe blur, column contrast and detector gain "
+        "per training patch (--no-physical-augmentation turns it off)",
+    )
     # Nested settings are set from Python; the command line leaves them at their defaults.
     augmentation: Augmentation = _field(
         Augmentation(), "random transforms of training patches", cli=False
@@ -65,3 +79,24 @@ class TrainConfig:
     normalization: Normalization = _field(
         Normalization(), "how raw patches become inputs", cli=False
     )
+
+    def __post_init__(self) -> None:
+        size = self.pixel_size
+        if size is not None and (
+            isinstance(size, bool)
+            or not isinstance(size, int | float)
+            or not math.isfinite(size)
+            or size <= 0
+        ):
+            raise ValueError(f"pixel size (--pixel-size) must be a finite number > 0, got {size!r}")
+        unit = self.unit
+        if not isinstance(unit, str) or not unit.strip() or len(unit) > MAX_UNIT_LENGTH:
+            raise ValueError(f"unit (--unit) must be a short name like 'nm', got {unit!r}")
+
+    @property
+    def training_augmentation(self) -> Augmentation:
+        """The augmentation training applies: ``augmentation`` with its physical part off
+        when ``physical_augmentation`` is False (the one switch the command line has)."""
+        if self.physical_augmentation or not self.augmentation.physical:
+            return self.augmentation
+        return dataclasses.replace(self.augmentation, physical=False)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from defectscope.artifacts.metadata import ModelScale
 from defectscope.io.datasets import PatchSet
 from defectscope.nets.checkpoint import ModelConfig, guess_background, save_checkpoint
 from defectscope.nets.device import (
@@ -23,8 +24,9 @@ from defectscope.nets.device import (
     training_device,
 )
 from defectscope.nets.vgg import DefectNet, build_model
+from defectscope.tiling.lattice import LatticePeriods, measure_patch_periods
 from defectscope.tiling.tiler import Normalization, patches_to_inputs
-from defectscope.training.augment import augment_batch
+from defectscope.training.augment import Augmentation, augment_batch
 from defectscope.training.config import TrainConfig
 
 
@@ -130,6 +132,37 @@ def check_classes(patches: PatchSet, what: str = "training patches") -> None:
     )
 
 
+def measure_training_scale(
+    patches: PatchSet, pixel_size: float | None = None, unit: str = "nm"
+) -> ModelScale:
+    """The scale of training patches: their pixel size, when known, and lattice periods.
+
+    Parameters
+    ----------
+    patches : PatchSet
+        The patches the model trains on (their power spectra give the periods).
+    pixel_size : float, optional
+        Overrides ``patches.pixel_size`` (``train --pixel-size``), in ``unit``.
+    unit : str
+        Unit of ``pixel_size``.
+
+    Returns
+    -------
+    ModelScale
+        Its ``lattice`` is recorded also when no period could be measured (amorphous or
+        noisy patches): ``measurable`` is False and ``reason`` says why.
+    """
+    if pixel_size is None and patches.pixel_size is not None:
+        pixel_size, unit = patches.pixel_size, patches.unit
+    try:
+        lattice = measure_patch_periods(np.asarray(patches.images))
+    except ValueError as exc:  # patches the measurement cannot take (too small, ...)
+        lattice = LatticePeriods((), (), measurable=False, reason=str(exc))
+    if pixel_size is None:
+        return ModelScale(lattice=lattice)
+    return ModelScale(float(pixel_size), unit, lattice)
+
+
 def train_classifier(
     train: PatchSet,
     validation: PatchSet | None = None,
@@ -155,6 +188,8 @@ def train_classifier(
     Returns
     -------
     TrainResult
+        Its ``config.scale`` holds the lattice periods measured on ``train`` and the
+        pixel size (``config.pixel_size``, else ``train.pixel_size``), when known.
 
     Raises
     ------
@@ -181,7 +216,9 @@ def train_classifier(
         embedding_dim=config.embedding_dim,
         architecture=config.architecture,
         background_class=guess_background(classes),
+        scale=measure_training_scale(train, config.pixel_size, config.unit),
     )
+    augmentation = config.training_augmentation
     device = training_device(config.device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -218,7 +255,7 @@ def train_classifier(
             index = order[start : start + config.batch_size]
             if len(index) < 2:  # a batch of one makes no useful step
                 continue
-            raw = augment_batch(train.images[index], rng, config.augmentation)
+            raw = augment_batch(train.images[index], rng, augmentation)
             x = torch.from_numpy(patches_to_inputs(raw, norm)).to(device)
             y = torch.from_numpy(train.labels[index]).to(device)
             with _autocast(device, dtype):
@@ -326,34 +363,95 @@ def check_learning(
     result.fit = fit
 
 
+# Seed of the physically augmented copies the feature density is fitted on (fixed: the
+# density of one model's weights is the same whenever it is fitted).
+DENSITY_AUGMENTATION_SEED = 0
+
+
+def density_augmentation(augmentation: Augmentation | None) -> Augmentation | None:
+    """The augmentation of the density's extra copies, or None when there are none.
+
+    ``augmentation`` with rotations, flips and shifts off (the density is of what a window
+    looks like where it lies, not of its symmetric copies) and the physical variations
+    drawn from training's ranges for every copy (training leaves some patches as
+    recorded; a copy left so would only repeat its patch). None when ``augmentation`` is
+    None or its physical part is off: a model that never saw those variations does not
+    know them.
+    """
+    if augmentation is None or not augmentation.physical:
+        return None
+    return dataclasses.replace(
+        augmentation, rotate_flip=False, max_shift=0, physical=True, physical_probability=1.0
+    )
+
+
+def _embeddings(
+    model: DefectNet,
+    images: np.ndarray,
+    normalization: Normalization,
+    precision: str,
+    copies: Augmentation | None,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Embeddings of ``images``, followed by those of one augmented copy when ``copies``."""
+    _, out = predict_logits(model, patches_to_inputs(images, normalization), precision=precision)
+    if copies is None:
+        return out
+    augmented = augment_batch(images, rng, copies)
+    _, more = predict_logits(
+        model, patches_to_inputs(augmented, normalization), precision=precision
+    )
+    return np.concatenate([out, more])
+
+
 def fit_model_density(
     model: DefectNet,
     train: PatchSet,
     validation: PatchSet | None,
     normalization: Normalization,
     precision: str = "fp32",
+    *,
+    augmentation: Augmentation | None = None,
+    seed: int = DENSITY_AUGMENTATION_SEED,
 ):
     """The feature density of ``model``'s embedding (see :mod:`defectscope.artifacts.density`).
 
-    Fitted on the training patches without augmentation; its threshold set on the
-    validation patches, in-distribution data the model did not train on.
+    Fitted on the training patches without geometric augmentation; its threshold set on
+    the validation patches, in-distribution data the model did not train on.
+
+    Parameters
+    ----------
+    model : DefectNet
+    train, validation : PatchSet
+        The patches the model trained on, and held-out ones (or None).
+    normalization : Normalization
+    precision : str
+    augmentation : Augmentation, optional
+        What training drew from (``TrainConfig.training_augmentation``). When its
+        physical part is on, one physically augmented copy of every training and
+        validation patch joins them (see :func:`density_augmentation`): the dose, jitter,
+        blur and contrast the model learned to ignore are in distribution, and do not
+        make a window unknown. None (the default) fits on the patches alone.
+    seed : int
+        Seed of the augmented copies.
     """
     from defectscope.artifacts.density import fit_density
 
-    _, train_embeddings = predict_logits(
-        model, patches_to_inputs(train.images, normalization), precision=precision
-    )
+    copies = density_augmentation(augmentation)
+    rng = np.random.default_rng(seed)
+    train_embeddings = _embeddings(model, train.images, normalization, precision, copies, rng)
+    labels = train.labels if copies is None else np.concatenate([train.labels, train.labels])
     held_out = None
     if validation is not None and len(validation.labels) >= 2:
-        _, held_out = predict_logits(
-            model, patches_to_inputs(validation.images, normalization), precision=precision
-        )
-    return fit_density(train_embeddings, train.labels, len(train.classes), held_out)
+        held_out = _embeddings(model, validation.images, normalization, precision, copies, rng)
+    return fit_density(train_embeddings, labels, len(train.classes), held_out)
 
 
 def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, Any] | None = None):
     """JSON-ready description of a training run for the checkpoint."""
     training = dataclasses.asdict(config)
+    # What training drew from: the physical part off where the switch turned it off.
+    training["augmentation"] = dataclasses.asdict(config.training_augmentation)
     device = training_device(config.device)
     training["precision_used"] = str(autocast_dtype(config.precision, device.type) or "float32")
     training["device_used"] = device_name(config.device)
@@ -435,7 +533,13 @@ def train_model_dir(
     record = {**(extra_record or {}), "validation": used}
     if patches.skipped:
         record["skipped"] = [{"path": path, "reason": reason} for path, reason in patches.skipped]
-    density = fit_model_density(result.model, train_set, val_set, config.normalization)
+    density = fit_model_density(
+        result.model,
+        train_set,
+        val_set,
+        config.normalization,
+        augmentation=config.training_augmentation,
+    )
     record["density"] = density.to_dict()
     if val_set is not None:
         logits, _ = predict_logits(
@@ -467,7 +571,10 @@ def train_from_simulated(
         ``out/pretrained`` and its trunk starts the fine-tuning (a new head: the real
         classes need not be the simulated ones).
     config : TrainConfig
-        Used for both trainings; ``config.weights`` starts the simulated one.
+        Used for both trainings; ``config.weights`` starts the simulated one. Its
+        ``pixel_size`` is that of ``real`` when given (the simulated patches' own,
+        ``simulated.pixel_size``, is recorded for the pretraining), else it overrides
+        the simulated patches' own.
     validation : {'grouped', 'random', 'none'}
     real : PatchSet, optional
     extra_record : dict, optional
@@ -495,8 +602,13 @@ def train_from_simulated(
         record = {**(extra_record or {}), "simulated": {**source, "use": "simulated only"}}
         return train_model_dir(simulated, out, config, validation, record)
     pretrained = out / "pretrained"
+    # config.pixel_size describes the real patches; the simulated ones carry their own.
     pre = train_model_dir(
-        simulated, pretrained, config, validation, {"simulated": {**source, "use": "pretraining"}}
+        simulated,
+        pretrained,
+        dataclasses.replace(config, pixel_size=None),
+        validation,
+        {"simulated": {**source, "use": "pretraining"}},
     )
     if pre.untrained:
         raise RuntimeError(

@@ -1,0 +1,116 @@
+"""Issue 26's measurement table from one run: maps of frames unlike the training patches.
+
+Synthetic domain shift (trains a model on nominal SrTiO3 [001] frames unless --model is
+given), real frames resampled by 0.85-1.15, and the cost of the scale step; each map made
+with --scale auto and off. Writes OUT/domain_shift.json (after every part) and
+OUT/domain_shift.md. See defectscope.studies.domain_shift.
+
+  python scripts/scale_study.py --out runs/scale-study --synthetic \\
+      --real-model sto=runs/sto/model ../shared/datasets/.../STO_Training_Image.jpg \\
+      --real-model cdte=runs/cdte/model ../shared/datasets/.../CdTe_Training_Image.tif
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+
+def scale_arm(text: str) -> str | float:
+    """'auto', 'off' or a positive factor."""
+    if text in ("auto", "off"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: auto, off or a positive factor") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: a factor must be a positive number")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder of the report (and model)")
+    p.add_argument("--synthetic", action="store_true", help="run the synthetic domain shift")
+    p.add_argument("--model", type=Path, help="reuse this model for --synthetic (no training)")
+    p.add_argument(
+        "--real-model",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME=MODEL_DIR", "FRAME"),
+        help="a real frame and the model that maps it (repeatable)",
+    )
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--scales", nargs="+", type=scale_arm, default=["auto", "off"])
+    p.add_argument("--backend", default="auto", help="engine backend (Detector.load)")
+    p.add_argument("--threads", type=int, default=0, help="engine threads (0: its default)")
+    g = p.add_argument_group("synthetic frames")
+    g.add_argument("--test-frames", type=int, default=3, help="frames per condition")
+    g.add_argument("--test-size", type=int, default=768)
+    g.add_argument("--test-seed", type=int, default=1000)
+    g.add_argument("--train-frames", type=int, default=32)
+    g.add_argument("--train-size", type=int, default=512)
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--seed", type=int, default=0, help="training set and training seed")
+    g.add_argument(
+        "--cost-sizes", type=int, nargs="*", default=[512, 2048], help="frame sides timed"
+    )
+    g.add_argument("--cost-repeats", type=int, default=2)
+    p.add_argument("--zooms", type=float, nargs="+", default=[0.85, 0.9, 1.1, 1.15])
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from defectscope.studies.domain_shift import RealFrame, run_domain_shift, study_settings
+    from defectscope.training.config import TrainConfig
+
+    try:
+        real = []
+        for spec, frame in args.real_model:
+            name, sep, model = spec.partition("=")
+            if not sep or not name or not model:
+                raise ValueError(f"--real-model {spec!r}: write NAME=MODEL_DIR FRAME")
+            real.append(RealFrame(name, Path(model), Path(frame)))
+        train = study_settings(frames=args.train_frames, size=args.train_size, seed=args.seed)
+        test = dataclasses.replace(train, size=args.test_size, seed=args.test_seed)
+        report = run_domain_shift(
+            args.out,
+            synthetic=args.synthetic,
+            model=args.model,
+            train_settings=train,
+            train_config=TrainConfig(epochs=args.epochs, seed=args.seed),
+            test_settings=test,
+            frames=args.test_frames,
+            real=real,
+            zooms=args.zooms,
+            cost_sizes=args.cost_sizes,
+            cost_repeats=args.cost_repeats,
+            stride=args.stride,
+            scales=args.scales,
+            backend=args.backend,
+            threads=args.threads,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print((args.out / "domain_shift.md").read_text())
+    print(f"report: {args.out / 'domain_shift.json'} ({len(report.get('real', []))} real frames)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
