@@ -121,12 +121,21 @@ def hand_map(unknown_share: float, ood_threshold: float = 0.25) -> MapResult:
     unknown = np.zeros(rows * cols, bool)
     unknown[: round(unknown_share * rows * cols)] = True
     return MapResult(
-        grid.reshape(-1, 2).astype(np.int64), (rows, cols), probs,
-        np.zeros((rows, cols, 3), np.float32), ["Bulk", "A"], "Bulk", (208, 208), 64, {"total": 1.0},
+        grid.reshape(-1, 2).astype(np.int64),
+        (rows, cols),
+        probs,
+        np.zeros((rows, cols, 3), np.float32),
+        ["Bulk", "A"],
+        "Bulk",
+        (208, 208),
+        64,
+        {"total": 1.0},
         uncertainty=np.where(unknown, 0.99, 0.1).reshape(rows, cols).astype(np.float32),
-        unknown=unknown.reshape(rows, cols), scale=1.0, ood_threshold=ood_threshold,
+        unknown=unknown.reshape(rows, cols),
+        scale=1.0,
+        ood_threshold=ood_threshold,
         info={"mode": "window", "scale": {"factor": 1.0, "source": "none", "applied": False}},
-    )  # fmt: skip
+    )
 
 
 def test_out_of_distribution_in_map_json_batch_row_and_notes():
