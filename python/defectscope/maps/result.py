@@ -482,8 +482,10 @@ def window_coordinates(result: MapResult) -> tuple[list[str], list[list[str]]]:
     if cal is not None:
         header += [f"cy_{cal.unit}", f"cx_{cal.unit}"]
     rows = []
+    # Unscaled centres are whole or half pixels; a resampled map's window size is not.
+    digits = 1 if result.scale == 1.0 else 4
     for (row, col), (cy, cx) in zip(result.origins, result.centers, strict=True):
-        cells = [str(int(row)), str(int(col)), f"{cy:.1f}", f"{cx:.1f}"]
+        cells = [str(int(row)), str(int(col)), f"{cy:.{digits}f}", f"{cx:.{digits}f}"]
         cells += [f"{v:.6f}" for v in scan_fraction(cy, cx, result.frame_shape)]
         if cal is not None:
             cells += [f"{v:.6g}" for v in cal.to_physical(cy, cx)]
