@@ -632,6 +632,15 @@ class Detector:
                     symmetry=options.symmetry,
                     mode=options.mode,
                 )
+            except MapCancelled as exc:
+                if remaining is not None and "time limit" in str(exc):
+                    # The caller's limit, not what was left of it after the scale step.
+                    raise MapCancelled(
+                        str(exc).replace(
+                            f"time limit of {remaining:g} s", f"time limit of {timeout_s:g} s"
+                        )
+                    ) from None
+                raise
             except ValueError as exc:
                 if factor != 1.0 and "contains NaN" in str(exc):
                     raise ValueError(f"{exc} (of the frame resampled by {factor:.4g})") from None
