@@ -53,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="engine threads (0: its default)")
     g = p.add_argument_group("synthetic frames")
     g.add_argument("--test-frames", type=int, default=3, help="frames per condition")
+    g.add_argument(
+        "--conditions",
+        nargs="+",
+        metavar="NAME",
+        help="only these conditions (names as in the report: 'nominal', 'all combined', ...)",
+    )
     g.add_argument("--test-size", type=int, default=768)
     g.add_argument("--test-seed", type=int, default=1000)
     g.add_argument("--train-frames", type=int, default=32)
@@ -75,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    from defectscope.studies.domain_shift import RealFrame, run_domain_shift, study_settings
+    from defectscope.studies.domain_shift import (
+        RealFrame,
+        default_shifts,
+        run_domain_shift,
+        study_settings,
+    )
     from defectscope.training.config import TrainConfig
 
     try:
@@ -85,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not name or not model:
                 raise ValueError(f"--real-model {spec!r}: write NAME=MODEL_DIR FRAME")
             real.append(RealFrame(name, Path(model), Path(frame)))
+        shifts = None
+        if args.conditions:
+            known = {shift.name: shift for shift in default_shifts()}
+            unknown = [name for name in args.conditions if name not in known]
+            if unknown:
+                raise ValueError(f"--conditions {unknown}: choose from {sorted(known)}")
+            shifts = [known[name] for name in args.conditions]
         train = study_settings(frames=args.train_frames, size=args.train_size, seed=args.seed)
         test = dataclasses.replace(train, size=args.test_size, seed=args.test_seed)
         report = run_domain_shift(
@@ -95,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             train_config=TrainConfig(epochs=args.epochs, seed=args.seed),
             test_settings=test,
             frames=args.test_frames,
+            shifts=shifts,
             real=real,
             zooms=args.zooms,
             cost_sizes=args.cost_sizes,

@@ -434,3 +434,34 @@ def test_scale_record_is_json_and_says_what_happened(detector):
     line = describe(record)
     assert line.startswith(f"scale x{record['factor']:.3g} from the lattice (frame ")
     assert dataclasses.is_dataclass(decide_scale(cluster_frame((64, 64)), None, None))
+
+
+# --- refining a lattice factor on patches of the model's size ---------------------------
+
+
+@pytest.mark.parametrize("zoom", [0.85, 1.15])
+def test_refinement_corrects_a_factor_a_per_cent_off(zoom):
+    from defectscope.maps.scale import refine_factor
+
+    # the model's periods measured on 64 px patches of the lattice at its own scale
+    nominal = cluster_frame((640, 640), seed=5).astype(np.float32)
+    rng = np.random.default_rng(0)
+    corners = rng.integers(0, 640 - PATCH, (200, 2))
+    model = measure_patch_periods(
+        np.stack([nominal[y : y + PATCH, x : x + PATCH] for y, x in corners])
+    )
+    frame = cluster_frame((512, 512), zoom=zoom).astype(np.float32)
+    true = 1 / zoom
+    refined = [refine_factor(frame, start, model) for start in (true * 1.01, true / 1.01)]
+    assert refined == pytest.approx([true, true], rel=0.002)
+
+
+def test_refinement_leaves_alone_what_it_cannot_measure(model_lattice):
+    from defectscope.maps.scale import refine_factor
+
+    noise = np.random.default_rng(0).normal(100, 10, (512, 512)).astype(np.float32)
+    assert refine_factor(noise, 1.1, model_lattice) == 1.1
+    small = cluster_frame((60, 60)).astype(np.float32)  # less than a patch's region
+    assert refine_factor(small, 1.1, model_lattice) == 1.1
+    legacy = dataclasses.replace(model_lattice, longest=None)  # a record from before
+    assert refine_factor(cluster_frame().astype(np.float32), 1.03, legacy) == 1.03

@@ -310,6 +310,34 @@ def test_match_scale_when_the_strongest_shells_swap(model_periods, true_factor):
     assert match_scale(model_periods, frame) == pytest.approx(true_factor, rel=0.01)
 
 
+def test_measurements_say_the_longest_period_they_resolve(model_periods):
+    assert model_periods.longest == pytest.approx(64 / 4.5)
+    assert measure_frame_periods(recorded(512, 8.0)).longest == pytest.approx(256 / 4.5)
+
+
+@pytest.mark.parametrize(("spacing", "contrast"), [(1.0, 1.2), (1.15, 1.2), (0.85, 0.8)])
+def test_a_shell_the_patches_could_not_resolve_does_not_mislead_the_match(spacing, contrast):
+    # SrTiO3 [001] at 19.5 px (the synthetic domain-shift study's crystal): 64 px
+    # training patches resolve shells up to 14.2 px, not the (100) shell at 19.5 px,
+    # which a frame at a stronger column contrast shows; that made the factor sqrt(2) off.
+    import dataclasses
+
+    from defectscope.studies.domain_shift import Shift, shifted_frames, study_settings
+
+    training = shifted_frames(study_settings(size=512, seed=0), Shift("nominal"), 1)[0].data
+    model = measure_patch_periods(patches_from(training, 300))
+    assert max(model.periods) < model.longest < 19.0
+    shift = Shift("shifted", spacing=(spacing,), contrast=(contrast,))
+    frame = shifted_frames(study_settings(size=768, seed=1000), shift, 1)[0].data
+    periods = measure_frame_periods(frame)
+    assert match_scale(model, periods) == pytest.approx(1 / spacing, rel=0.01)
+    if (spacing, contrast) == (1.0, 1.2):  # records without `longest` match as before
+        unaware = match_scale(
+            dataclasses.replace(model, longest=None), dataclasses.replace(periods, longest=None)
+        )
+        assert unaware == pytest.approx(1 / np.sqrt(2), rel=0.01)
+
+
 def test_match_scale_on_records():
     none = LatticePeriods((), (), measurable=False, reason="vacuum")
     one = LatticePeriods((8.0,), (100.0,))
@@ -336,8 +364,13 @@ def test_lattice_periods_round_trip_through_json():
         "strengths": [120.5, 30.25],
         "measurable": True,
         "reason": None,
+        "longest": None,
     }
     assert LatticePeriods.from_dict(data) == record
+    measured = LatticePeriods((8.0,), (50.0,), longest=14.2)
+    assert LatticePeriods.from_dict(json.loads(json.dumps(measured.to_dict()))) == measured
+    old = {k: v for k, v in data.items() if k != "longest"}  # written before `longest`
+    assert LatticePeriods.from_dict(old) == record
     empty = LatticePeriods((), (), measurable=False, reason="no lattice peak")
     assert LatticePeriods.from_dict(json.loads(json.dumps(empty.to_dict()))) == empty
     assert LatticePeriods.from_dict({**data, "later": 1}) == record  # unknown keys ignored
@@ -361,6 +394,9 @@ def test_lattice_periods_round_trip_through_json():
         ({"periods": [], "strengths": []}, "must not be empty"),
         ({"periods": [8.0], "strengths": [1.0], "measurable": False}, "must be empty"),
         ({"periods": [8.0], "strengths": [1.0], "reason": 3}, "reason"),
+        ({"periods": [8.0], "strengths": [1.0], "longest": 0}, "longest"),
+        ({"periods": [8.0], "strengths": [1.0], "longest": 1e400}, "longest"),
+        ({"periods": [8.0], "strengths": [1.0], "longest": "14"}, "longest"),
     ],
 )
 def test_lattice_periods_from_dict_names_the_bad_key(data, named):

@@ -45,10 +45,12 @@ import numpy as np
 
 from defectscope.artifacts.metadata import ModelScale
 from defectscope.tiling.lattice import (
+    LOBE_BINS,
     SCALE_RANGE,
     LatticePeriods,
     match_scale,
     measure_frame_periods,
+    measure_patch_periods,
 )
 from defectscope.tiling.resample import resample_frame, resampled_shape
 
@@ -57,6 +59,11 @@ log = logging.getLogger("defectscope")
 SOURCES = ("calibration", "lattice", "user", "none")
 NEGLIGIBLE = 0.02
 """A measured factor within this of 1 is not applied (reported with ``applied: false``)."""
+REFINE_PATCHES = 36
+"""Patches cut from the frame to refine a lattice factor (:func:`refine_factor`)."""
+REFINE_LIMIT = 0.02
+"""The largest correction :func:`refine_factor` applies (the patch measurement's error
+is a few tenths of a per cent; more means it found something else)."""
 IN_MEMORY_BYTES = 1 << 30
 """A resampled frame larger than this (1 GiB of float32) goes to a temporary memmap."""
 
@@ -358,7 +365,50 @@ def _decide(frame, calibration, model_scale, option) -> ScaleDecision:
             f"{_px(model_periods)}: mapped unscaled"
         )
         return ScaleDecision(warning="; ".join(problems), **common)
+    factor = refine_factor(frame, factor, model_periods)
     return _checked(ScaleDecision(factor, "lattice", True, **common), problems)
+
+
+def refine_factor(frame: np.ndarray, factor: float, model_periods: LatticePeriods) -> float:
+    """``factor`` corrected for what measuring on small patches does to a period.
+
+    The model's periods come from its 64 px training patches, the frame's from 256 px
+    tiles; a peak's sub-pixel position on a patch is off by a few tenths of a per cent
+    (the window's lobe meets the neighbouring peaks and the centre's leakage), enough to
+    move windows by a few pixels across a frame. So patches of the model's size are cut
+    from the frame resampled by ``factor`` (:data:`REFINE_PATCHES` spread over it, each
+    resampled alone from a small region, so a memmap is read in pieces) and measured
+    as the training patches were; their match to the model's periods is the remaining
+    correction. A correction beyond :data:`REFINE_LIMIT`, or none found, leaves
+    ``factor`` as it is.
+    """
+    if model_periods.longest is None or not (SCALE_RANGE[0] <= factor <= SCALE_RANGE[1]):
+        return factor
+    side = round(model_periods.longest * LOBE_BINS)  # the training patches' side
+    height, width = np.shape(frame)
+    # region of the frame that resamples to a patch, with a margin for the spline
+    reach = math.ceil(side / factor) + 8
+    if side < 16 or min(height, width) < reach:
+        return factor
+    count = math.isqrt(REFINE_PATCHES)
+    rows = np.linspace(0, height - reach, count).round().astype(int)
+    cols = np.linspace(0, width - reach, count).round().astype(int)
+    patches = []
+    for y in np.unique(rows):
+        for x in np.unique(cols):
+            region = np.asarray(frame[y : y + reach, x : x + reach], dtype=np.float32)
+            if not np.isfinite(region).all():
+                continue
+            zoomed = resample_frame(region, factor)
+            top = (zoomed.shape[0] - side) // 2
+            left = (zoomed.shape[1] - side) // 2
+            patches.append(zoomed[top : top + side, left : left + side])
+    if len(patches) < 4:
+        return factor
+    correction = match_scale(model_periods, measure_patch_periods(np.stack(patches)))
+    if correction is None or abs(math.log(correction)) > math.log1p(REFINE_LIMIT):
+        return factor
+    return factor * correction
 
 
 def _checked(decision: ScaleDecision, problems: list[str]) -> ScaleDecision:

@@ -120,12 +120,20 @@ class LatticePeriods:
         False for a frame without lattice peaks (vacuum, noise, amorphous).
     reason : str or None
         Why not measurable; None when measurable.
+    longest : float or None
+        The longest period (px) the measurement resolves reliably: its tile side over
+        :data:`LOBE_BINS` (a longer period's peak sits in the window's central lobe and
+        the background's leakage). 64 px patches see a 19.5 px lattice's (1,0) shell
+        only at some contrasts; a frame's 256 px tiles always do. :func:`match_scale`
+        does not hold it against a factor that the other side shows a shell this
+        measurement could not resolve. None in records written before it was kept.
     """
 
     periods: tuple[float, ...]
     strengths: tuple[float, ...]
     measurable: bool = True
     reason: str | None = None
+    longest: float | None = None
 
     def __post_init__(self) -> None:
         periods = _positive_floats("periods", self.periods)
@@ -146,6 +154,15 @@ class LatticePeriods:
         object.__setattr__(self, "periods", periods)
         object.__setattr__(self, "strengths", strengths)
         object.__setattr__(self, "measurable", bool(self.measurable))
+        if self.longest is not None:
+            longest = self.longest
+            if (
+                isinstance(longest, bool)
+                or not isinstance(longest, int | float | np.integer | np.floating)
+                or not (math.isfinite(longest) and longest > 0)
+            ):
+                raise ValueError(f"longest must be a period > 0 in pixels, got {longest!r}")
+            object.__setattr__(self, "longest", float(longest))
         if not self.measurable and not self.reason:
             object.__setattr__(self, "reason", "not measurable")
 
@@ -155,12 +172,14 @@ class LatticePeriods:
         return self.periods[0] if self.periods else None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready record: ``periods`` (px), ``strengths``, ``measurable``, ``reason``."""
+        """JSON-ready record: ``periods`` (px), ``strengths``, ``measurable``, ``reason``,
+        ``longest`` (px)."""
         return {
             "periods": list(self.periods),
             "strengths": list(self.strengths),
             "measurable": self.measurable,
             "reason": self.reason,
+            "longest": self.longest,
         }
 
     @classmethod
@@ -184,7 +203,13 @@ class LatticePeriods:
         measurable = data.get("measurable", True)
         if not isinstance(measurable, bool):
             raise ValueError(f"measurable must be true or false, got {measurable!r}")
-        return cls(tuple(data["periods"]), tuple(data["strengths"]), measurable, data.get("reason"))
+        return cls(
+            tuple(data["periods"]),
+            tuple(data["strengths"]),
+            measurable,
+            data.get("reason"),
+            data.get("longest"),
+        )
 
 
 def measure_frame_periods(frame: np.ndarray) -> LatticePeriods:
@@ -274,9 +299,9 @@ def match_scale(model: LatticePeriods, frame: LatticePeriods) -> float | None:
     """The zoom ``f`` that gives a frame the model's lattice periods.
 
     Every pairing of a model shell and a frame shell proposes ``f = model_period /
-    frame_period``. A proposal scores the share of model shells that some scaled frame
-    shell (``period * f``) matches within 2.5 %, plus the share of frame shells that
-    match a model shell, each shell weighted by ``log(1 + strength)``. A shell shorter
+    frame_period``. A proposal scores, over both sides' shells, each shell's weight
+    ``log(1 + strength)`` when a shell of the other side (scaled by ``f``) matches it
+    within 2.5 %, minus it when none does and one should. A shell shorter
     than all of the other side's does not count against a proposal (higher orders fade
     into the noise, and a measurement keeps at most four shells), a longer one does (a
     lattice's longest periods are seen by any measurement). So the longest periods must
@@ -287,9 +312,11 @@ def match_scale(model: LatticePeriods, frame: LatticePeriods) -> float | None:
     (weighted mean of ``log(model / frame)``).
 
     A lattice that is its own copy at another scale (a square lattice's (1,1) shells
-    are a square lattice sqrt(2) finer) is told apart only by its longest shell: when
-    the model's patches miss their (1,0) shell that the frame shows, ``f`` comes out
-    sqrt(2) off.
+    are a square lattice sqrt(2) finer) is told apart only by its longest shell, which
+    small patches may not resolve: a shell of one side that, scaled, is longer than the
+    other side's :attr:`LatticePeriods.longest` does not count against a proposal
+    (without it, a frame showing the (1,0) shell its model's 64 px patches could not
+    see came out sqrt(2) off).
 
     Parameters
     ----------
@@ -309,6 +336,8 @@ def match_scale(model: LatticePeriods, frame: LatticePeriods) -> float | None:
     w_model = np.log1p(np.asarray(model.strengths))
     w_frame = np.log1p(np.asarray(frame.strengths))
     tolerance = math.log1p(MATCH_TOLERANCE)
+    log_model_longest = math.log(model.longest) if model.longest is not None else math.inf
+    log_frame_longest = math.log(frame.longest) if frame.longest is not None else math.inf
     best: tuple[float, float, float] | None = None  # (-score, |log f|, log f)
     for log_f in np.unique(log_model[:, None] - log_frame[None, :]):
         scaled = log_frame + log_f
@@ -319,9 +348,18 @@ def match_scale(model: LatticePeriods, frame: LatticePeriods) -> float | None:
         # lattice's longest periods are the ones any measurement sees.
         counted_model = matched_model | (log_model > scaled.min() - tolerance)
         counted_frame = matched_frame | (scaled > log_model.min() - tolerance)
-        score = (w_model * matched_model).sum() / (w_model * counted_model).sum() + (
-            w_frame * matched_frame
-        ).sum() / (w_frame * counted_frame).sum()
+        # A shell the other side's measurement cannot resolve (too long for its tiles)
+        # is not missing there.
+        if model.longest is not None:
+            counted_frame &= matched_frame | (scaled <= log_model_longest + tolerance)
+        if frame.longest is not None:
+            counted_model &= matched_model | (log_model <= log_frame_longest + log_f + tolerance)
+        # Matched weight minus the weight of the shells that should match and do not:
+        # shares alone would let two matched shells with the rest out of range beat three
+        # of four (a lattice's long shells scaled beyond what patches resolve).
+        score = (w_model * (2 * matched_model - counted_model)).sum() + (
+            w_frame * (2 * matched_frame - counted_frame)
+        ).sum()
         key = (-round(float(score), 9), abs(float(log_f)), float(log_f))
         if best is None or key < best:
             best = key
@@ -481,7 +519,7 @@ def _shells(power: np.ndarray, averaged: int, side: int) -> LatticePeriods:
     inside = (period >= 2.0) & (period <= side / MIN_RADIUS_BINS)
     if not inside.any():
         return _not_measurable("no lattice peak between 2 px and a third of the tile side")
-    return _grouped(period[inside], strength[inside])
+    return dataclasses.replace(_grouped(period[inside], strength[inside]), longest=side / LOBE_BINS)
 
 
 def _grouped(period: np.ndarray, strength: np.ndarray) -> LatticePeriods:
