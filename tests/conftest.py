@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.synthetic import acquired_lattice, lattice, toy_patches
+
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets its share
+# of the cores, so PyTorch and OpenMP do not run cores x workers threads. Set before any
+# test imports torch; subprocesses inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLIC_DATA = REPO.parent / "shared" / "datasets" / "defect-classification-in-stem-images"

@@ -59,7 +59,7 @@ log = logging.getLogger("defectscope")
 SOURCES = ("calibration", "lattice", "user", "none")
 NEGLIGIBLE = 0.02
 """A measured factor within this of 1 is not applied (reported with ``applied: false``)."""
-REFINE_PATCHES = 36
+REFINE_PATCHES = 144
 """Patches cut from the frame to refine a lattice factor (:func:`refine_factor`)."""
 REFINE_LIMIT = 0.02
 """The largest correction :func:`refine_factor` applies (the patch measurement's error
