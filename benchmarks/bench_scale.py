@@ -1,4 +1,5 @@
-"""The scale step's cost: measuring a frame's lattice periods and resampling it by 1.1.
+"""The scale step's cost: deciding a frame's factor (lattice periods, match, refinement)
+and resampling it by 1.1.
 
 What a map adds before tiling when a frame is scaled to the model
 (:mod:`defectscope.tiling.lattice`, :mod:`defectscope.tiling.resample`), on 512^2 and
@@ -16,8 +17,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from defectscope.artifacts.metadata import ModelScale
+from defectscope.maps.scale import decide_scale, refine_factor
 from defectscope.simulate.lattice import lattice_image
-from defectscope.tiling.lattice import measure_frame_periods
+from defectscope.tiling.lattice import measure_frame_periods, measure_patch_periods
 from defectscope.tiling.resample import resample_frame, resampled_shape
 from defectscope.util.system import cpu_description
 
@@ -48,14 +51,38 @@ def test_resample_frame(benchmark, frame):
     assert result.shape == resampled_shape(frame.shape, FACTOR)
 
 
-def test_measure_and_resample(benchmark, frame):
-    """The whole scale step of an uncalibrated frame: measure, then resample."""
+@pytest.fixture(scope="module")
+def model_scale() -> ModelScale:
+    """A model whose 64 px patches show the lattice at 9.9 px: frames at 9 px need x1.1."""
+    image = lattice_image((640, 640), spacing=9.0 * FACTOR, noise=0.1, seed=2)
+    corners = np.random.default_rng(0).integers(0, 640 - 64, (300, 2))
+    patches = np.stack([image[y : y + 64, x : x + 64] for y, x in corners])
+    return ModelScale(lattice=measure_patch_periods(patches))
+
+
+def test_refine_factor(benchmark, frame, model_scale):
+    """The refinement alone: 144 model-sized patches cut, resampled and measured."""
+    benchmark.group = f"scale {frame.shape[0]}^2"
+    benchmark.extra_info["cpu"] = cpu_description()
+    result = benchmark.pedantic(
+        refine_factor, args=(frame, FACTOR, model_scale.lattice), rounds=3, warmup_rounds=1
+    )
+    assert result == pytest.approx(FACTOR, rel=0.01)
+
+
+def test_measure_and_resample(benchmark, frame, model_scale):
+    """The whole scale step of an uncalibrated frame: decide (measure, match, refine),
+    then resample."""
     benchmark.group = f"scale {frame.shape[0]}^2"
     benchmark.extra_info["cpu"] = cpu_description()
 
     def step() -> np.ndarray:
-        measure_frame_periods(frame)
-        return resample_frame(frame, FACTOR)
+        decision = decide_scale(frame, None, model_scale, "auto", min_side=64)
+        return resample_frame(frame, decision.factor)
 
     result = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     assert result.dtype == np.float32
+    assert (
+        result.shape == resampled_shape(frame.shape, FACTOR)
+        or abs(result.shape[0] / frame.shape[0] - FACTOR) < 0.01
+    )
