@@ -143,7 +143,11 @@ def test_a_killed_worker_loses_no_frame(onnx_artifact, tmp_path, cluster):
     def kill_when_first_frame_is_done():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if list(out.rglob("done.json")):
+            try:
+                finished = list(out.rglob("done.json"))
+            except FileNotFoundError:  # a staging folder renamed while the walk was in it
+                finished = []
+            if finished:
                 os.kill(pids[0], signal.SIGKILL)
                 return
             time.sleep(0.05)
