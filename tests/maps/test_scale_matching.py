@@ -465,3 +465,13 @@ def test_refinement_leaves_alone_what_it_cannot_measure(model_lattice):
     assert refine_factor(small, 1.1, model_lattice) == 1.1
     legacy = dataclasses.replace(model_lattice, longest=None)  # a record from before
     assert refine_factor(cluster_frame().astype(np.float32), 1.03, legacy) == 1.03
+
+
+def test_a_frame_at_the_models_scale_is_not_refined(detector, monkeypatch):
+    calls = []
+    real = scale_module.refine_factor
+    monkeypatch.setattr(scale_module, "refine_factor", lambda *a: calls.append(a[1]) or real(*a))
+    at_scale = detector.find(cluster_frame(), MapOptions(stride=16)).result
+    assert not at_scale.info["scale"]["applied"] and calls == []
+    zoomed = detector.find(cluster_frame(zoom=1.15), MapOptions(stride=16)).result
+    assert zoomed.info["scale"]["applied"] and len(calls) == 1

@@ -365,7 +365,10 @@ def _decide(frame, calibration, model_scale, option) -> ScaleDecision:
             f"{_px(model_periods)}: mapped unscaled"
         )
         return ScaleDecision(warning="; ".join(problems), **common)
-    factor = refine_factor(frame, factor, model_periods)
+    # A factor that stays unapplied after any correction the refinement can make is not
+    # refined: frames at the model's scale, the common case, pay nothing for it.
+    if abs(math.log(factor)) > math.log1p(NEGLIGIBLE) - math.log1p(REFINE_LIMIT / 2):
+        factor = refine_factor(frame, factor, model_periods)
     return _checked(ScaleDecision(factor, "lattice", True, **common), problems)
 
 
