@@ -252,14 +252,74 @@ def test_blur_is_a_gaussian_of_the_drawn_sigma():
     np.testing.assert_array_equal(drawn, 1.2)
 
 
+def gaussian_columns(heights, centres, sigma=1.2, background=2.0):
+    """A patch of Gaussian columns of the given heights (one array per column)."""
+    yy, xx = np.mgrid[0:P, 0:P].astype(np.float64)
+    columns = [
+        h * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2))
+        for h, (r, c) in zip(heights, centres, strict=True)
+    ]
+    return background + np.sum(columns, axis=0), columns
+
+
 @pytest.mark.parametrize("power", [0.8, 1.25])
-def test_column_contrast_is_a_power_of_the_scaled_patch(power):
-    ramp = np.broadcast_to(np.linspace(2.0, 10.0, P), (2, P, P)).astype(np.float32)
-    draws = draw_physical(2, P, np.random.default_rng(0), only(contrast_range=(power, power)))
-    got = apply_physical(ramp, draws, np.random.default_rng(0))
-    x = np.linspace(2.0, 10.0, P)
-    want = ((x - 2.0) / 8.0) ** power * 8.0 + 2.0
-    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-5, atol=1e-5)
+def test_column_contrast_raises_each_column_height_and_keeps_its_shape(power):
+    # Columns of three "Z" on a background, 16 px apart: each column's pixels within
+    # the column radius are scaled by (height / brightest) ** (power - 1).
+    heights = [10.0, 4.0, 1.5, 10.0, 4.0, 1.5, 10.0, 4.0, 1.5]
+    centres = [(r, c) for r in (16, 32, 48) for c in (16, 32, 48)]
+    patch, columns = gaussian_columns(heights, centres)
+    draws = draw_physical(1, P, np.random.default_rng(0), only(contrast_range=(power, power)))
+    got = apply_physical(patch[None].astype(np.float32), draws, np.random.default_rng(0))[0]
+    yy, xx = np.mgrid[0:P, 0:P]
+    for h, (r, c), column in zip(heights, centres, columns, strict=True):
+        near = np.hypot(yy - r, xx - c) <= 3.0
+        want = 2.0 + column[near] * (h / 10.0) ** (power - 1)
+        np.testing.assert_allclose(got[near], want, rtol=1e-3, atol=1e-3)
+    # Ratios of column heights change as the Z exponent's: (h_a / h_b) ** power.
+    peaks = np.array([got[r, c] - 2.0 for r, c in centres])
+    np.testing.assert_allclose(peaks[1] / peaks[0], 0.4**power, rtol=1e-3)
+    np.testing.assert_allclose(peaks[2] / peaks[0], 0.15**power, rtol=1e-3)
+
+
+def test_column_contrast_imitates_a_change_of_the_z_exponent():
+    # A simulated frame with the exponent x0.8 against the nominal frame transformed
+    # with power 0.8: the column transform comes closer than any power of the pixels.
+    from defectscope.studies.domain_shift import Shift, study_settings
+    from defectscope.simulate.dataset import simulate_frame
+
+    quiet = {"dose": 1e4, "gain": 1.0, "offset": 0.0, "jitter": 0.0, "drift": (0.0, 0.0)}
+    quiet.update(gradient=0.0, read_noise=0.0)
+    nominal = study_settings(size=192, seed=5)
+    nominal = dataclasses.replace(nominal, instrument=Instrument(**quiet))
+    frame, _ = simulate_frame(nominal, 0)
+    shifted, _ = simulate_frame(Shift("x0.8", contrast=(0.8,)).settings(nominal, 0), 0)
+    starts = [(r, c) for r in (0, 64, 128) for c in (0, 64, 128)]
+    before = np.stack([frame[r : r + P, c : c + P] for r, c in starts]).astype(np.float32)
+    after = np.stack([shifted[r : r + P, c : c + P] for r, c in starts]).astype(np.float32)
+
+    def zscore(x):
+        x = x.astype(np.float64)
+        return (x - x.mean(axis=(1, 2), keepdims=True)) / x.std(axis=(1, 2), keepdims=True)
+
+    def error(patches):
+        return float(np.sqrt(np.mean((zscore(patches) - zscore(after)) ** 2)))
+
+    draws = draw_physical(len(starts), P, np.random.default_rng(0), only(contrast_range=(0.8, 0.8)))
+    column = error(apply_physical(before, draws, np.random.default_rng(0)))
+    lo = before.min(axis=(1, 2), keepdims=True)
+    span = before.max(axis=(1, 2), keepdims=True) - lo
+    pixel_powers = [error(((before - lo) / span) ** g) for g in np.linspace(0.6, 1.4, 17)]
+    assert column < 0.7 * min(pixel_powers), (column, min(pixel_powers))
+    assert column < 0.6 * error(before)
+
+
+def test_column_radius_is_checked():
+    with pytest.raises(ValueError, match="column_radius"):
+        Augmentation(column_radius=0.5)
+    with pytest.raises(ValueError, match="column_radius"):
+        Augmentation(column_radius=float("nan"))
+    assert Augmentation(column_radius=5).column_radius == 5.0
 
 
 def test_gain_and_offset_are_linear():

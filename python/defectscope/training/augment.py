@@ -7,8 +7,8 @@ are the geometric transforms, with a contrast power (gamma) and Gaussian noise.
 The physical transforms (:attr:`Augmentation.physical`, on by default) imitate
 what changes between microscope sessions and what resampling a frame to the
 model's scale does not remove: the dose (Poisson noise), scan-line jitter and
-slow drift, probe blur, column contrast (a Z-exponent-like power), detector
-gain and offset, and a small scale jitter. Large scale changes stay out: the
+slow drift, probe blur, column contrast (each column's intensity raised to a
+power, as a change of the Z exponent does), detector gain and offset, and a small scale jitter. Large scale changes stay out: the
 runtime matches each frame's scale to the model's first (calibration or the
 measured lattice period), so the network only has to cover that match's
 residual error (a few per cent), and lattice spacings that identify defects
@@ -34,6 +34,11 @@ MAX_SCALE_JITTER = (0.8, 1.25)
 # Largest blur sigma / jitter sigma / drift in pixels: beyond, a 64-pixel patch is
 # no longer a recording of the same lattice.
 MAX_PIXELS = 8.0
+
+# Column contrast scales each pixel by its column's relative height to ``power - 1``;
+# below this share of the brightest column (vacuum, the gaps between columns) the
+# factor stops growing, so noise there is not amplified without bound.
+CONTRAST_FLOOR = 0.02
 
 # Fields that hold (low, high) ranges and how each is checked: the kind of value
 # ("positive" factors, "nonnegative" sizes, "any" signed values) and an upper limit.
@@ -94,8 +99,12 @@ class Augmentation:
         Zoom about the patch centre (reflect padding): the residual error of the
         runtime's scale match.
     contrast_range : (float, float)
-        Power ``p`` of the patch scaled to 0..1: ratios of column intensities
-        change as ``(I_a / I_b) ** p``, like a change of the Z exponent.
+        Power ``p`` of each column's height: ratios of column intensities change
+        as ``(I_a / I_b) ** p``, as a change of the Z exponent (``Z ** n`` to
+        ``Z ** (n p)``) does, while every column keeps its shape.
+    column_radius : float
+        Radius, in pixels, of the neighbourhood whose maximum is taken as a
+        pixel's column height (about one column's visible half-width).
     blur_range : (float, float)
         Gaussian probe blur, sigma in pixels.
     jitter_range : (float, float)
@@ -122,6 +131,9 @@ class Augmentation:
     # Column contrast +-20 % (the issue's goal), symmetric in log: 0.8 .. 1 / 0.8.
     contrast_range: tuple[float, float] = (0.8, 1.25)
     contrast_probability: float = 0.5
+    # Columns are ~1.5 px sigma at the scale patches are recorded at; 3 px reaches a
+    # column's peak from its visible edge without reaching the next column's.
+    column_radius: float = 3.0
     # A probe up to about one column width wider than nominal (columns ~1.5 px).
     blur_range: tuple[float, float] = (0.3, 1.0)
     blur_probability: float = 0.5
@@ -152,6 +164,12 @@ class Augmentation:
         if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or shift < 0:
             raise ValueError(f"Augmentation.max_shift must be an integer >= 0, got {shift!r}")
         object.__setattr__(self, "max_shift", int(shift))
+        radius = _as_float("column_radius", self.column_radius)
+        if not 1 <= radius <= MAX_PIXELS:
+            raise ValueError(
+                f"Augmentation.column_radius must be in [1, {MAX_PIXELS:g}] pixels, got {radius}"
+            )
+        object.__setattr__(self, "column_radius", radius)
         noise = _as_float("noise_std", self.noise_std)
         if noise < 0:
             raise ValueError(f"Augmentation.noise_std must be >= 0, got {noise}")
@@ -298,12 +316,39 @@ def _gaussian_blur(batch: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     return out
 
 
+def _column_contrast(batch: np.ndarray, power: np.ndarray, radius: float) -> np.ndarray:
+    """Raise each column's height to ``power`` (per patch) and keep its shape.
+
+    A pixel's column height is the largest intensity above the patch's 1st
+    percentile within ``radius``; the pixel is scaled by that height, relative to
+    the patch's brightest, to ``power - 1``. A column of height ``h`` then peaks at
+    ``h ** power`` (relative), and its profile is scaled, not reshaped, which a
+    power of the pixels would do (it narrows or widens every column).
+    """
+    from scipy.ndimage import grey_dilation
+
+    lo = np.percentile(batch, 1.0, axis=(1, 2), keepdims=True).astype(np.float32)
+    signal = np.clip(batch - lo, 0.0, None)
+    r = int(radius)
+    disk = np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= radius
+    height = grey_dilation(signal, footprint=disk[None], mode="reflect")
+    top = height.max(axis=(1, 2), keepdims=True)
+    top = np.where(top > 0, top, np.float32(1.0))  # a flat patch has no columns to change
+    level = np.maximum(height / top, np.float32(CONTRAST_FLOOR))
+    exponent = (power.astype(np.float32) - 1.0)[:, None, None]
+    return (signal * level**exponent + lo).astype(np.float32)
+
+
 def apply_physical(
-    patches: np.ndarray, draws: PhysicalDraws, rng: np.random.Generator
+    patches: np.ndarray,
+    draws: PhysicalDraws,
+    rng: np.random.Generator,
+    column_radius: float = Augmentation.column_radius,
 ) -> np.ndarray:
     """Apply drawn physical transforms to float patches (n, H, W); float32 result.
 
-    In the order a recording happens: column contrast on the clean image, then
+    In the order a recording happens: column contrast on the clean image (each
+    column's height to a power, its shape kept), then
     probe blur, then where the scan reads (scale, drift, jitter: one linear
     resampling about the centre, reflect padding), then shot noise at the dose
     (intensity above the patch's 1st percentile mapped to counts, the brightest
@@ -316,6 +361,9 @@ def apply_physical(
         From :func:`draw_physical` for ``n`` patches of ``H`` rows.
     rng : numpy.random.Generator
         Draws the shot-noise counts.
+    column_radius : float
+        Pixels around a pixel searched for its column's height
+        (:attr:`Augmentation.column_radius`).
 
     Returns
     -------
@@ -343,11 +391,7 @@ def apply_physical(
 
     idx = np.flatnonzero(draws.contrast != 1.0)
     if idx.size:
-        lo, hi = extent(idx)
-        span = np.where(hi > lo, hi - lo, np.float32(1.0))
-        power = draws.contrast[idx].astype(np.float32)[:, None, None]
-        unit = np.clip((batch[idx] - lo) / span, 0.0, 1.0)
-        batch[idx] = unit**power * span + lo
+        batch[idx] = _column_contrast(batch[idx], draws.contrast[idx], column_radius)
 
     idx = np.flatnonzero(draws.blur > 0)
     if idx.size:
@@ -448,7 +492,8 @@ def augment_batch(
     if not config.physical:
         return _geometric(patches, rng, config, noise=True)
     batch = _geometric(patches, rng, config, noise=False)
-    batch = apply_physical(batch, draw_physical(len(batch), batch.shape[1], rng, config), rng)
+    draws = draw_physical(len(batch), batch.shape[1], rng, config)
+    batch = apply_physical(batch, draws, rng, config.column_radius)
     if config.noise_std > 0:
         sigma = rng.uniform(0, config.noise_std, size=len(batch)) * batch.std(axis=(1, 2))
         noise = rng.standard_normal(batch.shape) * sigma[:, None, None]
