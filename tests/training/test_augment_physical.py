@@ -285,8 +285,8 @@ def test_column_contrast_raises_each_column_height_and_keeps_its_shape(power):
 def test_column_contrast_imitates_a_change_of_the_z_exponent():
     # A simulated frame with the exponent x0.8 against the nominal frame transformed
     # with power 0.8: the column transform comes closer than any power of the pixels.
-    from defectscope.studies.domain_shift import Shift, study_settings
     from defectscope.simulate.dataset import simulate_frame
+    from defectscope.studies.domain_shift import Shift, study_settings
 
     quiet = {"dose": 1e4, "gain": 1.0, "offset": 0.0, "jitter": 0.0, "drift": (0.0, 0.0)}
     quiet.update(gradient=0.0, read_noise=0.0)
