@@ -10,12 +10,13 @@ model's scale does not remove: the dose (Poisson noise), scan-line jitter and
 slow drift, probe blur, column contrast (each column's intensity raised to a
 power, as a change of the Z exponent does), detector gain and offset, and a
 small scale jitter. Large scale changes stay out: the runtime matches each
-frame's scale to the model's first (calibration or the measured lattice
-period), so the network only has to cover that match's residual error (a few per cent), and lattice spacings that identify defects
-are not blurred into each other. Every physical transform is about the patch
-centre, so a centred defect stays centred. Each draws from a range stored here,
-so ``model.json`` (through ``dataclasses.asdict`` of the training configuration)
-records what the model was trained to tolerate.
+frame's scale to the model's first (calibration or the measured lattice period),
+so the network only has to cover that match's residual error (a few per cent),
+and lattice spacings that identify defects are not blurred into each other.
+Every physical transform is about the patch centre, so a centred defect stays
+centred. Each draws from a range stored here, so ``model.json`` (through
+``dataclasses.asdict`` of the training configuration) records what the model was
+trained to tolerate.
 """
 
 from __future__ import annotations
