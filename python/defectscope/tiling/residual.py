@@ -1,0 +1,228 @@
+"""What is left of a window once its own perfect lattice is taken away.
+
+A microscopist's test for "something is off here" is the residual against the ideal
+lattice: a column missing, added, moved or of another intensity stays in it, the
+lattice does not. Each window's ideal lattice is rebuilt from its own Bragg peaks
+(the local maxima of its Fourier transform that stand far above its median
+amplitude, harmonics included, each with its four nearest bins for slow strain), so
+no reference frame or unit cell has to be known. The residual is then summarised in
+numbers that do not change when the window is shifted, rotated by 90 degrees or
+flipped, because a point defect of one kind may sit anywhere in a window and the
+lattice may be turned:
+
+- at three smoothing scales (none, 1 and 2 px), the two strongest local maxima and
+  the two deepest minima of the residual, in units of its robust noise level (how
+  much intensity was added or is missing, and over what size), and the ideal
+  lattice's value at each of those places (on a column, or between columns);
+- the radially averaged power spectrum of the residual (log), which says whether
+  what is left is a point, a line, or noise.
+
+A Gaussian density of these descriptors over the training patches of the known
+classes (:func:`defectscope.artifacts.density.fit_density`, the same machinery as
+the embedding's) then says how unlike every known class a window's residual is:
+a strong residual that no known class explains is new.
+
+Numpy and SciPy only, so every runtime can compute it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# A Fourier local maximum this many times the window's median Fourier amplitude is a
+# Bragg peak of the ideal lattice (harmonics included: sharp columns need them).
+PEAK_FACTOR = 10.0
+# Peaks closer than this to DC (in Fourier bins) are the window's slow background.
+MIN_PEAK_RADIUS = 2.0
+# Smoothing scales (pixels) the residual's extremes are taken at.
+SCALES = (0.0, 1.0, 2.0)
+# Extremes taken per sign and scale.
+EXTREMES = 2
+# Pixels at the border left out of the extremes: the Fourier filter wraps around.
+BORDER = 4
+# Neighbourhood (pixels) in which an extreme is the local one.
+EXTREME_SIZE = 5
+
+
+# A peak and its four nearest Fourier bins: enough for slow strain, little of a defect.
+_CROSS = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)
+
+
+def _as_windows(windows: np.ndarray) -> np.ndarray:
+    batch = np.asarray(windows)
+    if batch.ndim == 2:
+        batch = batch[None]
+    if batch.ndim != 3:
+        raise ValueError(
+            f"windows must be (n, height, width) or one (height, width), got {batch.shape}"
+        )
+    if batch.dtype.kind not in "uif":
+        raise ValueError(f"windows must be numbers, got dtype {batch.dtype}")
+    height, width = batch.shape[1:]
+    if min(height, width) < 2 * BORDER + EXTREME_SIZE:
+        raise ValueError(
+            f"windows of {height} x {width} px are too small for a lattice residual "
+            f"(at least {2 * BORDER + EXTREME_SIZE} px a side)"
+        )
+    batch = batch.astype(np.float64)
+    if not np.isfinite(batch).all():
+        raise ValueError("windows hold NaN or infinite pixels")
+    mean = batch.mean(axis=(1, 2), keepdims=True)
+    std = batch.std(axis=(1, 2), keepdims=True)
+    # A flat window has no lattice; it stays all zeros rather than dividing by 0.
+    return (batch - mean) / np.where(std > 0, std, 1.0)
+
+
+def _check_factor(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"peak_factor must be a number > 1, got {value!r}")
+    if not np.isfinite(value) or value <= 1:
+        raise ValueError(f"peak_factor must be a finite number > 1, got {value!r}")
+    return float(value)
+
+
+def _radius(height: int, width: int) -> np.ndarray:
+    fy = np.fft.fftfreq(height)[:, None] * height
+    fx = np.fft.fftfreq(width)[None, :] * width
+    # In bins of the shorter side, so a non-square window's rings stay rings.
+    return np.hypot(fy * min(height, width) / height, fx * min(height, width) / width)
+
+
+def lattice_reference(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) -> np.ndarray:
+    """Each window's ideal lattice: its strongest Fourier peaks, transformed back.
+
+    Parameters
+    ----------
+    windows : ndarray, shape (n, H, W) or (H, W)
+        Raw windows; each is z-scored (zero mean, unit deviation) first.
+    peak_factor : float
+        Local maxima of ``|F|`` (beyond :data:`MIN_PEAK_RADIUS` bins from DC)
+        above this many times the window's median ``|F|`` are its Bragg peaks; each
+        is kept with its four nearest bins, and DC with them.
+
+    Returns
+    -------
+    ndarray of float64, shape (n, H, W)
+        The reference of each z-scored window.
+
+    Raises
+    ------
+    ValueError
+        For a batch of the wrong shape or dtype, non-finite pixels, windows too
+        small to hold a residual, or a ``peak_factor`` that is not a number > 1.
+    """
+    from scipy.ndimage import maximum_filter
+
+    peak_factor = _check_factor(peak_factor)
+    batch = _as_windows(windows)
+    return _reference(batch, peak_factor, maximum_filter)
+
+
+def _reference(batch: np.ndarray, peak_factor: float, maximum_filter) -> np.ndarray:
+    from scipy import fft
+
+    height, width = batch.shape[1:]
+    spectrum = fft.fft2(batch.astype(np.float32), axes=(1, 2))
+    amplitude = np.abs(spectrum)
+    beyond = _radius(height, width) >= MIN_PEAK_RADIUS
+    local = amplitude == maximum_filter(amplitude, size=(1, 3, 3), mode="wrap")
+    # A Bragg peak stands far above the window's typical Fourier amplitude; a point
+    # defect spreads its few columns' worth of intensity thinly over every bin.
+    floor = np.median(amplitude[:, beyond], axis=1)[:, None, None]
+    chosen = local & beyond[None] & (amplitude > peak_factor * floor)
+    mask = maximum_filter(chosen, footprint=_CROSS, mode="wrap")
+    mask[:, 0, 0] = True
+    return np.real(fft.ifft2(spectrum * mask, axes=(1, 2))).astype(np.float64)
+
+
+def _extremes(
+    residual: np.ndarray, reference: np.ndarray, noise: np.ndarray, local: np.ndarray
+) -> np.ndarray:
+    """The ``EXTREMES`` largest values of ``residual`` where ``local`` (in ``noise``
+    units) and the reference at each, strongest first: (n, 2 * EXTREMES)."""
+    n = residual.shape[0]
+    candidates = np.where(local, residual, -np.inf).reshape(n, -1)
+    rows = np.arange(n)
+    values, places = [], []
+    for _ in range(EXTREMES):  # a few argmax passes beat sorting 4096 pixels a window
+        best = np.argmax(candidates, axis=1)
+        values.append(candidates[rows, best])
+        places.append(best)
+        candidates[rows, best] = -np.inf
+    value = np.stack(values, axis=1)
+    at_reference = reference.reshape(n, -1)[rows[:, None], np.stack(places, axis=1)]
+    missing = ~np.isfinite(value)  # a window with fewer local extremes than asked
+    value[missing] = 0.0
+    at_reference[missing] = 0.0
+    return np.concatenate([value / noise, at_reference], axis=1)
+
+
+def _radial_power(residual: np.ndarray) -> np.ndarray:
+    height, width = residual.shape[1:]
+    taper = np.outer(np.hanning(height), np.hanning(width))
+    power = np.abs(np.fft.fft2(residual * taper, axes=(1, 2))) ** 2
+    rings = np.rint(_radius(height, width)).astype(np.int64)
+    bins = min(height, width) // 2
+    inside = (rings >= 1) & (rings <= bins)
+    index = rings[inside] - 1
+    counts = np.bincount(index, minlength=bins)
+    sums = np.stack([np.bincount(index, p[inside], minlength=bins) for p in power])
+    return np.log(sums / np.maximum(counts, 1) + 1e-6)
+
+
+def residual_descriptors(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) -> np.ndarray:
+    """Shift-, rotation- and flip-invariant numbers describing each window's residual.
+
+    Parameters
+    ----------
+    windows : ndarray, shape (n, H, W) or (H, W)
+        Raw windows (any gain and offset: each is z-scored first).
+    peak_factor : float
+        Bragg peak threshold of the ideal lattice (:func:`lattice_reference`).
+
+    Returns
+    -------
+    ndarray of float32, shape (n, d)
+        ``d = 4 * EXTREMES * len(SCALES) + min(H, W) // 2``: per scale the strongest
+        maxima and minima of the residual over its noise level and the reference at
+        each, then the log radial power spectrum of the residual.
+
+    Raises
+    ------
+    ValueError
+        As :func:`lattice_reference`.
+    """
+    from scipy.ndimage import gaussian_filter, maximum_filter, minimum_filter
+
+    peak_factor = _check_factor(peak_factor)
+    batch = _as_windows(windows)
+    reference = _reference(batch, peak_factor, maximum_filter)
+    residual = (batch - reference).astype(np.float32)
+    reference = reference.astype(np.float32)
+    n, height, width = residual.shape
+    inner = np.zeros((1, height, width), dtype=bool)
+    inner[:, BORDER : height - BORDER, BORDER : width - BORDER] = True
+    size = (1, EXTREME_SIZE, EXTREME_SIZE)
+    parts = []
+    for sigma in SCALES:
+        smooth = gaussian_filter(residual, (0, sigma, sigma)) if sigma else residual
+        # Noise level: the mean absolute deviation (times sqrt(pi / 2), sigma for
+        # Gaussian noise). A defect's few pixels move it by a few per cent; unlike a
+        # median on a sub-grid it does not change when the window is turned.
+        flat = smooth.reshape(n, -1)
+        spread = np.abs(flat - flat.mean(axis=1, keepdims=True))
+        noise = np.float32(np.sqrt(np.pi / 2)) * spread.mean(axis=1, keepdims=True)
+        noise = np.where(noise > 0, noise, np.float32(1.0))
+        peaks_here = (smooth == maximum_filter(smooth, size=size, mode="nearest")) & inner
+        pits_here = (smooth == minimum_filter(smooth, size=size, mode="nearest")) & inner
+        added = _extremes(smooth, reference, noise, peaks_here)
+        missing = _extremes(-smooth, reference, noise, pits_here)
+        parts += [added[:, :EXTREMES], missing[:, :EXTREMES], added[:, EXTREMES:]]
+        parts.append(missing[:, EXTREMES:])
+    parts.append(_radial_power(residual))
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def descriptor_size(height: int, width: int) -> int:
+    """Length of :func:`residual_descriptors`' rows for windows of ``height x width``."""
+    return 4 * EXTREMES * len(SCALES) + min(height, width) // 2

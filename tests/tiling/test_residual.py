@@ -1,0 +1,169 @@
+"""Lattice residual of a window (issue 27): the ideal lattice from its own Bragg peaks,
+and descriptors of what is left, checked on lattices whose defects are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defectscope.tiling.residual import (
+    descriptor_size,
+    lattice_reference,
+    residual_descriptors,
+)
+
+P = 64
+PERIOD = 16  # divides the window, so the lattice is exactly periodic in it
+
+
+def column_lattice(missing=(), added=(), noise=0.03, seed=0, sigma=1.6, heights=(1.0, 0.5)):
+    """Two columns per 16 px cell (a bright one and a half-bright one on the diagonal),
+    periodic in the window, with the bright columns in ``missing`` (cell row, col)
+    taken out, extra bright spots at the pixel positions in ``added``, and Gaussian
+    noise of ``noise`` (a recording has some; a noise-free one has no Fourier floor)."""
+    yy, xx = np.mgrid[0:P, 0:P].astype(np.float64)
+
+    def spot(r, c, h, s):
+        # Periodic images of the spot, so the lattice wraps around the window exactly.
+        dy = (yy - r + P / 2) % P - P / 2
+        dx = (xx - c + P / 2) % P - P / 2
+        return h * np.exp(-(dy**2 + dx**2) / (2 * s**2))
+
+    image = np.full((P, P), 0.1)
+    for i in range(P // PERIOD):
+        for j in range(P // PERIOD):
+            if (i, j) not in missing:
+                image += spot(i * PERIOD + 4, j * PERIOD + 4, heights[0], sigma)
+            image += spot(i * PERIOD + 12, j * PERIOD + 12, heights[1], sigma)
+    for r, c in added:
+        image += spot(r, c, 0.8, 1.0)
+    return image + np.random.default_rng(seed).normal(0.0, noise, image.shape)
+
+
+def zscored(x):
+    return (x - x.mean()) / x.std()
+
+
+def test_a_perfect_lattice_is_its_own_reference():
+    window = column_lattice(noise=0.0)
+    reference = lattice_reference(window)[0]
+    assert np.abs(zscored(window) - reference).max() < 1e-4
+    # With noise, the reference keeps the lattice and leaves the noise.
+    noisy = column_lattice(noise=0.03)
+    residual = zscored(noisy) - lattice_reference(noisy)[0]
+    expected = 0.03 / (noisy.std())
+    assert 0.8 * expected < residual.std() < 1.2 * expected
+
+
+def test_a_missing_column_is_the_deepest_pit_and_sits_on_a_column():
+    window = column_lattice(missing=[(1, 2)])  # the bright column at (20, 36)
+    residual = zscored(window) - lattice_reference(window)[0]
+    row, col = np.unravel_index(np.argmin(residual), residual.shape)
+    assert abs(row - 20) <= 1 and abs(col - 36) <= 1
+    d = residual_descriptors(window)[0]
+    # Per scale: 2 added, 2 missing (noise units), then the reference at each.
+    for scale in range(3):
+        block = d[scale * 8 : scale * 8 + 8]
+        added, missing, ref_missing = block[:2], block[2:4], block[6:8]
+        assert missing[0] > 2 * max(added[0], 1.0), (scale, block)
+        assert ref_missing[0] > 1.0  # on a bright column of the ideal lattice
+    assert d.shape == (descriptor_size(P, P),)
+
+
+def test_an_added_spot_between_columns_is_the_strongest_peak_and_sits_off_columns():
+    window = column_lattice(added=[(28, 20)])  # between the columns of the cell
+    d = residual_descriptors(window)[0]
+    block = d[8:16]  # 1 px smoothing
+    assert block[0] > 3 * max(block[2], 1.0)
+    assert block[4] < 0.5  # the ideal lattice is dark there
+    bright = residual_descriptors(column_lattice(missing=[(1, 2)]))[0][8:16]
+    assert block[4] < bright[6] - 1.0  # a missing column sat on bright lattice
+
+
+def test_descriptors_ignore_gain_offset_and_turns():
+    noisy = column_lattice(missing=[(1, 2)], added=[(44, 52)])
+    base = residual_descriptors(noisy)[0]
+    same = residual_descriptors(noisy * 7.5 + 300.0)[0]
+    np.testing.assert_allclose(same, base, rtol=1e-4, atol=1e-4)
+    for turned in (np.rot90(noisy), np.fliplr(noisy), np.rot90(noisy, 2).T):
+        got = residual_descriptors(np.ascontiguousarray(turned))[0]
+        np.testing.assert_allclose(got, base, rtol=1e-3, atol=1e-3)
+
+
+def test_a_batch_equals_its_windows_one_by_one():
+    windows = np.stack([column_lattice(missing=[(i % 4, 1)], seed=i) for i in range(3)])
+    batch = residual_descriptors(windows.astype(np.float32))
+    for k in range(3):
+        np.testing.assert_allclose(
+            batch[k], residual_descriptors(windows[k].astype(np.float32))[0], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_flat_and_uint_windows():
+    flat = residual_descriptors(np.full((2, P, P), 7, dtype=np.uint16))
+    assert np.isfinite(flat).all() and flat.shape == (2, descriptor_size(P, P))
+    big_endian = column_lattice().astype(">f8")
+    np.testing.assert_allclose(
+        residual_descriptors(big_endian), residual_descriptors(column_lattice()), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "windows, match",
+    [
+        (np.zeros((2, 2, P, P)), "windows must be"),
+        (np.zeros((2, 10, P)), "too small"),
+        (np.array([[["a"] * P] * P]), "dtype"),
+        (np.full((1, P, P), np.nan), "NaN"),
+        (np.full((1, P, P), np.inf), "NaN or infinite"),
+    ],
+)
+def test_bad_windows_are_refused(windows, match):
+    with pytest.raises(ValueError, match=match):
+        residual_descriptors(windows)
+
+
+@pytest.mark.parametrize("factor", [0, 1.0, -3, True, float("nan"), float("inf"), "10"])
+def test_bad_peak_factors_are_refused(factor):
+    with pytest.raises(ValueError, match="peak_factor"):
+        residual_descriptors(column_lattice(), peak_factor=factor)
+    with pytest.raises(ValueError, match="peak_factor"):
+        lattice_reference(column_lattice(), peak_factor=factor)
+
+
+def test_a_left_out_defect_kind_is_new_and_a_trained_one_is_not():
+    """Simulated SrTiO3 [001] with Sr and Ti vacancies and Nb on Ti: a density of the
+    residual descriptors fitted without the substitution flags it, and calls held-out
+    windows of the trained kinds unknown at about its quantile's rate."""
+    from sklearn.metrics import roc_auc_score
+
+    from defectscope.artifacts.density import fit_density
+    from defectscope.simulate.dataset import cut_patches, simulate_frame
+    from defectscope.studies.domain_shift import study_settings
+
+    settings = study_settings(size=384, seed=3)
+    rng = np.random.default_rng(0)
+    parts: dict[str, list] = {"train": [], "validation": [], "test": []}
+    for k in range(30):
+        frame, record = simulate_frame(settings, k)
+        part = "train" if k < 20 else "validation" if k < 24 else "test"
+        parts[part] += cut_patches(frame, record["defects"], P, 4, rng)
+    new = "Substitution_Ti_Nb"
+    known = sorted({kind for kind, _ in parts["train"]} - {new})
+
+    def split(part, keep_new):
+        pairs = [(k, p) for k, p in parts[part] if keep_new or k != new]
+        kinds = np.array([k for k, _ in pairs])
+        return kinds, residual_descriptors(np.stack([p for _, p in pairs]))
+
+    train_kinds, train = split("train", False)
+    _, validation = split("validation", False)
+    test_kinds, test = split("test", True)
+    labels = np.array([known.index(k) for k in train_kinds])
+    density = fit_density(train, labels, len(known), held_out=validation, quantile=0.99)
+    distance, _, unknown = density.score(test)
+    is_new = test_kinds == new
+    assert is_new.sum() >= 20 and (~is_new).sum() >= 60
+    assert roc_auc_score(is_new, distance) >= 0.95
+    assert unknown[~is_new].mean() <= 0.06
+    assert unknown[is_new].mean() >= 0.25  # 25 times the rate of the trained kinds
