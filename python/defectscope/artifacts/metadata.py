@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.artifacts.density import FeatureDensity
+from defectscope.artifacts.residual_density import ResidualDensity
 from defectscope.tiling.lattice import LatticePeriods
 from defectscope.tiling.tiler import Normalization
 
@@ -254,6 +255,9 @@ class ArtifactMetadata:
     raw: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     density: FeatureDensity | None = dataclasses.field(default=None, compare=False, repr=False)
     weights_sha256: str | None = dataclasses.field(default=None, compare=False)
+    residual_density: ResidualDensity | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
 
     @classmethod
     def from_record(cls, record: Any, source: str) -> ArtifactMetadata:
@@ -281,8 +285,22 @@ class ArtifactMetadata:
                     )
                 except ValueError as exc:
                     raise MetadataError(str(exc)) from None
+            residual = None
+            if record.get("residual_density") is not None:
+                try:
+                    residual = ResidualDensity.from_dict(
+                        record["residual_density"], len(config.classes)
+                    )
+                except ValueError as exc:
+                    raise MetadataError(str(exc)) from None
+                if residual.patch_size != config.patch_size:
+                    raise MetadataError(
+                        f"residual density is for {residual.patch_size} px windows, "
+                        f"the model's are {config.patch_size} px"
+                    )
             weights = check_sha256(record.get(WEIGHTS_SHA256))
-            return cls(config, check_temperature(temperature), precision, record, density, weights)
+            temperature = check_temperature(temperature)
+            return cls(config, temperature, precision, record, density, weights, residual)
         except MetadataError as exc:
             raise MetadataError(f"{source}: invalid model metadata: {exc}") from None
 

@@ -21,6 +21,7 @@ from defectscope.artifacts.metadata import (
     MetadataError,
     ModelConfig,
 )
+from defectscope.artifacts.residual_density import ResidualDensity
 
 
 class EngineError(ValueError):
@@ -38,6 +39,7 @@ class Engine:
         temperature: float = 1.0,
         density: FeatureDensity | None = None,
         weights_sha256: str | None = None,
+        residual_density: ResidualDensity | None = None,
     ):
         self.config = config
         self.temperature = float(temperature)
@@ -45,6 +47,8 @@ class Engine:
         self.density = density
         # SHA-256 of the weights.pt the artifact was made from (None: not recorded).
         self.weights_sha256 = weights_sha256
+        # The lattice residual's training density (novelty of a point defect), if carried.
+        self.residual_density = residual_density
 
     @property
     def classes(self) -> list[str]:

@@ -215,7 +215,11 @@ class DenseEngine(Engine):
         metadata = ArtifactMetadata.from_record(record, str(path))
         check_weights(path, metadata.weights_sha256)
         super().__init__(
-            metadata.config, metadata.temperature, metadata.density, metadata.weights_sha256
+            metadata.config,
+            metadata.temperature,
+            metadata.density,
+            metadata.weights_sha256,
+            metadata.residual_density,
         )
         self.path = Path(path)
         self.precision = metadata.precision
@@ -283,7 +287,11 @@ class TensorRTDenseEngine(Engine):
         self.session = TensorRTSession(path)
         metadata = read_engine_metadata(path)
         super().__init__(
-            metadata.config, metadata.temperature, metadata.density, metadata.weights_sha256
+            metadata.config,
+            metadata.temperature,
+            metadata.density,
+            metadata.weights_sha256,
+            metadata.residual_density,
         )
         self.path = Path(path)
         self.precision = metadata.precision

@@ -95,7 +95,11 @@ class OnnxEngine(Engine):
         metadata = onnx_metadata(self.session, path)
         check_weights(path, metadata.weights_sha256)
         super().__init__(
-            metadata.config, metadata.temperature, metadata.density, metadata.weights_sha256
+            metadata.config,
+            metadata.temperature,
+            metadata.density,
+            metadata.weights_sha256,
+            metadata.residual_density,
         )
         self.precision = metadata.precision
         self._check_io(path)

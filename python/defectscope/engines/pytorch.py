@@ -38,7 +38,13 @@ class TorchEngine(Engine):
         metadata = ArtifactMetadata.from_record(record, str(Path(model_dir) / META_FILE))
         # load_checkpoint refused a model.json written for other weights; the hash here is
         # of the weights loaded.
-        super().__init__(config, metadata.temperature, metadata.density, metadata.weights_sha256)
+        super().__init__(
+            config,
+            metadata.temperature,
+            metadata.density,
+            metadata.weights_sha256,
+            metadata.residual_density,
+        )
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()

@@ -167,7 +167,11 @@ class TensorRTEngine(Engine):
         self.session = TensorRTSession(path)
         metadata = read_engine_metadata(path)
         super().__init__(
-            metadata.config, metadata.temperature, metadata.density, metadata.weights_sha256
+            metadata.config,
+            metadata.temperature,
+            metadata.density,
+            metadata.weights_sha256,
+            metadata.residual_density,
         )
         self.precision = metadata.precision
         self.max_batch = int(metadata.raw.get("max_batch", 256))

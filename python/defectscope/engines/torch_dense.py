@@ -146,7 +146,11 @@ class TorchDenseEngine(Engine):
         record = _read_graph_metadata(graph)
         metadata = ArtifactMetadata.from_record(record, str(graph))
         super().__init__(
-            metadata.config, metadata.temperature, metadata.density, metadata.weights_sha256
+            metadata.config,
+            metadata.temperature,
+            metadata.density,
+            metadata.weights_sha256,
+            metadata.residual_density,
         )
         self.dense = DenseInfo.from_dict(record.get("dense"), str(graph), metadata.config)
         if self.dense.native_stride != native_stride:

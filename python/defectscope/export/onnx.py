@@ -43,7 +43,7 @@ class _ExportWrapper(nn.Module):
 
 
 def artifact_metadata(config: ModelConfig, record: dict[str, Any]) -> dict[str, Any]:
-    """What a runtime needs beside the network: config, temperature and the density.
+    """What a runtime needs beside the network: config, temperature and the densities.
 
     ``record`` is what :func:`~defectscope.nets.checkpoint.load_checkpoint` returns; its
     ``weights_sha256`` (the weights loaded) goes along, so a loader can tell the artifact
@@ -53,6 +53,8 @@ def artifact_metadata(config: ModelConfig, record: dict[str, Any]) -> dict[str, 
     metadata = {"model": config.to_dict(), "temperature": float(temperature), "format_version": 1}
     if record.get("density") is not None:
         metadata["density"] = record["density"]  # uncertainty travels with every artifact
+    if record.get("residual_density") is not None:
+        metadata["residual_density"] = record["residual_density"]
     if record.get(WEIGHTS_SHA256) is not None:
         metadata[WEIGHTS_SHA256] = record[WEIGHTS_SHA256]
     return metadata

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from defectscope.engines.dense import (
 from defectscope.engines.loader import load_engine
 from defectscope.engines.torch_dense import TorchDenseEngine, load_torch_dense
 from defectscope.io.frames import Calibration, Frame
-from defectscope.maps.options import MODES, SYMMETRIES, MapOptions, resolve_options
+from defectscope.maps.options import MODES, NOVELTY, SYMMETRIES, MapOptions, resolve_options
 from defectscope.maps.result import MapResult
 from defectscope.maps.rois import select_rois
 from defectscope.maps.scale import decide_scale, resampled_frame
@@ -128,6 +129,57 @@ def check_subregion(subregion, shape: tuple[int, ...]) -> tuple[int, int, int, i
     if not (0 <= y0 < y1 <= shape[0] and 0 <= x0 < x1 <= shape[1]):
         raise ValueError(f"subregion {tuple(subregion)} is not inside the frame {tuple(shape)}")
     return y0, x0, y1, x1
+
+
+def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
+    """The (embedding density, residual density) ``novelty`` asks for of ``engine``.
+
+    Raises
+    ------
+    ValueError
+        When ``novelty`` names a density the engine's model does not carry.
+    """
+    density = getattr(engine, "density", None)  # duck-typed engines may lack them
+    residual = getattr(engine, "residual_density", None)
+    if novelty == "embedding":
+        residual = None
+    elif novelty == "residual":
+        if residual is None:
+            raise ValueError(
+                "novelty 'residual': the model carries no lattice-residual density "
+                "(trained before it existed; train it again, or use 'embedding')"
+            )
+        density = None
+    return density, residual
+
+
+def novelty_names(density: Any, residual: Any) -> list[str]:
+    """Names of the densities used, for ``result.info['novelty']``."""
+    return [n for n, d in (("embedding", density), ("lattice residual", residual)) if d is not None]
+
+
+def score_novelty(
+    density: Any, residual: Any, embeddings: np.ndarray | None, windows: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(uncertainty, unknown)`` per window from the densities given (None: unused).
+
+    Each density's uncertainty is the share of held-out known windows closer than the
+    window, so the two read on one scale: the larger is kept, and a window either
+    calls unknown is unknown. Windows with non-finite pixels keep the embedding's
+    score alone (the residual of a hole is meaningless).
+    """
+    u = k = None
+    if density is not None:
+        _, u, k = density.score(embeddings)
+    if residual is not None:
+        finite = np.isfinite(windows).all(axis=(1, 2))
+        ru = np.zeros(len(windows), np.float32)
+        rk = np.zeros(len(windows), bool)
+        if finite.any():
+            _, ru[finite], rk[finite] = residual.score(windows[finite])
+        u = ru if u is None else np.maximum(u, ru)
+        k = rk if k is None else k | rk
+    return u, k
 
 
 class Detector:
@@ -262,6 +314,7 @@ class Detector:
         cancel: Callable[[], bool] | None = None,
         symmetry: str = "none",
         mode: str = "auto",
+        novelty: str = "auto",
     ) -> MapResult:
         """Classify every window of ``frame``.
 
@@ -297,6 +350,11 @@ class Detector:
             ``symmetry`` is 'none'), else window by window; ``dense`` requires it;
             ``window`` classifies each window on its own. ``result.info`` says which
             ran and why.
+        novelty : {'auto', 'embedding', 'residual'}
+            Which training densities make a window unknown: every one the model
+            carries (``auto``; a window either flags is unknown and its uncertainty
+            is the larger of the two), or one alone. ``result.info['novelty']``
+            names those used.
 
         Raises
         ------
@@ -319,6 +377,8 @@ class Detector:
             calibration.check_extent(frame.shape)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if novelty not in NOVELTY:
+            raise ValueError(f"novelty must be one of {', '.join(NOVELTY)}, got {novelty!r}")
         info: dict = {"mode": "window"}
         if mode != "window":
             dense = self.dense_engine_for(stride)
@@ -333,7 +393,15 @@ class Detector:
                 info["reason"] = f"symmetry {symmetry!r} runs window by window"
             else:
                 result = self._map_dense(
-                    dense, frame, stride, keep_embeddings, calibration, started, timeout_s, cancel
+                    dense,
+                    frame,
+                    stride,
+                    keep_embeddings,
+                    calibration,
+                    started,
+                    timeout_s,
+                    cancel,
+                    novelty,
                 )
                 if result is not None:
                     return result
@@ -349,9 +417,10 @@ class Detector:
         embeddings = (
             np.empty((n, self.engine.config.embedding_dim), np.float32) if keep_embeddings else None
         )
-        density = getattr(self.engine, "density", None)  # duck-typed engines may lack one
-        uncertainty = np.empty(n, np.float32) if density is not None else None
-        unknown = np.empty(n, bool) if density is not None else None
+        density, residual = novelty_sources(self.engine, novelty)
+        scored = density is not None or residual is not None
+        uncertainty = np.empty(n, np.float32) if scored else None
+        unknown = np.empty(n, bool) if scored else None
 
         def fill(batch: int) -> int:
             chunk = origins[batch * self.batch_size : (batch + 1) * self.batch_size]
@@ -400,8 +469,9 @@ class Detector:
                     probabilities[start : start + count] = probs
                     if embeddings is not None:
                         embeddings[start : start + count] = emb
-                    if density is not None:
-                        _, u, k = density.score(emb)
+                    if scored:
+                        windows = self._buffers[batch % 2][:count, 0]
+                        u, k = score_novelty(density, residual, emb, windows)
                         uncertainty[start : start + count] = u
                         unknown[start : start + count] = k
             finally:
@@ -426,11 +496,20 @@ class Detector:
             calibration=calibration,
             uncertainty=None if uncertainty is None else uncertainty.reshape(rows, cols),
             unknown=None if unknown is None else unknown.reshape(rows, cols),
-            info=info,
+            info={**info, "novelty": novelty_names(density, residual)},
         )
 
     def _map_dense(
-        self, dense, frame, stride, keep_embeddings, calibration, started, timeout_s, cancel
+        self,
+        dense,
+        frame,
+        stride,
+        keep_embeddings,
+        calibration,
+        started,
+        timeout_s,
+        cancel,
+        novelty="auto",
     ) -> MapResult | None:
         def check() -> None:
             if timeout_s is not None and time.perf_counter() - started > timeout_s:
@@ -438,7 +517,7 @@ class Detector:
             if cancel is not None and cancel():
                 raise MapCancelled("map cancelled")
 
-        density = dense.density
+        density, residual = novelty_sources(dense, novelty)
         keep = keep_embeddings or density is not None
         with self._lock:
             if isinstance(dense, TorchDenseEngine):  # normalizes and gathers on its device
@@ -460,8 +539,31 @@ class Detector:
         if not np.isfinite(probabilities).all():
             raise ValueError("the dense graph gave non-finite probabilities")
         uncertainty = unknown = None
-        if density is not None:
-            _, u, k = density.score(embeddings.reshape(rows * cols, -1))
+        if density is not None or residual is not None:
+            flat = None if embeddings is None else embeddings.reshape(rows * cols, -1)
+            u = np.empty(rows * cols, np.float32)
+            k = np.empty(rows * cols, bool)
+            # The residual needs each window's pixels: tiled batch by batch, in place.
+            buffer = self._buffers[0]
+            for start in range(0, rows * cols, len(buffer)):
+                chunk = origins[start : start + len(buffer)]
+                windows = None
+                if residual is not None:
+                    tile(
+                        frame,
+                        dense.config.patch_size,
+                        origins=chunk,
+                        normalization=self.engine.config.normalization,
+                        out=buffer,
+                        nan_policy="zero",
+                        threads=self.tiler_threads,
+                    )
+                    windows = buffer[: len(chunk), 0]
+                part = None if flat is None else flat[start : start + len(chunk)]
+                u[start : start + len(chunk)], k[start : start + len(chunk)] = score_novelty(
+                    density, residual, part, windows
+                )
+                check()
             uncertainty, unknown = u.reshape(rows, cols), k.reshape(rows, cols)
         total = (time.perf_counter() - started) * 1000
         return MapResult(
@@ -481,6 +583,7 @@ class Detector:
                 "mode": "dense",
                 "native_stride": dense.dense.native_stride,
                 "precision": dense.precision,
+                "novelty": novelty_names(density, residual),
             },
         )
 
@@ -631,6 +734,7 @@ class Detector:
                     cancel=cancel,
                     symmetry=options.symmetry,
                     mode=options.mode,
+                    novelty=options.novelty,
                 )
             except MapCancelled as exc:
                 if remaining is not None and "time limit" in str(exc):

@@ -23,6 +23,8 @@ MODES = ("auto", "dense", "window")
 # What regions unlike the training data may do: never ROIs, or compete as ROIs.
 UNKNOWN_POLICIES = ("ignore", "explore")
 SYMMETRIES = ("none", "d4")
+# Which training densities say "unknown": every one the model carries, or one alone.
+NOVELTY = ("auto", "embedding", "residual")
 NAN_POLICIES = ("raise", "zero", "propagate")
 # Scale matching: measure the factor, or map as recorded (a number is a factor).
 SCALE_WORDS = ("auto", "off")
@@ -69,6 +71,11 @@ class MapOptions:
         is the zoom itself (``1.1`` enlarges the frame by 10 %), within
         :data:`~defectscope.tiling.lattice.SCALE_RANGE` (0.25-4). A string that reads
         as a number (``"1.1"`` from the command line) is that number.
+    novelty : {'auto', 'embedding', 'residual'}
+        What makes a window unknown: ``auto`` every density the model carries (the
+        embedding's, which flags new structures, and the lattice residual's, which
+        flags a new point defect in a known lattice; a window either calls unknown
+        is unknown), or one of them alone.
     ood_share : float
         Share of a frame's windows, in (0, 1], unknown beyond the rings of known
         defects above which the whole frame is flagged ``out_of_distribution`` (and
@@ -104,6 +111,12 @@ class MapOptions:
         "resample the frame to the model's scale before tiling: auto (from the calibration, "
         "else the lattice period), off, or a factor (1.1 enlarges by 10%)",
         metavar="auto|off|FACTOR",
+    )
+    novelty: str = _field(
+        "auto",
+        "what makes a window unknown: auto (the embedding's and the lattice residual's "
+        "densities, where the model has them), embedding, or residual",
+        NOVELTY,
     )
     ood_share: float = _field(
         0.25, "share of unknown windows above which a frame is out of distribution, in (0, 1]"

@@ -141,22 +141,26 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
         parts.append(
             "<h3>Leave one class out</h3><p>A model trained without the class; AUROC of "
             "&ldquo;the class is unknown&rdquo; against grouped held-out patches of the "
-            "trained classes, by the feature density and by the softmax alone.</p>"
+            "trained classes, by the embedding's feature density, the lattice residual's "
+            "density, the two combined, and the softmax alone.</p>"
         )
         rows = [
-            [c, "skipped: " + r["skipped"], "", "", "", ""]
+            [c, "skipped: " + r["skipped"], "", "", "", "", "", ""]
             if "skipped" in r
             else [
                 c,
                 r["n_novel"],
                 r["auroc_density"],
+                r.get("auroc_residual", "–"),
+                r.get("auroc_combined", "–"),
                 r["auroc_softmax"],
                 r["novel_unknown"],
                 r["known_unknown"],
             ]
             for c, r in loco.items()
         ]
-        header = ["left out", "its patches", "AUROC density", "AUROC softmax"]
+        header = ["left out", "its patches", "AUROC density", "AUROC lattice residual"]
+        header += ["AUROC combined", "AUROC softmax"]
         parts.append(_table([*header, "left-out unknown", "known unknown"], rows))
     parts.append('<div class="grid">')
     for name, part in (("random", rnd), ("grouped", grouped)):

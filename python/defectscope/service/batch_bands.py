@@ -85,6 +85,7 @@ def _map_band(
         nan_policy=options.nan_policy,
         symmetry=options.symmetry,
         mode="window",
+        novelty=options.novelty,
     )
     rows, cols = result.grid_shape
     out = np.full((rows, cols, values), np.nan, np.float32)

@@ -38,6 +38,7 @@ from defectscope.tiling.tiler import patches_to_inputs
 from defectscope.training.loop import (
     TrainConfig,
     fit_model_density,
+    fit_patch_residual_density,
     predict_logits,
     save_training,
     train_classifier,
@@ -100,6 +101,7 @@ def evaluate_split(
         "calibration": calibration,
         "split": split.describe(),
         "density": density.to_dict(),
+        "residual_density": fit_patch_residual_density(train, val).to_dict(),
     }
     save_training(model_dir, result, config, extra_record=extra)
     record = {
@@ -265,9 +267,11 @@ def leave_one_class_out(
     For each class X: train on the split's training part without X (validation
     likewise), fit the feature density, then score the split's test patches of the
     other classes (held-out regions of trained classes) against every patch of X.
-    Reports the AUROC of "X is unknown" for the density distance and, for
-    comparison, for the softmax (one minus the top probability), and the shares of
-    X and of the held-out patches beyond the unknown threshold. ``classes`` limits
+    Reports the AUROC of "X is unknown" for the embedding's density distance, for
+    the lattice residual's density distance, for the two combined (the larger of
+    their calibrated uncertainties) and, for comparison, for the softmax (one minus
+    the top probability), and the shares of X and of the held-out patches beyond the
+    unknown threshold (the embedding's, and either of the two). ``classes`` limits
     which classes are left out in turn (default: every class); classes ``finished``
     holds are not trained again. With ``models_dir``, each model is kept there as
     ``without-class-<index>/`` (its left-out class and density in ``model.json``), so
@@ -305,30 +309,50 @@ def leave_one_class_out(
         density = fit_model_density(
             result.model, train, val, norm, augmentation=config.training_augmentation
         )
+        residual = fit_patch_residual_density(train, val if len(val.labels) else None)
         if models_dir is not None:
             save_training(
                 models_dir / unit,
                 result,
                 config,
-                extra_record={"left_out": name, "density": density.to_dict()},
+                extra_record={
+                    "left_out": name,
+                    "density": density.to_dict(),
+                    "residual_density": residual.to_dict(),
+                },
             )
         scores = {}
         for part, images in (("known", known_test.images), ("novel", patches.images[novel])):
             logits, embeddings = predict_logits(result.model, patches_to_inputs(images, norm))
-            distance, _, unknown = density.score(embeddings)
-            scores[part] = (distance, 1 - softmax(logits, axis=1).max(axis=1), unknown)
+            distance, embedding_u, unknown = density.score(embeddings)
+            residual_distance, residual_u, residual_unknown = residual.score(images)
+            scores[part] = {
+                "density": distance,
+                "softmax": 1 - softmax(logits, axis=1).max(axis=1),
+                "residual": residual_distance,
+                # Either source may flag a window: the larger of the two calibrated
+                # uncertainties (each the share of held-out known windows closer).
+                "combined": np.maximum(embedding_u, residual_u),
+                "unknown": unknown,
+                "combined_unknown": unknown | residual_unknown,
+            }
         truth = np.r_[np.zeros(len(known_test.labels)), np.ones(len(novel))]
+
+        auroc = {
+            key: float(roc_auc_score(truth, np.r_[scores["known"][key], scores["novel"][key]]))
+            for key in ("density", "softmax", "residual", "combined")
+        }
         report[name] = {
             "n_known": len(known_test.labels),
             "n_novel": len(novel),
-            "auroc_density": float(
-                roc_auc_score(truth, np.r_[scores["known"][0], scores["novel"][0]])
-            ),
-            "auroc_softmax": float(
-                roc_auc_score(truth, np.r_[scores["known"][1], scores["novel"][1]])
-            ),
-            "novel_unknown": float(scores["novel"][2].mean()),
-            "known_unknown": float(scores["known"][2].mean()),
+            "auroc_density": auroc["density"],
+            "auroc_softmax": auroc["softmax"],
+            "auroc_residual": auroc["residual"],
+            "auroc_combined": auroc["combined"],
+            "novel_unknown": float(scores["novel"]["unknown"].mean()),
+            "known_unknown": float(scores["known"]["unknown"].mean()),
+            "novel_unknown_combined": float(scores["novel"]["combined_unknown"].mean()),
+            "known_unknown_combined": float(scores["known"]["combined_unknown"].mean()),
             "warnings": result.warnings,
         }
         if finished is not None:

@@ -447,6 +447,21 @@ def fit_model_density(
     return fit_density(train_embeddings, labels, len(train.classes), held_out)
 
 
+def fit_patch_residual_density(train: PatchSet, validation: PatchSet | None):
+    """The lattice-residual density of the training patches, threshold on the validation.
+
+    See :mod:`defectscope.artifacts.residual_density`: what a window holds beyond its
+    own ideal lattice, modelled per known class, so that a point defect of a kind no
+    known class explains is unknown even where the embedding maps it onto a known one.
+    """
+    from defectscope.artifacts.residual_density import fit_residual_density
+
+    held = None
+    if validation is not None and len(validation.labels) >= 2:
+        held = validation.images
+    return fit_residual_density(train.images, train.labels, len(train.classes), held)
+
+
 def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, Any] | None = None):
     """JSON-ready description of a training run for the checkpoint."""
     training = dataclasses.asdict(config)
@@ -541,6 +556,7 @@ def train_model_dir(
         augmentation=config.training_augmentation,
     )
     record["density"] = density.to_dict()
+    record["residual_density"] = fit_patch_residual_density(train_set, val_set).to_dict()
     if val_set is not None:
         logits, _ = predict_logits(
             result.model, patches_to_inputs(val_set.images, config.normalization)

@@ -1,0 +1,156 @@
+"""Density of the lattice residual: is what a window holds beyond its lattice known?
+
+The embedding's density (:mod:`defectscope.artifacts.density`) flags new structures
+but not a new point defect in a lattice the model knows: an embedding trained to tell
+the known classes apart maps such a window next to the class it most resembles. The
+residual against the window's own ideal lattice
+(:func:`defectscope.tiling.residual.residual_descriptors`) keeps exactly what a point
+defect changes: how much intensity is added or missing, over what size, on a column
+or between columns. Its class-conditional Gaussian density over the training patches
+(the same :class:`~defectscope.artifacts.density.FeatureDensity`, with its threshold
+set on the validation patches) says when a window's residual is unlike every known
+class's: a strong residual no known class explains is new.
+
+It needs the windows' pixels, not the network: numpy and SciPy only, so every runtime
+(ONNX, TensorRT, dense) applies it, and it costs no second network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from defectscope.artifacts.density import DEFAULT_QUANTILE, FeatureDensity, fit_density
+from defectscope.tiling.residual import PEAK_FACTOR, descriptor_size, residual_descriptors
+
+KIND = "lattice-residual"
+# Version of the descriptor layout: a record of another version cannot be applied.
+DESCRIPTOR_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualDensity:
+    """A :class:`FeatureDensity` of the lattice-residual descriptors of windows.
+
+    Attributes
+    ----------
+    density : FeatureDensity
+        Over :func:`~defectscope.tiling.residual.residual_descriptors` rows.
+    patch_size : int
+        Side of the windows it was fitted on (the descriptors' length depends on it).
+    peak_factor : float
+        Bragg peak threshold the descriptors were computed with.
+    """
+
+    density: FeatureDensity
+    patch_size: int
+    peak_factor: float = PEAK_FACTOR
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(distance, uncertainty, unknown)`` per window, as :meth:`FeatureDensity.score`.
+
+        Parameters
+        ----------
+        windows : ndarray, shape (n, patch_size, patch_size)
+            Raw or normalized windows: any per-window gain and offset (z-score,
+            min-max, ImageNet normalization of a gray channel) gives the same scores.
+
+        Raises
+        ------
+        ValueError
+            For windows of another size, or as ``residual_descriptors``.
+        """
+        windows = np.asarray(windows)
+        if windows.ndim != 3 or windows.shape[1:] != (self.patch_size, self.patch_size):
+            raise ValueError(
+                f"the lattice-residual density is for {self.patch_size} px windows, "
+                f"got an array of shape {windows.shape}"
+            )
+        return self.density.score(residual_descriptors(windows, self.peak_factor))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": KIND,
+            "descriptor_version": DESCRIPTOR_VERSION,
+            "patch_size": int(self.patch_size),
+            "peak_factor": float(self.peak_factor),
+            "density": self.density.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, n_classes: int | None = None) -> ResidualDensity:
+        """Read and check a stored record; ValueError names the bad field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"residual density must be an object, got {type(data).__name__}")
+        if data.get("kind") != KIND:
+            raise ValueError(f"residual density kind must be {KIND!r}, got {data.get('kind')!r}")
+        version = data.get("descriptor_version")
+        if version != DESCRIPTOR_VERSION:
+            raise ValueError(
+                f"residual density descriptor version {version!r} is not this build's "
+                f"({DESCRIPTOR_VERSION}); fit it again (defectscope train)"
+            )
+        size = data.get("patch_size")
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
+            raise ValueError(f"residual density patch_size must be 16-4096 px, got {size!r}")
+        factor = data.get("peak_factor", PEAK_FACTOR)
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, int | float)
+            or not np.isfinite(factor)
+            or factor <= 1
+        ):
+            raise ValueError(f"residual density peak_factor must be a number > 1, got {factor!r}")
+        density = FeatureDensity.from_dict(
+            data.get("density"), n_classes, descriptor_size(size, size)
+        )
+        return cls(density, size, float(factor))
+
+
+def fit_residual_density(
+    windows: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    held_out: np.ndarray | None = None,
+    quantile: float = DEFAULT_QUANTILE,
+    peak_factor: float = PEAK_FACTOR,
+) -> ResidualDensity:
+    """Fit the residual density on training patches; set its scale on held-out ones.
+
+    Parameters
+    ----------
+    windows : ndarray, shape (n, P, P)
+        Training patches (raw gray; no augmentation).
+    labels : ndarray of int, shape (n,)
+    n_classes : int
+    held_out : ndarray, shape (m, P, P), optional
+        In-distribution patches not fitted on (the validation fold), which set the
+        threshold (see :func:`~defectscope.artifacts.density.fit_density`).
+    quantile : float
+        Share of held-out in-distribution windows that stay known.
+    peak_factor : float
+        Bragg peak threshold of the ideal lattice.
+
+    Raises
+    ------
+    ValueError
+        For non-square or mismatched windows, or as ``fit_density``.
+    """
+    windows = np.asarray(windows)
+    if windows.ndim != 3 or windows.shape[1] != windows.shape[2]:
+        raise ValueError(f"need (n, P, P) square patches, got shape {windows.shape}")
+    size = int(windows.shape[1])
+    reference = None
+    if held_out is not None and len(held_out) >= 2:
+        held_out = np.asarray(held_out)
+        if held_out.shape[1:] != windows.shape[1:]:
+            raise ValueError(
+                f"held-out patches are {held_out.shape[1:]}, training ones {windows.shape[1:]}"
+            )
+        reference = residual_descriptors(held_out, peak_factor)
+    density = fit_density(
+        residual_descriptors(windows, peak_factor), labels, n_classes, reference, quantile
+    )
+    return ResidualDensity(density, size, float(peak_factor))
