@@ -46,6 +46,7 @@ options_strategy = st.builds(
     symmetry=st.sampled_from(FIELDS["symmetry"].metadata["choices"]),
     nan_policy=st.sampled_from(FIELDS["nan_policy"].metadata["choices"]),
     unknown=st.sampled_from(FIELDS["unknown"].metadata["choices"]),
+    novelty=st.sampled_from(FIELDS["novelty"].metadata["choices"]),
     top_k=st.integers(1, MAX_INT),
     min_spacing=st.none() | st.floats(0, 1e300) | st.integers(0, 10**6),
     background=st.none() | st.text(min_size=1, max_size=12),
@@ -80,6 +81,7 @@ BAD = {
     "keep_embeddings": ("1e400", "-1", '"x"', "null"),
     "scale": ("1e400", "-1", '"x"', "null"),
     "ood_share": ("1e400", "-1", '"x"', "null"),
+    "novelty": ("1e400", "-1", '"x"', "null"),
 }
 CASES = [(key, value) for key, values in BAD.items() for value in values]
 
