@@ -1,0 +1,68 @@
+"""What the lattice residual's novelty adds to a map, same run, same frame.
+
+``dense-int8`` maps a 512^2 frame at stride 16 with the dense INT8 graph as a model
+without a lattice-residual density does; ``dense-int8+residual`` maps it with one
+(every window's residual descriptors and density score,
+:mod:`defectscope.artifacts.residual_density`); ``residual-only`` times the residual
+scoring of the frame's 841 windows alone. The issue's goal: the default within 1.5x
+of today's dense INT8 map. The CPU is recorded with each result.
+
+Run::
+
+    .venv/bin/python -m pytest benchmarks/bench_novelty.py \\
+        --benchmark-json=benchmarks/results/novelty.json
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.frames import stem_frame
+from defectscope.artifacts.residual_density import fit_residual_density
+from defectscope.maps.detector import Detector
+from defectscope.simulate.lattice import toy_patch_set
+from defectscope.tiling.tiler import window_origins
+from defectscope.util.system import cpu_description
+
+SIZE, STRIDE = 512, 16
+
+
+@pytest.fixture(scope="module")
+def residual_density():
+    """A residual density of toy lattice patches (speed does not depend on its fit)."""
+    train, held = toy_patch_set(30, 0, 0.05), toy_patch_set(20, 1, 0.05)
+    return fit_residual_density(train.images, train.labels, 7, held.images)
+
+
+@pytest.mark.parametrize("impl", ["dense-int8", "dense-int8+residual"])
+def test_map_with_and_without_residual(benchmark, bench_dense_model, residual_density, impl):
+    frame = stem_frame(SIZE)
+    benchmark.group = f"novelty {SIZE}^2 stride {STRIDE}"
+    benchmark.extra_info["cpu"] = cpu_description()
+    with Detector.load(bench_dense_model, dense=True) as det:
+        if impl.endswith("+residual"):
+            # What a model trained with the residual density carries in every graph.
+            for engine in (det.engine, *det.dense_engines):
+                engine.residual_density = residual_density
+        det.map(frame, stride=STRIDE, mode="dense", keep_embeddings=False)  # warm
+        result = benchmark.pedantic(
+            det.map,
+            args=(frame,),
+            kwargs={"stride": STRIDE, "keep_embeddings": False, "mode": "dense"},
+            rounds=3,
+        )
+    assert result.info["mode"] == "dense"
+    want = ["lattice residual"] if impl.endswith("+residual") else []
+    assert result.info["novelty"] == want
+    benchmark.extra_info.update(windows=int(np.prod(result.grid_shape)))
+
+
+def test_residual_scoring_alone(benchmark, residual_density):
+    frame = stem_frame(SIZE).astype(np.float32)
+    origins = window_origins(frame.shape, 64, STRIDE)
+    windows = np.stack([frame[r : r + 64, c : c + 64] for r, c in origins])
+    benchmark.group = f"novelty {SIZE}^2 stride {STRIDE}"
+    benchmark.extra_info.update(cpu=cpu_description(), windows=len(windows))
+    distance, _, _ = benchmark.pedantic(residual_density.score, args=(windows,), rounds=3)
+    assert distance.shape == (len(windows),)
