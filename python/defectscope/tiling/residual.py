@@ -44,10 +44,6 @@ BORDER = 4
 EXTREME_SIZE = 5
 
 
-# A peak and its four nearest Fourier bins: enough for slow strain, little of a defect.
-_CROSS = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)
-
-
 def _as_windows(windows: np.ndarray) -> np.ndarray:
     batch = np.asarray(windows)
     if batch.ndim == 2:
@@ -111,21 +107,18 @@ def lattice_reference(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) -> 
         For a batch of the wrong shape or dtype, non-finite pixels, windows too
         small to hold a residual, or a ``peak_factor`` that is not a number > 1.
     """
-    from scipy.ndimage import maximum_filter
-
     peak_factor = _check_factor(peak_factor)
     batch = _as_windows(windows)
-    return _reference(batch, peak_factor, maximum_filter)
+    return _reference(batch, peak_factor)
 
 
-def _reference(batch: np.ndarray, peak_factor: float, maximum_filter) -> np.ndarray:
+def _reference(batch: np.ndarray, peak_factor: float) -> np.ndarray:
     from scipy import fft
 
     height, width = batch.shape[1:]
     spectrum = fft.fft2(batch.astype(np.float32), axes=(1, 2))
     amplitude = np.abs(spectrum)
     beyond = _radius(height, width) >= MIN_PEAK_RADIUS
-    local = amplitude == maximum_filter(amplitude, size=(1, 3, 3), mode="wrap")
     # A Bragg peak stands far above the window's typical Fourier amplitude; a point
     # defect spreads its few columns' worth of intensity thinly over every bin.
     # On the bins of even frequency along both axes: a quarter of the work, and a set
@@ -133,8 +126,18 @@ def _reference(batch: np.ndarray, peak_factor: float, maximum_filter) -> np.ndar
     even = np.zeros((height, width), dtype=bool)
     even[::2, ::2] = True
     floor = np.median(amplitude[:, beyond & even], axis=1)[:, None, None]
-    chosen = local & beyond[None] & (amplitude > peak_factor * floor)
-    mask = maximum_filter(chosen, footprint=_CROSS, mode="wrap")
+    k, y, x = np.nonzero(beyond[None] & (amplitude > peak_factor * floor))
+    # Of those few bins, the local maxima of |F| (3 x 3, wrapping): checked bin by bin.
+    level = amplitude[k, y, x]
+    local = np.ones(len(k), dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                local &= level >= amplitude[k, (y + dy) % height, (x + dx) % width]
+    k, y, x = k[local], y[local], x[local]
+    mask = np.zeros(amplitude.shape, dtype=bool)
+    for dy, dx in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):  # the peak and its 4 bins
+        mask[k, (y + dy) % height, (x + dx) % width] = True
     mask[:, 0, 0] = True
     return np.real(fft.ifft2(spectrum * mask, axes=(1, 2))).astype(np.float64)
 
@@ -175,13 +178,15 @@ def _radial_power(residual: np.ndarray) -> np.ndarray:
     from scipy import fft
 
     power = np.abs(fft.fft2((residual * taper).astype(np.float32), axes=(1, 2))) ** 2
-    rings = np.rint(_radius(height, width)).astype(np.int64)
+    rings = np.rint(_radius(height, width)).astype(np.int64).ravel()
     bins = min(height, width) // 2
-    inside = (rings >= 1) & (rings <= bins)
-    index = rings[inside] - 1
-    counts = np.bincount(index, minlength=bins)
-    sums = np.stack([np.bincount(index, p[inside], minlength=bins) for p in power])
-    return np.log(sums / np.maximum(counts, 1) + 1e-6)
+    # Ring means as one product with a (pixels, rings) averaging matrix.
+    average = np.zeros((height * width, bins), dtype=np.float32)
+    inside = np.flatnonzero((rings >= 1) & (rings <= bins))
+    average[inside, rings[inside] - 1] = 1.0
+    average /= np.maximum(average.sum(axis=0), 1.0)
+    means = power.reshape(len(power), -1) @ average
+    return np.log(means.astype(np.float64) + 1e-6)
 
 
 def residual_descriptors(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) -> np.ndarray:
@@ -206,11 +211,11 @@ def residual_descriptors(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) 
     ValueError
         As :func:`lattice_reference`.
     """
-    from scipy.ndimage import gaussian_filter, maximum_filter
+    from scipy.ndimage import gaussian_filter
 
     peak_factor = _check_factor(peak_factor)
     batch = _as_windows(windows)
-    reference = _reference(batch, peak_factor, maximum_filter)
+    reference = _reference(batch, peak_factor)
     residual = (batch - reference).astype(np.float32)
     reference = reference.astype(np.float32)
     n = residual.shape[0]
