@@ -256,7 +256,8 @@ def test_detector_maps_densely_where_it_can_and_says_why_not(dense_model_dir):
         assert dense.info["mode"] == "dense" and dense.info["native_stride"] == 16
         assert dense.uncertainty is not None and dense.embeddings is not None
         window = det.map(frame, stride=16, mode="window")
-        assert window.info == {"mode": "window"}
+        assert window.info == {"mode": "window", "novelty": ["embedding"]}
+        assert dense.info["novelty"] == ["embedding"]
         assert np.array_equal(dense.origins, window.origins)
         odd = det.map(frame, stride=24)
         assert odd.info["mode"] == "window" and "stride 24" in odd.info["reason"]
@@ -271,6 +272,31 @@ def test_detector_maps_densely_where_it_can_and_says_why_not(dense_model_dir):
             det.map(frame, mode="fast")
     with Detector.load(model_dir, dense=False) as det:
         assert "densify" in det.map(frame, stride=16).info["reason"]
+
+
+def test_residual_novelty_is_the_same_in_dense_and_window_maps(dense_model_dir):
+    """The lattice residual is scored from each window's pixels in both paths."""
+    from defectscope.artifacts.residual_density import fit_residual_density
+    from tests.conftest import acquisition_patches
+
+    train, held = acquisition_patches(24, seed=0), acquisition_patches(12, seed=1)
+    residual = fit_residual_density(train.images, train.labels, 2, held.images)
+    frame = clustered_frame((200, 232), 40)
+    with Detector.load(dense_model_dir[0]) as det:
+        embedding_only = det.map(frame, stride=16, mode="dense")
+        for engine in (det.engine, *det.dense_engines):
+            engine.residual_density = residual
+        dense = det.map(frame, stride=16, mode="dense", novelty="residual")
+        window = det.map(frame, stride=16, mode="window", novelty="residual")
+        both = det.map(frame, stride=16, mode="dense")
+    assert dense.info["novelty"] == window.info["novelty"] == ["lattice residual"]
+    np.testing.assert_allclose(dense.uncertainty, window.uncertainty, atol=1e-6)
+    assert np.array_equal(dense.unknown, window.unknown)
+    assert both.info["novelty"] == ["embedding", "lattice residual"]
+    np.testing.assert_allclose(
+        both.uncertainty, np.maximum(embedding_only.uncertainty, dense.uncertainty), atol=1e-6
+    )
+    assert np.array_equal(both.unknown, embedding_only.unknown | dense.unknown)
 
 
 def test_dense_map_finds_what_the_window_map_finds(dense_model_dir):
