@@ -61,7 +61,9 @@ def embed(density_model_dir):
 @pytest.mark.parametrize("kind", sorted(NOVEL))
 def test_lattices_never_trained_on_are_unknown(density_model_dir, embed, kind):
     density = load_engine(density_model_dir, backend="torch").density
-    known_distance, _, known_flag = density.score(embed(toy_patches(10, seed=9).images))
+    # 80 held-out known patches: with 20 the share moves in steps of 5 % and one model
+    # (of this release's augmentation) called 3 of seed 9's 20 unknown, 1 of 60 others.
+    known_distance, _, known_flag = density.score(embed(toy_patches(40, seed=9).images))
     novel = np.stack([NOVEL[kind](i) for i in range(20)])
     novel_distance, novel_uncertainty, novel_flag = density.score(embed(novel))
     auroc = roc_auc_score(
