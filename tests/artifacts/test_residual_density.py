@@ -101,6 +101,32 @@ def test_residual_novelty_needs_a_model_that_carries_it(density_model_dir):
         MapOptions(novelty="both")
 
 
+def test_windows_over_holes_are_not_judged_by_the_residual(residual_model_dir):
+    frame = interstitial_frame().astype(np.float32)
+    frame[40:43, 200:203] = np.nan  # a hole far from the spot
+    origins = window_origins(frame.shape, 64, 16)
+    holes = np.array([not np.isfinite(frame[r : r + 64, c : c + 64]).all() for r, c in origins])
+    assert 4 <= holes.sum() < len(holes) // 2
+    with Detector.load(residual_model_dir, backend="torch") as det:
+        residual = det.map(frame, stride=16, nan_policy="zero", novelty="residual")
+        embedding = det.map(frame, stride=16, nan_policy="zero", novelty="embedding")
+        both = det.map(frame, stride=16, nan_policy="zero")
+    # Alone, the residual cannot judge a hole: unknown at uncertainty 1.
+    assert residual.unknown.ravel()[holes].all()
+    assert (residual.uncertainty.ravel()[holes] == 1.0).all()
+    # Combined, a hole's window keeps the embedding's score.
+    np.testing.assert_array_equal(
+        both.uncertainty.ravel()[holes], embedding.uncertainty.ravel()[holes]
+    )
+    np.testing.assert_array_equal(both.unknown.ravel()[holes], embedding.unknown.ravel()[holes])
+    # Elsewhere the hole changes nothing: the residual scores as on the frame without it.
+    with Detector.load(residual_model_dir, backend="torch") as det:
+        clean = det.map(interstitial_frame(), stride=16, novelty="residual")
+    np.testing.assert_allclose(
+        residual.uncertainty.ravel()[~holes], clean.uncertainty.ravel()[~holes], atol=1e-4
+    )
+
+
 def test_the_residual_density_travels_through_onnx(residual_model_dir, tmp_path):
     from defectscope.export.onnx import export_onnx
 
@@ -127,6 +153,10 @@ def test_the_residual_density_travels_through_onnx(residual_model_dir, tmp_path)
         (lambda r: r.update(patch_size=32), "56-D for a 40-D"),
         (lambda r: r.update(peak_factor=float("nan")), "NaN is not valid JSON"),
         (lambda r: r.update(peak_factor="10"), "peak_factor"),
+        (lambda r: r.update(peak_factor=10**400), "peak_factor"),
+        (lambda r: r.update(descriptor_version=True), "descriptor version"),
+        (lambda r: r["density"].update(threshold=10**400), "threshold"),
+        (lambda r: r["density"].update(threshold=True), "threshold"),
         (lambda r: r.update(peak_factor=0.5), "peak_factor"),
         (lambda r: r["density"].update(threshold=-1), "threshold"),
         (lambda r: r.update(density=[]), "density must be an object"),

@@ -282,6 +282,19 @@ def test_column_contrast_raises_each_column_height_and_keeps_its_shape(power):
     np.testing.assert_allclose(peaks[2] / peaks[0], 0.15**power, rtol=1e-3)
 
 
+def test_column_contrast_near_one_changes_nothing_and_keeps_the_darkest_pixels():
+    patches = np.stack([gaussian_columns([10.0, 4.0, 1.5], [(16, 16), (32, 40), (48, 20)])[0]])
+    patches = patches + np.random.default_rng(0).normal(0, 0.2, patches.shape)
+    patches = patches.astype(np.float32)
+    near = draw_physical(1, P, np.random.default_rng(0), only(contrast_range=(0.999, 0.999)))
+    got = apply_physical(patches, near, np.random.default_rng(0))
+    assert np.abs(got - patches).max() < 0.01 * np.ptp(patches)
+    strong = draw_physical(1, P, np.random.default_rng(0), only(contrast_range=(0.8, 0.8)))
+    got = apply_physical(patches, strong, np.random.default_rng(0))
+    dark = patches <= np.percentile(patches, 1.0)
+    np.testing.assert_array_equal(got[dark], patches[dark])
+
+
 def test_column_contrast_imitates_a_change_of_the_z_exponent():
     # A simulated frame with the exponent x0.8 against the nominal frame transformed
     # with power 0.8: the column transform comes closer than any power of the pixels.

@@ -132,7 +132,15 @@ class FeatureDensity:
             or np.any(np.diff(reference) < 0)
         ):
             raise ValueError("density reference must be at least 2 sorted finite numbers")
-        if not isinstance(threshold, int | float) or not np.isfinite(threshold) or threshold < 0:
+        try:  # a JSON integer of 400 digits is a Python int that float() refuses
+            finite = (
+                isinstance(threshold, int | float)
+                and not isinstance(threshold, bool)
+                and np.isfinite(float(threshold))
+            )
+        except OverflowError:
+            finite = False
+        if not finite or threshold < 0:
             raise ValueError(f"density threshold must be a finite number >= 0, got {threshold!r}")
         if not isinstance(quantile, int | float) or not 0 < quantile <= 1:
             raise ValueError(f"density quantile must be in (0, 1], got {quantile!r}")

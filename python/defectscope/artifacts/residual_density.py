@@ -87,7 +87,7 @@ class ResidualDensity:
         if data.get("kind") != KIND:
             raise ValueError(f"residual density kind must be {KIND!r}, got {data.get('kind')!r}")
         version = data.get("descriptor_version")
-        if version != DESCRIPTOR_VERSION:
+        if isinstance(version, bool) or version != DESCRIPTOR_VERSION:
             raise ValueError(
                 f"residual density descriptor version {version!r} is not this build's "
                 f"({DESCRIPTOR_VERSION}); fit it again (defectscope train)"
@@ -96,17 +96,17 @@ class ResidualDensity:
         if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
             raise ValueError(f"residual density patch_size must be 16-4096 px, got {size!r}")
         factor = data.get("peak_factor", PEAK_FACTOR)
-        if (
-            isinstance(factor, bool)
-            or not isinstance(factor, int | float)
-            or not np.isfinite(factor)
-            or factor <= 1
-        ):
+        try:  # a JSON integer of 400 digits is a Python int that float() refuses
+            number = float(factor) if not isinstance(factor, bool | str) else float("nan")
+        except (OverflowError, TypeError, ValueError):
+            number = float("nan")
+        if not np.isfinite(number) or number <= 1:
             raise ValueError(f"residual density peak_factor must be a number > 1, got {factor!r}")
+        factor = number
         density = FeatureDensity.from_dict(
             data.get("density"), n_classes, descriptor_size(size, size)
         )
-        return cls(density, size, float(factor))
+        return cls(density, size, factor)
 
 
 def fit_residual_density(

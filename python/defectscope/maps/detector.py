@@ -158,27 +158,45 @@ def novelty_names(density: Any, residual: Any) -> list[str]:
     return [n for n, d in (("embedding", density), ("lattice residual", residual)) if d is not None]
 
 
+def window_holes(frame: np.ndarray, origins: np.ndarray, size: int) -> np.ndarray:
+    """Whether each window (top-left ``origins``, side ``size``) holds a non-finite pixel."""
+    return np.array(
+        [not np.isfinite(frame[r : r + size, c : c + size]).all() for r, c in origins], bool
+    )
+
+
 def score_novelty(
-    density: Any, residual: Any, embeddings: np.ndarray | None, windows: np.ndarray | None
+    density: Any,
+    residual: Any,
+    embeddings: np.ndarray | None,
+    windows: np.ndarray | None,
+    holes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(uncertainty, unknown)`` per window from the densities given (None: unused).
 
     Each density's uncertainty is the share of held-out known windows closer than the
     window, so the two read on one scale: the larger is kept, and a window either
-    calls unknown is unknown. Windows with non-finite pixels keep the embedding's
-    score alone (the residual of a hole is meaningless).
+    calls unknown is unknown. Windows with non-finite pixels (``holes``, or found in
+    ``windows``) are not scored by the residual (the residual of a hole, filled or
+    not, is meaningless): they keep the embedding's score, or, with the residual
+    alone, are unknown at uncertainty 1.
     """
     u = k = None
     if density is not None:
         _, u, k = density.score(embeddings)
     if residual is not None:
-        finite = np.isfinite(windows).all(axis=(1, 2))
+        judged = np.isfinite(windows).all(axis=(1, 2))
+        if holes is not None:
+            judged &= ~holes
         ru = np.zeros(len(windows), np.float32)
         rk = np.zeros(len(windows), bool)
-        if finite.any():
-            _, ru[finite], rk[finite] = residual.score(windows[finite])
-        u = ru if u is None else np.maximum(u, ru)
-        k = rk if k is None else k | rk
+        if judged.any():
+            _, ru[judged], rk[judged] = residual.score(windows[judged])
+        if u is None:
+            ru[~judged], rk[~judged] = 1.0, True
+            u, k = ru, rk
+        else:
+            u, k = np.maximum(u, ru), k | rk
     return u, k
 
 
@@ -419,6 +437,14 @@ class Detector:
         )
         density, residual = novelty_sources(self.engine, novelty)
         scored = density is not None or residual is not None
+        # With nan_policy 'zero' the tiled windows are finite; the residual of a filled
+        # hole is meaningless, so such windows are found in the frame itself.
+        has_holes = (
+            residual is not None
+            and nan_policy == "zero"
+            and frame.dtype.kind == "f"
+            and not np.isfinite(frame).all()
+        )
         uncertainty = np.empty(n, np.float32) if scored else None
         unknown = np.empty(n, bool) if scored else None
 
@@ -471,7 +497,9 @@ class Detector:
                         embeddings[start : start + count] = emb
                     if scored:
                         windows = self._buffers[batch % 2][:count, 0]
-                        u, k = score_novelty(density, residual, emb, windows)
+                        chunk = origins[start : start + count]
+                        holes = window_holes(frame, chunk, size) if has_holes else None
+                        u, k = score_novelty(density, residual, emb, windows, holes)
                         uncertainty[start : start + count] = u
                         unknown[start : start + count] = k
             finally:
@@ -543,19 +571,21 @@ class Detector:
             flat = None if embeddings is None else embeddings.reshape(rows * cols, -1)
             u = np.empty(rows * cols, np.float32)
             k = np.empty(rows * cols, bool)
-            # The residual needs each window's pixels: tiled batch by batch, in place.
-            buffer = self._buffers[0]
-            for start in range(0, rows * cols, len(buffer)):
-                chunk = origins[start : start + len(buffer)]
+            # The residual needs each window's pixels, tiled batch by batch into a buffer
+            # of this call's own (the detector's are shared with other threads' maps).
+            # The frame is finite here: a frame with holes maps window by window.
+            buffer = np.empty_like(self._buffers[0]) if residual is not None else None
+            step = len(self._buffers[0])
+            for start in range(0, rows * cols, step):
+                chunk = origins[start : start + step]
                 windows = None
-                if residual is not None:
+                if buffer is not None:
                     tile(
                         frame,
                         dense.config.patch_size,
                         origins=chunk,
                         normalization=self.engine.config.normalization,
                         out=buffer,
-                        nan_policy="zero",
                         threads=self.tiler_threads,
                     )
                     windows = buffer[: len(chunk), 0]

@@ -329,7 +329,8 @@ def _column_contrast(batch: np.ndarray, power: np.ndarray, radius: float) -> np.
     from scipy.ndimage import grey_dilation
 
     lo = np.percentile(batch, 1.0, axis=(1, 2), keepdims=True).astype(np.float32)
-    signal = np.clip(batch - lo, 0.0, None)
+    above = batch - lo
+    signal = np.clip(above, 0.0, None)
     r = int(radius)
     disk = np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= radius
     height = grey_dilation(signal, footprint=disk[None], mode="reflect")
@@ -337,7 +338,8 @@ def _column_contrast(batch: np.ndarray, power: np.ndarray, radius: float) -> np.
     top = np.where(top > 0, top, np.float32(1.0))  # a flat patch has no columns to change
     level = np.maximum(height / top, np.float32(CONTRAST_FLOOR))
     exponent = (power.astype(np.float32) - 1.0)[:, None, None]
-    return (signal * level**exponent + lo).astype(np.float32)
+    # The darkest 1 % (below the reference level) is left as recorded, not flattened.
+    return (np.where(above > 0, signal * level**exponent, above) + lo).astype(np.float32)
 
 
 def apply_physical(
