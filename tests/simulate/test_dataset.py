@@ -54,10 +54,11 @@ def test_simulated_dataset_trains_the_way_train_reads(tmp_path):
     settings = sim.SimulationSettings(
         structure="cdte",
         zone=(1, 1, 0),
-        defects="vacancy,interstitial",
+        defects="vacancy:Te,interstitial",
         frames=2,
         size=256,
         thickness=3.0,
+        vary=0.0,
         patches_per_defect=2,
         seed=5,
     )
@@ -87,7 +88,9 @@ def test_simulated_frame_reads_with_its_calibration(tmp_path):
     pytest.importorskip("rsciio", reason="calibrated TIFF needs the 'formats' extra")
     from defectscope.io.frames import read_frame
 
-    settings = sim.SimulationSettings(frames=1, size=128, thickness=2.0, seed=1)
+    settings = sim.SimulationSettings(
+        frames=1, size=128, thickness=2.0, seed=1, defects="vacancy:Sr"
+    )
     sim.simulate_dataset(settings, tmp_path, progress=False)
     frame = read_frame(tmp_path / "frames" / "frame_0000.tif")
     assert frame.calibration is not None
@@ -145,7 +148,7 @@ def test_three_commands_from_a_crystal_to_scores(tmp_path, learned):
     assert main([*args, "--precision", "fp32", "--trainable-blocks", "1"]) == 0
     record = json.loads((model / "model.json").read_text())
     assert record["simulated"]["use"] == "simulated only"
-    assert record["model"]["classes"] == ["Bulk", "Vacancy_Te"]
+    assert record["model"]["classes"] == ["Bulk", "Vacancy_Cd", "Vacancy_Te"]
     scores = tmp_path / "scores.json"
     assert main(["score-simulated", str(model), str(sim_dir), "--json", str(scores)]) == 0
     score = json.loads(scores.read_text())
@@ -205,7 +208,7 @@ def test_simulate_cli_refuses_hostile_numbers(tmp_path, capsys):
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.tif"))
 
 
-SMALL = sim.SimulationSettings(frames=1, size=128, thickness=2.0, seed=1)
+SMALL = sim.SimulationSettings(frames=1, size=128, thickness=2.0, seed=1, defects="vacancy:Sr")
 
 
 def test_nan_column_fraction_is_refused_before_any_file(tmp_path):
@@ -301,7 +304,7 @@ def test_a_large_drift_field_renders_in_seconds(deadline):
 @pytest.mark.parametrize(
     "option, value, named",
     [
-        ("--pixel-size", "1e-300", "at pixel size 1e-300 nm is 8e+298 pixels"),
+        ("--pixel-size", "1e-300", "at pixel size 1e-300 nm is 9.6e+298 pixels"),
         ("--probe-fwhm", "1e300", "probe FWHM 1e+300 nm"),
         ("--dose", "1e300", "dose 1e+300 is over the limit"),
         ("--exponent", "1e300", "exponent must be in (0, 4]"),

@@ -40,13 +40,20 @@ def test_defects_change_the_atoms_they_say():
 def test_defect_parsing_errors():
     present = ["Cd", "Te"]
     assert df.parse_defects("antisite", present) == [df.DefectSpec("antisite", "Cd", "Te")]
-    assert df.parse_defects("vacancy", present)[0].species == "Te"  # the heaviest
+    # A vacancy without an element: every element's, heaviest first.
+    assert [s.label for s in df.parse_defects("vacancy", present)] == ["Vacancy_Te", "Vacancy_Cd"]
+    assert [s.label for s in df.parse_defects("vacancy", ["Sr", "Ti", "O"])] == [
+        "Vacancy_Sr",
+        "Vacancy_Ti",
+        "Vacancy_O",
+    ]
     for text, message in [
         ("hole", "kind must be"),
         ("substitution:Cd", "substitution:Ti>Nb"),
         ("vacancy:Xx", "not a chemical element"),
         ("vacancy:Sr", "has no Sr"),
         ("vacancy,vacancy", "given twice"),
+        ("vacancy,vacancy:Cd", "given twice"),
         ("", "no defects"),
     ]:
         with pytest.raises(ValueError, match=message):

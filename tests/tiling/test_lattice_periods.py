@@ -98,9 +98,12 @@ def test_frame_periods_of_simulated_crystals(structure, pixel_size):
     # the physical simulation (projected crystal, probe, scan distortions, shot noise)
     from defectscope.simulate.dataset import SimulationSettings, simulate_frame
 
+    # One exponent, identical columns: the shells below are those of these settings
+    # (simulate's randomized defaults make Cd and Te columns differ more or less).
     settings = SimulationSettings(
-        structure=structure, pixel_size=pixel_size, size=384, defects_per_frame=0
-    )
+        structure=structure, pixel_size=pixel_size, size=384, defects_per_frame=0,
+        exponent_range=None, column_scatter=0.0, vary=0.0,
+    )  # fmt: skip
     frame, record = simulate_frame(settings, 0)
     a = record["lattice_spacing"] / pixel_size  # the cubic cell, pixels
     result = measure_frame_periods(frame)

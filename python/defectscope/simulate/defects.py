@@ -47,9 +47,10 @@ class DefectSpec:
 def parse_defects(text: str, species_present: list[str]) -> list[DefectSpec]:
     """Defect kinds from ``vacancy,vacancy:Ti,substitution:Ti>Nb,interstitial,antisite``.
 
-    Species left out are chosen from the crystal: the heaviest element for a vacancy or
-    interstitial, the two heaviest (lighter replaced by heavier) for an antisite. A
-    substitution must name both elements.
+    Species left out are chosen from the crystal: a vacancy without an element is a
+    vacancy of every element the crystal has (one kind each, heaviest first), an
+    interstitial the heaviest element, an antisite the two heaviest (lighter replaced by
+    heavier). A substitution must name both elements.
 
     Raises
     ------
@@ -86,6 +87,9 @@ def parse_defects(text: str, species_present: list[str]) -> list[DefectSpec]:
             raise ValueError(f"defect {item!r}: a {kind} names one element")
         if new and new == old:
             raise ValueError(f"defect {item!r}: replaces {old} by {old}, which changes nothing")
+        if kind == "vacancy" and not old:
+            specs.extend(DefectSpec(kind, element, None) for element in reversed(by_weight))
+            continue
         old = old or by_weight[-1]
         if kind != "interstitial" and old not in species_present:
             raise ValueError(

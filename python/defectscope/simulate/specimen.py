@@ -15,11 +15,27 @@ from pathlib import Path
 
 import numpy as np
 
-# Built-in crystals: (species, fractional basis, space group, lattice parameter in Å).
+# Built-in crystals, one per family the shipped trunk is pretrained on: (species,
+# fractional basis, space group, cell parameters a, b, c in Å and angles in degrees).
 BUILTIN_STRUCTURES = {
-    "srtio3": (["Sr", "Ti", "O"], [(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0)], 221, 3.905),
-    "cdte": (["Cd", "Te"], [(0, 0, 0), (0.25, 0.25, 0.25)], 216, 6.481),
-}
+    # cubic perovskite
+    "srtio3": (["Sr", "Ti", "O"], [(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0)], 221,
+               (3.905, 3.905, 3.905, 90, 90, 90)),
+    # zinc blende
+    "cdte": (["Cd", "Te"], [(0, 0, 0), (0.25, 0.25, 0.25)], 216,
+             (6.481, 6.481, 6.481, 90, 90, 90)),
+    # rock salt
+    "mgo": (["Mg", "O"], [(0, 0, 0), (0.5, 0.5, 0.5)], 225, (4.212, 4.212, 4.212, 90, 90, 90)),
+    # wurtzite
+    "gan": (["Ga", "N"], [(1 / 3, 2 / 3, 0), (1 / 3, 2 / 3, 0.377)], 186,
+            (3.189, 3.189, 5.185, 90, 90, 120)),
+    # fcc metal
+    "au": (["Au"], [(0, 0, 0)], 225, (4.078, 4.078, 4.078, 90, 90, 90)),
+    # a 2-D hexagonal sheet (one MoS2 layer, 16 Å cell along c: layers stack in register,
+    # so every projection along [001] is the monolayer's)
+    "mos2": (["Mo", "S"], [(1 / 3, 2 / 3, 0), (2 / 3, 1 / 3, 1.565 / 16)], 187,
+             (3.16, 3.16, 16.0, 90, 90, 120)),
+}  # fmt: skip
 # Atoms build_specimen may generate before it cuts the field (positions alone take
 # 24 bytes each, and the cut holds two copies): past this, simulate tiles instead.
 MAX_ATOMS = 50_000_000
@@ -40,7 +56,7 @@ def require_ase():
 
 
 def load_structure(structure: str | os.PathLike):
-    """An ASE ``Atoms`` unit cell: ``srtio3``, ``cdte`` or a file ASE reads (CIF, ...).
+    """An ASE ``Atoms`` unit cell: a :data:`BUILTIN_STRUCTURES` name or a file ASE reads.
 
     Raises
     ------
@@ -50,10 +66,8 @@ def load_structure(structure: str | os.PathLike):
     ase = require_ase()
     name = str(structure)
     if name.lower() in BUILTIN_STRUCTURES:
-        species, basis, group, a = BUILTIN_STRUCTURES[name.lower()]
-        return ase.spacegroup.crystal(
-            species, basis=basis, spacegroup=group, cellpar=[a, a, a, 90, 90, 90]
-        )
+        species, basis, group, cellpar = BUILTIN_STRUCTURES[name.lower()]
+        return ase.spacegroup.crystal(species, basis=basis, spacegroup=group, cellpar=list(cellpar))
     path = Path(name)
     if not path.is_file():
         raise ValueError(

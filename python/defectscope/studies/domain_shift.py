@@ -78,6 +78,11 @@ STUDY_CRYSTAL = {
     "probe_fwhm": 0.08,
     "thickness": 4.0,
     "defects": "vacancy:Sr,vacancy:Ti,substitution:Ti>Nb",
+    # The study's nominal frames are the plain ones it was measured with, not
+    # simulate's randomized defaults.
+    "exponent_range": None,
+    "column_scatter": 0.0,
+    "vary": 0.0,
 }
 
 
