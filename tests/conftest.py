@@ -19,6 +19,11 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
 if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
+# Tests train from random initialization unless they ask for a trunk by name: `--weights
+# auto` would start from the shipped trunk (or a cached ImageNet file) and make fixture
+# models depend on what this installation carries.
+os.environ.setdefault("DEFECTSCOPE_WEIGHTS", "none")
+
 REPO = Path(__file__).resolve().parents[1]
 PUBLIC_DATA = REPO.parent / "shared" / "datasets" / "defect-classification-in-stem-images"
 

@@ -58,7 +58,10 @@ def test_train_writes_self_describing_model(trained):
     assert record["model"]["classes"] == ["Bulk", "Vacancy"]
     assert record["model"]["patch_size"] == 64
     assert record["model"]["normalization"]["mode"] == "zscore"
-    assert record["training"]["epochs"] == 2 and record["training"]["weights"] == "none"
+    assert record["training"]["epochs"] == 2 and record["training"]["weights"] == "auto"
+    # The tests pin `auto` to random initialization (tests/conftest.py), and say so.
+    assert record["training"]["weights_used"] == {"weights": "none"}
+    assert record["training"]["trunk_learning_rate"] == record["training"]["learning_rate"]
     assert len(record["history"]) == 2
     assert record["calibration"]["temperature"] > 0
 

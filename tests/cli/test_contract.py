@@ -257,6 +257,22 @@ OLD_COMMANDS = {
     },
 }
 
+# Defaults changed on purpose since c6e8f37, each by an issue: --weights starts from the
+# trunk shipped in the package when no ImageNet weights are cached (issue 28); 'none'
+# still means random initialization.
+# simulate draws the exponent, column scatter and conditions from the ranges measured best
+# by default (issue 28: the plain settings found 3 of 15 multislice vacancies).
+CHANGED_DEFAULTS = {
+    **{(command, "--weights"): "auto" for command in ("train", "demo", "study")},
+    # ... and trains for fewer epochs with a shorter patience from it (30 and 6 from
+    # random initialization, as before).
+    **{(command, "--epochs"): None for command in ("train", "demo", "study")},
+    **{(command, "--patience"): None for command in ("train", "demo", "study")},
+    ("simulate", "--vary"): 0.2,
+    ("simulate", "--exponent-range"): [1.5, 3.2],
+    ("simulate", "--column-scatter"): 0.05,
+}
+
 # The top-level options.
 OLD_GLOBAL = {"--version", "-v", "--verbose"}
 # A value of each kind, as typed and as the option must read it.
@@ -293,7 +309,8 @@ def test_every_old_option_keeps_its_default_and_form(command, key):
     for spelling in key.split():  # '--int8 --no-int8' is one action with two strings
         assert spelling in new, f"{command}: {spelling} is gone"
         action = new[spelling]
-        assert as_list(action.default) == as_list(old.default), f"{command} {spelling}"
+        default = CHANGED_DEFAULTS.get((command, spelling), old.default)
+        assert as_list(action.default) == as_list(default), f"{command} {spelling}"
         assert action.required == old.required
         if old.choices is not None:
             assert list(action.choices) == list(old.choices)

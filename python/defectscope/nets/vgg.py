@@ -18,6 +18,10 @@ import torchvision
 from torch import nn
 
 from defectscope.artifacts.metadata import N_BLOCKS
+from defectscope.nets import shipped
+
+# Overrides what ``--weights auto`` means (e.g. ``none`` to pin random initialization).
+WEIGHTS_ENV = "DEFECTSCOPE_WEIGHTS"
 
 ARCHITECTURES = {
     "vgg16": (torchvision.models.vgg16, torchvision.models.VGG16_Weights.IMAGENET1K_V1),
@@ -123,6 +127,36 @@ def _load_trunk(model: DefectNet, state: dict[str, torch.Tensor], source: str) -
         raise WeightsUnavailableError(f"{source}: not VGG-16 trunk weights ({exc})") from exc
 
 
+def resolve_weights(weights: str | os.PathLike, architecture: str = "vgg16_bn") -> str:
+    """What ``weights`` means here: ``auto`` becomes ``$DEFECTSCOPE_WEIGHTS`` when set,
+    else ``imagenet`` when torchvision's ImageNet file is in the torch hub cache, else
+    the shipped trunk for ``architecture`` (:data:`shipped.DEFAULT_TRUNK`), else
+    ``none``; anything else is returned as given."""
+    choice = str(weights)
+    if choice != "auto":
+        return choice
+    override = os.environ.get(WEIGHTS_ENV, "").strip()
+    if override and override != "auto":
+        return override
+    if imagenet_cache_path(architecture).is_file():
+        return "imagenet"
+    return shipped.default_trunk(architecture) or "none"
+
+
+def describe_weights(choice: str, architecture: str = "vgg16_bn") -> dict[str, str]:
+    """A record of where a trunk started: the choice and, for a shipped trunk or a
+    file, its SHA-256 (``model.json`` keeps it)."""
+    record = {"weights": choice}
+    if choice in shipped.shipped_trunks():
+        manifest = shipped.read_manifest(choice)
+        record.update(
+            shipped_sha256=manifest["sha256"], recipe_sha256=manifest.get("recipe_sha256", "")
+        )
+    elif choice not in ("none", "imagenet") and Path(choice).is_file():
+        record["sha256"] = shipped.file_hash(Path(choice))
+    return record
+
+
 def build_model(
     n_classes: int,
     weights: str | os.PathLike = "none",
@@ -138,10 +172,12 @@ def build_model(
     ----------
     n_classes : int
         Number of classes of the new head.
-    weights : {'imagenet', 'none'} or path
+    weights : {'auto', 'imagenet', 'none'}, a shipped trunk's name, or a path
         ``imagenet``: torchvision's ``VGG16_Weights.IMAGENET1K_V1`` from the torch hub
-        cache or downloaded; a path: a torchvision VGG-16 state dict (or any file whose
-        ``features.*`` keys match); ``none``: random initialization.
+        cache or downloaded; a shipped trunk's name (``sim-haadf``): the package's
+        pretrained trunk, its SHA-256 checked against its manifest; a path: a
+        torchvision VGG-16 state dict (or any file whose ``features.*`` keys match);
+        ``none``: random initialization; ``auto``: see :func:`resolve_weights`.
     patch_size, embedding_dim, dropout
         See :class:`DefectNet`.
     trainable_blocks : int
@@ -155,9 +191,15 @@ def build_model(
         When the weights cannot be loaded; there is never a silent fallback to random.
     """
     model = DefectNet(n_classes, patch_size, embedding_dim, dropout, architecture)
-    choice = str(weights)
+    choice = resolve_weights(weights, architecture)
     if choice == "imagenet":
         _load_trunk(model, _imagenet_state_dict(architecture), f"ImageNet {architecture}")
+    elif choice in shipped.shipped_trunks():
+        try:
+            path, _ = shipped.verified_weights(choice, architecture)
+        except shipped.ShippedTrunkError as exc:
+            raise WeightsUnavailableError(str(exc)) from None
+        _load_trunk(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
     elif choice != "none":
         path = Path(choice)
         if not path.is_file():

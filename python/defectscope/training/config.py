@@ -10,6 +10,14 @@ from defectscope.artifacts.metadata import MAX_UNIT_LENGTH, N_BLOCKS
 from defectscope.tiling.tiler import Normalization
 from defectscope.training.augment import Augmentation
 
+# (epochs at most, patience) by where the trunk starts. From random initialization VGG-16
+# needs 20-30 epochs; a pretrained trunk converges in a few, and a short patience stops
+# it there (issue 28: the main job in 10 minutes).
+RANDOM_INIT_SCHEDULE = (30, 6)
+PRETRAINED_SCHEDULE = (8, 3)
+# The trunk's share of the learning rate when it starts pretrained (see trunk_lr_scale).
+PRETRAINED_TRUNK_LR_SCALE = 0.1
+
 
 def _field(default: Any, help: str, **more: Any) -> Any:
     """A field whose metadata the command line builds its option from (see defectscope.cli)."""
@@ -24,13 +32,30 @@ class TrainConfig:
     spelling where it is not ``--field-name``), so a new setting is one edit here.
     """
 
-    epochs: int = _field(30, "training epochs at most (early stopping may end sooner)")
+    epochs: int | None = _field(
+        None,
+        "training epochs at most (early stopping may end sooner); default "
+        f"{RANDOM_INIT_SCHEDULE[0]} from random initialization, {PRETRAINED_SCHEDULE[0]} from "
+        "pretrained weights",
+        minimum=1,
+    )
     batch_size: int = _field(32, "patches per training step")
     learning_rate: float = _field(1e-4, "learning rate (AdamW)", flag="--lr")
     weight_decay: float = _field(1e-4, "AdamW weight decay", minimum=0)
     seed: int = _field(0, "random seed (splits, initialization, shuffling)")
     weights: str = _field(
-        "none", "imagenet (torch hub cache or download), none (random init) or a weights file"
+        "auto",
+        "auto (ImageNet when in the torch hub cache, else the shipped sim-haadf trunk; "
+        "$DEFECTSCOPE_WEIGHTS overrides), imagenet (torch hub cache or download), sim-haadf "
+        "(the trunk shipped in the package, pretrained on simulated HAADF crystals), none "
+        "(random init) or a weights file",
+    )
+    # A pretrained trunk keeps what it learned when it moves slower than the new head.
+    trunk_lr_scale: float | None = _field(
+        None,
+        "the trunk's learning rate as a share of --lr; default 1 from random init, "
+        f"{PRETRAINED_TRUNK_LR_SCALE} from pretrained weights",
+        minimum=0,
     )
     # With batch norm, random-init training converges in a few CPU epochs; plain
     # VGG-16 stays near chance for 10+ epochs on the public data.
@@ -42,7 +67,13 @@ class TrainConfig:
     trainable_blocks: int = _field(
         N_BLOCKS, "VGG-16 conv blocks that train, from the top (0 = head only, 5 = all)"
     )
-    patience: int = _field(6, "epochs without a better validation loss before stopping")
+    patience: int | None = _field(
+        None,
+        "epochs without a better validation loss before stopping; default "
+        f"{RANDOM_INIT_SCHEDULE[1]} from random initialization, {PRETRAINED_SCHEDULE[1]} from "
+        "pretrained weights",
+        minimum=1,
+    )
     # Validation-loss drop (nats) that counts as progress for patience.
     min_delta: float = _field(
         0.01, "validation-loss drop (nats) that restarts the patience count", minimum=0
@@ -81,6 +112,22 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "patience"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(
+                    f"{name} must be an integer >= 1 (or None: the default), got {value!r}"
+                )
+        scale = self.trunk_lr_scale
+        if scale is not None and (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not math.isfinite(scale)
+            or not 0 <= scale <= 10
+        ):
+            raise ValueError(f"trunk learning-rate scale must be in [0, 10], got {scale!r}")
         size = self.pixel_size
         if size is not None and (
             isinstance(size, bool)
@@ -92,6 +139,21 @@ class TrainConfig:
         unit = self.unit
         if not isinstance(unit, str) or not unit.strip() or len(unit) > MAX_UNIT_LENGTH:
             raise ValueError(f"unit (--unit) must be a short name like 'nm', got {unit!r}")
+
+    def schedule(self, weights: str) -> tuple[int, int]:
+        """``(epochs, patience)`` when training starts from ``weights`` (resolved): the
+        fields where set, else :data:`RANDOM_INIT_SCHEDULE` or :data:`PRETRAINED_SCHEDULE`."""
+        default = RANDOM_INIT_SCHEDULE if weights == "none" else PRETRAINED_SCHEDULE
+        epochs = default[0] if self.epochs is None else self.epochs
+        patience = default[1] if self.patience is None else self.patience
+        return epochs, patience
+
+    def trunk_learning_rate(self, weights: str) -> float:
+        """The trunk's learning rate when training starts from ``weights`` (resolved)."""
+        scale = self.trunk_lr_scale
+        if scale is None:
+            scale = 1.0 if weights == "none" else PRETRAINED_TRUNK_LR_SCALE
+        return self.learning_rate * scale
 
     @property
     def training_augmentation(self) -> Augmentation:

@@ -23,7 +23,7 @@ from defectscope.nets.device import (
     device_name,
     training_device,
 )
-from defectscope.nets.vgg import DefectNet, build_model
+from defectscope.nets.vgg import DefectNet, build_model, describe_weights, resolve_weights
 from defectscope.tiling.lattice import LatticePeriods, measure_patch_periods
 from defectscope.tiling.tiler import Normalization, patches_to_inputs
 from defectscope.training.augment import Augmentation, augment_batch
@@ -43,6 +43,8 @@ class TrainResult:
     # validation patches, in eval mode, and the chance level it is compared with.
     fit: dict[str, float] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # Where the trunk started: ``auto`` resolved, with the shipped trunk's hash.
+    start_weights: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def untrained(self) -> bool:
@@ -201,9 +203,11 @@ def train_classifier(
     rng = np.random.default_rng(config.seed)
     started = time.perf_counter()
     classes = list(train.classes)
+    weights = resolve_weights(config.weights, config.architecture)
+    epochs, patience = config.schedule(weights)
     model = build_model(
         len(classes),
-        weights=config.weights,
+        weights=weights,
         patch_size=train.patch_size,
         embedding_dim=config.embedding_dim,
         trainable_blocks=config.trainable_blocks,
@@ -221,8 +225,14 @@ def train_classifier(
     augmentation = config.training_augmentation
     device = training_device(config.device)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    trunk = [p for p in model.features.parameters() if p.requires_grad]
+    head = [
+        p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("features.")
+    ]
+    groups = [{"params": head, "lr": config.learning_rate}]
+    if trunk:
+        groups.append({"params": trunk, "lr": config.trunk_learning_rate(weights)})
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     dtype = autocast_dtype(config.precision, device.type)
     norm = config.normalization
     val_inputs = patches_to_inputs(validation.images, norm) if validation is not None else None
@@ -241,13 +251,13 @@ def train_classifier(
         min(config.batch_size, n - s) >= 2 for s in range(0, n, config.batch_size)
     )
     bar = tqdm(
-        total=config.epochs * steps_per_epoch,
-        desc=f"{name}: epoch 1/{config.epochs}",
+        total=epochs * steps_per_epoch,
+        desc=f"{name}: epoch 1/{epochs}",
         unit="batch",
         disable=not progress,
     )
-    for epoch in range(config.epochs):
-        bar.set_description(f"{name}: epoch {epoch + 1}/{config.epochs}")
+    for epoch in range(epochs):
+        bar.set_description(f"{name}: epoch {epoch + 1}/{epochs}")
         model.train()
         order = rng.permutation(n)
         total, correct, seen = 0.0, 0, 0
@@ -293,7 +303,7 @@ def train_classifier(
                 stale += 1
         history.append(record)
         bar.set_postfix({k: round(v, 3) for k, v in record.items() if k != "epoch"})
-        if val_inputs is not None and stale >= config.patience:
+        if val_inputs is not None and stale >= patience:
             break
     bar.close()
     if best_state is not None:
@@ -303,6 +313,7 @@ def train_classifier(
     # What comes after (scoring, densities, export, saving) runs on the CPU model.
     model.to("cpu").eval()
     result = TrainResult(model, model_config, history, best_epoch, time.perf_counter() - started)
+    result.start_weights = describe_weights(weights, config.architecture)
     check_learning(result, bn_inputs, train.labels[bn_subset], val_inputs, validation, config)
     return result
 
@@ -470,6 +481,15 @@ def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, A
     device = training_device(config.device)
     training["precision_used"] = str(autocast_dtype(config.precision, device.type) or "float32")
     training["device_used"] = device_name(config.device)
+    if result.start_weights:
+        training["weights_used"] = result.start_weights
+        start = result.start_weights["weights"]
+        epochs, patience = config.schedule(start)
+        training["schedule"] = {
+            "epochs": epochs,
+            "patience": patience,
+            "trunk_learning_rate": config.trunk_learning_rate(start),
+        }
     return {
         "training": training,
         "history": result.history,
