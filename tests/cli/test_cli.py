@@ -61,7 +61,9 @@ def test_train_writes_self_describing_model(trained):
     assert record["training"]["epochs"] == 2 and record["training"]["weights"] == "auto"
     # The tests pin `auto` to random initialization (tests/conftest.py), and say so.
     assert record["training"]["weights_used"] == {"weights": "none"}
-    assert record["training"]["trunk_learning_rate"] == record["training"]["learning_rate"]
+    schedule = record["training"]["schedule"]
+    assert schedule["trunk_learning_rate"] == record["training"]["learning_rate"]
+    assert schedule["epochs"] == 2
     assert len(record["history"]) == 2
     assert record["calibration"]["temperature"] > 0
 

@@ -157,7 +157,7 @@ def test_fine_tuning_starts_from_the_shipped_trunk(trunk_dir, monkeypatch):
     assert record["weights"] == "auto"
     assert record["weights_used"]["weights"] == "sim-haadf"
     assert record["weights_used"]["shipped_sha256"] == shipped.file_hash(directory / "sim-haadf.pt")
-    assert record["trunk_learning_rate"] == 0.0
+    assert record["schedule"]["trunk_learning_rate"] == 0.0
 
 
 def test_the_trunk_learns_slower_than_the_head_from_pretrained_weights():
