@@ -167,3 +167,44 @@ def test_a_left_out_defect_kind_is_new_and_a_trained_one_is_not():
     assert roc_auc_score(is_new, distance) >= 0.9  # 0.947 measured (random: 0.5)
     assert unknown[~is_new].mean() <= 0.06
     assert unknown[is_new].mean() >= 0.25  # 25 times the rate of the trained kinds
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (45, 61), (33, 32)])
+def test_fast_paths_equal_their_plain_definitions(shape):
+    # The residual's shortcuts (half-plane FFTs, smoothing as matrix products) against
+    # the operations they stand for: scipy's gaussian_filter and full-plane FFTs.
+    from scipy import fft
+    from scipy.ndimage import gaussian_filter
+
+    from defectscope.tiling import residual
+
+    rng = np.random.default_rng(3)
+    batch = np.stack([column_lattice(seed=s)[: shape[0], : shape[1]] for s in range(5)])
+    batch = (batch + rng.normal(0, 0.1, batch.shape)).astype(np.float32)
+    for sigma in (1.0, 2.0):
+        np.testing.assert_allclose(
+            residual._smooth(batch, sigma), gaussian_filter(batch, (0, sigma, sigma)), atol=1e-5
+        )
+    # The reference: the half-plane mask applied to the whole plane gives the same real
+    # image, so the mask is Hermitian-symmetric as a real lattice's must be.
+    windows = residual._as_windows(batch)
+    reference = residual._reference(windows, residual.PEAK_FACTOR)
+    spectrum = fft.fft2(windows, axes=(1, 2))
+    # A kept bin holds the window's coefficient, a dropped one (rounding aside) nothing.
+    kept = np.abs(fft.fft2(reference, axes=(1, 2))) > 0.5 * np.abs(spectrum)
+    whole = fft.ifft2(spectrum * kept, axes=(1, 2))
+    assert np.abs(whole.imag).max() < 1e-4
+    np.testing.assert_allclose(reference, whole.real, atol=1e-4)
+    # The radial power spectrum: ring means over the whole plane.
+    height, width = shape
+    taper = np.outer(np.hanning(height), np.hanning(width))
+    power = np.abs(fft.fft2(batch * taper, axes=(1, 2))) ** 2
+    fy = np.fft.fftfreq(height)[:, None] * height * min(shape) / height
+    fx = np.fft.fftfreq(width)[None, :] * width * min(shape) / width
+    rings = np.rint(np.hypot(fy, fx)).astype(int)
+    expected = np.stack(
+        [power[:, rings == r].mean(axis=1) for r in range(1, min(shape) // 2 + 1)], axis=1
+    )
+    np.testing.assert_allclose(
+        residual._radial_power(batch), np.log(expected + 1e-6), rtol=1e-4, atol=1e-4
+    )

@@ -27,6 +27,8 @@ Numpy and SciPy only, so every runtime can compute it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # A Fourier local maximum this many times the window's median Fourier amplitude is a
@@ -60,13 +62,15 @@ def _as_windows(windows: np.ndarray) -> np.ndarray:
             f"windows of {height} x {width} px are too small for a lattice residual "
             f"(at least {2 * BORDER + EXTREME_SIZE} px a side)"
         )
-    batch = batch.astype(np.float64)
     if not np.isfinite(batch).all():
         raise ValueError("windows hold NaN or infinite pixels")
-    mean = batch.mean(axis=(1, 2), keepdims=True)
-    std = batch.std(axis=(1, 2), keepdims=True)
+    # Statistics in float64 (a 64 x 64 sum in float32 loses digits), pixels in float32:
+    # the Fourier transforms and filters below work in float32 anyway.
+    mean = batch.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
+    std = batch.std(axis=(1, 2), keepdims=True, dtype=np.float64)
     # A flat window has no lattice; it stays all zeros rather than dividing by 0.
-    return (batch - mean) / np.where(std > 0, std, 1.0)
+    scale = 1.0 / np.where(std > 0, std, 1.0)
+    return ((batch - mean) * scale).astype(np.float32)
 
 
 def _check_factor(value: float) -> float:
@@ -109,15 +113,26 @@ def lattice_reference(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) -> 
     """
     peak_factor = _check_factor(peak_factor)
     batch = _as_windows(windows)
-    return _reference(batch, peak_factor)
+    return _reference(batch, peak_factor).astype(np.float64)
+
+
+def _full_plane(half: np.ndarray, width: int) -> np.ndarray:
+    """The whole (n, H, W) plane of an ``rfft2`` amplitude, from its Hermitian half."""
+    height = half.shape[1]
+    columns = np.arange(half.shape[2], width)  # the columns rfft2 leaves out
+    rows = (-np.arange(height)) % height
+    return np.concatenate([half, half[:, rows][:, :, width - columns]], axis=2)
 
 
 def _reference(batch: np.ndarray, peak_factor: float) -> np.ndarray:
     from scipy import fft
 
     height, width = batch.shape[1:]
-    spectrum = fft.fft2(batch.astype(np.float32), axes=(1, 2))
-    amplitude = np.abs(spectrum)
+    # A real window's spectrum is Hermitian: half of it is computed, the peaks are found
+    # on the whole plane (so a peak on the half's edge sees all its neighbours), and the
+    # mask, as symmetric as the amplitude, is applied to the half.
+    spectrum = fft.rfft2(batch, axes=(1, 2))
+    amplitude = _full_plane(np.abs(spectrum), width)
     beyond = _radius(height, width) >= MIN_PEAK_RADIUS
     # A Bragg peak stands far above the window's typical Fourier amplitude; a point
     # defect spreads its few columns' worth of intensity thinly over every bin.
@@ -139,7 +154,27 @@ def _reference(batch: np.ndarray, peak_factor: float) -> np.ndarray:
     for dy, dx in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):  # the peak and its 4 bins
         mask[k, (y + dy) % height, (x + dx) % width] = True
     mask[:, 0, 0] = True
-    return np.real(fft.ifft2(spectrum * mask, axes=(1, 2))).astype(np.float64)
+    half = mask[:, :, : spectrum.shape[2]]
+    return fft.irfft2(spectrum * half, s=(height, width), axes=(1, 2))
+
+
+@functools.lru_cache(maxsize=16)
+def _smoothing_matrix(size: int, sigma: float) -> np.ndarray:
+    """``gaussian_filter1d`` (reflecting border) along an axis of ``size`` as a matrix:
+    column j is the filter's response to a pixel at j, so a batch is smoothed by two
+    matrix products, far faster than the filter's loops on small windows."""
+    from scipy.ndimage import gaussian_filter1d
+
+    return gaussian_filter1d(np.eye(size), sigma, axis=0, mode="reflect").astype(np.float32)
+
+
+def _smooth(batch: np.ndarray, sigma: float) -> np.ndarray:
+    """``gaussian_filter(batch, (0, sigma, sigma))`` for a float32 (n, H, W) batch."""
+    n, height, width = batch.shape
+    along_x = (batch.reshape(n * height, width) @ _smoothing_matrix(width, sigma).T).reshape(
+        n, height, width
+    )
+    return np.matmul(_smoothing_matrix(height, sigma), along_x)
 
 
 def _extremes(residual: np.ndarray, reference: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -173,17 +208,22 @@ def _extremes(residual: np.ndarray, reference: np.ndarray, noise: np.ndarray) ->
 
 
 def _radial_power(residual: np.ndarray) -> np.ndarray:
-    height, width = residual.shape[1:]
-    taper = np.outer(np.hanning(height), np.hanning(width))
     from scipy import fft
 
-    power = np.abs(fft.fft2((residual * taper).astype(np.float32), axes=(1, 2))) ** 2
-    rings = np.rint(_radius(height, width)).astype(np.int64).ravel()
+    height, width = residual.shape[1:]
+    taper = np.outer(np.hanning(height), np.hanning(width)).astype(np.float32)
+    # The power of a real window is symmetric: its half plane (rfft2), each column that
+    # stands for two counted twice, gives the same ring means as the whole plane.
+    power = np.abs(fft.rfft2(residual * taper, axes=(1, 2))) ** 2
+    columns = power.shape[2]
+    rings = np.rint(_radius(height, width)[:, :columns]).astype(np.int64).ravel()
+    weight = np.where(np.arange(columns) < width - np.arange(columns), 2.0, 1.0)
+    weight[0] = 1.0
     bins = min(height, width) // 2
     # Ring means as one product with a (pixels, rings) averaging matrix.
-    average = np.zeros((height * width, bins), dtype=np.float32)
+    average = np.zeros((height * columns, bins), dtype=np.float32)
     inside = np.flatnonzero((rings >= 1) & (rings <= bins))
-    average[inside, rings[inside] - 1] = 1.0
+    average[inside, rings[inside] - 1] = np.broadcast_to(weight, (height, columns)).ravel()[inside]
     average /= np.maximum(average.sum(axis=0), 1.0)
     means = power.reshape(len(power), -1) @ average
     return np.log(means.astype(np.float64) + 1e-6)
@@ -211,17 +251,14 @@ def residual_descriptors(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) 
     ValueError
         As :func:`lattice_reference`.
     """
-    from scipy.ndimage import gaussian_filter
-
     peak_factor = _check_factor(peak_factor)
     batch = _as_windows(windows)
     reference = _reference(batch, peak_factor)
-    residual = (batch - reference).astype(np.float32)
-    reference = reference.astype(np.float32)
+    residual = batch - reference
     n = residual.shape[0]
     parts = []
     for sigma in SCALES:
-        smooth = gaussian_filter(residual, (0, sigma, sigma)) if sigma else residual
+        smooth = _smooth(residual, sigma) if sigma else residual
         # Noise level: the mean absolute deviation (times sqrt(pi / 2), sigma for
         # Gaussian noise). A defect's few pixels move it by a few per cent; unlike a
         # median on a sub-grid it does not change when the window is turned.
