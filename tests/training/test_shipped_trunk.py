@@ -160,7 +160,7 @@ def test_fine_tuning_starts_from_the_shipped_trunk(trunk_dir, monkeypatch):
     assert record["schedule"]["trunk_learning_rate"] == 0.0
 
 
-def test_the_trunk_learns_slower_than_the_head_from_pretrained_weights():
+def test_the_trunk_learning_rate_is_the_schedule_s_share_of_the_rate():
     config = TrainConfig(learning_rate=1e-3)
     assert config.trunk_learning_rate("none") == pytest.approx(1e-3)
     assert config.trunk_learning_rate("sim-haadf") == pytest.approx(
