@@ -170,3 +170,40 @@ def test_the_trunk_learning_rate_is_the_schedule_s_share_of_the_rate():
     for bad in (float("nan"), -1.0, 11.0, True, "0.1"):
         with pytest.raises(ValueError, match="trunk learning-rate scale"):
             TrainConfig(trunk_lr_scale=bad)
+
+
+@pytest.mark.parametrize(
+    "text", ["[]", '{"file": "../x.pt", "sha256": "0", "architecture": "vgg16_bn"}', "9" * 5000]
+)
+def test_a_damaged_manifest_is_an_error_not_a_silent_random_start(trunk_dir, monkeypatch, text):
+    directory, _ = trunk_dir
+    (directory / "sim-haadf.json").write_text(text)
+    monkeypatch.setenv("DEFECTSCOPE_WEIGHTS", "auto")
+    monkeypatch.setattr(
+        "defectscope.nets.vgg.imagenet_cache_path", lambda arch: directory / "no-such-file"
+    )
+    # `auto` still names the shipped trunk, so loading it fails loudly.
+    assert resolve_weights("auto", "vgg16_bn") == "sim-haadf"
+    with pytest.raises(WeightsUnavailableError, match="sim-haadf.json"):
+        build_model(2, weights="auto", architecture="vgg16_bn")
+
+
+def test_a_resumed_study_does_not_reuse_trainings_from_another_start(
+    trunk_dir, tmp_path, monkeypatch
+):
+    from defectscope.studies.resume import FinishedWork
+
+    from tests.synthetic import toy_patches
+
+    patches = toy_patches(2, seed=0)
+    monkeypatch.setattr(
+        "defectscope.nets.vgg.imagenet_cache_path", lambda arch: tmp_path / "no-such-file"
+    )
+    keys = {}
+    for start in ("none", "sim-haadf"):
+        monkeypatch.setenv("DEFECTSCOPE_WEIGHTS", start)
+        keys[start] = FinishedWork(tmp_path / "run", patches, TrainConfig(), resume=True)._base
+    assert keys["none"] != keys["sim-haadf"]
+    # The same start gives the same key.
+    again = FinishedWork(tmp_path / "run", patches, TrainConfig(), resume=True)._base
+    assert again == keys["sim-haadf"]

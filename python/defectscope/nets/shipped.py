@@ -48,8 +48,8 @@ def read_manifest(name: str, directory: Path | None = None) -> dict[str, Any]:
         raise ShippedTrunkError(f"no shipped trunk named {name!r} (shipped: {known})")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShippedTrunkError(f"{path}: unreadable manifest ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON and int limits
+        raise ShippedTrunkError(f"{path}: unreadable manifest ({type(exc).__name__})") from exc
     if not isinstance(manifest, dict) or not all(
         isinstance(manifest.get(k), str) for k in ("file", "sha256", "architecture")
     ):
@@ -89,9 +89,15 @@ def verified_weights(
 
 
 def default_trunk(architecture: str, directory: Path | None = None) -> str | None:
-    """The shipped trunk ``--weights auto`` starts ``architecture`` from, if any."""
+    """The shipped trunk ``--weights auto`` starts ``architecture`` from, if any.
+
+    Only an absent manifest means "none": a damaged one is returned by name, so that
+    loading it fails loudly instead of training from random initialization unnoticed.
+    """
+    if not ((directory or WEIGHTS_DIR) / f"{DEFAULT_TRUNK}.json").exists():
+        return None
     try:
         manifest = read_manifest(DEFAULT_TRUNK, directory)
     except ShippedTrunkError:
-        return None
+        return DEFAULT_TRUNK
     return DEFAULT_TRUNK if manifest["architecture"] == architecture else None

@@ -199,11 +199,20 @@ def build_model(
             path, _ = shipped.verified_weights(choice, architecture)
         except shipped.ShippedTrunkError as exc:
             raise WeightsUnavailableError(str(exc)) from None
-        _load_trunk(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise WeightsUnavailableError(f"{path}: cannot load weights ({exc})") from exc
+        _load_trunk(model, state, str(path))
     elif choice != "none":
         path = Path(choice)
         if not path.is_file():
-            raise WeightsUnavailableError(f"{path}: weights file not found")
+            origin = f" (from ${WEIGHTS_ENV})" if str(weights) == "auto" else ""
+            names = ", ".join(shipped.shipped_trunks()) or "none installed"
+            raise WeightsUnavailableError(
+                f"{path}{origin}: weights file not found; weights are auto, imagenet, none, "
+                f"a shipped trunk ({names}) or a file"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:

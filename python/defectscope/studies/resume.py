@@ -64,6 +64,17 @@ def missing_part(record, spec: dict, prefix: str = "") -> str | None:
     return None
 
 
+def _start(config: TrainConfig) -> dict:
+    from defectscope.nets.vgg import describe_weights, resolve_weights
+
+    choice = resolve_weights(config.weights, config.architecture)
+    return {
+        **describe_weights(choice, config.architecture),
+        "schedule": list(config.schedule(choice)),
+        "trunk_learning_rate": config.trunk_learning_rate(choice),
+    }
+
+
 class FinishedWork:
     """The trainings a study has finished, kept so that an interrupted run can resume.
 
@@ -88,6 +99,9 @@ class FinishedWork:
         settings = {
             "classes": patches.classes,
             "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "device"},
+            # Where the trunk really starts (``auto`` differs between machines, a shipped
+            # trunk or a file by its SHA-256) and the schedule that start implies.
+            "start": _start(config),
             "version": __version__,
         }
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())

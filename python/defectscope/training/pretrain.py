@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import math
 import os
 import platform
@@ -155,7 +156,9 @@ class Recipe:
             for zone_text in crystal["zones"]:
                 zone = parse_zone(zone_text)
                 for pixel_size in self.pixel_sizes:
-                    tag = f"{crystal['structure']}_{''.join(map(str, zone))}_p{pixel_size:g}"
+                    # A structure given as a file is named by its stem, made path-safe.
+                    name = re.sub(r"[^A-Za-z0-9]+", "-", Path(crystal["structure"]).stem)
+                    tag = f"{name}_{''.join(map(str, zone))}_p{pixel_size:g}"
                     fields = {
                         **self.simulation,
                         **crystal.get("simulation", {}),
@@ -325,7 +328,9 @@ def pretrain_trunk(recipe: Recipe, out: str | os.PathLike, progress: bool = True
         "frames": sum(recipe.frames for _ in folders),
         "seed": recipe.seed,
         "epochs": len(history),
-        "validation": {k: v for k, v in (history[-1] if history else {}).items()},
+        # The exported weights are the best epoch's (early stopping restores them).
+        "best_epoch": result.best_epoch,
+        "validation": dict(history[result.best_epoch]) if history else {},
         "seconds": {
             "simulation": round(simulated - started, 1),
             "training": round(trained - simulated, 1),
