@@ -184,7 +184,7 @@ def test_a_damaged_manifest_is_an_error_not_a_silent_random_start(trunk_dir, mon
     )
     # `auto` still names the shipped trunk, so loading it fails loudly.
     assert resolve_weights("auto", "vgg16_bn") == "sim-haadf"
-    with pytest.raises(WeightsUnavailableError, match="sim-haadf.json"):
+    with pytest.raises(WeightsUnavailableError, match=r"sim-haadf\.json"):
         build_model(2, weights="auto", architecture="vgg16_bn")
 
 
@@ -192,7 +192,6 @@ def test_a_resumed_study_does_not_reuse_trainings_from_another_start(
     trunk_dir, tmp_path, monkeypatch
 ):
     from defectscope.studies.resume import FinishedWork
-
     from tests.synthetic import toy_patches
 
     patches = toy_patches(2, seed=0)

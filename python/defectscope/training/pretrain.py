@@ -15,10 +15,10 @@ import dataclasses
 import hashlib
 import io
 import json
-import re
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
