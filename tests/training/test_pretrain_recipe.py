@@ -56,6 +56,13 @@ def test_every_family_of_the_recipe_renders_its_defects():
         ({"frames": 0}, "frames must be a positive integer"),
         ({"bogus": 1}, "unknown keys \\['bogus'\\]"),
         ({"crystals": [{"structure": "srtio3", "zones": ["0,0,1"], "defects": "hole"}]}, "hole"),
+        ({"pixel_sizes": 0.02}, "pixel_sizes must be a JSON list"),
+        ({"crystals": 3}, "crystals must be a JSON list"),
+        ({"simulation": {"thicknes": 4}}, "thicknes"),
+        ({"architecture": "resnet"}, "architecture 'resnet'"),
+        ({"train": {"epoch": 8}}, "epoch"),
+        ({"train": {"batch_size": -3}}, "batch_size -3"),
+        ({"name": "none"}, "--weights keyword"),
     ],
 )
 def test_a_bad_recipe_is_named(tmp_path, change, message):

@@ -42,7 +42,7 @@ class TrainConfig:
         "pretrained weights",
         minimum=1,
     )
-    batch_size: int = _field(32, "patches per training step")
+    batch_size: int = _field(32, "patches per training step", minimum=1)
     learning_rate: float = _field(1e-4, "learning rate (AdamW)", flag="--lr")
     weight_decay: float = _field(1e-4, "AdamW weight decay", minimum=0)
     seed: int = _field(0, "random seed (splits, initialization, shuffling)")

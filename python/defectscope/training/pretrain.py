@@ -103,6 +103,11 @@ class Recipe:
             raise ValueError(
                 f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}"
             )
+        for key, kind in (("pixel_sizes", list), ("crystals", list), ("simulation", dict)):
+            if not isinstance(data[key], kind):
+                raise ValueError(f"{path}: {key} must be a JSON {kind.__name__}")
+        if not isinstance(data["train"], dict):
+            raise ValueError(f"{path}: train must be a JSON dict of TrainConfig fields")
         recipe = cls(
             **{
                 **data,
@@ -112,7 +117,7 @@ class Recipe:
         )
         try:
             recipe.check()
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # TypeError: an unknown settings field
             raise ValueError(f"{path}: {exc}") from None
         return recipe
 
@@ -120,6 +125,18 @@ class Recipe:
         """Raise ``ValueError`` naming the first field out of range."""
         if not isinstance(self.name, str) or not self.name.replace("-", "").isalnum():
             raise ValueError(f"name {self.name!r}: letters, digits and '-' only")
+        if self.name in ("auto", "imagenet", "none"):
+            raise ValueError(f"name {self.name!r} is a --weights keyword, not a trunk name")
+        from defectscope.training.config import TrainConfig
+
+        # The training settings are checked now, not after hours of simulation.
+        config = TrainConfig(**{**self.train, "architecture": self.architecture})
+        for field in dataclasses.fields(config):
+            value, meta = getattr(config, field.name), field.metadata
+            if "choices" in meta and value not in meta["choices"]:
+                raise ValueError(f"{field.name} {value!r}: one of {list(meta['choices'])}")
+            if "minimum" in meta and isinstance(value, int | float) and value < meta["minimum"]:
+                raise ValueError(f"{field.name} {value!r}: at least {meta['minimum']}")
         for key in ("seed", "frames", "size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < (key != "seed"):
@@ -134,6 +151,8 @@ class Recipe:
         for crystal in self.crystals:
             if not isinstance(crystal, dict) or set(crystal) - CRYSTAL_KEYS:
                 raise ValueError(f"crystal {crystal!r}: keys are {sorted(CRYSTAL_KEYS)}")
+            if not isinstance(crystal.get("simulation", {}), dict):
+                raise ValueError(f"crystal {crystal!r}: its simulation must be a JSON dict")
             if not {"structure", "zones", "defects"} <= set(crystal) or not crystal["zones"]:
                 raise ValueError(f"crystal {crystal!r}: needs structure, zones and defects")
         from defectscope.simulate.defects import parse_defects
