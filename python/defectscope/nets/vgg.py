@@ -115,6 +115,13 @@ def _imagenet_state_dict(architecture: str) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and I/O errors all mean "not loadable"
+        raise WeightsUnavailableError(f"{path}: cannot load weights ({exc})") from exc
+
+
 def _load_trunk(model: DefectNet, state: dict[str, torch.Tensor], source: str) -> None:
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -199,11 +206,7 @@ def build_model(
             path, _ = shipped.verified_weights(choice, architecture)
         except shipped.ShippedTrunkError as exc:
             raise WeightsUnavailableError(str(exc)) from None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise WeightsUnavailableError(f"{path}: cannot load weights ({exc})") from exc
-        _load_trunk(model, state, str(path))
+        _load_trunk(model, _read_state(path), str(path))
     elif choice != "none":
         path = Path(choice)
         if not path.is_file():
@@ -213,10 +216,6 @@ def build_model(
                 f"{path}{origin}: weights file not found; weights are auto, imagenet, none, "
                 f"a shipped trunk ({names}) or a file"
             )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise WeightsUnavailableError(f"{path}: cannot load weights ({exc})") from exc
-        _load_trunk(model, state, str(path))
+        _load_trunk(model, _read_state(path), str(path))
     model.set_trainable_blocks(trainable_blocks)
     return model

@@ -207,24 +207,31 @@ def _extremes(residual: np.ndarray, reference: np.ndarray, noise: np.ndarray) ->
     return np.concatenate([value / noise, at_reference], axis=1)
 
 
-def _radial_power(residual: np.ndarray) -> np.ndarray:
-    from scipy import fft
-
-    height, width = residual.shape[1:]
+@functools.lru_cache(maxsize=16)
+def _ring_average(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The window's taper and the (half-plane pixels, rings) matrix of ring means: the
+    power of a real window is symmetric, so each ``rfft2`` column that stands for two
+    counts twice and the half plane gives the whole plane's ring means."""
     taper = np.outer(np.hanning(height), np.hanning(width)).astype(np.float32)
-    # The power of a real window is symmetric: its half plane (rfft2), each column that
-    # stands for two counted twice, gives the same ring means as the whole plane.
-    power = np.abs(fft.rfft2(residual * taper, axes=(1, 2))) ** 2
-    columns = power.shape[2]
+    columns = width // 2 + 1
     rings = np.rint(_radius(height, width)[:, :columns]).astype(np.int64).ravel()
     weight = np.where(np.arange(columns) < width - np.arange(columns), 2.0, 1.0)
     weight[0] = 1.0
     bins = min(height, width) // 2
-    # Ring means as one product with a (pixels, rings) averaging matrix.
     average = np.zeros((height * columns, bins), dtype=np.float32)
     inside = np.flatnonzero((rings >= 1) & (rings <= bins))
     average[inside, rings[inside] - 1] = np.broadcast_to(weight, (height, columns)).ravel()[inside]
     average /= np.maximum(average.sum(axis=0), 1.0)
+    taper.flags.writeable = average.flags.writeable = False  # shared between calls
+    return taper, average
+
+
+def _radial_power(residual: np.ndarray) -> np.ndarray:
+    from scipy import fft
+
+    taper, average = _ring_average(*residual.shape[1:])
+    power = np.abs(fft.rfft2(residual * taper, axes=(1, 2))) ** 2
+    # Ring means as one product with the averaging matrix.
     means = power.reshape(len(power), -1) @ average
     return np.log(means.astype(np.float64) + 1e-6)
 
