@@ -208,3 +208,76 @@ def test_fast_paths_equal_their_plain_definitions(shape):
     np.testing.assert_allclose(
         residual._radial_power(batch), np.log(expected + 1e-6), rtol=1e-4, atol=1e-4
     )
+
+
+def _plain_reference(windows, peak_factor):
+    """The ideal lattice as its docstring defines it, on the whole Fourier plane."""
+    from scipy import fft
+    from scipy.ndimage import maximum_filter
+
+    from defectscope.tiling.residual import MIN_PEAK_RADIUS
+
+    height, width = windows.shape[1:]
+    spectrum = fft.fft2(windows, axes=(1, 2))
+    amplitude = np.abs(spectrum)
+    fy = np.fft.fftfreq(height)[:, None] * min(height, width)
+    fx = np.fft.fftfreq(width)[None, :] * min(height, width)
+    beyond = np.hypot(fy, fx) >= MIN_PEAK_RADIUS
+    even = np.zeros((height, width), bool)
+    even[::2, ::2] = True
+    floor = np.median(amplitude[:, beyond & even], axis=1)[:, None, None]
+    peaks = beyond & (amplitude > peak_factor * floor)
+    peaks &= amplitude >= maximum_filter(amplitude, size=(1, 3, 3), mode="wrap")
+    mask = peaks.copy()
+    for axis in (1, 2):
+        mask |= np.roll(peaks, 1, axis) | np.roll(peaks, -1, axis)
+    mask[:, 0, 0] = True
+    return fft.ifft2(spectrum * mask, axes=(1, 2)).real
+
+
+def _plain_extremes(image, size, border, count):
+    """The ``count`` strongest maxima of ``image`` inside ``border``, each blanking its
+    ``size`` square before the next: one window, in plain loops."""
+    values = np.full(image.shape, -np.inf)
+    values[border:-border, border:-border] = image[border:-border, border:-border]
+    found = []
+    for _ in range(count):
+        y, x = np.unravel_index(np.argmax(values), values.shape)
+        found.append((values[y, x], y, x))
+        reach = size // 2
+        values[max(y - reach, 0) : y + reach + 1, max(x - reach, 0) : x + reach + 1] = -np.inf
+    return found
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (45, 61), (33, 32)])
+def test_peaks_and_extremes_equal_their_plain_definitions(shape):
+    # The half-plane peak search (mirrored bins, neighbours read across the half's
+    # edge) and the padded, vectorized extremes against whole-plane and loop versions.
+    from defectscope.tiling import residual
+
+    rng = np.random.default_rng(5)
+    batch = np.stack(
+        [column_lattice(missing=[(1, 2)], seed=s)[: shape[0], : shape[1]] for s in range(6)]
+    )
+    # Waves whose Fourier peaks sit at the rfft2 half's edges (columns 1, W // 2 - 1 and
+    # W // 2, and their mirrors past the half), where a peak's neighbours cross over.
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    for ky, kx in ((5, 1), (3, shape[1] // 2 - 1), (7, shape[1] // 2)):
+        batch = batch + 0.3 * np.cos(2 * np.pi * (ky * yy / shape[0] + kx * xx / shape[1]))
+    batch = (batch + rng.normal(0, 0.05, batch.shape)).astype(np.float32)
+    windows = residual._as_windows(batch)
+    reference = residual._reference(windows, residual.PEAK_FACTOR)
+    np.testing.assert_allclose(
+        reference, _plain_reference(windows, residual.PEAK_FACTOR), atol=1e-4
+    )
+    image = windows - reference
+    noise = np.ones((len(image), 1), np.float32)
+    for sign in (1.0, -1.0):
+        got = residual._extremes(image, reference, noise, sign=sign)
+        for i in range(len(image)):
+            plain = _plain_extremes(
+                sign * image[i], residual.EXTREME_SIZE, residual.BORDER, residual.EXTREMES
+            )
+            values = [v for v, _, _ in plain]
+            at_reference = [reference[i, y, x] for _, y, x in plain]
+            np.testing.assert_allclose(got[i], values + at_reference, rtol=1e-6, atol=1e-6)

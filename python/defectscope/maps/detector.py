@@ -35,6 +35,9 @@ from defectscope.maps.rois import select_rois
 from defectscope.maps.scale import decide_scale, resampled_frame
 from defectscope.tiling.tiler import NanPolicy, check_frame, tile, window_origins
 
+# Windows whose lattice residual a dense map scores per call (4 MB of 64 px windows).
+RESIDUAL_CHUNK = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class Findings:
@@ -571,11 +574,16 @@ class Detector:
             flat = None if embeddings is None else embeddings.reshape(rows * cols, -1)
             u = np.empty(rows * cols, np.float32)
             k = np.empty(rows * cols, bool)
-            # The residual needs each window's pixels, tiled batch by batch into a buffer
-            # of this call's own (the detector's are shared with other threads' maps).
-            # The frame is finite here: a frame with holes maps window by window.
-            buffer = np.empty_like(self._buffers[0]) if residual is not None else None
+            # The residual needs each window's pixels, tiled chunk by chunk into a buffer
+            # of this call's own (the detector's are shared with other threads' maps);
+            # chunks of RESIDUAL_CHUNK windows keep the residual's per-call overhead
+            # small at a few MB. The frame is finite here: a frame with holes maps
+            # window by window.
             step = len(self._buffers[0])
+            buffer = None
+            if residual is not None:
+                step = max(step, RESIDUAL_CHUNK)
+                buffer = np.empty((step, *self._buffers[0].shape[1:]), np.float32)
             for start in range(0, rows * cols, step):
                 chunk = origins[start : start + step]
                 windows = None

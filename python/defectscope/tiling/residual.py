@@ -44,6 +44,8 @@ EXTREMES = 2
 BORDER = 4
 # Side (pixels) of the neighbourhood an extreme blanks before the next is taken.
 EXTREME_SIZE = 5
+# Threads of the Fourier transforms (a batch splits between them; results unchanged).
+FFT_WORKERS = 2
 
 
 def _as_windows(windows: np.ndarray) -> np.ndarray:
@@ -116,46 +118,77 @@ def lattice_reference(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) -> 
     return _reference(batch, peak_factor).astype(np.float64)
 
 
-def _full_plane(half: np.ndarray, width: int) -> np.ndarray:
-    """The whole (n, H, W) plane of an ``rfft2`` amplitude, from its Hermitian half."""
-    height = half.shape[1]
-    columns = np.arange(half.shape[2], width)  # the columns rfft2 leaves out
-    rows = (-np.arange(height)) % height
-    return np.concatenate([half, half[:, rows][:, :, width - columns]], axis=2)
+@functools.lru_cache(maxsize=16)
+def _half_plane_layout(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the whole plane's bins live in an ``rfft2`` half (cached per window shape).
+
+    Returns the half's "beyond DC" mask, and the flat half-plane indices of the whole
+    plane's even-even bins beyond DC (a column past the half reads its Hermitian mirror,
+    ``(-y, W - x)``, exactly as the whole plane would be built from the half).
+    """
+    columns = width // 2 + 1
+    beyond = _radius(height, width) >= MIN_PEAK_RADIUS
+    y, x = np.nonzero(beyond[::2, ::2])
+    y, x = 2 * y, 2 * x
+    mirrored = x >= columns
+    y = np.where(mirrored, (-y) % height, y)
+    x = np.where(mirrored, width - x, x)
+    floor_bins = y * columns + x
+    beyond_half = np.ascontiguousarray(beyond[:, :columns])
+    for array in (beyond_half, floor_bins):
+        array.flags.writeable = False  # shared between calls
+    return beyond_half, floor_bins
+
+
+def _whole_plane_at(amplitude: np.ndarray, k, y, x, width: int) -> np.ndarray:
+    """``|F|`` of the whole plane at bins ``(k, y, x)``, read from its ``rfft2`` half."""
+    height, columns = amplitude.shape[1:]
+    mirrored = x >= columns
+    return amplitude[k, np.where(mirrored, (-y) % height, y), np.where(mirrored, width - x, x)]
 
 
 def _reference(batch: np.ndarray, peak_factor: float) -> np.ndarray:
     from scipy import fft
 
-    height, width = batch.shape[1:]
-    # A real window's spectrum is Hermitian: half of it is computed, the peaks are found
-    # on the whole plane (so a peak on the half's edge sees all its neighbours), and the
-    # mask, as symmetric as the amplitude, is applied to the half.
-    spectrum = fft.rfft2(batch, axes=(1, 2))
-    amplitude = _full_plane(np.abs(spectrum), width)
-    beyond = _radius(height, width) >= MIN_PEAK_RADIUS
+    n, height, width = batch.shape
+    # A real window's spectrum is Hermitian: only the rfft2 half is computed and
+    # searched. The peaks are those of the whole plane (a bin past the half is its
+    # mirror's), so a peak on the half's edge still sees all its neighbours.
+    spectrum = fft.rfft2(batch, axes=(1, 2), workers=FFT_WORKERS)
+    amplitude = np.abs(spectrum)
+    columns = amplitude.shape[2]
+    beyond, floor_bins = _half_plane_layout(height, width)
     # A Bragg peak stands far above the window's typical Fourier amplitude; a point
     # defect spreads its few columns' worth of intensity thinly over every bin.
-    # On the bins of even frequency along both axes: a quarter of the work, and a set
-    # of bins that turns and flips of the window map onto itself.
-    even = np.zeros((height, width), dtype=bool)
-    even[::2, ::2] = True
-    floor = np.median(amplitude[:, beyond & even], axis=1)[:, None, None]
+    # The median is over the bins of even frequency along both axes: a quarter of the
+    # work, and a set of bins that turns and flips of the window map onto itself.
+    floor = np.median(amplitude.reshape(n, -1)[:, floor_bins], axis=1)[:, None, None]
     k, y, x = np.nonzero(beyond[None] & (amplitude > peak_factor * floor))
+    # The whole plane's bins past the half: the mirrors of columns 1 .. W - columns.
+    twin = (x >= 1) & (x <= width - columns)
+    k = np.concatenate([k, k[twin]])
+    y = np.concatenate([y, (-y[twin]) % height])
+    x = np.concatenate([x, width - x[twin]])
     # Of those few bins, the local maxima of |F| (3 x 3, wrapping): checked bin by bin.
-    level = amplitude[k, y, x]
+    level = _whole_plane_at(amplitude, k, y, x, width)
     local = np.ones(len(k), dtype=bool)
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
             if dy or dx:
-                local &= level >= amplitude[k, (y + dy) % height, (x + dx) % width]
+                neighbour = _whole_plane_at(
+                    amplitude, k, (y + dy) % height, (x + dx) % width, width
+                )
+                local &= level >= neighbour
     k, y, x = k[local], y[local], x[local]
+    # The peaks and their four nearest bins, on the half (the mask is as symmetric as
+    # the amplitude, so the half's part of it is all the inverse transform needs).
     mask = np.zeros(amplitude.shape, dtype=bool)
-    for dy, dx in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):  # the peak and its 4 bins
-        mask[k, (y + dy) % height, (x + dx) % width] = True
+    for dy, dx in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):
+        xx = (x + dx) % width
+        inside = xx < columns
+        mask[k[inside], (y[inside] + dy) % height, xx[inside]] = True
     mask[:, 0, 0] = True
-    half = mask[:, :, : spectrum.shape[2]]
-    return fft.irfft2(spectrum * half, s=(height, width), axes=(1, 2))
+    return fft.irfft2(spectrum * mask, s=(height, width), axes=(1, 2), workers=FFT_WORKERS)
 
 
 @functools.lru_cache(maxsize=16)
@@ -177,30 +210,46 @@ def _smooth(batch: np.ndarray, sigma: float) -> np.ndarray:
     return np.matmul(_smoothing_matrix(height, sigma), along_x)
 
 
-def _extremes(residual: np.ndarray, reference: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """The ``EXTREMES`` strongest maxima of ``residual`` away from the border, each at
-    least ``EXTREME_SIZE // 2 + 1`` px (max norm) from the ones before, in ``noise``
-    units, and the reference at each: (n, 2 * EXTREMES), strongest first."""
-    n, height, width = residual.shape
-    values = np.full((n, height, width), -np.inf, dtype=np.float32)
-    values[:, BORDER : height - BORDER, BORDER : width - BORDER] = residual[
-        :, BORDER : height - BORDER, BORDER : width - BORDER
-    ]
-    flat = values.reshape(n, -1)
-    rows = np.arange(n)
+@functools.lru_cache(maxsize=16)
+def _blanking_offsets(padded_width: int) -> np.ndarray:
+    """Flat offsets of an extreme's ``EXTREME_SIZE``-square neighbourhood in a row of
+    ``padded_width``."""
     reach = EXTREME_SIZE // 2
+    dy, dx = np.mgrid[-reach : reach + 1, -reach : reach + 1]
+    offsets = (dy * padded_width + dx).ravel()
+    offsets.flags.writeable = False  # shared between calls
+    return offsets
+
+
+def _extremes(
+    residual: np.ndarray, reference: np.ndarray, noise: np.ndarray, sign: float = 1.0
+) -> np.ndarray:
+    """The ``EXTREMES`` strongest maxima of ``sign * residual`` away from the border,
+    each at least ``EXTREME_SIZE // 2 + 1`` px (max norm) from the ones before, in
+    ``noise`` units, and the reference at each: (n, 2 * EXTREMES), strongest first."""
+    n, height, width = residual.shape
+    reach = EXTREME_SIZE // 2
+    inner_h, inner_w = height - 2 * BORDER, width - 2 * BORDER
+    # The inside of each window in a frame of -inf as wide as the blanking reaches, so
+    # an extreme's neighbourhood is blanked by one set of flat offsets, never clipped.
+    padded_w = inner_w + 2 * reach
+    values = np.full((n, inner_h + 2 * reach, padded_w), -np.inf, dtype=np.float32)
+    inside = residual[:, BORDER : height - BORDER, BORDER : width - BORDER]
+    np.multiply(inside, np.float32(sign), out=values[:, reach:-reach, reach:-reach])
+    flat = values.reshape(n, -1)
+    rows = np.arange(n)[:, None]
+    offsets = _blanking_offsets(padded_w)
     found, places = [], []
     for _ in range(EXTREMES):  # argmax passes: far cheaper than local-maximum filters
         best = np.argmax(flat, axis=1)
-        found.append(flat[rows, best])
-        places.append(best)
-        y, x = np.divmod(best, width)
-        for dy in range(-reach, reach + 1):  # blank the neighbourhood of this extreme
-            yy = np.clip(y + dy, 0, height - 1)
-            for dx in range(-reach, reach + 1):
-                flat[rows, yy * width + np.clip(x + dx, 0, width - 1)] = -np.inf
+        found.append(flat[rows[:, 0], best])
+        y, x = np.divmod(best, padded_w)
+        places.append((y - reach + BORDER) * width + (x - reach + BORDER))
+        # Blank the neighbourhood (clipped only for a window with nothing left, whose
+        # argmax is a -inf corner of the frame).
+        flat[rows, np.clip(best[:, None] + offsets, 0, flat.shape[1] - 1)] = -np.inf
     value = np.stack(found, axis=1)
-    at_reference = reference.reshape(n, -1)[rows[:, None], np.stack(places, axis=1)]
+    at_reference = reference.reshape(n, -1)[rows, np.stack(places, axis=1)]
     missing = ~np.isfinite(value)  # nothing left away from the border (tiny windows)
     value[missing] = 0.0
     at_reference[missing] = 0.0
@@ -274,7 +323,7 @@ def residual_descriptors(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) 
         noise = np.float32(np.sqrt(np.pi / 2)) * spread.mean(axis=1, keepdims=True)
         noise = np.where(noise > 0, noise, np.float32(1.0))
         added = _extremes(smooth, reference, noise)
-        missing = _extremes(-smooth, reference, noise)
+        missing = _extremes(smooth, reference, noise, sign=-1.0)
         parts += [added[:, :EXTREMES], missing[:, :EXTREMES], added[:, EXTREMES:]]
         parts.append(missing[:, EXTREMES:])
     parts.append(_radial_power(residual))
