@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", default=["cdte", "sto"], choices=["cdte", "sto"])
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-physical-copies",
+        action="store_true",
+        help="fit the density on the patches alone (before: training adds one physically "
+        "varied copy of each, as train does by default)",
+    )
     args = p.parse_args(argv)
 
     from defectscope.evaluation.grouping import find_groups
@@ -28,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from defectscope.io.datasets import dataset_folder, load_patches, locate_upstream
     from defectscope.io.files import atomic_write_json, atomic_write_text
     from defectscope.studies.novelty import residual_leave_one_class_out, residual_loco_markdown
+    from defectscope.training.config import TrainConfig
     from defectscope.util.system import cpu_description
 
     try:
@@ -44,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             folds = grouped_folds(
                 patches.labels, groups.ids, patches.classes, n_folds=args.folds, seed=args.seed
             )
-            report[name] = residual_leave_one_class_out(patches, folds)
+            augmentation = None
+            if not args.no_physical_copies:
+                augmentation = TrainConfig().training_augmentation
+            report[name] = residual_leave_one_class_out(patches, folds, augmentation)
             lines += residual_loco_markdown(name, report[name])
             known = report[name]["known_unknown"]
             print(f"{name}: held-out known patches called unknown {known['mean']:.3f} (mean)")

@@ -311,3 +311,35 @@ def test_density_with_physical_copies_knows_the_physical_variations(untrained_mo
     unknown_aware = aware.score(embeddings)[2].mean()
     assert unknown_aware <= 0.25
     assert unknown_aware < unknown_plain
+
+
+def test_residual_density_with_physical_copies_knows_the_physical_variations():
+    """The lattice residual's density is fitted as the embedding's: with one physical
+    copy of every training and validation patch, so the dose, jitter, blur and column
+    contrast training drew from do not make a window's residual unknown (a noisier
+    window has a larger residual everywhere; it is not a new defect)."""
+    from defectscope.training.augment import augment_batch, with_physical_copies
+    from defectscope.training.loop import density_augmentation, fit_patch_residual_density
+
+    train, val, test = toy_patches(24), toy_patches(16, seed=1), toy_patches(16, seed=2)
+    physical = Augmentation()
+    images, labels = with_physical_copies(
+        train.images, train.labels, physical, np.random.default_rng(0)
+    )
+    assert len(images) == 2 * len(train.images)
+    np.testing.assert_array_equal(labels, np.r_[train.labels, train.labels])
+    np.testing.assert_array_equal(images[: len(train.images)], train.images)
+    assert not np.array_equal(images[len(train.images) :], train.images)
+    off = dataclasses.replace(physical, physical=False)
+    same, same_labels = with_physical_copies(train.images, train.labels, off, None)
+    assert same is train.images and same_labels is train.labels
+
+    plain = fit_patch_residual_density(train, val)
+    aware = fit_patch_residual_density(train, val, augmentation=physical)
+    again = fit_patch_residual_density(train, val, augmentation=physical)
+    np.testing.assert_array_equal(aware.density.means, again.density.means)  # fixed seed
+    varied = augment_batch(test.images, np.random.default_rng(99), density_augmentation(physical))
+    unknown_plain = plain.score(varied)[2].mean()
+    unknown_aware = aware.score(varied)[2].mean()
+    assert unknown_aware <= 0.25
+    assert unknown_aware < unknown_plain

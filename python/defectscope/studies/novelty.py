@@ -17,9 +17,17 @@ import numpy as np
 from defectscope.artifacts.residual_density import DESCRIPTOR_VERSION, fit_residual_density
 from defectscope.evaluation.metrics import Split
 from defectscope.io.datasets import PatchSet
+from defectscope.training.augment import (
+    DENSITY_AUGMENTATION_SEED,
+    Augmentation,
+    density_augmentation,
+    with_physical_copies,
+)
 
 
-def residual_leave_one_class_out(patches: PatchSet, folds: list[Split]) -> dict[str, Any]:
+def residual_leave_one_class_out(
+    patches: PatchSet, folds: list[Split], augmentation: Augmentation | None = None
+) -> dict[str, Any]:
     """AUROC of "X is unknown" by the lattice residual, per class and fold.
 
     Parameters
@@ -27,6 +35,10 @@ def residual_leave_one_class_out(patches: PatchSet, folds: list[Split]) -> dict[
     patches : PatchSet
     folds : list of Split
         Grouped folds (:func:`defectscope.evaluation.metrics.grouped_folds`).
+    augmentation : Augmentation, optional
+        Training's augmentation: with its physical part on, the density is fitted as
+        training fits it, with one physically varied copy of every training and
+        validation patch (:func:`~defectscope.training.augment.with_physical_copies`).
 
     Returns
     -------
@@ -38,7 +50,11 @@ def residual_leave_one_class_out(patches: PatchSet, folds: list[Split]) -> dict[
     from sklearn.metrics import roc_auc_score
 
     started = time.perf_counter()
-    report: dict[str, Any] = {"descriptor_version": DESCRIPTOR_VERSION, "classes": {}}
+    report: dict[str, Any] = {
+        "descriptor_version": DESCRIPTOR_VERSION,
+        "physical_copies": density_augmentation(augmentation) is not None,
+        "classes": {},
+    }
     known_unknown = []
     for drop, name in enumerate(patches.classes):
         aurocs, novel_unknown = [], []
@@ -51,10 +67,12 @@ def residual_leave_one_class_out(patches: PatchSet, folds: list[Split]) -> dict[
             if len(known) < 2 or len(novel) < 2 or len(np.unique(patches.labels[train])) < 2:
                 continue
             labels = patches.labels[train] - (patches.labels[train] > drop)
-            held = patches.images[validation] if len(validation) >= 2 else None
-            density = fit_residual_density(
-                patches.images[train], labels, len(patches.classes) - 1, held
-            )
+            rng = np.random.default_rng(DENSITY_AUGMENTATION_SEED)
+            images, labels = with_physical_copies(patches.images[train], labels, augmentation, rng)
+            held = None
+            if len(validation) >= 2:
+                held, _ = with_physical_copies(patches.images[validation], None, augmentation, rng)
+            density = fit_residual_density(images, labels, len(patches.classes) - 1, held)
             known_d, _, known_k = density.score(patches.images[known])
             novel_d, _, novel_k = density.score(patches.images[novel])
             truth = np.r_[np.zeros(len(known)), np.ones(len(novel))]

@@ -101,7 +101,9 @@ def evaluate_split(
         "calibration": calibration,
         "split": split.describe(),
         "density": density.to_dict(),
-        "residual_density": fit_patch_residual_density(train, val).to_dict(),
+        "residual_density": fit_patch_residual_density(
+            train, val, augmentation=config.training_augmentation
+        ).to_dict(),
     }
     save_training(model_dir, result, config, extra_record=extra)
     record = {
@@ -309,7 +311,9 @@ def leave_one_class_out(
         density = fit_model_density(
             result.model, train, val, norm, augmentation=config.training_augmentation
         )
-        residual = fit_patch_residual_density(train, val if len(val.labels) else None)
+        residual = fit_patch_residual_density(
+            train, val if len(val.labels) else None, augmentation=config.training_augmentation
+        )
         if models_dir is not None:
             save_training(
                 models_dir / unit,

@@ -502,3 +502,46 @@ def augment_batch(
         noise = rng.standard_normal(batch.shape) * sigma[:, None, None]
         batch += noise.astype(np.float32)
     return batch
+
+
+# Seed of the physically augmented copies the feature density is fitted on (fixed: the
+# density of one model's weights is the same whenever it is fitted).
+DENSITY_AUGMENTATION_SEED = 0
+
+
+def density_augmentation(augmentation: Augmentation | None) -> Augmentation | None:
+    """The augmentation of the density's extra copies, or None when there are none.
+
+    ``augmentation`` with rotations, flips and shifts off (the density is of what a window
+    looks like where it lies, not of its symmetric copies) and the physical variations
+    drawn from training's ranges for every copy (training leaves some patches as
+    recorded; a copy left so would only repeat its patch). None when ``augmentation`` is
+    None or its physical part is off: a model that never saw those variations does not
+    know them.
+    """
+    if augmentation is None or not augmentation.physical:
+        return None
+    return dataclasses.replace(
+        augmentation, rotate_flip=False, max_shift=0, physical=True, physical_probability=1.0
+    )
+
+
+def with_physical_copies(
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    augmentation: Augmentation | None,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``images`` followed by one copy of each drawn from ``density_augmentation``.
+
+    What a density is fitted on: the patches, and, when training's physical part was
+    on, one physically varied copy of each (labels repeated). Without it the patches
+    (and labels) come back as they are.
+    """
+    copies = density_augmentation(augmentation)
+    if copies is None:
+        return images, labels
+    images = np.concatenate([images, augment_batch(images, rng, copies)])
+    if labels is not None:
+        labels = np.concatenate([labels, labels])
+    return images, labels

@@ -26,7 +26,13 @@ from defectscope.nets.device import (
 from defectscope.nets.vgg import DefectNet, build_model, describe_weights, resolve_weights
 from defectscope.tiling.lattice import LatticePeriods, measure_patch_periods
 from defectscope.tiling.tiler import Normalization, patches_to_inputs
-from defectscope.training.augment import Augmentation, augment_batch
+from defectscope.training.augment import (
+    DENSITY_AUGMENTATION_SEED,
+    Augmentation,
+    augment_batch,
+    density_augmentation,
+    with_physical_copies,
+)
 from defectscope.training.config import TrainConfig
 
 
@@ -374,28 +380,6 @@ def check_learning(
     result.fit = fit
 
 
-# Seed of the physically augmented copies the feature density is fitted on (fixed: the
-# density of one model's weights is the same whenever it is fitted).
-DENSITY_AUGMENTATION_SEED = 0
-
-
-def density_augmentation(augmentation: Augmentation | None) -> Augmentation | None:
-    """The augmentation of the density's extra copies, or None when there are none.
-
-    ``augmentation`` with rotations, flips and shifts off (the density is of what a window
-    looks like where it lies, not of its symmetric copies) and the physical variations
-    drawn from training's ranges for every copy (training leaves some patches as
-    recorded; a copy left so would only repeat its patch). None when ``augmentation`` is
-    None or its physical part is off: a model that never saw those variations does not
-    know them.
-    """
-    if augmentation is None or not augmentation.physical:
-        return None
-    return dataclasses.replace(
-        augmentation, rotate_flip=False, max_shift=0, physical=True, physical_probability=1.0
-    )
-
-
 def _embeddings(
     model: DefectNet,
     images: np.ndarray,
@@ -458,19 +442,40 @@ def fit_model_density(
     return fit_density(train_embeddings, labels, len(train.classes), held_out)
 
 
-def fit_patch_residual_density(train: PatchSet, validation: PatchSet | None):
+def fit_patch_residual_density(
+    train: PatchSet,
+    validation: PatchSet | None,
+    *,
+    augmentation: Augmentation | None = None,
+    seed: int = DENSITY_AUGMENTATION_SEED,
+):
     """The lattice-residual density of the training patches, threshold on the validation.
 
     See :mod:`defectscope.artifacts.residual_density`: what a window holds beyond its
     own ideal lattice, modelled per known class, so that a point defect of a kind no
     known class explains is unknown even where the embedding maps it onto a known one.
+
+    Parameters
+    ----------
+    train, validation : PatchSet
+        The patches the model trained on, and held-out ones (or None).
+    augmentation : Augmentation, optional
+        What training drew from. When its physical part is on, one physically
+        augmented copy of every training and validation patch joins them, as for the
+        embedding's density (:func:`fit_model_density`): dose, jitter, blur and column
+        contrast change a window's residual (noise level, column heights) without
+        making it a new defect.
+    seed : int
+        Seed of the augmented copies.
     """
     from defectscope.artifacts.residual_density import fit_residual_density
 
+    rng = np.random.default_rng(seed)
+    images, labels = with_physical_copies(train.images, train.labels, augmentation, rng)
     held = None
     if validation is not None and len(validation.labels) >= 2:
-        held = validation.images
-    return fit_residual_density(train.images, train.labels, len(train.classes), held)
+        held, _ = with_physical_copies(validation.images, None, augmentation, rng)
+    return fit_residual_density(images, labels, len(train.classes), held)
 
 
 def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, Any] | None = None):
@@ -576,7 +581,9 @@ def train_model_dir(
         augmentation=config.training_augmentation,
     )
     record["density"] = density.to_dict()
-    record["residual_density"] = fit_patch_residual_density(train_set, val_set).to_dict()
+    record["residual_density"] = fit_patch_residual_density(
+        train_set, val_set, augmentation=config.training_augmentation
+    ).to_dict()
     if val_set is not None:
         logits, _ = predict_logits(
             result.model, patches_to_inputs(val_set.images, config.normalization)
