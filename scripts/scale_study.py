@@ -64,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--train-frames", type=int, default=32)
     g.add_argument("--train-size", type=int, default=512)
     g.add_argument("--epochs", type=int, default=10)
+    g.add_argument(
+        "--patience",
+        type=int,
+        help="early-stopping patience (default: train's for the starting weights)",
+    )
     g.add_argument("--seed", type=int, default=0, help="training set and training seed")
     g.add_argument(
         "--cost-sizes", type=int, nargs="*", default=[512, 2048], help="frame sides timed"
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             synthetic=args.synthetic,
             model=args.model,
             train_settings=train,
-            train_config=TrainConfig(epochs=args.epochs, seed=args.seed),
+            train_config=TrainConfig(epochs=args.epochs, seed=args.seed, patience=args.patience),
             test_settings=test,
             frames=args.test_frames,
             shifts=shifts,
