@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-physical-copies",
         action="store_true",
-        help="fit the density on the patches alone (before: training adds one physically "
-        "varied copy of each, as train does by default)",
+        help="fit the density on the patches alone, as before 2026-12-04 (default: with one "
+        "physically varied copy of each patch from train's default augmentation, as train "
+        "fits it)",
     )
     args = p.parse_args(argv)
 
@@ -58,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
             lines += residual_loco_markdown(name, report[name])
             known = report[name]["known_unknown"]
             print(f"{name}: held-out known patches called unknown {known['mean']:.3f} (mean)")
+        lines += [
+            "",
+            "Residual density fitted "
+            + (
+                "on the patches alone (--no-physical-copies)."
+                if args.no_physical_copies
+                else "on the patches and one physically varied copy of each (as train)."
+            ),
+        ]
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out / "novelty.json", report)
         atomic_write_text(args.out / "novelty.md", "\n".join(lines) + "\n")

@@ -35,7 +35,8 @@ from defectscope.maps.rois import select_rois
 from defectscope.maps.scale import decide_scale, resampled_frame
 from defectscope.tiling.tiler import NanPolicy, check_frame, tile, window_origins
 
-# Windows whose lattice residual a dense map scores per call (4 MB of 64 px windows).
+# Windows whose lattice residual a dense map scores per call (4 MB per channel of 64 px
+# windows).
 RESIDUAL_CHUNK = 256
 
 

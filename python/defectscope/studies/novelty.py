@@ -3,7 +3,9 @@
 The residual's density needs no network (:mod:`defectscope.artifacts.residual_density`),
 so unlike the study's leave-one-class-out (one training per class) it can be measured
 on all folds in seconds: for each fold and each class X, fit the density on the fold's
-training patches of the other classes (threshold on its validation patches), and
+training patches of the other classes (threshold on its validation patches; with
+training's augmentation, one physically varied copy of each joins them, as ``train``
+fits it), and
 score the fold's held-out test patches of the other classes against every patch of X.
 """
 

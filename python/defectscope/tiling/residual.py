@@ -119,7 +119,7 @@ def lattice_reference(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) -> 
 
 
 @functools.lru_cache(maxsize=16)
-def _half_plane_layout(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _half_plane_layout(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Where the whole plane's bins live in an ``rfft2`` half (cached per window shape).
 
     Returns the half's "beyond DC" mask, and the flat half-plane indices of the whole
@@ -235,7 +235,9 @@ def _extremes(
     padded_w = inner_w + 2 * reach
     values = np.full((n, inner_h + 2 * reach, padded_w), -np.inf, dtype=np.float32)
     inside = residual[:, BORDER : height - BORDER, BORDER : width - BORDER]
-    np.multiply(inside, np.float32(sign), out=values[:, reach:-reach, reach:-reach])
+    np.multiply(
+        inside, np.float32(sign), out=values[:, reach : reach + inner_h, reach : reach + inner_w]
+    )
     flat = values.reshape(n, -1)
     rows = np.arange(n)[:, None]
     offsets = _blanking_offsets(padded_w)

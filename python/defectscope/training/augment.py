@@ -530,13 +530,13 @@ def with_physical_copies(
     images: np.ndarray,
     labels: np.ndarray | None,
     augmentation: Augmentation | None,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``images`` followed by one copy of each drawn from ``density_augmentation``.
 
     What a density is fitted on: the patches, and, when training's physical part was
     on, one physically varied copy of each (labels repeated). Without it the patches
-    (and labels) come back as they are.
+    (and labels) come back as they are, and ``rng`` (then unused) may be None.
     """
     copies = density_augmentation(augmentation)
     if copies is None:

@@ -424,9 +424,10 @@ def fit_model_density(
     augmentation : Augmentation, optional
         What training drew from (``TrainConfig.training_augmentation``). When its
         physical part is on, one physically augmented copy of every training and
-        validation patch joins them (see :func:`density_augmentation`): the dose, jitter,
-        blur and contrast the model learned to ignore are in distribution, and do not
-        make a window unknown. None (the default) fits on the patches alone.
+        validation patch joins them (see
+        :func:`~defectscope.training.augment.density_augmentation`): the dose, jitter, blur
+        and contrast the model learned to ignore are in distribution, and do not make a
+        window unknown. None (the default) fits on the patches alone.
     seed : int
         Seed of the augmented copies.
     """
