@@ -294,8 +294,8 @@ def test_density_with_physical_copies_knows_the_physical_variations(untrained_mo
     calls far more of them unknown.
     """
     from defectscope.tiling.tiler import Normalization, patches_to_inputs
-    from defectscope.training.augment import augment_batch
-    from defectscope.training.loop import density_augmentation, fit_model_density, predict_logits
+    from defectscope.training.augment import augment_batch, density_augmentation
+    from defectscope.training.loop import fit_model_density, predict_logits
 
     norm = Normalization()
     train, val, test = toy_patches(24), toy_patches(16, seed=1), toy_patches(16, seed=2)
@@ -318,8 +318,12 @@ def test_residual_density_with_physical_copies_knows_the_physical_variations():
     copy of every training and validation patch, so the dose, jitter, blur and column
     contrast training drew from do not make a window's residual unknown (a noisier
     window has a larger residual everywhere; it is not a new defect)."""
-    from defectscope.training.augment import augment_batch, with_physical_copies
-    from defectscope.training.loop import density_augmentation, fit_patch_residual_density
+    from defectscope.training.augment import (
+        augment_batch,
+        density_augmentation,
+        with_physical_copies,
+    )
+    from defectscope.training.loop import fit_patch_residual_density
 
     train, val, test = toy_patches(24), toy_patches(16, seed=1), toy_patches(16, seed=2)
     physical = Augmentation()

@@ -122,7 +122,8 @@ def fit_residual_density(
     Parameters
     ----------
     windows : ndarray, shape (n, P, P)
-        Training patches (raw gray; no augmentation).
+        Training patches (raw gray; training adds one physically varied copy of each,
+        :func:`defectscope.training.augment.with_physical_copies`).
     labels : ndarray of int, shape (n,)
     n_classes : int
     held_out : ndarray, shape (m, P, P), optional

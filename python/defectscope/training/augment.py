@@ -504,8 +504,8 @@ def augment_batch(
     return batch
 
 
-# Seed of the physically augmented copies the feature density is fitted on (fixed: the
-# density of one model's weights is the same whenever it is fitted).
+# Seed of the physically augmented copies the densities (embedding and lattice residual)
+# are fitted on (fixed: a model's densities are the same whenever they are fitted).
 DENSITY_AUGMENTATION_SEED = 0
 
 

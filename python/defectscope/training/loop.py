@@ -30,7 +30,6 @@ from defectscope.training.augment import (
     DENSITY_AUGMENTATION_SEED,
     Augmentation,
     augment_batch,
-    density_augmentation,
     with_physical_copies,
 )
 from defectscope.training.config import TrainConfig
@@ -380,25 +379,6 @@ def check_learning(
     result.fit = fit
 
 
-def _embeddings(
-    model: DefectNet,
-    images: np.ndarray,
-    normalization: Normalization,
-    precision: str,
-    copies: Augmentation | None,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Embeddings of ``images``, followed by those of one augmented copy when ``copies``."""
-    _, out = predict_logits(model, patches_to_inputs(images, normalization), precision=precision)
-    if copies is None:
-        return out
-    augmented = augment_batch(images, rng, copies)
-    _, more = predict_logits(
-        model, patches_to_inputs(augmented, normalization), precision=precision
-    )
-    return np.concatenate([out, more])
-
-
 def fit_model_density(
     model: DefectNet,
     train: PatchSet,
@@ -433,14 +413,16 @@ def fit_model_density(
     """
     from defectscope.artifacts.density import fit_density
 
-    copies = density_augmentation(augmentation)
+    def embeddings(images: np.ndarray) -> np.ndarray:
+        inputs = patches_to_inputs(images, normalization)
+        return predict_logits(model, inputs, precision=precision)[1]
+
     rng = np.random.default_rng(seed)
-    train_embeddings = _embeddings(model, train.images, normalization, precision, copies, rng)
-    labels = train.labels if copies is None else np.concatenate([train.labels, train.labels])
+    images, labels = with_physical_copies(train.images, train.labels, augmentation, rng)
     held_out = None
     if validation is not None and len(validation.labels) >= 2:
-        held_out = _embeddings(model, validation.images, normalization, precision, copies, rng)
-    return fit_density(train_embeddings, labels, len(train.classes), held_out)
+        held_out = embeddings(with_physical_copies(validation.images, None, augmentation, rng)[0])
+    return fit_density(embeddings(images), labels, len(train.classes), held_out)
 
 
 def fit_patch_residual_density(
