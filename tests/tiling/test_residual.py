@@ -281,3 +281,45 @@ def test_peaks_and_extremes_equal_their_plain_definitions(shape):
             values = [v for v, _, _ in plain]
             at_reference = [reference[i, y, x] for _, y, x in plain]
             np.testing.assert_allclose(got[i], values + at_reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64, np.int32])
+def test_zscore_equals_its_float64_definition(dtype):
+    # Float32 and narrower windows are centred in float32 (sums in float64), wider ones
+    # in float64: either way the z-score of the float64 definition, flat windows zeros.
+    from defectscope.tiling import residual
+
+    rng = np.random.default_rng(11)
+    batch = rng.normal(30000.0, 120.0, (7, 45, 61))
+    batch[3] = 30001.0
+    batch = batch.astype(dtype)
+    wide = batch.astype(np.float64)
+    mean = wide.mean(axis=(1, 2), keepdims=True)
+    std = wide.std(axis=(1, 2), keepdims=True)
+    want = (wide - mean) / np.where(std > 0, std, 1.0)
+    got = residual._as_windows(batch)
+    assert got.dtype == np.float32 and got.shape == batch.shape
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert not got[3].any()
+
+
+@pytest.mark.parametrize("count", [1, 2, 1023, 1024])
+def test_row_median_is_numpys(count):
+    from defectscope.tiling import residual
+
+    values = np.random.default_rng(count).random((9, count)).astype(np.float32)
+    np.testing.assert_array_equal(residual._row_median(values), np.median(values, axis=1))
+
+
+def test_descriptors_do_not_depend_on_the_threads(monkeypatch):
+    # A batch is split over THREADS threads; every window is computed on its own, so
+    # the split (and its BLAS limit) changes nothing.
+    from defectscope.tiling import residual
+
+    windows = np.stack(
+        [column_lattice(missing=[(k % 4, k % 3)], added=[(k, 30)], seed=k) for k in range(150)]
+    ).astype(np.float32)
+    monkeypatch.setattr(residual, "MIN_WINDOWS_PER_THREAD", 16)
+    split = residual_descriptors(windows)
+    monkeypatch.setattr(residual, "THREADS", 1)
+    np.testing.assert_allclose(residual_descriptors(windows), split, rtol=1e-6, atol=1e-6)

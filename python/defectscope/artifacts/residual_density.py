@@ -24,6 +24,7 @@ import numpy as np
 
 from defectscope.artifacts.density import DEFAULT_QUANTILE, FeatureDensity, fit_density
 from defectscope.tiling.residual import PEAK_FACTOR, descriptor_size, residual_descriptors
+from defectscope.util.blas import one_blas_thread
 
 KIND = "lattice-residual"
 # Version of the descriptor layout: a record of another version cannot be applied.
@@ -68,7 +69,10 @@ class ResidualDensity:
                 f"the lattice-residual density is for {self.patch_size} px windows, "
                 f"got an array of shape {windows.shape}"
             )
-        return self.density.score(residual_descriptors(windows, self.peak_factor))
+        # One limit around both: the density's product would otherwise wake BLAS threads
+        # that spin into the next frame's network.
+        with one_blas_thread():
+            return self.density.score(residual_descriptors(windows, self.peak_factor))
 
     def to_dict(self) -> dict[str, Any]:
         return {

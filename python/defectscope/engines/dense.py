@@ -202,6 +202,10 @@ class DenseEngine(Engine):
         options.enable_cpu_mem_arena = False
         if threads > 0:
             options.intra_op_num_threads = threads
+        # ORT's threads otherwise spin for a while after each run, on the cores the
+        # map's own work needs next (the lattice residual's scoring ran 1.4x slower right
+        # after a run); a dense run is long, so waking them costs nothing measurable.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]

@@ -194,7 +194,9 @@ def score_novelty(
             judged &= ~holes
         ru = np.zeros(len(windows), np.float32)
         rk = np.zeros(len(windows), bool)
-        if judged.any():
+        if judged.all():  # the usual case: no copy of the windows
+            _, ru, rk = residual.score(windows)
+        elif judged.any():
             _, ru[judged], rk[judged] = residual.score(windows[judged])
         if u is None:
             ru[~judged], rk[~judged] = 1.0, True

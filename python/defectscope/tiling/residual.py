@@ -28,8 +28,11 @@ Numpy and SciPy only, so every runtime can compute it.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from defectscope.util.blas import one_blas_thread
 
 # A Fourier local maximum this many times the window's median Fourier amplitude is a
 # Bragg peak of the ideal lattice (harmonics included: sharp columns need them).
@@ -44,11 +47,18 @@ EXTREMES = 2
 BORDER = 4
 # Side (pixels) of the neighbourhood an extreme blanks before the next is taken.
 EXTREME_SIZE = 5
-# Threads of the Fourier transforms (a batch splits between them; results unchanged).
-FFT_WORKERS = 2
+# Threads a batch of windows is split over (each window is computed on its own, so
+# the descriptors do not depend on it), and the fewest windows worth a thread.
+THREADS = 2
+MIN_WINDOWS_PER_THREAD = 64
 
 
 def _as_windows(windows: np.ndarray) -> np.ndarray:
+    """The checked windows, z-scored, as float32 (n, H, W)."""
+    return _zscore(_checked_windows(windows))
+
+
+def _checked_windows(windows: np.ndarray) -> np.ndarray:
     batch = np.asarray(windows)
     if batch.ndim == 2:
         batch = batch[None]
@@ -66,13 +76,31 @@ def _as_windows(windows: np.ndarray) -> np.ndarray:
         )
     if not np.isfinite(batch).all():
         raise ValueError("windows hold NaN or infinite pixels")
-    # Statistics in float64 (a 64 x 64 sum in float32 loses digits), pixels in float32:
-    # the Fourier transforms and filters below work in float32 anyway.
-    mean = batch.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
-    std = batch.std(axis=(1, 2), keepdims=True, dtype=np.float64)
+    return batch
+
+
+def _zscore(batch: np.ndarray) -> np.ndarray:
+    n = len(batch)
+    flat = batch.reshape(n, -1)
+    # Means in float64 (a 64 x 64 sum in float32 loses digits).
+    mean = flat.mean(axis=1, keepdims=True, dtype=np.float64)
+    if batch.dtype.itemsize <= 2 or batch.dtype == np.float32:
+        # Exact in float32 already: centre there (no float64 copy of the batch); the
+        # squares are summed in float64. The mean is rounded to float32 first, so the
+        # centred pixels are those of a mean off by a float32 rounding: unit deviation
+        # and zero mean hold to that rounding.
+        centred = np.subtract(flat, mean.astype(np.float32), dtype=np.float32)
+        square = np.square(centred)
+        variance = square.sum(axis=1, keepdims=True, dtype=np.float64) / flat.shape[1]
+    else:
+        # Wider numbers (float64, int32 and up) are centred in float64 before rounding.
+        wide = flat - mean
+        variance = np.square(wide).mean(axis=1, keepdims=True)
+        centred = wide.astype(np.float32)
+    std = np.sqrt(variance)
     # A flat window has no lattice; it stays all zeros rather than dividing by 0.
-    scale = 1.0 / np.where(std > 0, std, 1.0)
-    return ((batch - mean) * scale).astype(np.float32)
+    centred *= (1.0 / np.where(std > 0, std, 1.0)).astype(np.float32)
+    return centred.reshape(batch.shape)
 
 
 def _check_factor(value: float) -> float:
@@ -115,7 +143,7 @@ def lattice_reference(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) -> 
     """
     peak_factor = _check_factor(peak_factor)
     batch = _as_windows(windows)
-    return _reference(batch, peak_factor).astype(np.float64)
+    return _reference(batch, peak_factor, workers=THREADS).astype(np.float64)
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,6 +168,16 @@ def _half_plane_layout(height: int, width: int) -> tuple[np.ndarray, np.ndarray]
     return beyond_half, floor_bins
 
 
+def _row_median(values: np.ndarray) -> np.ndarray:
+    """``np.median(values, axis=1)`` of finite rows, by one partition (``np.median``
+    also partitions for a NaN check the finite windows do not need)."""
+    middle = values.shape[1] // 2
+    if values.shape[1] % 2:
+        return np.partition(values, middle, axis=1)[:, middle]
+    part = np.partition(values, (middle - 1, middle), axis=1)
+    return (part[:, middle - 1] + part[:, middle]) / values.dtype.type(2)
+
+
 def _whole_plane_at(amplitude: np.ndarray, k, y, x, width: int) -> np.ndarray:
     """``|F|`` of the whole plane at bins ``(k, y, x)``, read from its ``rfft2`` half."""
     height, columns = amplitude.shape[1:]
@@ -147,14 +185,14 @@ def _whole_plane_at(amplitude: np.ndarray, k, y, x, width: int) -> np.ndarray:
     return amplitude[k, np.where(mirrored, (-y) % height, y), np.where(mirrored, width - x, x)]
 
 
-def _reference(batch: np.ndarray, peak_factor: float) -> np.ndarray:
+def _reference(batch: np.ndarray, peak_factor: float, workers: int = 1) -> np.ndarray:
     from scipy import fft
 
     n, height, width = batch.shape
     # A real window's spectrum is Hermitian: only the rfft2 half is computed and
     # searched. The peaks are those of the whole plane (a bin past the half is its
     # mirror's), so a peak on the half's edge still sees all its neighbours.
-    spectrum = fft.rfft2(batch, axes=(1, 2), workers=FFT_WORKERS)
+    spectrum = fft.rfft2(batch, axes=(1, 2), workers=workers)
     amplitude = np.abs(spectrum)
     columns = amplitude.shape[2]
     beyond, floor_bins = _half_plane_layout(height, width)
@@ -162,7 +200,7 @@ def _reference(batch: np.ndarray, peak_factor: float) -> np.ndarray:
     # defect spreads its few columns' worth of intensity thinly over every bin.
     # The median is over the bins of even frequency along both axes: a quarter of the
     # work, and a set of bins that turns and flips of the window map onto itself.
-    floor = np.median(amplitude.reshape(n, -1)[:, floor_bins], axis=1)[:, None, None]
+    floor = _row_median(amplitude.reshape(n, -1)[:, floor_bins])[:, None, None]
     k, y, x = np.nonzero(beyond[None] & (amplitude > peak_factor * floor))
     # The whole plane's bins past the half: the mirrors of columns 1 .. W - columns.
     twin = (x >= 1) & (x <= width - columns)
@@ -188,7 +226,7 @@ def _reference(batch: np.ndarray, peak_factor: float) -> np.ndarray:
         inside = xx < columns
         mask[k[inside], (y[inside] + dy) % height, xx[inside]] = True
     mask[:, 0, 0] = True
-    return fft.irfft2(spectrum * mask, s=(height, width), axes=(1, 2), workers=FFT_WORKERS)
+    return fft.irfft2(spectrum * mask, s=(height, width), axes=(1, 2), workers=workers)
 
 
 @functools.lru_cache(maxsize=16)
@@ -310,7 +348,19 @@ def residual_descriptors(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) 
         As :func:`lattice_reference`.
     """
     peak_factor = _check_factor(peak_factor)
-    batch = _as_windows(windows)
+    batch = _checked_windows(windows)
+    count = max(1, min(THREADS, len(batch) // MIN_WINDOWS_PER_THREAD))
+    with one_blas_thread():
+        if count == 1:
+            return _descriptors(batch, peak_factor)
+        parts = np.array_split(batch, count)
+        with ThreadPoolExecutor(count) as pool:
+            done = list(pool.map(_descriptors, parts, [peak_factor] * count))
+    return np.concatenate(done)
+
+
+def _descriptors(windows: np.ndarray, peak_factor: float) -> np.ndarray:
+    batch = _zscore(windows)
     reference = _reference(batch, peak_factor)
     residual = batch - reference
     n = residual.shape[0]
