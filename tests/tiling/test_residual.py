@@ -283,15 +283,32 @@ def test_peaks_and_extremes_equal_their_plain_definitions(shape):
             np.testing.assert_allclose(got[i], values + at_reference, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64, np.int32])
-def test_zscore_equals_its_float64_definition(dtype):
+@pytest.mark.parametrize(
+    "dtype, offset, spread",
+    [
+        (np.float32, 30000.0, 120.0),
+        (np.uint16, 30000.0, 120.0),
+        (np.float64, 30000.0, 120.0),
+        (np.int32, 30000.0, 120.0),
+        # A large offset over a small spread: the float32 mean's rounding is not left
+        # in the pixels (it would be a mean of 0.03 / spread).
+        (np.float32, 1e6, 1.0),
+        (np.uint16, 30000.0, 3.0),
+        # Spreads whose squares pass float32's range, and tiny ones.
+        (np.float32, 0.0, 1e20),
+        (np.float32, 0.0, 1e-25),
+    ],
+)
+def test_zscore_equals_its_float64_definition(dtype, offset, spread):
     # Float32 and narrower windows are centred in float32 (sums in float64), wider ones
     # in float64: either way the z-score of the float64 definition, flat windows zeros.
     from defectscope.tiling import residual
 
     rng = np.random.default_rng(11)
-    batch = rng.normal(30000.0, 120.0, (7, 45, 61))
-    batch[3] = 30001.0
+    batch = offset + spread * rng.standard_normal((7, 45, 61))
+    batch[3] = offset + spread
+    if np.dtype(dtype).kind in "iu":
+        batch = np.rint(batch)
     batch = batch.astype(dtype)
     wide = batch.astype(np.float64)
     mean = wide.mean(axis=(1, 2), keepdims=True)
@@ -299,7 +316,7 @@ def test_zscore_equals_its_float64_definition(dtype):
     want = (wide - mean) / np.where(std > 0, std, 1.0)
     got = residual._as_windows(batch)
     assert got.dtype == np.float32 and got.shape == batch.shape
-    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(got, want, atol=2e-6)
     assert not got[3].any()
 
 
@@ -323,3 +340,16 @@ def test_descriptors_do_not_depend_on_the_threads(monkeypatch):
     split = residual_descriptors(windows)
     monkeypatch.setattr(residual, "THREADS", 1)
     np.testing.assert_allclose(residual_descriptors(windows), split, rtol=1e-6, atol=1e-6)
+
+
+def test_zscore_of_float32_pixels_whose_differences_overflow_float32():
+    # 9 in 10 pixels at -2e38, the rest at 3e38: pixel minus mean passes float32's range,
+    # so the float32 attempt overflows and the window is centred in float64 instead.
+    from defectscope.tiling import residual
+
+    window = np.full((1, 20, 20), -2e38, dtype=np.float32)
+    window[0, ::10] = 3e38
+    wide = window.astype(np.float64)
+    want = (wide - wide.mean()) / wide.std()
+    got = residual._as_windows(window)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

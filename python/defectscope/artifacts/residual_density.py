@@ -11,8 +11,9 @@ or between columns. Its class-conditional Gaussian density over the training pat
 set on the validation patches) says when a window's residual is unlike every known
 class's: a strong residual no known class explains is new.
 
-It needs the windows' pixels, not the network: numpy and SciPy only, so every runtime
-(ONNX, TensorRT, dense) applies it, and it costs no second network.
+It needs the windows' pixels, not the network: NumPy and SciPy (and the runtime's
+threadpoolctl), so every runtime (ONNX, TensorRT, dense) applies it, and it costs no
+second network.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def score_novelty(
             judged &= ~holes
         ru = np.zeros(len(windows), np.float32)
         rk = np.zeros(len(windows), bool)
-        if judged.all():  # the usual case: no copy of the windows
+        if judged.size and judged.all():  # the usual case: no copy of the windows
             _, ru, rk = residual.score(windows)
         elif judged.any():
             _, ru[judged], rk[judged] = residual.score(windows[judged])

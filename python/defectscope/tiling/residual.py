@@ -22,7 +22,8 @@ classes (:func:`defectscope.artifacts.density.fit_density`, the same machinery a
 the embedding's) then says how unlike every known class a window's residual is:
 a strong residual that no known class explains is new.
 
-Numpy and SciPy only, so every runtime can compute it.
+NumPy and SciPy (threadpoolctl holds BLAS to one thread meanwhile), so every runtime
+can compute it.
 """
 
 from __future__ import annotations
@@ -82,25 +83,32 @@ def _checked_windows(windows: np.ndarray) -> np.ndarray:
 def _zscore(batch: np.ndarray) -> np.ndarray:
     n = len(batch)
     flat = batch.reshape(n, -1)
-    # Means in float64 (a 64 x 64 sum in float32 loses digits).
+    # Sums in float64 (a 64 x 64 sum in float32 loses digits).
     mean = flat.mean(axis=1, keepdims=True, dtype=np.float64)
     if batch.dtype.itemsize <= 2 or batch.dtype == np.float32:
-        # Exact in float32 already: centre there (no float64 copy of the batch); the
-        # squares are summed in float64. The mean is rounded to float32 first, so the
-        # centred pixels are those of a mean off by a float32 rounding: unit deviation
-        # and zero mean hold to that rounding.
-        centred = np.subtract(flat, mean.astype(np.float32), dtype=np.float32)
-        square = np.square(centred)
-        variance = square.sum(axis=1, keepdims=True, dtype=np.float64) / flat.shape[1]
-    else:
-        # Wider numbers (float64, int32 and up) are centred in float64 before rounding.
-        wide = flat - mean
-        variance = np.square(wide).mean(axis=1, keepdims=True)
-        centred = wide.astype(np.float32)
+        # Exact in float32 already: centred there, with no float64 copy of the batch.
+        # The mean's float32 rounding is taken off as well, or a large offset over a
+        # small spread (counts of 30000 +- 3) would leave a mean of rounding / spread.
+        rounded = mean.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below
+            centred = np.subtract(flat, rounded, dtype=np.float32)
+            centred -= (mean - rounded).astype(np.float32)
+            variance = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)[:, None]
+        variance /= flat.shape[1]
+        if np.isfinite(variance).all():
+            centred *= _inverse_deviation(variance).astype(np.float32)
+            return centred.reshape(batch.shape)
+    # Wider numbers (float64, int32 and up), and float32 spreads past float32's range
+    # (the centred pixels overflowed): centred and scaled in float64 before rounding.
+    wide = flat - mean
+    wide *= _inverse_deviation(np.square(wide).mean(axis=1, keepdims=True))
+    return wide.astype(np.float32).reshape(batch.shape)
+
+
+def _inverse_deviation(variance: np.ndarray) -> np.ndarray:
     std = np.sqrt(variance)
     # A flat window has no lattice; it stays all zeros rather than dividing by 0.
-    centred *= (1.0 / np.where(std > 0, std, 1.0)).astype(np.float32)
-    return centred.reshape(batch.shape)
+    return 1.0 / np.where(std > 0, std, 1.0)
 
 
 def _check_factor(value: float) -> float:
@@ -236,7 +244,9 @@ def _smoothing_matrix(size: int, sigma: float) -> np.ndarray:
     matrix products, far faster than the filter's loops on small windows."""
     from scipy.ndimage import gaussian_filter1d
 
-    return gaussian_filter1d(np.eye(size), sigma, axis=0, mode="reflect").astype(np.float32)
+    matrix = gaussian_filter1d(np.eye(size), sigma, axis=0, mode="reflect").astype(np.float32)
+    matrix.flags.writeable = False  # shared between calls
+    return matrix
 
 
 def _smooth(batch: np.ndarray, sigma: float) -> np.ndarray:

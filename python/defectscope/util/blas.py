@@ -31,9 +31,12 @@ def _controller():
 def one_blas_thread() -> Iterator[None]:
     """Limit every loaded BLAS to one thread inside the block, then restore it.
 
-    The limit is process-wide (BLAS libraries have no per-thread setting) and counted:
-    blocks that overlap in several threads set it once, first, and restore the
-    original limits once, when the last of them ends, also when a block raises.
+    For the pthreads OpenBLAS that NumPy's wheels ship the limit is process-wide: while a
+    block runs, other threads' products run on one thread too. The limit is counted:
+    blocks that overlap in several threads set it once, first, and restore the original
+    limits once, when the last of them ends, also when a block raises. Another
+    ``threadpoolctl`` limit that overlaps a block out of order (set inside it, restored
+    after it) restores what it found, one thread: keep such limits around whole blocks.
     """
     global _users, _limiter
     with _lock:
