@@ -347,3 +347,26 @@ def test_residual_density_with_physical_copies_knows_the_physical_variations():
     unknown_aware = aware.score(varied)[2].mean()
     assert unknown_aware <= 0.25
     assert unknown_aware < unknown_plain
+
+
+def test_density_fit_sets_are_the_patches_then_their_copies_from_one_generator():
+    """Both densities are fitted on the same sets: the training patches and their copies,
+    then the validation patches and theirs, drawn from one generator (training first);
+    fewer than two validation patches set no threshold."""
+    from defectscope.training.augment import density_fit_sets, with_physical_copies
+
+    train, val = toy_patches(12), toy_patches(6, seed=1)
+    physical = Augmentation()
+    images, labels, held = density_fit_sets(train.images, train.labels, val.images, physical, 7)
+    rng = np.random.default_rng(7)
+    want_images, want_labels = with_physical_copies(train.images, train.labels, physical, rng)
+    want_held, _ = with_physical_copies(val.images, None, physical, rng)
+    np.testing.assert_array_equal(images, want_images)
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_array_equal(held, want_held)
+    assert len(held) == 2 * len(val.images)
+    for few in (None, val.images[:1], val.images[:0]):
+        assert density_fit_sets(train.images, train.labels, few, physical)[2] is None
+    off = dataclasses.replace(physical, physical=False)
+    same, same_labels, same_held = density_fit_sets(train.images, train.labels, val.images, off)
+    assert same is train.images and same_labels is train.labels and same_held is val.images

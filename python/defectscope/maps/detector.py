@@ -36,7 +36,8 @@ from defectscope.maps.scale import decide_scale, resampled_frame
 from defectscope.tiling.tiler import NanPolicy, check_frame, tile, window_origins
 
 # Windows whose lattice residual a dense map scores per call (4 MB per channel of 64 px
-# windows).
+# windows): at least THREADS * MIN_WINDOWS_PER_THREAD (128) of tiling.residual, so that
+# every call is split over its threads.
 RESIDUAL_CHUNK = 256
 
 

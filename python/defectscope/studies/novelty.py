@@ -20,10 +20,9 @@ from defectscope.artifacts.residual_density import DESCRIPTOR_VERSION, fit_resid
 from defectscope.evaluation.metrics import Split
 from defectscope.io.datasets import PatchSet
 from defectscope.training.augment import (
-    DENSITY_AUGMENTATION_SEED,
     Augmentation,
     density_augmentation,
-    with_physical_copies,
+    density_fit_sets,
 )
 
 
@@ -69,11 +68,9 @@ def residual_leave_one_class_out(
             if len(known) < 2 or len(novel) < 2 or len(np.unique(patches.labels[train])) < 2:
                 continue
             labels = patches.labels[train] - (patches.labels[train] > drop)
-            rng = np.random.default_rng(DENSITY_AUGMENTATION_SEED)
-            images, labels = with_physical_copies(patches.images[train], labels, augmentation, rng)
-            held = None
-            if len(validation) >= 2:
-                held, _ = with_physical_copies(patches.images[validation], None, augmentation, rng)
+            images, labels, held = density_fit_sets(
+                patches.images[train], labels, patches.images[validation], augmentation
+            )
             density = fit_residual_density(images, labels, len(patches.classes) - 1, held)
             known_d, _, known_k = density.score(patches.images[known])
             novel_d, _, novel_k = density.score(patches.images[novel])

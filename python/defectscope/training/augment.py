@@ -545,3 +545,25 @@ def with_physical_copies(
     if labels is not None:
         labels = np.concatenate([labels, labels])
     return images, labels
+
+
+def density_fit_sets(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    validation_images: np.ndarray | None,
+    augmentation: Augmentation | None,
+    seed: int = DENSITY_AUGMENTATION_SEED,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """What a novelty density is fitted and thresholded on: ``(images, labels, held_out)``.
+
+    The training patches and the validation patches, each with its physically varied
+    copies (:func:`with_physical_copies`, training's first, from one generator seeded
+    with ``seed``, so both densities of a model see the same copies). ``held_out`` is
+    None with fewer than two validation patches (no threshold can be set on them).
+    """
+    rng = np.random.default_rng(seed)
+    images, labels = with_physical_copies(train_images, train_labels, augmentation, rng)
+    held_out = None
+    if validation_images is not None and len(validation_images) >= 2:
+        held_out, _ = with_physical_copies(validation_images, None, augmentation, rng)
+    return images, labels, held_out

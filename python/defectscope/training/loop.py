@@ -30,7 +30,7 @@ from defectscope.training.augment import (
     DENSITY_AUGMENTATION_SEED,
     Augmentation,
     augment_batch,
-    with_physical_copies,
+    density_fit_sets,
 )
 from defectscope.training.config import TrainConfig
 
@@ -417,11 +417,14 @@ def fit_model_density(
         inputs = patches_to_inputs(images, normalization)
         return predict_logits(model, inputs, precision=precision)[1]
 
-    rng = np.random.default_rng(seed)
-    images, labels = with_physical_copies(train.images, train.labels, augmentation, rng)
-    held_out = None
-    if validation is not None and len(validation.labels) >= 2:
-        held_out = embeddings(with_physical_copies(validation.images, None, augmentation, rng)[0])
+    images, labels, held_out = density_fit_sets(
+        train.images,
+        train.labels,
+        None if validation is None else validation.images,
+        augmentation,
+        seed,
+    )
+    held_out = None if held_out is None else embeddings(held_out)
     return fit_density(embeddings(images), labels, len(train.classes), held_out)
 
 
@@ -453,12 +456,14 @@ def fit_patch_residual_density(
     """
     from defectscope.artifacts.residual_density import fit_residual_density
 
-    rng = np.random.default_rng(seed)
-    images, labels = with_physical_copies(train.images, train.labels, augmentation, rng)
-    held = None
-    if validation is not None and len(validation.labels) >= 2:
-        held, _ = with_physical_copies(validation.images, None, augmentation, rng)
-    return fit_residual_density(images, labels, len(train.classes), held)
+    images, labels, held_out = density_fit_sets(
+        train.images,
+        train.labels,
+        None if validation is None else validation.images,
+        augmentation,
+        seed,
+    )
+    return fit_residual_density(images, labels, len(train.classes), held_out)
 
 
 def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, Any] | None = None):
