@@ -13,7 +13,7 @@ from defectscope.evaluation.metrics import random_split
 from defectscope.io.datasets import PatchSet
 from defectscope.studies import study as study_module
 from defectscope.studies.resume import FinishedWork
-from defectscope.studies.study import run_study
+from defectscope.studies.study import rescore_left_out, run_study
 from defectscope.training.loop import TrainConfig
 from tests.synthetic import lattice
 
@@ -68,6 +68,12 @@ def test_a_resumed_study_trains_nothing_finished(first_run, monkeypatch):
     for part in ("random", "grouped", "cross_validation", "leave_one_class_out"):
         assert json.dumps(again[part], sort_keys=True) == json.dumps(first[part], sort_keys=True)
     assert again["leave_one_class_out"]["Corner"]["n_novel"] == 6
+    # The kept models, scored again from disk, give the study's numbers.
+    rescored = rescore_left_out(out / "loco", three_classes(), first["grouped"]["test_index"])
+    for name, recorded in first["leave_one_class_out"].items():
+        for key, value in rescored[name].items():
+            assert recorded[key] == pytest.approx(value, abs=1e-6), (name, key)
+        assert 0 <= recorded["auroc_mc_dropout"] <= 1
     # Each model trained without a class is kept, saying which class it never saw.
     kept = json.loads((out / "loco" / "without-class-2" / "model.json").read_text())
     assert kept["left_out"] == "Corner" and kept["model"]["classes"] == ["Bulk", "Centre"]

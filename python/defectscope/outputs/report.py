@@ -142,10 +142,11 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
             "<h3>Leave one class out</h3><p>A model trained without the class; AUROC of "
             "&ldquo;the class is unknown&rdquo; against grouped held-out patches of the "
             "trained classes, by the embedding's feature density, the lattice residual's "
-            "density, the two combined, and the softmax alone.</p>"
+            "density, the two combined, Monte Carlo dropout in the head, and the softmax "
+            "alone.</p>"
         )
         rows = [
-            [c, "skipped: " + r["skipped"], "", "", "", "", "", ""]
+            [c, "skipped: " + r["skipped"], "", "", "", "", "", "", ""]
             if "skipped" in r
             else [
                 c,
@@ -153,6 +154,7 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
                 r["auroc_density"],
                 r.get("auroc_residual", "–"),
                 r.get("auroc_combined", "–"),
+                r.get("auroc_mc_dropout", "–"),
                 r["auroc_softmax"],
                 r["novel_unknown"],
                 r["known_unknown"],
@@ -160,7 +162,7 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
             for c, r in loco.items()
         ]
         header = ["left out", "its patches", "AUROC density", "AUROC lattice residual"]
-        header += ["AUROC combined", "AUROC softmax"]
+        header += ["AUROC combined", "AUROC MC dropout", "AUROC softmax"]
         parts.append(_table([*header, "left-out unknown", "known unknown"], rows))
     parts.append('<div class="grid">')
     for name, part in (("random", rnd), ("grouped", grouped)):

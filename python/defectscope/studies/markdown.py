@@ -123,23 +123,24 @@ def loco_markdown(report: dict) -> list[str]:
         "against held-out (grouped test) patches of the trained classes:",
         "",
         "| left out | its patches | held-out known | AUROC density | AUROC lattice residual "
-        "| AUROC combined | AUROC softmax | left-out flagged unknown (combined) "
+        "| AUROC combined | AUROC MC dropout | AUROC softmax | left-out flagged unknown (combined) "
         "| known flagged unknown (combined) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def number(r: dict, key: str) -> str:
-        # Records resumed from before the lattice residual have no such entry.
+        # Records resumed from earlier releases lack the newer scores.
         return f"{r[key]:.3f}" if isinstance(r.get(key), int | float) else "–"
 
     for c, r in loco.items():
         if "skipped" in r:
-            lines.append(f"| {c} | skipped: {r['skipped']} | | | | | | | |")
+            lines.append(f"| {c} | skipped: {r['skipped']} | | | | | | | | |")
             continue
         lines.append(
             f"| {c} | {r['n_novel']} | {r['n_known']} | {r['auroc_density']:.3f} | "
             f"{number(r, 'auroc_residual')} | {number(r, 'auroc_combined')} | "
-            f"{r['auroc_softmax']:.3f} | {r['novel_unknown']:.3f} "
+            f"{number(r, 'auroc_mc_dropout')} | {r['auroc_softmax']:.3f} | "
+            f"{r['novel_unknown']:.3f} "
             f"({number(r, 'novel_unknown_combined')}) | {r['known_unknown']:.3f} "
             f"({number(r, 'known_unknown_combined')}) |"
         )

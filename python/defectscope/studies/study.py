@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import io
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -255,6 +256,65 @@ def _drop_class(patches: PatchSet, index: np.ndarray, drop: int) -> PatchSet:
     )
 
 
+def score_left_out_class(
+    model,
+    density,
+    residual,
+    known_images: np.ndarray,
+    novel_images: np.ndarray,
+    normalization,
+    dropout_samples: int = 32,
+) -> dict:
+    """AUROC of "this patch is of the class the model never saw", per novelty score.
+
+    ``known_images`` are held-out patches of the trained classes, ``novel_images`` every
+    patch of the left-out one; ``density`` and ``residual`` are the model's embedding
+    and lattice-residual densities. Scores: the embedding's density distance, the
+    residual's, the two combined (the larger of their calibrated uncertainties, each the
+    share of held-out known windows closer), Monte Carlo dropout in the head (mutual
+    information of ``dropout_samples`` masks; :mod:`defectscope.artifacts.mc_dropout`)
+    and the softmax (one minus the top probability). Also the shares of each part beyond
+    the unknown threshold (the embedding's, and either of the two densities').
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from defectscope.artifacts.mc_dropout import mc_dropout_scores
+
+    head = model.classifier
+    weight = head.weight.detach().float().numpy()
+    bias = head.bias.detach().float().numpy()
+    scores = {}
+    for part, images in (("known", known_images), ("novel", novel_images)):
+        logits, embeddings = predict_logits(model, patches_to_inputs(images, normalization))
+        distance, embedding_u, unknown = density.score(embeddings)
+        residual_distance, residual_u, residual_unknown = residual.score(images)
+        dropout = mc_dropout_scores(
+            embeddings, weight, bias, model.dropout.p, samples=dropout_samples
+        )
+        scores[part] = {
+            "density": distance,
+            "softmax": 1 - softmax(logits, axis=1).max(axis=1),
+            "residual": residual_distance,
+            # Either source may flag a window: the larger of the two calibrated
+            # uncertainties (each the share of held-out known windows closer).
+            "combined": np.maximum(embedding_u, residual_u),
+            "mc_dropout": dropout.mutual_information,
+            "unknown": unknown,
+            "combined_unknown": unknown | residual_unknown,
+        }
+    truth = np.r_[np.zeros(len(known_images)), np.ones(len(novel_images))]
+    report = {"n_known": len(known_images), "n_novel": len(novel_images)}
+    for key in ("density", "softmax", "residual", "combined", "mc_dropout"):
+        ranked = np.r_[scores["known"][key], scores["novel"][key]]
+        report[f"auroc_{key}"] = float(roc_auc_score(truth, ranked))
+    return report | {
+        "novel_unknown": float(scores["novel"]["unknown"].mean()),
+        "known_unknown": float(scores["known"]["unknown"].mean()),
+        "novel_unknown_combined": float(scores["novel"]["combined_unknown"].mean()),
+        "known_unknown_combined": float(scores["known"]["combined_unknown"].mean()),
+    }
+
+
 def leave_one_class_out(
     patches: PatchSet,
     split: Split,
@@ -267,20 +327,14 @@ def leave_one_class_out(
     """How well the uncertainty flags a class the model never saw.
 
     For each class X: train on the split's training part without X (validation
-    likewise), fit the feature density, then score the split's test patches of the
-    other classes (held-out regions of trained classes) against every patch of X.
-    Reports the AUROC of "X is unknown" for the embedding's density distance, for
-    the lattice residual's density distance, for the two combined (the larger of
-    their calibrated uncertainties) and, for comparison, for the softmax (one minus
-    the top probability), and the shares of X and of the held-out patches beyond the
-    unknown threshold (the embedding's, and either of the two). ``classes`` limits
-    which classes are left out in turn (default: every class); classes ``finished``
-    holds are not trained again. With ``models_dir``, each model is kept there as
-    ``without-class-<index>/`` (its left-out class and density in ``model.json``), so
+    likewise), fit the feature densities, then score the split's test patches of the
+    other classes (held-out regions of trained classes) against every patch of X with
+    :func:`score_left_out_class` (one AUROC per novelty score). ``classes`` limits which
+    classes are left out in turn (default: every class); classes ``finished`` holds are
+    not trained again. With ``models_dir``, each model is kept there as
+    ``without-class-<index>/`` (its left-out class and densities in ``model.json``), so
     other novelty scores can be measured later without training again.
     """
-    from sklearn.metrics import roc_auc_score
-
     norm = config.normalization
     report = {}
     for drop, name in enumerate(patches.classes):
@@ -325,42 +379,51 @@ def leave_one_class_out(
                     "residual_density": residual.to_dict(),
                 },
             )
-        scores = {}
-        for part, images in (("known", known_test.images), ("novel", patches.images[novel])):
-            logits, embeddings = predict_logits(result.model, patches_to_inputs(images, norm))
-            distance, embedding_u, unknown = density.score(embeddings)
-            residual_distance, residual_u, residual_unknown = residual.score(images)
-            scores[part] = {
-                "density": distance,
-                "softmax": 1 - softmax(logits, axis=1).max(axis=1),
-                "residual": residual_distance,
-                # Either source may flag a window: the larger of the two calibrated
-                # uncertainties (each the share of held-out known windows closer).
-                "combined": np.maximum(embedding_u, residual_u),
-                "unknown": unknown,
-                "combined_unknown": unknown | residual_unknown,
-            }
-        truth = np.r_[np.zeros(len(known_test.labels)), np.ones(len(novel))]
-
-        auroc = {
-            key: float(roc_auc_score(truth, np.r_[scores["known"][key], scores["novel"][key]]))
-            for key in ("density", "softmax", "residual", "combined")
-        }
-        report[name] = {
-            "n_known": len(known_test.labels),
-            "n_novel": len(novel),
-            "auroc_density": auroc["density"],
-            "auroc_softmax": auroc["softmax"],
-            "auroc_residual": auroc["residual"],
-            "auroc_combined": auroc["combined"],
-            "novel_unknown": float(scores["novel"]["unknown"].mean()),
-            "known_unknown": float(scores["known"]["unknown"].mean()),
-            "novel_unknown_combined": float(scores["novel"]["combined_unknown"].mean()),
-            "known_unknown_combined": float(scores["known"]["combined_unknown"].mean()),
-            "warnings": result.warnings,
-        }
+        report[name] = score_left_out_class(
+            result.model, density, residual, known_test.images, patches.images[novel], norm
+        ) | {"warnings": result.warnings}
         if finished is not None:
             finished.put(unit, split, {"class": name, "result": report[name]})
+    return report
+
+
+def rescore_left_out(
+    loco_dir: str | os.PathLike, patches: PatchSet, test_index: np.ndarray
+) -> dict:
+    """Score every model ``leave_one_class_out`` kept, again, without training.
+
+    ``loco_dir`` holds the ``without-class-<index>/`` model directories (each records
+    its left-out class and both densities), ``patches`` the study's patches and
+    ``test_index`` its split's test part (``study.json``'s ``grouped.test_index``).
+    Returns :func:`score_left_out_class`'s record per left-out class: the same numbers
+    the study recorded, and those of scores added since.
+    """
+    from defectscope.artifacts.density import FeatureDensity
+    from defectscope.artifacts.residual_density import ResidualDensity
+    from defectscope.nets.checkpoint import load_checkpoint
+
+    test_index = np.asarray(test_index, dtype=np.int64)
+    report = {}
+    for directory in sorted(Path(loco_dir).glob("without-class-*")):
+        model, config, record = load_checkpoint(directory)
+        name = record.get("left_out")
+        if name not in patches.classes:
+            raise ValueError(f"{directory}: left-out class {name!r} is not among the patches'")
+        for key in ("density", "residual_density"):
+            if key not in record:
+                raise ValueError(f"{directory / 'model.json'}: records no {key}")
+        n = len(config.classes)
+        drop = patches.classes.index(name)
+        known = test_index[patches.labels[test_index] != drop]
+        novel = np.flatnonzero(patches.labels == drop)
+        report[name] = score_left_out_class(
+            model,
+            FeatureDensity.from_dict(record["density"], n),
+            ResidualDensity.from_dict(record["residual_density"], n),
+            patches.images[known],
+            patches.images[novel],
+            config.normalization,
+        )
     return report
 
 

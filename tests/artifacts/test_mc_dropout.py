@@ -1,0 +1,84 @@
+"""Monte Carlo dropout of the head, from embeddings, against PyTorch's own dropout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defectscope.artifacts.mc_dropout import mc_dropout_scores
+
+
+def _head(seed: int = 0, n: int = 6, d: int = 16, classes: int = 3):
+    rng = np.random.default_rng(seed)
+    embeddings = np.maximum(rng.normal(size=(n, d)), 0).astype(np.float32)  # post-ReLU
+    weight = rng.normal(size=(classes, d)).astype(np.float32)
+    bias = rng.normal(size=classes).astype(np.float32)
+    return embeddings, weight, bias
+
+
+def test_without_dropout_it_is_the_plain_softmax_and_no_disagreement():
+    embeddings, weight, bias = _head()
+    scores = mc_dropout_scores(embeddings, weight, bias, rate=0.0, samples=4)
+    logits = embeddings.astype(np.float64) @ weight.T + bias
+    want = np.exp(logits - logits.max(1, keepdims=True))
+    want /= want.sum(1, keepdims=True)
+    np.testing.assert_allclose(scores.probabilities, want, rtol=1e-5)
+    np.testing.assert_allclose(scores.mutual_information, 0, atol=1e-9)
+    np.testing.assert_allclose(scores.predictive_entropy, -(want * np.log(want)).sum(1), rtol=1e-5)
+
+
+def test_matches_torch_dropout_in_the_head():
+    """The reference: torch.nn.Dropout in training mode before the same Linear, sampled
+    as often; mean prediction and mutual information agree to Monte Carlo error."""
+    torch = pytest.importorskip("torch")
+    embeddings, weight, bias = _head(seed=1)
+    samples, rate = 4000, 0.5
+    torch.manual_seed(0)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight))
+        head.bias.copy_(torch.from_numpy(bias))
+    dropout = torch.nn.Dropout(rate).train()
+    with torch.no_grad():
+        x = torch.from_numpy(embeddings).expand(samples, *embeddings.shape)
+        p = torch.softmax(head(dropout(x)).double(), dim=-1).numpy()
+    mean = p.mean(0)
+    entropy = lambda q: -(q * np.log(q)).sum(-1)  # noqa: E731
+    mutual = entropy(mean) - entropy(p).mean(0)
+    scores = mc_dropout_scores(embeddings, weight, bias, rate, samples=samples, seed=3)
+    np.testing.assert_allclose(scores.probabilities, mean, atol=0.03)
+    np.testing.assert_allclose(scores.mutual_information, mutual, atol=0.03)
+    assert (scores.mutual_information > 0.01).any()  # dropout does disagree here
+
+
+def test_repeatable_with_a_seed_and_blocks_change_nothing_but_the_masks():
+    embeddings, weight, bias = _head(n=2100)
+    a = mc_dropout_scores(embeddings, weight, bias, 0.3, samples=8, seed=5)
+    b = mc_dropout_scores(embeddings, weight, bias, 0.3, samples=8, seed=5)
+    np.testing.assert_array_equal(a.mutual_information, b.mutual_information)
+    assert a.probabilities.shape == (2100, 3)
+    np.testing.assert_allclose(a.probabilities.sum(1), 1, rtol=1e-9)
+    assert np.all(a.mutual_information >= 0)
+    assert np.all(a.mutual_information <= a.predictive_entropy + 1e-12)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rate": 1.0}, "dropout rate"),
+        ({"rate": float("nan")}, "dropout rate"),
+        ({"samples": 0}, "samples"),
+        ({"samples": 2.5}, "samples"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"weight": np.zeros((3, 5), np.float32)}, "head weight"),
+        ({"bias": np.zeros(4, np.float32)}, "head bias"),
+        ({"embeddings": np.zeros(16, np.float32)}, "embeddings must be"),
+        ({"embeddings": np.full((2, 16), np.nan, np.float32)}, "NaN"),
+    ],
+)
+def test_bad_input_is_refused_by_name(change, message):
+    embeddings, weight, bias = _head()
+    args = {"embeddings": embeddings, "weight": weight, "bias": bias, "rate": 0.5}
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        mc_dropout_scores(**args)
