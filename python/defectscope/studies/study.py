@@ -264,6 +264,7 @@ def score_left_out_class(
     novel_images: np.ndarray,
     normalization,
     dropout_samples: int = 32,
+    ensemble=None,
 ) -> dict:
     """AUROC of "this patch is of the class the model never saw", per novelty score.
 
@@ -272,20 +273,24 @@ def score_left_out_class(
     and lattice-residual densities. Scores: the embedding's density distance, the
     residual's, the two combined (the larger of their calibrated uncertainties, each the
     share of held-out known windows closer), Monte Carlo dropout in the head (mutual
-    information of ``dropout_samples`` masks; :mod:`defectscope.artifacts.mc_dropout`)
-    and the softmax (one minus the top probability). Also the shares of each part beyond
-    the unknown threshold (the embedding's, and either of the two densities').
+    information of ``dropout_samples`` masks), with ``ensemble`` (heads from
+    :func:`~defectscope.training.head_ensemble.train_head_ensemble`) the heads'
+    disagreement (:mod:`defectscope.artifacts.disagreement`), and the softmax (one minus
+    the top probability). Also the shares of each part beyond the unknown threshold (the
+    embedding's, and either of the two densities').
     """
     from sklearn.metrics import roc_auc_score
 
-    from defectscope.artifacts.mc_dropout import mc_dropout_scores
+    from defectscope.artifacts.disagreement import head_ensemble_scores, mc_dropout_scores
+    from defectscope.training.head_ensemble import trunk_features
 
     head = model.classifier
     weight = head.weight.detach().float().numpy()
     bias = head.bias.detach().float().numpy()
     scores = {}
     for part, images in (("known", known_images), ("novel", novel_images)):
-        logits, embeddings = predict_logits(model, patches_to_inputs(images, normalization))
+        inputs = patches_to_inputs(images, normalization)
+        logits, embeddings = predict_logits(model, inputs)
         distance, embedding_u, unknown = density.score(embeddings)
         residual_distance, residual_u, residual_unknown = residual.score(images)
         dropout = mc_dropout_scores(
@@ -299,12 +304,17 @@ def score_left_out_class(
             # uncertainties (each the share of held-out known windows closer).
             "combined": np.maximum(embedding_u, residual_u),
             "mc_dropout": dropout.mutual_information,
+            "head_ensemble": None
+            if ensemble is None
+            else head_ensemble_scores(trunk_features(model, inputs), ensemble).mutual_information,
             "unknown": unknown,
             "combined_unknown": unknown | residual_unknown,
         }
     truth = np.r_[np.zeros(len(known_images)), np.ones(len(novel_images))]
     report = {"n_known": len(known_images), "n_novel": len(novel_images)}
-    for key in ("density", "softmax", "residual", "combined", "mc_dropout"):
+    for key in ("density", "softmax", "residual", "combined", "mc_dropout", "head_ensemble"):
+        if scores["known"][key] is None:
+            continue
         ranked = np.r_[scores["known"][key], scores["novel"][key]]
         report[f"auroc_{key}"] = float(roc_auc_score(truth, ranked))
     return report | {
@@ -313,6 +323,14 @@ def score_left_out_class(
         "novel_unknown_combined": float(scores["novel"]["combined_unknown"].mean()),
         "known_unknown_combined": float(scores["known"]["combined_unknown"].mean()),
     }
+
+
+def _head_ensemble(model, train: PatchSet, normalization, seed: int):
+    """Five heads on ``model``'s frozen trunk, trained on ``train`` (see head_ensemble)."""
+    from defectscope.training.head_ensemble import train_head_ensemble, trunk_features
+
+    features = trunk_features(model, patches_to_inputs(train.images, normalization))
+    return train_head_ensemble(features, train.labels, len(train.classes), seed=seed)
 
 
 def leave_one_class_out(
@@ -379,8 +397,15 @@ def leave_one_class_out(
                     "residual_density": residual.to_dict(),
                 },
             )
+        ensemble = _head_ensemble(result.model, train, norm, config.seed)
         report[name] = score_left_out_class(
-            result.model, density, residual, known_test.images, patches.images[novel], norm
+            result.model,
+            density,
+            residual,
+            known_test.images,
+            patches.images[novel],
+            norm,
+            ensemble=ensemble,
         ) | {"warnings": result.warnings}
         if finished is not None:
             finished.put(unit, split, {"class": name, "result": report[name]})
@@ -388,15 +413,21 @@ def leave_one_class_out(
 
 
 def rescore_left_out(
-    loco_dir: str | os.PathLike, patches: PatchSet, test_index: np.ndarray
+    loco_dir: str | os.PathLike,
+    patches: PatchSet,
+    test_index: np.ndarray,
+    train_index: np.ndarray | None = None,
+    seed: int = 0,
 ) -> dict:
-    """Score every model ``leave_one_class_out`` kept, again, without training.
+    """Score every model ``leave_one_class_out`` kept, again, without training it.
 
     ``loco_dir`` holds the ``without-class-<index>/`` model directories (each records
-    its left-out class and both densities), ``patches`` the study's patches and
-    ``test_index`` its split's test part (``study.json``'s ``grouped.test_index``).
-    Returns :func:`score_left_out_class`'s record per left-out class: the same numbers
-    the study recorded, and those of scores added since.
+    its left-out class and both densities), ``patches`` the study's patches,
+    ``test_index`` and ``train_index`` its split's test and training parts
+    (``study.json``'s ``grouped.test_index`` and ``grouped.train_index``). With
+    ``train_index`` the head ensemble is trained as the study trains it (``seed``: the
+    study's). Returns :func:`score_left_out_class`'s record per left-out class: the
+    numbers the study recorded, and those of scores added since.
     """
     from defectscope.artifacts.density import FeatureDensity
     from defectscope.artifacts.residual_density import ResidualDensity
@@ -416,6 +447,10 @@ def rescore_left_out(
         drop = patches.classes.index(name)
         known = test_index[patches.labels[test_index] != drop]
         novel = np.flatnonzero(patches.labels == drop)
+        ensemble = None
+        if train_index is not None:
+            train = _drop_class(patches, np.asarray(train_index, dtype=np.int64), drop)
+            ensemble = _head_ensemble(model, train, config.normalization, seed)
         report[name] = score_left_out_class(
             model,
             FeatureDensity.from_dict(record["density"], n),
@@ -423,6 +458,7 @@ def rescore_left_out(
             patches.images[known],
             patches.images[novel],
             config.normalization,
+            ensemble=ensemble,
         )
     return report
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectscope.artifacts.mc_dropout import mc_dropout_scores
+from defectscope.artifacts.disagreement import mc_dropout_scores
 
 
 def _head(seed: int = 0, n: int = 6, d: int = 16, classes: int = 3):
@@ -82,3 +82,65 @@ def test_bad_input_is_refused_by_name(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         mc_dropout_scores(**args)
+
+
+def _members(seed: int = 0, d: int = 16, hidden: int = 8, classes: int = 3, n: int = 4):
+    from defectscope.artifacts.disagreement import HeadMember
+
+    rng = np.random.default_rng(seed)
+    return [
+        HeadMember(
+            rng.normal(size=(hidden, d)).astype(np.float32),
+            rng.normal(size=hidden).astype(np.float32),
+            rng.normal(size=(classes, hidden)).astype(np.float32),
+            rng.normal(size=classes).astype(np.float32),
+        )
+        for _ in range(n)
+    ]
+
+
+def test_head_ensemble_scores_match_torch_heads():
+    torch = pytest.importorskip("torch")
+    from defectscope.artifacts.disagreement import head_ensemble_scores
+
+    features = np.random.default_rng(3).normal(size=(5, 16)).astype(np.float32)
+    members = _members()
+    probabilities = []
+    for m in members:
+        head = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        with torch.no_grad():
+            for layer, (w, b) in (
+                (head[0], (m.hidden_weight, m.hidden_bias)),
+                (head[2], (m.weight, m.bias)),
+            ):
+                layer.weight.copy_(torch.from_numpy(w))
+                layer.bias.copy_(torch.from_numpy(b))
+            probabilities.append(
+                torch.softmax(head(torch.from_numpy(features)).double(), -1).numpy()
+            )
+    p = np.stack(probabilities)
+    mean = p.mean(0)
+    entropy = lambda q: -(q * np.log(q)).sum(-1)  # noqa: E731
+    scores = head_ensemble_scores(features, members)
+    np.testing.assert_allclose(scores.probabilities, mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(scores.predictive_entropy, entropy(mean), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        scores.mutual_information, entropy(mean) - entropy(p).mean(0), rtol=1e-4, atol=1e-6
+    )
+    # One head repeated agrees with itself: no disagreement.
+    same = head_ensemble_scores(features, [members[0]] * 3)
+    np.testing.assert_allclose(same.mutual_information, 0, atol=1e-9)
+
+
+def test_head_ensemble_scores_refuse_bad_members():
+    from defectscope.artifacts.disagreement import head_ensemble_scores
+
+    features = np.zeros((2, 16), np.float32)
+    with pytest.raises(ValueError, match="at least two members"):
+        head_ensemble_scores(features, _members(n=1))
+    with pytest.raises(ValueError, match="member 0 hidden weight"):
+        head_ensemble_scores(np.zeros((2, 15), np.float32), _members())
+    with pytest.raises(ValueError, match="disagree on the number of classes"):
+        head_ensemble_scores(features, _members()[:1] + _members(classes=4)[:1])
+    with pytest.raises(ValueError, match="NaN"):
+        head_ensemble_scores(np.full((2, 16), np.inf, np.float32), _members())
