@@ -71,6 +71,14 @@ class TrainConfig:
     trainable_blocks: int = _field(
         N_BLOCKS, "VGG-16 conv blocks that train, from the top (0 = head only, 5 = all)"
     )
+    # Off by default: measured as one of issue 27's novelty methods (docs/novelty.md).
+    spectral_norm: float | None = _field(
+        None,
+        "train with soft spectral normalization (DDU): every trunk conv and embedding "
+        "layer's spectral norm, and every batch norm's gain, at most this coefficient "
+        "(e.g. 3); baked into plain weights after training",
+        minimum=0,
+    )
     patience: int | None = _field(
         None,
         "epochs without a better validation loss before stopping; default "
@@ -132,6 +140,17 @@ class TrainConfig:
             or not 0 <= scale <= 10
         ):
             raise ValueError(f"trunk learning-rate scale must be in [0, 10], got {scale!r}")
+        coefficient = self.spectral_norm
+        if coefficient is not None and (
+            isinstance(coefficient, bool)
+            or not isinstance(coefficient, int | float)
+            or not math.isfinite(coefficient)
+            or coefficient <= 0
+        ):
+            raise ValueError(
+                f"spectral norm coefficient (--spectral-norm) must be a finite number > 0, "
+                f"got {coefficient!r}"
+            )
         size = self.pixel_size
         if size is not None and (
             isinstance(size, bool)

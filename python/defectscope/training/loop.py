@@ -23,6 +23,7 @@ from defectscope.nets.device import (
     device_name,
     training_device,
 )
+from defectscope.nets.spectral import apply_spectral_norm, remove_spectral_norm
 from defectscope.nets.vgg import DefectNet, build_model, describe_weights, resolve_weights
 from defectscope.tiling.lattice import LatticePeriods, measure_patch_periods
 from defectscope.tiling.tiler import Normalization, patches_to_inputs
@@ -218,6 +219,8 @@ def train_classifier(
         trainable_blocks=config.trainable_blocks,
         architecture=config.architecture,
     )
+    if config.spectral_norm is not None:
+        apply_spectral_norm(model, config.spectral_norm, seed=config.seed)
     model_config = ModelConfig(
         classes=tuple(classes),
         patch_size=train.patch_size,
@@ -315,6 +318,8 @@ def train_classifier(
         model.load_state_dict(best_state)
     else:
         best_epoch = len(history) - 1
+    # The kept weights, normalized, become plain ones: an ordinary VGG-16 from here on.
+    remove_spectral_norm(model)
     # What comes after (scoring, densities, export, saving) runs on the CPU model.
     model.to("cpu").eval()
     result = TrainResult(model, model_config, history, best_epoch, time.perf_counter() - started)
