@@ -272,7 +272,9 @@ def score_left_out_class(
     patch of the left-out one; ``density`` and ``residual`` are the model's embedding
     and lattice-residual densities. Scores: the embedding's density distance, the
     residual's, the two combined (the larger of their calibrated uncertainties, each the
-    share of held-out known windows closer), Monte Carlo dropout in the head (mutual
+    share of held-out known windows closer, as maps combine them; and, measured beside
+    it, the larger and the sum of each density's log distance past its own threshold),
+    Monte Carlo dropout in the head (mutual
     information of ``dropout_samples`` masks), with ``ensemble`` (heads from
     :func:`~defectscope.training.head_ensemble.train_head_ensemble`) the heads'
     disagreement (:mod:`defectscope.artifacts.disagreement`), and the softmax (one minus
@@ -296,6 +298,10 @@ def score_left_out_class(
         dropout = mc_dropout_scores(
             embeddings, weight, bias, model.dropout.p, samples=dropout_samples
         )
+        # How far past its own unknown threshold each density puts a patch, in log
+        # units: unlike the calibrated uncertainties these do not saturate at 1.
+        past_embedding = np.log(np.maximum(distance, 1e-30) / density.threshold)
+        past_residual = np.log(np.maximum(residual_distance, 1e-30) / residual.density.threshold)
         scores[part] = {
             "density": distance,
             "softmax": 1 - softmax(logits, axis=1).max(axis=1),
@@ -303,6 +309,8 @@ def score_left_out_class(
             # Either source may flag a window: the larger of the two calibrated
             # uncertainties (each the share of held-out known windows closer).
             "combined": np.maximum(embedding_u, residual_u),
+            "combined_max_ratio": np.maximum(past_embedding, past_residual),
+            "combined_sum_ratio": past_embedding + past_residual,
             "mc_dropout": dropout.mutual_information,
             "head_ensemble": None
             if ensemble is None
@@ -312,7 +320,9 @@ def score_left_out_class(
         }
     truth = np.r_[np.zeros(len(known_images)), np.ones(len(novel_images))]
     report = {"n_known": len(known_images), "n_novel": len(novel_images)}
-    for key in ("density", "softmax", "residual", "combined", "mc_dropout", "head_ensemble"):
+    keys = ("density", "softmax", "residual", "combined", "combined_max_ratio")
+    keys += ("combined_sum_ratio", "mc_dropout", "head_ensemble")
+    for key in keys:
         if scores["known"][key] is None:
             continue
         ranked = np.r_[scores["known"][key], scores["novel"][key]]
