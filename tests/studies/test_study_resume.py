@@ -77,6 +77,15 @@ def test_a_resumed_study_trains_nothing_finished(first_run, monkeypatch):
         for key, value in rescored[name].items():
             assert recorded[key] == pytest.approx(value, abs=1e-6), (name, key)
         assert 0 <= recorded["auroc_mc_dropout"] <= 1 and 0 <= recorded["auroc_head_ensemble"] <= 1
+    # The summary's table shows every score, one cell per column.
+    lines = (out / "summary.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| left out |"))
+    header = lines[start]
+    row = next(line for line in lines[start:] if line.startswith("| Corner |"))
+    assert row.count("|") == header.count("|") and "AUROC head ensemble" in header
+    corner = first["leave_one_class_out"]["Corner"]
+    for key in ("auroc_mc_dropout", "auroc_head_ensemble", "auroc_combined_sum_ratio"):
+        assert f" {corner[key]:.3f} " in row, key
     # Each model trained without a class is kept, saying which class it never saw.
     kept = json.loads((out / "loco" / "without-class-2" / "model.json").read_text())
     assert kept["left_out"] == "Corner" and kept["model"]["classes"] == ["Bulk", "Centre"]

@@ -10,6 +10,18 @@ from scipy.special import log_softmax, softmax
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+# Leave-one-class-out novelty scores, as (name in tables, record key after "auroc_"):
+# what the study's summary and the HTML report show.
+LOCO_SCORES = (
+    ("density", "density"),
+    ("lattice residual", "residual"),
+    ("combined", "combined"),
+    ("combined, sum past thresholds", "combined_sum_ratio"),
+    ("MC dropout", "mc_dropout"),
+    ("head ensemble", "head_ensemble"),
+    ("softmax", "softmax"),
+)
+
 
 def classification_metrics(
     labels: np.ndarray,

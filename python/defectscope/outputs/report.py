@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from defectscope.evaluation.metrics import format_mean_std
+from defectscope.evaluation.metrics import LOCO_SCORES, format_mean_std
 from defectscope.io.files import atomic_write_text
 from defectscope.maps.scale import describe
 from defectscope.outputs import figures
@@ -142,27 +142,23 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
             "<h3>Leave one class out</h3><p>A model trained without the class; AUROC of "
             "&ldquo;the class is unknown&rdquo; against grouped held-out patches of the "
             "trained classes, by the embedding's feature density, the lattice residual's "
-            "density, the two combined, Monte Carlo dropout in the head, and the softmax "
-            "alone.</p>"
+            "density, the two combined, Monte Carlo dropout in the head, an ensemble of "
+            "heads on the shared trunk, and the softmax alone.</p>"
         )
+        keys = [f"auroc_{key}" for _, key in LOCO_SCORES]
         rows = [
-            [c, "skipped: " + r["skipped"], "", "", "", "", "", "", ""]
+            [c, "skipped: " + r["skipped"], *[""] * (len(keys) + 2)]
             if "skipped" in r
             else [
                 c,
                 r["n_novel"],
-                r["auroc_density"],
-                r.get("auroc_residual", "–"),
-                r.get("auroc_combined", "–"),
-                r.get("auroc_mc_dropout", "–"),
-                r["auroc_softmax"],
+                *[r.get(key, "–") for key in keys],
                 r["novel_unknown"],
                 r["known_unknown"],
             ]
             for c, r in loco.items()
         ]
-        header = ["left out", "its patches", "AUROC density", "AUROC lattice residual"]
-        header += ["AUROC combined", "AUROC MC dropout", "AUROC softmax"]
+        header = ["left out", "its patches", *[f"AUROC {name}" for name, _ in LOCO_SCORES]]
         parts.append(_table([*header, "left-out unknown", "known unknown"], rows))
     parts.append('<div class="grid">')
     for name, part in (("random", rnd), ("grouped", grouped)):

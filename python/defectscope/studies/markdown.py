@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from defectscope.evaluation.metrics import LOCO_SCORES
 from defectscope.evaluation.metrics import format_mean_std as fmt
 
 
@@ -117,15 +118,16 @@ def loco_markdown(report: dict) -> list[str]:
     loco = report.get("leave_one_class_out")
     if not loco:
         return []
+    columns = [(f"AUROC {name}", f"auroc_{key}") for name, key in LOCO_SCORES]
     lines = [
         "",
         'Leave one class out: trained without the class, AUROC of "the class is unknown" '
         "against held-out (grouped test) patches of the trained classes:",
         "",
-        "| left out | its patches | held-out known | AUROC density | AUROC lattice residual "
-        "| AUROC combined | AUROC MC dropout | AUROC softmax | left-out flagged unknown (combined) "
-        "| known flagged unknown (combined) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| left out | its patches | held-out known | "
+        + " | ".join(header for header, _ in columns)
+        + " | left-out flagged unknown (combined) | known flagged unknown (combined) |",
+        "|---|---|---|" + "---|" * (len(columns) + 2),
     ]
 
     def number(r: dict, key: str) -> str:
@@ -134,14 +136,13 @@ def loco_markdown(report: dict) -> list[str]:
 
     for c, r in loco.items():
         if "skipped" in r:
-            lines.append(f"| {c} | skipped: {r['skipped']} | | | | | | | | |")
+            lines.append(f"| {c} | skipped: {r['skipped']} |" + " |" * (len(columns) + 3))
             continue
-        lines.append(
-            f"| {c} | {r['n_novel']} | {r['n_known']} | {r['auroc_density']:.3f} | "
-            f"{number(r, 'auroc_residual')} | {number(r, 'auroc_combined')} | "
-            f"{number(r, 'auroc_mc_dropout')} | {r['auroc_softmax']:.3f} | "
-            f"{r['novel_unknown']:.3f} "
-            f"({number(r, 'novel_unknown_combined')}) | {r['known_unknown']:.3f} "
-            f"({number(r, 'known_unknown_combined')}) |"
-        )
+        cells = [str(r["n_novel"]), str(r["n_known"])]
+        cells += [number(r, key) for _, key in columns]
+        cells += [
+            f"{r['novel_unknown']:.3f} ({number(r, 'novel_unknown_combined')})",
+            f"{r['known_unknown']:.3f} ({number(r, 'known_unknown_combined')})",
+        ]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
