@@ -51,7 +51,7 @@ def test_matches_torch_dropout_in_the_head():
     assert (scores.mutual_information > 0.01).any()  # dropout does disagree here
 
 
-def test_repeatable_with_a_seed_and_blocks_change_nothing_but_the_masks():
+def test_repeatable_with_a_seed():
     embeddings, weight, bias = _head(n=2100)
     a = mc_dropout_scores(embeddings, weight, bias, 0.3, samples=8, seed=5)
     b = mc_dropout_scores(embeddings, weight, bias, 0.3, samples=8, seed=5)
@@ -144,3 +144,27 @@ def test_head_ensemble_scores_refuse_bad_members():
         head_ensemble_scores(features, _members()[:1] + _members(classes=4)[:1])
     with pytest.raises(ValueError, match="NaN"):
         head_ensemble_scores(np.full((2, 16), np.inf, np.float32), _members())
+
+
+def test_head_ensemble_scores_do_not_depend_on_the_block_size(monkeypatch):
+    from defectscope.artifacts import disagreement
+
+    features = np.random.default_rng(4).normal(size=(50, 16)).astype(np.float32)
+    members = _members()
+    whole = disagreement.head_ensemble_scores(features, members)
+    monkeypatch.setattr(disagreement, "_BLOCK", 7)
+    blocked = disagreement.head_ensemble_scores(features, members)
+    np.testing.assert_allclose(blocked.mutual_information, whole.mutual_information, rtol=1e-6)
+    np.testing.assert_allclose(blocked.probabilities, whole.probabilities, rtol=1e-6)
+
+
+def test_non_finite_heads_are_refused():
+    from defectscope.artifacts.disagreement import head_ensemble_scores
+
+    members = _members()
+    members[1].weight[0, 0] = np.nan
+    with pytest.raises(ValueError, match="member 1 output weight or bias hold NaN"):
+        head_ensemble_scores(np.zeros((2, 16), np.float32), members)
+    embeddings, weight, bias = _head()
+    with pytest.raises(ValueError, match="head weight or bias hold NaN"):
+        mc_dropout_scores(embeddings, weight, np.full_like(bias, np.inf), 0.5)

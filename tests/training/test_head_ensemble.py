@@ -23,8 +23,11 @@ def test_members_fit_the_training_features_and_disagree_off_them():
     torch.set_num_threads(1)
     features, labels, centres = _clusters()
     state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     members = train_head_ensemble(features, labels, 3, members=5, epochs=30, seed=0)
-    assert torch.equal(state, torch.get_rng_state())  # the caller's generator untouched
+    assert torch.equal(state, torch.get_rng_state())  # the caller's generators untouched
+    if cuda_state is not None:
+        assert all(map(torch.equal, cuda_state, torch.cuda.get_rng_state_all()))
     assert len(members) == 5
     assert not np.array_equal(members[0].hidden_weight, members[1].hidden_weight)
     known = head_ensemble_scores(features, members)
@@ -60,3 +63,12 @@ def test_bad_settings_are_refused(kwargs, message):
     args = {"features": features, "labels": labels, "n_classes": 3, "epochs": 1} | kwargs
     with pytest.raises(ValueError, match=message):
         train_head_ensemble(**args)
+
+
+def test_a_feature_constant_in_training_does_not_blow_up_off_it():
+    """A trunk channel that never opens on the training patches is centred, not scaled
+    by its zero spread: opening it on a new window moves the logits by O(1), not 1e6."""
+    features, labels, _ = _clusters()
+    features[:, 0] = 0.0
+    members = train_head_ensemble(features, labels, 3, members=2, epochs=5, seed=0)
+    assert max(np.abs(m.hidden_weight[:, 0]).max() for m in members) < 10

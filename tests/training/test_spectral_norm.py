@@ -37,6 +37,12 @@ def test_every_layer_is_bounded_and_free_layers_left_alone():
     x = torch.randn(4, 3, 64, 64)
     for _ in range(3):  # power iterations run in training steps
         model(x)
+    # A last step that leaves the running variances as they are, so the gains' bound is
+    # read on the variances now held.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.0
+    model(x)
     for module in model.modules():
         if isinstance(module, nn.Conv2d | nn.Linear) and module is not model.classifier:
             assert _sigma(module.weight) <= 3.0 * 1.01
@@ -95,3 +101,50 @@ def test_training_with_it_saves_an_ordinary_bounded_model(tmp_path):
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32))
     with torch.no_grad():
         torch.testing.assert_close(model(x), result.model(x))
+
+
+def test_frozen_layers_are_left_as_they_are():
+    torch.manual_seed(2)
+    model = build_model(3, weights="none", architecture="vgg16_bn", trainable_blocks=1)
+    frozen = model.features[0].weight.detach().clone()
+    n = apply_spectral_norm(model, 0.5, seed=0)
+    assert n == 3 + 3 + 1  # block 5's convs and batch norms, the embedding
+    model.train()
+    model(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(model.features[0].weight, frozen)
+
+
+def test_batchnorm_re_estimation_sees_the_weights_evaluation_uses():
+    """Re-estimating batch-norm statistics (no gradients) must not move the bounds: the
+    constrained model and its baked copy gather the same statistics."""
+    from defectscope.training.loop import recalibrate_batchnorm
+
+    def constrained():
+        torch.manual_seed(3)
+        model = build_model(3, weights="none", architecture="vgg16_bn")
+        with torch.no_grad():
+            model.features[1].weight.fill_(20.0)  # a gain the bound cuts
+        apply_spectral_norm(model, 2.0, seed=0)
+        return model
+
+    model = constrained()
+    model.train()
+    for _ in range(2):
+        model(torch.randn(4, 3, 64, 64) * 0.3)
+    # Not copy.deepcopy: a parametrized copy shares its class with the original, and
+    # removing the copy's parametrizations would remove the original's properties.
+    baked = constrained()
+    baked.load_state_dict(model.state_dict())
+    baked.eval()
+    remove_spectral_norm(baked)
+    inputs = np.random.default_rng(0).normal(size=(16, 3, 64, 64)).astype(np.float32) * 0.3
+    assert recalibrate_batchnorm(model, inputs, batch_size=8)
+    assert recalibrate_batchnorm(baked, inputs, batch_size=8)
+    model.eval()  # reading the weights in a training step would move the bounds
+    norms = 0
+    for a, b in zip(model.features, baked.features, strict=True):
+        if isinstance(a, nn.BatchNorm2d):
+            torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a.weight, b.weight)
+            norms += 1
+    assert norms == 13

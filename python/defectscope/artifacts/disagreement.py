@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Windows per block: samples x block x embedding float32 stays near 32 MB at the defaults.
+# Windows per block: MC dropout holds about three samples x block x embedding float32
+# arrays at once (mask, product, logits' input), ~100 MB at 32 samples of 256 features.
 _BLOCK = 1024
 
 
@@ -82,6 +83,8 @@ def _check_layer(weight: np.ndarray, bias: np.ndarray, inputs: int, what: str):
         raise ValueError(f"{what} weight must be (outputs, {inputs}), got shape {weight.shape}")
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"{what} bias must be ({weight.shape[0]},), got shape {bias.shape}")
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise ValueError(f"{what} weight or bias hold NaN or infinite values")
     return weight, bias
 
 

@@ -16,6 +16,7 @@ LOCO_SCORES = (
     ("density", "density"),
     ("lattice residual", "residual"),
     ("combined", "combined"),
+    ("combined, larger past threshold", "combined_max_ratio"),
     ("combined, sum past thresholds", "combined_sum_ratio"),
     ("MC dropout", "mc_dropout"),
     ("head ensemble", "head_ensemble"),

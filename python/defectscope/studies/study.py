@@ -22,6 +22,7 @@ from scipy.special import softmax
 from defectscope._version import __version__
 from defectscope.evaluation.grouping import Groups, find_groups
 from defectscope.evaluation.metrics import (
+    LOCO_SCORES,
     Split,
     calibration_report,
     classification_metrics,
@@ -256,6 +257,11 @@ def _drop_class(patches: PatchSet, index: np.ndarray, drop: int) -> PatchSet:
     )
 
 
+def _log_past(distance: np.ndarray, threshold: float) -> np.ndarray:
+    """log(distance / threshold), finite for zero distances and thresholds."""
+    return np.log(np.maximum(distance, 1e-30)) - np.log(max(float(threshold), 1e-30))
+
+
 def score_left_out_class(
     model,
     density,
@@ -300,8 +306,8 @@ def score_left_out_class(
         )
         # How far past its own unknown threshold each density puts a patch, in log
         # units: unlike the calibrated uncertainties these do not saturate at 1.
-        past_embedding = np.log(np.maximum(distance, 1e-30) / density.threshold)
-        past_residual = np.log(np.maximum(residual_distance, 1e-30) / residual.density.threshold)
+        past_embedding = _log_past(distance, density.threshold)
+        past_residual = _log_past(residual_distance, residual.density.threshold)
         scores[part] = {
             "density": distance,
             "softmax": 1 - softmax(logits, axis=1).max(axis=1),
@@ -320,9 +326,7 @@ def score_left_out_class(
         }
     truth = np.r_[np.zeros(len(known_images)), np.ones(len(novel_images))]
     report = {"n_known": len(known_images), "n_novel": len(novel_images)}
-    keys = ("density", "softmax", "residual", "combined", "combined_max_ratio")
-    keys += ("combined_sum_ratio", "mc_dropout", "head_ensemble")
-    for key in keys:
+    for key in (key for _, key in LOCO_SCORES):
         if scores["known"][key] is None:
             continue
         ranked = np.r_[scores["known"][key], scores["novel"][key]]
@@ -450,6 +454,12 @@ def rescore_left_out(
         name = record.get("left_out")
         if name not in patches.classes:
             raise ValueError(f"{directory}: left-out class {name!r} is not among the patches'")
+        trained = [c for c in patches.classes if c != name]
+        if list(config.classes) != trained:
+            raise ValueError(
+                f"{directory}: model classes {list(config.classes)} are not the patches' "
+                f"without {name!r}, {trained}"
+            )
         for key in ("density", "residual_density"):
             if key not in record:
                 raise ValueError(f"{directory / 'model.json'}: records no {key}")

@@ -21,10 +21,11 @@ from defectscope.nets.vgg import DefectNet
 def trunk_features(model: DefectNet, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """The frozen trunk's output for normalized ``inputs``, flattened, float32 (n, d)."""
     model.eval()
+    device = next(model.parameters()).device
     parts = []
     for start in range(0, len(inputs), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size]))
-        parts.append(torch.flatten(model.features(batch), 1).float().numpy())
+        parts.append(torch.flatten(model.features(batch.to(device)), 1).float().cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
@@ -44,8 +45,8 @@ def train_head_ensemble(
 
     Each member starts from its own random weights and sees the patches in its own
     order (seed ``seed + member``); features are standardized inside the first layer
-    (its weights absorb the training set's mean and spread), so members read raw trunk
-    features at scoring time.
+    (its weights absorb the training set's mean and spread; constant features are only
+    centred), so members read raw trunk features at scoring time.
 
     Parameters
     ----------
@@ -65,15 +66,19 @@ def train_head_ensemble(
     if labels.min() < 0 or labels.max() >= n_classes:
         raise ValueError(f"labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
     mean = features.mean(axis=0)
-    scale = features.std(axis=0) + 1e-6
+    # A feature constant over the training set (a channel ReLU never opens) is left
+    # unscaled: dividing by its ~0 spread would multiply untrained weights by 1e6 on
+    # any window that opens it.
+    spread = features.std(axis=0)
+    scale = np.where(spread > 1e-6, spread, 1.0).astype(np.float32)
     x = torch.from_numpy((features - mean) / scale)
     y = torch.from_numpy(labels)
     heads = []
     for member in range(members):
-        # Its own seed for the start, the order and dropout, leaving the caller's
-        # global generator as it was.
+        # Its own seed for the start, the order and dropout, from the CPU generator
+        # only (torch.manual_seed would reseed the GPUs' too), restored afterwards.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + member)
+            torch.default_generator.manual_seed(seed + member)
             head = nn.Sequential(
                 nn.Linear(features.shape[1], hidden),
                 nn.ReLU(),

@@ -319,9 +319,10 @@ def train_classifier(
     else:
         best_epoch = len(history) - 1
     # The kept weights, normalized, become plain ones: an ordinary VGG-16 from here on.
+    model.eval()
     remove_spectral_norm(model)
     # What comes after (scoring, densities, export, saving) runs on the CPU model.
-    model.to("cpu").eval()
+    model.to("cpu")
     result = TrainResult(model, model_config, history, best_epoch, time.perf_counter() - started)
     result.start_weights = describe_weights(weights, config.architecture)
     check_learning(result, bn_inputs, train.labels[bn_subset], val_inputs, validation, config)
