@@ -27,6 +27,16 @@ def _field(default: Any, help: str, **more: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **more})
 
 
+def _positive_finite(value: Any) -> bool:
+    """A real number (not a bool) that is finite and > 0."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training hyper-parameters; stored in the checkpoint's JSON.
@@ -141,23 +151,13 @@ class TrainConfig:
         ):
             raise ValueError(f"trunk learning-rate scale must be in [0, 10], got {scale!r}")
         coefficient = self.spectral_norm
-        if coefficient is not None and (
-            isinstance(coefficient, bool)
-            or not isinstance(coefficient, int | float)
-            or not math.isfinite(coefficient)
-            or coefficient <= 0
-        ):
+        if coefficient is not None and not _positive_finite(coefficient):
             raise ValueError(
                 f"spectral norm coefficient (--spectral-norm) must be a finite number > 0, "
                 f"got {coefficient!r}"
             )
         size = self.pixel_size
-        if size is not None and (
-            isinstance(size, bool)
-            or not isinstance(size, int | float)
-            or not math.isfinite(size)
-            or size <= 0
-        ):
+        if size is not None and not _positive_finite(size):
             raise ValueError(f"pixel size (--pixel-size) must be a finite number > 0, got {size!r}")
         unit = self.unit
         if not isinstance(unit, str) or not unit.strip() or len(unit) > MAX_UNIT_LENGTH:

@@ -385,6 +385,12 @@ def check_learning(
     result.fit = fit
 
 
+def _density_fit_sets(train: PatchSet, validation: PatchSet | None, augmentation, seed: int):
+    """:func:`~defectscope.training.augment.density_fit_sets` of two patch sets."""
+    held = None if validation is None else validation.images
+    return density_fit_sets(train.images, train.labels, held, augmentation, seed)
+
+
 def fit_model_density(
     model: DefectNet,
     train: PatchSet,
@@ -423,13 +429,7 @@ def fit_model_density(
         inputs = patches_to_inputs(images, normalization)
         return predict_logits(model, inputs, precision=precision)[1]
 
-    images, labels, held_out = density_fit_sets(
-        train.images,
-        train.labels,
-        None if validation is None else validation.images,
-        augmentation,
-        seed,
-    )
+    images, labels, held_out = _density_fit_sets(train, validation, augmentation, seed)
     held_out = None if held_out is None else embeddings(held_out)
     return fit_density(embeddings(images), labels, len(train.classes), held_out)
 
@@ -462,13 +462,7 @@ def fit_patch_residual_density(
     """
     from defectscope.artifacts.residual_density import fit_residual_density
 
-    images, labels, held_out = density_fit_sets(
-        train.images,
-        train.labels,
-        None if validation is None else validation.images,
-        augmentation,
-        seed,
-    )
+    images, labels, held_out = _density_fit_sets(train, validation, augmentation, seed)
     return fit_residual_density(images, labels, len(train.classes), held_out)
 
 
