@@ -198,6 +198,53 @@ def test_locate_patches_finds_crops():
     assert match_template(frame, crops[1])[5, 60] == pytest.approx(brute, abs=1e-9)
 
 
+@pytest.mark.parametrize(
+    "frame_shape, template_shape", [((150, 170), (32, 32)), ((151, 173), (20, 33))]
+)
+def test_shared_fft_correlation_equals_skimage_per_template(frame_shape, template_shape):
+    from defectscope.evaluation.provenance import _FrameCorrelator, match_template
+
+    rng = np.random.default_rng(11)
+    frame = rng.normal(size=frame_shape) * 40 + 100
+    frame[60:110, 40:100] = 7.0  # flat: no spread to correlate with
+    frame[0:30, 0:50] = 5.0 + 1e-3 * rng.normal(size=(30, 50))  # little spread
+    h, w = template_shape
+    templates = rng.normal(size=(5, h, w))
+    templates[1] = frame[3 : 3 + h, 9 : 9 + w]
+    templates[2] = 3.0  # a flat template correlates with nothing
+    templates[3] = frame[70 : 70 + h, 50 : 50 + w]  # cut from the flat region
+    ncc = _FrameCorrelator(frame.astype(">f8"), template_shape).correlate(
+        templates.astype(np.uint8)
+    )
+    for template, mine in zip(templates.astype(np.uint8), ncc, strict=True):
+        # Inside the flat region both are rounding noise (skimage's window variance
+        # cancels to ~1e-13 rather than 0): equal to 1e-6, not to the last bit.
+        np.testing.assert_allclose(mine, match_template(frame, template), atol=1e-6)
+
+
+def test_locate_patches_agrees_with_per_patch_matching_and_refuses_bad_shapes():
+    from defectscope.evaluation.provenance import locate_patches, match_template
+
+    rng = np.random.default_rng(12)
+    frame = rng.normal(size=(120, 140))
+    crops = np.stack([frame[r : r + 24, c : c + 24] for r, c in [(0, 0), (96, 116), (40, 77)]])
+    crops = np.concatenate([crops, rng.normal(size=(30, 24, 24))])  # spans two chunks
+    positions, scores = locate_patches(frame, crops, threshold=0.9)
+    assert positions[:3].tolist() == [[0, 0], [96, 116], [40, 77]]
+    assert (positions[3:] == -1).all()
+    for i in (0, 5, 32):
+        ncc = match_template(frame, crops[i])
+        assert scores[i] == pytest.approx(ncc.max(), abs=1e-9)
+    empty = locate_patches(frame, np.zeros((0, 24, 24)))
+    assert empty[0].shape == (0, 2) and empty[1].shape == (0,)
+    with pytest.raises(ValueError, match="smaller than the templates"):
+        locate_patches(frame[:20], crops)
+    with pytest.raises(ValueError, match=r"\(n, h, w\)"):
+        locate_patches(frame, crops[0])
+    with pytest.raises(ValueError, match="2-D image"):
+        locate_patches(np.stack([frame, frame]), crops)
+
+
 def test_a_same_phase_lattice_region_is_not_taken_for_the_crop():
     from defectscope.evaluation.provenance import locate_patches
     from defectscope.studies.frame_check import CROP_MATCH_THRESHOLD

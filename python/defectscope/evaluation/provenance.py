@@ -24,22 +24,114 @@ def match_template(frame: np.ndarray, template: np.ndarray) -> np.ndarray:
     return skimage_match_template(frame, template)
 
 
+class _FrameCorrelator:
+    """Normalized cross-correlation of many same-sized templates with one frame.
+
+    What :func:`match_template` computes, with the work every template shares done
+    once: the frame's Fourier transform and its window sums (which skimage recomputes
+    for each template, 90 % of the time of locating 1119 crops in a 768 px frame).
+    A circular correlation over a transform at least as large as the frame gives the
+    valid positions exactly: no product of a valid position wraps around.
+    """
+
+    # Templates transformed together: bounds memory at ~chunk x frame complex128.
+    CHUNK = 16
+
+    def __init__(self, frame: np.ndarray, shape: tuple[int, int]) -> None:
+        from scipy import fft
+
+        frame = np.asarray(frame, dtype=np.float64)
+        if frame.ndim != 2:
+            raise ValueError(f"frame must be a 2-D image, got shape {frame.shape}")
+        h, w = shape
+        if frame.shape[0] < h or frame.shape[1] < w:
+            raise ValueError(
+                f"frame {frame.shape} is smaller than the templates {shape}: "
+                "nothing can be located in it"
+            )
+        self.shape = shape
+        self.fft_shape = (
+            fft.next_fast_len(frame.shape[0], real=True),
+            fft.next_fast_len(frame.shape[1], real=True),
+        )
+        self.frame_fft = fft.rfft2(frame, s=self.fft_shape)
+        self.valid = (frame.shape[0] - h + 1, frame.shape[1] - w + 1)
+        sums = _window_sums(frame, shape)
+        # Sum of squared deviations of each frame window from its own mean.
+        self.frame_ssd = np.maximum(_window_sums(frame * frame, shape) - sums * sums / (h * w), 0)
+        spread = np.sqrt(self.frame_ssd)
+        self.inverse_spread = np.divide(1.0, spread, out=np.zeros_like(spread), where=spread > 0)
+        self.smallest_ssd = float(self.frame_ssd.min())
+
+    def correlate(self, templates: np.ndarray) -> np.ndarray:
+        """``(n, H - h + 1, W - w + 1)`` correlations of ``templates`` (n, h, w), in [-1, 1]."""
+        from scipy import fft
+
+        templates = np.asarray(templates, dtype=np.float64)
+        centred = templates - templates.mean(axis=(1, 2), keepdims=True)
+        template_ssd = (centred * centred).sum(axis=(1, 2))
+        # Correlation is convolution with the template turned by 180 degrees; the valid
+        # position (r, c) then sits at (r + h - 1, c + w - 1) of the circular result.
+        flipped = centred[:, ::-1, ::-1]
+        product = fft.rfft2(flipped, s=self.fft_shape, workers=-1) * self.frame_fft
+        full = fft.irfft2(product, s=self.fft_shape, workers=-1)
+        h, w = self.shape
+        numerator = full[:, h - 1 : h - 1 + self.valid[0], w - 1 : w - 1 + self.valid[1]]
+        response = numerator * self.inverse_spread[None]
+        template_spread = np.sqrt(template_ssd)
+        response *= np.divide(
+            1.0, template_spread, out=np.zeros_like(template_spread), where=template_spread > 0
+        )[:, None, None]
+        # Where the two spreads' product is below machine epsilon there is nothing to
+        # compare: 0, as in skimage (flat windows and flat templates are 0 already).
+        tiny = np.finfo(np.float64).eps ** 2
+        for i, ssd in enumerate(template_ssd):
+            if ssd > 0 and self.smallest_ssd * ssd <= tiny:
+                response[i][self.frame_ssd * ssd <= tiny] = 0.0
+        return response
+
+
+def _window_sums(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Sum of ``image`` over every ``shape`` window at a valid position (integral image)."""
+    integral = np.zeros((image.shape[0] + 1, image.shape[1] + 1))
+    np.cumsum(np.cumsum(image, axis=0), axis=1, out=integral[1:, 1:])
+    h, w = shape
+    return integral[h:, w:] - integral[:-h, w:] - integral[h:, :-w] + integral[:-h, :-w]
+
+
 def locate_patches(
     frame: np.ndarray, patches: np.ndarray, threshold: float = 0.95
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``(row, col)`` of each patch in ``frame`` and its correlation.
 
-    Patches whose best correlation is below ``threshold`` were not cut from this
-    frame; their position is ``(-1, -1)``.
+    The correlation is :func:`match_template`'s, for all patches at once. Patches whose
+    best correlation is below ``threshold`` were not cut from this frame; their
+    position is ``(-1, -1)``.
+
+    Parameters
+    ----------
+    frame : ndarray, shape (H, W)
+    patches : ndarray, shape (n, h, w)
+        Patches of one size, at most the frame's.
+    threshold : float
     """
+    patches = np.asarray(patches)
+    if patches.ndim != 3:
+        raise ValueError(f"patches must be an array (n, h, w), got shape {patches.shape}")
     positions = np.full((len(patches), 2), -1, dtype=np.int64)
     scores = np.zeros(len(patches))
-    for i, patch in enumerate(patches):
-        ncc = match_template(frame, patch)
-        best = int(ncc.argmax())
-        scores[i] = ncc.flat[best]
-        if scores[i] >= threshold:
-            positions[i] = np.unravel_index(best, ncc.shape)
+    if len(patches) == 0:
+        return positions, scores
+    correlator = _FrameCorrelator(frame, patches.shape[1:])
+    for start in range(0, len(patches), correlator.CHUNK):
+        ncc = correlator.correlate(patches[start : start + correlator.CHUNK])
+        flat = ncc.reshape(len(ncc), -1)
+        best = flat.argmax(axis=1)
+        for offset, index in enumerate(best):
+            i = start + offset
+            scores[i] = flat[offset, index]
+            if scores[i] >= threshold:
+                positions[i] = np.unravel_index(index, ncc.shape[1:])
     return positions, scores
 
 
