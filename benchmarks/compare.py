@@ -39,6 +39,10 @@ def load(paths: list[str]) -> list[dict]:
     return rows
 
 
+# bench_study.py's variants that are the code before its speed-ups.
+STUDY_BASELINES = ("nchw", "per-crop skimage")
+
+
 def report(rows: list[dict]) -> str:
     lines = [f"machine: {machine()}", ""]
     tiling = [r for r in rows if r["name"].startswith("test_tile_2048")]
@@ -171,6 +175,25 @@ def report(rows: list[dict]) -> str:
                 f"| {mode} | {seconds:.1f} | {e['frames_per_s']:.2f} | {ratio} | "
                 f"{e['mean_map_ms']:.0f} | {overhead} |"
             )
+        lines.append("")
+    study = [r for r in rows if r["file"] == "study.json"]
+    if study:
+        lines += [
+            "## main job's inner loops: before vs now (bench_study.py)",
+            "",
+            "| what | before s | now s | speed-up |",
+            "|---|---|---|---|",
+        ]
+        groups: dict[str, dict[str, float]] = defaultdict(dict)
+        for r in study:
+            variant = next(iter(r["params"].values()), "")
+            when = "before" if variant in STUDY_BASELINES else "now"
+            groups[r["group"]][when] = r["mean"]
+        for group, means in groups.items():
+            if set(means) != {"before", "now"}:
+                continue
+            before, now = means["before"], means["now"]
+            lines.append(f"| {group} | {before:.3f} | {now:.3f} | {before / now:.2f}x |")
         lines.append("")
     memory = [r for r in rows if r["name"].startswith("test_memmap_16k")]
     for r in memory:
