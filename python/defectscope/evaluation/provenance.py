@@ -7,6 +7,8 @@ positions of the crops of each class say where that class must be mapped.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 
@@ -34,13 +36,14 @@ class _FrameCorrelator:
     valid positions exactly: no product of a valid position wraps around.
     """
 
-    # Templates transformed together: bounds memory at ~chunk x frame complex128.
-    CHUNK = 16
+    # Memory for the templates correlated together: each one holds about four
+    # frame-sized float64 arrays (its transform, the product, the correlation, the score).
+    CHUNK_BYTES = 256 * 2**20
 
     def __init__(self, frame: np.ndarray, shape: tuple[int, int]) -> None:
         from scipy import fft
 
-        frame = np.asarray(frame, dtype=np.float64)
+        frame = np.array(frame, dtype=np.float64)
         if frame.ndim != 2:
             raise ValueError(f"frame must be a 2-D image, got shape {frame.shape}")
         h, w = shape
@@ -49,12 +52,18 @@ class _FrameCorrelator:
                 f"frame {frame.shape} is smaller than the templates {shape}: "
                 "nothing can be located in it"
             )
+        # Centred, so the window sums do not cancel a large offset away (uint16 frames
+        # sit at thousands of counts); the correlation does not change.
+        frame -= frame.mean()
         self.shape = shape
         self.fft_shape = (
             fft.next_fast_len(frame.shape[0], real=True),
             fft.next_fast_len(frame.shape[1], real=True),
         )
         self.frame_fft = fft.rfft2(frame, s=self.fft_shape)
+        self.chunk = max(1, self.CHUNK_BYTES // (4 * 8 * self.fft_shape[0] * self.fft_shape[1]))
+        # The cores this process may use (os.cpu_count() ignores a container's limit).
+        self.workers = len(os.sched_getaffinity(0))
         self.valid = (frame.shape[0] - h + 1, frame.shape[1] - w + 1)
         sums = _window_sums(frame, shape)
         # Sum of squared deviations of each frame window from its own mean.
@@ -73,8 +82,8 @@ class _FrameCorrelator:
         # Correlation is convolution with the template turned by 180 degrees; the valid
         # position (r, c) then sits at (r + h - 1, c + w - 1) of the circular result.
         flipped = centred[:, ::-1, ::-1]
-        product = fft.rfft2(flipped, s=self.fft_shape, workers=-1) * self.frame_fft
-        full = fft.irfft2(product, s=self.fft_shape, workers=-1)
+        product = fft.rfft2(flipped, s=self.fft_shape, workers=self.workers) * self.frame_fft
+        full = fft.irfft2(product, s=self.fft_shape, workers=self.workers)
         h, w = self.shape
         numerator = full[:, h - 1 : h - 1 + self.valid[0], w - 1 : w - 1 + self.valid[1]]
         response = numerator * self.inverse_spread[None]
@@ -92,11 +101,16 @@ class _FrameCorrelator:
 
 
 def _window_sums(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Sum of ``image`` over every ``shape`` window at a valid position (integral image)."""
-    integral = np.zeros((image.shape[0] + 1, image.shape[1] + 1))
-    np.cumsum(np.cumsum(image, axis=0), axis=1, out=integral[1:, 1:])
+    """Sum of ``image`` over every ``shape`` window at a valid position.
+
+    One axis at a time, differencing after each running sum (as skimage does): the
+    running sums then grow over one axis, not the whole frame, and cancel less.
+    """
     h, w = shape
-    return integral[h:, w:] - integral[:-h, w:] - integral[h:, :-w] + integral[:-h, :-w]
+    rows = np.cumsum(image, axis=0)
+    rows = np.concatenate([rows[h - 1 : h], rows[h:] - rows[:-h]])
+    both = np.cumsum(rows, axis=1)
+    return np.concatenate([both[:, w - 1 : w], both[:, w:] - both[:, :-w]], axis=1)
 
 
 def locate_patches(
@@ -123,8 +137,8 @@ def locate_patches(
     if len(patches) == 0:
         return positions, scores
     correlator = _FrameCorrelator(frame, patches.shape[1:])
-    for start in range(0, len(patches), correlator.CHUNK):
-        ncc = correlator.correlate(patches[start : start + correlator.CHUNK])
+    for start in range(0, len(patches), correlator.chunk):
+        ncc = correlator.correlate(patches[start : start + correlator.chunk])
         flat = ncc.reshape(len(ncc), -1)
         best = flat.argmax(axis=1)
         for offset, index in enumerate(best):
