@@ -40,7 +40,7 @@ def load(paths: list[str]) -> list[dict]:
 
 
 # bench_study.py's variants that are the code before its speed-ups.
-STUDY_BASELINES = ("nchw", "per-crop skimage")
+STUDY_BASELINES = ("per-crop skimage",)
 
 
 def report(rows: list[dict]) -> str:

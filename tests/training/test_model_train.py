@@ -375,26 +375,3 @@ def test_skipped_files_are_listed_and_recorded(tmp_path):
         torch.set_num_threads(threads)
     record = json.loads((tmp_path / "m" / "model.json").read_text())
     assert {Path(s["path"]).name for s in record["skipped"]} == {"._p0.tif", ".ipynb_checkpoints"}
-
-
-def test_model_input_is_the_batch_in_channels_last_memory():
-    from defectscope.nets.device import model_input
-
-    rng = np.random.default_rng(4)
-    batch = rng.normal(size=(3, 3, 64, 64)).astype(">f4")  # big-endian, as a file may hold
-    x = model_input(batch)
-    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-    np.testing.assert_array_equal(x.numpy(), batch.astype(np.float32))
-    flat = model_input(np.arange(6, dtype=np.float32).reshape(2, 3))  # not a window batch
-    assert flat.shape == (2, 3) and flat.is_contiguous()
-    # The network gives the same outputs on it as on the plain (NCHW) batch.
-    torch.manual_seed(0)
-    model = build_model(3, weights="none", patch_size=64).eval()
-    with torch.inference_mode():
-        plain = model.forward_with_embedding(torch.from_numpy(batch.astype(np.float32)))
-        fast = model.forward_with_embedding(x)
-    for a, b in zip(plain, fast, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    logits, embeddings = predict_logits(model, batch.astype(np.float32), batch_size=2)
-    torch.testing.assert_close(torch.from_numpy(logits), plain[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(embeddings), plain[1], rtol=1e-4, atol=1e-5)

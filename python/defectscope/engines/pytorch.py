@@ -52,12 +52,10 @@ class TorchEngine(Engine):
         self._autocast = autocast_dtype(precision) if self.device.type == "cpu" else None
 
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from defectscope.nets.device import model_input
-
         torch = self.torch
         dtype = self._autocast
         with torch.inference_mode():
-            x = model_input(inputs, self.device)
+            x = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
             with torch.autocast(
                 self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
             ):

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from defectscope.artifacts.disagreement import HeadMember
-from defectscope.nets.device import model_input
 from defectscope.nets.vgg import DefectNet
 
 
@@ -25,8 +24,8 @@ def trunk_features(model: DefectNet, inputs: np.ndarray, batch_size: int = 64) -
     device = next(model.parameters()).device
     parts = []
     for start in range(0, len(inputs), batch_size):
-        batch = model_input(inputs[start : start + batch_size], device)
-        parts.append(torch.flatten(model.features(batch), 1).float().cpu().numpy())
+        batch = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size]))
+        parts.append(torch.flatten(model.features(batch.to(device)), 1).float().cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
