@@ -94,6 +94,18 @@ def test_a_resumed_study_trains_nothing_finished(first_run, monkeypatch):
         run_study(three_classes(), out, CONFIG, "toy", progress=False, folds=3, loco=True)
 
 
+def test_only_the_grouped_split_s_model_carries_densities(first_run):
+    """model/ is the one maps use; model_random/ is the memorization exhibit."""
+    out, report = first_run
+    grouped = json.loads((out / "model" / "model.json").read_text())
+    shown = json.loads((out / "model_random" / "model.json").read_text())
+    assert grouped["density"] and grouped["residual_density"]
+    assert "density" not in shown and "residual_density" not in shown
+    assert shown["metrics"] == report["random"]["metrics"]
+    assert report["random"]["test_time_symmetry"] is None
+    assert report["grouped"]["test_time_symmetry"]["n_test"] == report["grouped"]["split"]["n_test"]
+
+
 def test_finished_work_is_not_reused_when_anything_changed(first_run):
     out, _ = first_run
     patches = three_classes()

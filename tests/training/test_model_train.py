@@ -219,6 +219,29 @@ def test_batchnorm_statistics_are_recalibrated_to_the_final_weights():
     assert not recalibrate_batchnorm(build_model(2, architecture="vgg16"), inputs)
 
 
+def test_batchnorm_recalibration_in_bf16_matches_fp32_to_its_rounding():
+    """Training in bf16 re-estimates the statistics in bf16 too: the same ones, rounded."""
+    import copy
+
+    from defectscope.training.loop import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(2, architecture="vgg16_bn").eval()
+    inputs = patches_to_inputs(toy_patches(4).images, Normalization())
+    in_bf16 = copy.deepcopy(model)
+    assert recalibrate_batchnorm(model, inputs, batch_size=4, precision="fp32")
+    assert recalibrate_batchnorm(in_bf16, inputs, batch_size=4, precision="bf16")
+    layers = [m for m in model.features if isinstance(m, torch.nn.BatchNorm2d)]
+    rounded = [m for m in in_bf16.features if isinstance(m, torch.nn.BatchNorm2d)]
+    for exact, bf16 in zip(layers, rounded, strict=True):
+        spread = exact.running_var.sqrt().mean().item()
+        np.testing.assert_allclose(bf16.running_mean, exact.running_mean, atol=0.05 * spread)
+        np.testing.assert_allclose(bf16.running_var, exact.running_var, rtol=0.1, atol=1e-3)
+    # The passes did run in bf16: the deepest statistics differ by its rounding.
+    assert not torch.equal(rounded[-1].running_mean, layers[-1].running_mean)
+    assert not in_bf16.training
+
+
 @pytest.mark.parametrize("min_delta, epochs_run", [(0.01, 5), (0.0, 7)])
 def test_patience_restarts_only_on_a_meaningful_gain(monkeypatch, min_delta, epochs_run):
     import defectscope.training.loop as train_module

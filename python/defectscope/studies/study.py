@@ -75,14 +75,16 @@ def evaluate_split(
     name: str | None = None,
     finished: FinishedWork | None = None,
     symmetry: bool = True,
+    densities: bool = True,
 ) -> dict:
     """Train on ``split.train``, early-stop on ``split.validation``, score ``split.test``.
 
-    The model is saved in ``model_dir`` with its feature density and metrics; a
-    training ``finished`` holds, with its model unchanged, is not run again. With
-    ``symmetry``, the test patches are also scored with test-time D4 averaging
-    (:func:`symmetry_effect`, eight more passes; ``test_time_symmetry`` is None
-    without it).
+    The model is saved in ``model_dir`` with its metrics and, with ``densities``, its
+    feature and lattice-residual densities (without them its maps call nothing
+    unknown); a training ``finished`` holds, with its model unchanged, is not run
+    again. With ``symmetry``, the test patches are also scored with test-time D4
+    averaging (:func:`symmetry_effect`, eight more passes; ``test_time_symmetry`` is
+    None without it).
     """
     unit = f"{split.name}-split"
     if finished is not None:
@@ -92,25 +94,22 @@ def evaluate_split(
     result, metrics, calibration = _score_split(
         patches, split, config, name or f"{split.name} split", progress
     )
-    train, val = patches.subset(split.train), patches.subset(split.validation)
-    density = fit_model_density(
-        result.model, train, val, config.normalization, augmentation=config.training_augmentation
-    )
     test = patches.subset(split.test)
     d4 = None
     if symmetry and len(test.labels):
         d4 = symmetry_effect(
             result.model, test.images, test.labels, config, calibration["temperature"]
         )
-    extra = {
-        "metrics": metrics,
-        "calibration": calibration,
-        "split": split.describe(),
-        "density": density.to_dict(),
-        "residual_density": fit_patch_residual_density(
-            train, val, augmentation=config.training_augmentation
-        ).to_dict(),
-    }
+    extra = {"metrics": metrics, "calibration": calibration, "split": split.describe()}
+    if densities:
+        train, val = patches.subset(split.train), patches.subset(split.validation)
+        augmentation = config.training_augmentation
+        extra["density"] = fit_model_density(
+            result.model, train, val, config.normalization, augmentation=augmentation
+        ).to_dict()
+        extra["residual_density"] = fit_patch_residual_density(
+            train, val, augmentation=augmentation
+        ).to_dict()
     save_training(model_dir, result, config, extra_record=extra)
     record = {
         "split": split.describe(),
@@ -512,7 +511,8 @@ def run_study(
     """Run the random-versus-grouped study and write it under ``out_dir``.
 
     Writes ``study.json``, ``summary.md``, ``groups.csv``, ``model/`` (trained on
-    the first grouped split, with honest metrics) and ``model_random/``; with
+    the first grouped split, with honest metrics and the densities that make its maps
+    say unknown) and ``model_random/`` (the random split's, without densities); with
     ``loco``, the models trained without each class under ``loco/``; with
     ``frame``, also ``frame_map/`` and a check of the map against the crops'
     positions; ``finished/`` holds what ``resume`` may reuse.
@@ -574,7 +574,9 @@ def run_study(
     }
     finished = FinishedWork(out_dir, patches, config, resume)
     with steps("training on the random split", spin=False):
-        # No D4 check here: on a random split it would measure memorized near-copies.
+        # No D4 check and no densities here: on a random split the check would measure
+        # memorized near-copies, and this model is the memorization exhibit, not one to
+        # map with (model/ is); nothing reads either.
         report["random"] = evaluate_split(
             patches,
             rnd,
@@ -583,6 +585,7 @@ def run_study(
             progress,
             finished=finished,
             symmetry=False,
+            densities=False,
         )
     with steps("training on the grouped split", spin=False):
         report["grouped"] = evaluate_split(

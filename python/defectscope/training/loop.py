@@ -81,15 +81,19 @@ BATCHNORM_PATCHES = 256
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, inputs: np.ndarray, batch_size: int = 32) -> bool:
+def recalibrate_batchnorm(
+    model: nn.Module, inputs: np.ndarray, batch_size: int = 32, precision: str = "fp32"
+) -> bool:
     """Re-estimate every batch-norm layer's running mean and variance on ``inputs``.
 
     The running statistics are an exponential average (momentum 0.1) over training
     batches whose weights kept changing; after a few epochs on a small data set they
     are far from the statistics of the final weights, and the model in eval mode
     classifies everything as one class although it fits its training data. Averaging
-    over fresh passes of the current weights ("precise BN") fixes that. Returns
-    False, doing nothing, for a model without batch norm.
+    over fresh passes of the current weights ("precise BN") fixes that. ``precision``
+    is that of the passes (training's: with bf16 autocast the statistics are those of
+    the activations training saw, at about half the fp32 time). Returns False, doing
+    nothing, for a model without batch norm.
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not layers or len(inputs) == 0:
@@ -101,10 +105,12 @@ def recalibrate_batchnorm(model: nn.Module, inputs: np.ndarray, batch_size: int 
         layer.momentum = None  # cumulative average over the passes below
     model.train()
     device = _model_device(model)
+    dtype = autocast_dtype(precision, device.type)
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
         if len(batch) > 1:
-            model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
+            with _autocast(device, dtype):
+                model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
     for layer, momentum in zip(layers, momenta, strict=True):
         layer.momentum = momentum
     model.train(was_training)
@@ -216,7 +222,7 @@ def train_classifier(
         weights=weights,
         patch_size=train.patch_size,
         embedding_dim=config.embedding_dim,
-        trainable_blocks=config.trainable_blocks,
+        trainable_blocks=config.blocks_to_train(weights),
         architecture=config.architecture,
     )
     if config.spectral_norm is not None:
@@ -287,7 +293,7 @@ def train_classifier(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(index)
         # Eval-mode statistics of this epoch's weights, before it is judged or kept.
-        recalibrate_batchnorm(model, bn_inputs, config.batch_size)
+        recalibrate_batchnorm(model, bn_inputs, config.batch_size, config.precision)
         record = {"epoch": epoch, "train_loss": total / seen, "train_accuracy": correct / seen}
         # An epoch before the model fits its training data beyond chance cannot be kept, and
         # patience only counts from there: a small validation fold can favour an untrained
@@ -482,6 +488,7 @@ def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, A
             "epochs": epochs,
             "patience": patience,
             "trunk_learning_rate": config.trunk_learning_rate(start),
+            "trainable_blocks": config.blocks_to_train(start),
         }
     return {
         "training": training,
@@ -612,7 +619,8 @@ def train_from_simulated(
         Added to model.json, next to ``"simulated"``.
     finetune_blocks : int, optional
         Conv blocks, counted from the top, that fine-tuning on ``real`` trains (the
-        rest keep the simulated weights); default ``config.trainable_blocks``.
+        rest keep the simulated weights); default ``config.trainable_blocks``, else the
+        pretrained schedule's (:meth:`TrainConfig.blocks_to_train`).
 
     Raises
     ------
