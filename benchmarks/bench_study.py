@@ -4,11 +4,6 @@
 skimage's ``match_template`` per crop (before) against the shared-FFT correlator of
 :func:`defectscope.evaluation.provenance.locate_patches` (now).
 
-``training step``: one fine-tuning step (batch 32 of 64 px, forward, backward, AdamW)
-with every conv block training (before) against the pretrained schedule's top blocks
-only (now, :data:`defectscope.training.config.PRETRAINED_TRAINABLE_BLOCKS`), at the
-precision ``auto`` gives on this machine.
-
 ``batch-norm re-estimation``: the statistics of 256 patches after each epoch, in fp32
 passes (before) against passes at the training's precision (now: bf16 autocast where the
 CPU has native bf16, else the same fp32).
@@ -24,10 +19,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectscope.artifacts.metadata import N_BLOCKS
 from defectscope.evaluation.provenance import locate_patches, match_template
 from defectscope.simulate.lattice import lattice_image
-from defectscope.training.config import PRETRAINED_TRAINABLE_BLOCKS
 from defectscope.util.system import cpu_description
 
 
@@ -57,40 +50,6 @@ def test_locate_crops(benchmark, frame_and_crops, how):
     else:
         positions = benchmark.pedantic(per_crop, rounds=3, warmup_rounds=1)
     np.testing.assert_array_equal(positions, corners)
-
-
-@pytest.mark.parametrize(
-    "how", ("all blocks", f"top {PRETRAINED_TRAINABLE_BLOCKS} blocks (pretrained schedule)")
-)
-def test_training_step(benchmark, how):
-    torch = pytest.importorskip("torch")
-    from defectscope.nets.device import _autocast, autocast_dtype
-    from defectscope.nets.vgg import build_model
-
-    benchmark.group = "fine-tuning step, batch 32 of 64 px"
-    benchmark.extra_info["cpu"] = cpu_description()
-    blocks = N_BLOCKS if how == "all blocks" else PRETRAINED_TRAINABLE_BLOCKS
-    torch.manual_seed(0)
-    model = build_model(4, weights="none", architecture="vgg16_bn", trainable_blocks=blocks)
-    model.train()
-    dtype = autocast_dtype("auto", "cpu")
-    benchmark.extra_info["precision"] = str(dtype or "float32")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 3, 64, 64, generator=generator)
-    y = torch.randint(0, 4, (32,), generator=generator)
-    device = torch.device("cpu")
-
-    def step():
-        with _autocast(device, dtype):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    loss = benchmark.pedantic(step, rounds=5, warmup_rounds=1)
-    assert np.isfinite(loss)
 
 
 @pytest.mark.parametrize("how", ("fp32 passes", "training's precision"))

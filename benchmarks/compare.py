@@ -40,7 +40,7 @@ def load(paths: list[str]) -> list[dict]:
 
 
 # bench_study.py's variants that are the code before its speed-ups.
-STUDY_BASELINES = ("per-crop skimage", "all blocks", "fp32 passes")
+STUDY_BASELINES = ("per-crop skimage", "fp32 passes")
 
 
 def report(rows: list[dict]) -> str:

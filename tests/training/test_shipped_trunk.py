@@ -18,11 +18,7 @@ from defectscope.nets.vgg import (  # noqa: E402
     build_model,
     resolve_weights,
 )
-from defectscope.training.config import (  # noqa: E402
-    PRETRAINED_TRAINABLE_BLOCKS,
-    PRETRAINED_TRUNK_LR_SCALE,
-    TrainConfig,
-)
+from defectscope.training.config import PRETRAINED_TRUNK_LR_SCALE, TrainConfig  # noqa: E402
 from defectscope.training.pretrain import export_trunk  # noqa: E402
 
 
@@ -162,51 +158,6 @@ def test_fine_tuning_starts_from_the_shipped_trunk(trunk_dir, monkeypatch):
     assert record["weights_used"]["weights"] == "sim-haadf"
     assert record["weights_used"]["shipped_sha256"] == shipped.file_hash(directory / "sim-haadf.pt")
     assert record["schedule"]["trunk_learning_rate"] == 0.0
-
-
-def test_fine_tuning_the_shipped_trunk_trains_its_top_blocks_only(trunk_dir, monkeypatch):
-    from defectscope.nets.vgg import N_BLOCKS
-    from defectscope.training.loop import train_classifier, training_record
-    from tests.synthetic import toy_patches
-
-    directory, _ = trunk_dir
-    monkeypatch.delenv("DEFECTSCOPE_WEIGHTS", raising=False)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(directory / "no-hub"))
-    torch.set_num_threads(1)
-    shipped_state = _trunk_tensors(directory / "sim-haadf.pt")
-    config = TrainConfig(epochs=1, precision="fp32", learning_rate=1e-3)
-    result = train_classifier(toy_patches(4, seed=1), None, config, progress=False)
-    trunk = result.model.features
-    # Each block ends with a max-pool; the blocks below the trained ones are the shipped.
-    pools = [i for i, m in enumerate(trunk) if isinstance(m, torch.nn.MaxPool2d)]
-    first_trained = pools[N_BLOCKS - PRETRAINED_TRAINABLE_BLOCKS - 1] + 1
-    convs = [i for i, m in enumerate(trunk) if isinstance(m, torch.nn.Conv2d)]
-    for index in convs:
-        tensor = trunk[index].weight.detach().numpy()
-        shipped_tensor = shipped_state[f"features.{index}.weight"].float().numpy()
-        if index < first_trained:
-            np.testing.assert_array_equal(tensor, shipped_tensor)
-        else:
-            assert not np.array_equal(tensor, shipped_tensor), f"conv {index} did not train"
-    record = training_record(result, config)["training"]
-    assert record["trainable_blocks"] is None
-    assert record["schedule"]["trainable_blocks"] == PRETRAINED_TRAINABLE_BLOCKS
-
-
-def test_the_trained_blocks_follow_the_start_unless_set():
-    from defectscope.nets.vgg import N_BLOCKS
-
-    assert 0 < PRETRAINED_TRAINABLE_BLOCKS < N_BLOCKS
-    config = TrainConfig()
-    assert config.blocks_to_train("none") == N_BLOCKS  # random init trains everything
-    assert config.blocks_to_train("sim-haadf") == PRETRAINED_TRAINABLE_BLOCKS
-    assert config.blocks_to_train("imagenet") == PRETRAINED_TRAINABLE_BLOCKS
-    for blocks in (0, 3, N_BLOCKS):
-        chosen = TrainConfig(trainable_blocks=blocks)
-        assert chosen.blocks_to_train("none") == chosen.blocks_to_train("sim-haadf") == blocks
-    for bad in (-1, N_BLOCKS + 1, 2.0, True, "2"):
-        with pytest.raises(ValueError, match="trainable blocks"):
-            TrainConfig(trainable_blocks=bad)
 
 
 def test_the_trunk_learning_rate_is_the_schedule_s_share_of_the_rate():

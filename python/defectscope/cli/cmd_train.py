@@ -152,7 +152,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
         "--finetune-blocks",
         type=int,
         help="with --simulated and DATA: conv blocks (from the top) the real patches train; "
-        "default --trainable-blocks, else the pretrained schedule's",
+        "default --trainable-blocks",
     )
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument(

@@ -72,7 +72,6 @@ def _start(config: TrainConfig) -> dict:
         **describe_weights(choice, config.architecture),
         "schedule": list(config.schedule(choice)),
         "trunk_learning_rate": config.trunk_learning_rate(choice),
-        "trainable_blocks": config.blocks_to_train(choice),
     }
 
 

@@ -20,11 +20,6 @@ PRETRAINED_SCHEDULE = (8, 3)
 # epochs): 0.01 -> 0.748, 0.1 -> 0.804, 0.3 -> 0.907, 1 -> 0.981 validation accuracy.
 # A trunk pretrained on simulated frames still has to move to real ones.
 PRETRAINED_TRUNK_LR_SCALE = 1.0
-# Conv blocks, from the top, that train when the trunk starts pretrained: the lower two
-# (edges and column blobs, at 64x64 and 32x32) keep the pretrained weights and need no
-# backward pass. Chosen on SrTiO3's grouped 5-fold from the shipped trunk: all five
-# blocks 0.981, top three 0.979, top two 0.952 (docs/evaluation.md).
-PRETRAINED_TRAINABLE_BLOCKS = 3
 
 
 def _field(default: Any, help: str, **more: Any) -> Any:
@@ -83,12 +78,8 @@ class TrainConfig:
         "torchvision VGG-16, without or with batch normalization",
         choices=("vgg16", "vgg16_bn"),
     )
-    trainable_blocks: int | None = _field(
-        None,
-        f"VGG-16 conv blocks that train, from the top (0 = head only, {N_BLOCKS} = all); "
-        f"default {N_BLOCKS} from random initialization, {PRETRAINED_TRAINABLE_BLOCKS} from "
-        "pretrained weights",
-        minimum=0,
+    trainable_blocks: int = _field(
+        N_BLOCKS, "VGG-16 conv blocks that train, from the top (0 = head only, 5 = all)"
     )
     # Off by default: measured as one of issue 27's novelty methods (docs/novelty.md).
     spectral_norm: float | None = _field(
@@ -151,14 +142,6 @@ class TrainConfig:
                 raise ValueError(
                     f"{name} must be an integer >= 1 (or None: the default), got {value!r}"
                 )
-        blocks = self.trainable_blocks
-        if blocks is not None and (
-            isinstance(blocks, bool) or not isinstance(blocks, int) or not 0 <= blocks <= N_BLOCKS
-        ):
-            raise ValueError(
-                f"trainable blocks must be an integer in 0..{N_BLOCKS} (or None: the default), "
-                f"got {blocks!r}"
-            )
         scale = self.trunk_lr_scale
         if scale is not None and (
             isinstance(scale, bool)
@@ -187,14 +170,6 @@ class TrainConfig:
         epochs = default[0] if self.epochs is None else self.epochs
         patience = default[1] if self.patience is None else self.patience
         return epochs, patience
-
-    def blocks_to_train(self, weights: str) -> int:
-        """Conv blocks, from the top, that train when training starts from ``weights``
-        (resolved): the field where set, else all from random initialization and
-        :data:`PRETRAINED_TRAINABLE_BLOCKS` from pretrained weights."""
-        if self.trainable_blocks is not None:
-            return self.trainable_blocks
-        return N_BLOCKS if weights == "none" else PRETRAINED_TRAINABLE_BLOCKS
 
     def trunk_learning_rate(self, weights: str) -> float:
         """The trunk's learning rate when training starts from ``weights`` (resolved)."""

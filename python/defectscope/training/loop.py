@@ -222,7 +222,7 @@ def train_classifier(
         weights=weights,
         patch_size=train.patch_size,
         embedding_dim=config.embedding_dim,
-        trainable_blocks=config.blocks_to_train(weights),
+        trainable_blocks=config.trainable_blocks,
         architecture=config.architecture,
     )
     if config.spectral_norm is not None:
@@ -488,7 +488,6 @@ def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, A
             "epochs": epochs,
             "patience": patience,
             "trunk_learning_rate": config.trunk_learning_rate(start),
-            "trainable_blocks": config.blocks_to_train(start),
         }
     return {
         "training": training,
@@ -619,8 +618,7 @@ def train_from_simulated(
         Added to model.json, next to ``"simulated"``.
     finetune_blocks : int, optional
         Conv blocks, counted from the top, that fine-tuning on ``real`` trains (the
-        rest keep the simulated weights); default ``config.trainable_blocks``, else the
-        pretrained schedule's (:meth:`TrainConfig.blocks_to_train`).
+        rest keep the simulated weights); default ``config.trainable_blocks``.
 
     Raises
     ------
