@@ -279,6 +279,19 @@ def test_bf16_autocast_follows_a_onednn_cap(monkeypatch, cap, native):
         cpu_has_bf16.cache_clear()  # the next caller sees the environment restored
 
 
+def test_auto_precision_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch):
+    from defectscope.nets.device import autocast_dtype
+
+    # A pre-Ampere GPU: PyTorch emulates bf16 (slower than fp32) and says so when asked.
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+    )
+    assert autocast_dtype("auto", "cuda") is None
+    assert autocast_dtype("bf16", "cuda") is torch.bfloat16  # asked for: given
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype("auto", "cuda") is torch.bfloat16
+
+
 def test_training_device_choice():
     from defectscope.nets.device import training_device
 

@@ -167,7 +167,9 @@ class TorchDenseEngine(Engine):
         self.device = torch.device(device)
         if precision == "auto":
             if self.device.type == "cuda":
-                precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+                precision = (
+                    "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+                )
             else:
                 precision = "fp32"
         if self.device.type == "cpu" and precision == "fp16":

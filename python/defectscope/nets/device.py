@@ -57,7 +57,12 @@ def autocast_dtype(precision: str, device_type: str = "cpu") -> torch.dtype | No
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if precision == "fp32":
         return None
-    native = torch.cuda.is_bf16_supported() if device_type == "cuda" else cpu_has_bf16()
+    # Emulated bf16 (pre-Ampere GPUs) is slower than fp32: native only.
+    native = (
+        torch.cuda.is_bf16_supported(including_emulation=False)
+        if device_type == "cuda"
+        else cpu_has_bf16()
+    )
     if precision == "bf16" or native:
         return torch.bfloat16
     return None
