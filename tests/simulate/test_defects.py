@@ -40,13 +40,23 @@ def test_defects_change_the_atoms_they_say():
 def test_defect_parsing_errors():
     present = ["Cd", "Te"]
     assert df.parse_defects("antisite", present) == [df.DefectSpec("antisite", "Cd", "Te")]
-    # A vacancy without an element: every element's, heaviest first.
+    # A vacancy without an element: every element's that shows in HAADF, heaviest first.
     assert [s.label for s in df.parse_defects("vacancy", present)] == ["Vacancy_Te", "Vacancy_Cd"]
     assert [s.label for s in df.parse_defects("vacancy", ["Sr", "Ti", "O"])] == [
         "Vacancy_Sr",
         "Vacancy_Ti",
+    ]
+    assert [s.label for s in df.parse_defects("vacancy", ["Mo", "S"])] == [
+        "Vacancy_Mo",
+        "Vacancy_S",
+    ]
+    assert [s.label for s in df.parse_defects("vacancy", ["Ga", "N"])] == ["Vacancy_Ga"]
+    assert [s.label for s in df.parse_defects("vacancy", ["Mg", "O"])] == [
+        "Vacancy_Mg",
         "Vacancy_O",
     ]
+    # Named, a light element's vacancy is placed all the same.
+    assert df.parse_defects("vacancy:O,vacancy", ["Sr", "Ti", "O"])[0].label == "Vacancy_O"
     for text, message in [
         ("hole", "kind must be"),
         ("substitution:Cd", "substitution:Ti>Nb"),

@@ -42,6 +42,20 @@ def test_the_package_ships_its_default_trunk_and_it_matches_its_manifest():
         np.testing.assert_array_equal(loaded[name].detach().numpy(), tensor.float().numpy())
 
 
+def test_the_shipped_trunk_was_made_by_the_recipe_in_scripts():
+    # scripts/pretrain_trunk.json is the recipe the manifest records: a change to the
+    # file must come with a new trunk (or, where it makes the same data, a manifest
+    # that records the new wording).
+    from pathlib import Path
+
+    from defectscope.training.pretrain import Recipe
+
+    recipe = Recipe.load(Path(__file__).resolve().parents[2] / "scripts" / "pretrain_trunk.json")
+    _, manifest = shipped.verified_weights(shipped.DEFAULT_TRUNK, "vgg16_bn")
+    assert manifest["recipe"] == recipe.to_dict()
+    assert manifest["recipe_sha256"] == recipe.digest()
+
+
 @pytest.fixture
 def trunk_dir(tmp_path, monkeypatch):
     """A small shipped-trunk folder made by export_trunk from a known model."""
