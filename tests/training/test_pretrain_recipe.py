@@ -111,6 +111,15 @@ def test_pooled_patches_keep_crystals_and_frames_apart(tmp_path):
     other = dataclasses.replace(recipe, seed=5)
     with pytest.raises(ValueError, match="holds another simulation"):
         simulate_recipe(other, tmp_path / "sim", progress=False)
+    # Same settings text, but made when it meant other classes (bare 'vacancy' once
+    # took light elements too): refused, not pooled with today's classes.
+    truth = folders[0] / "truth.json"
+    record = json.loads(truth.read_text())
+    assert record["defect_classes"]
+    record["defect_classes"] = [*record["defect_classes"], "Vacancy_O"]
+    truth.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="holds another simulation"):
+        simulate_recipe(recipe, tmp_path / "sim", progress=False)
 
 
 def test_pretraining_writes_a_trunk_its_manifest_describes(tmp_path, monkeypatch):

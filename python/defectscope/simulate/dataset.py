@@ -136,7 +136,8 @@ class SimulationSettings:
         default="vacancy",
         metadata={
             "help": "comma list: vacancy[:El], substitution:El>El, interstitial[:El], "
-            "antisite[:El>El]"
+            "antisite[:El>El]; vacancy without El: every element with Z >= 0.3 of the "
+            "heaviest's (lighter ones do not show in HAADF)"
         },
     )
     frames: int = dataclasses.field(default=4, metadata={"help": "number of frames"})
@@ -536,7 +537,7 @@ def simulate_dataset(
     """
     from tqdm import tqdm
 
-    _prepare(settings)
+    _, specs = _prepare(settings)
     settings_record = _settings_record(settings)
     out = Path(out)
     _refuse_existing(out)
@@ -569,6 +570,9 @@ def simulate_dataset(
             seconds = time.perf_counter() - started
             record = {
                 "settings": settings_record,
+                # What the defects text meant when this ran (its meaning can change:
+                # bare 'vacancy' once included invisible light-element vacancies).
+                "defect_classes": [spec.label for spec in specs],
                 "lattice_spacing": lattice_spacing,
                 "unit": settings.unit,
                 "frames": frames,

@@ -210,7 +210,7 @@ class Recipe:
 def simulate_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True) -> list[Path]:
     """Simulate every combination into ``out/<tag>`` (kept ones are reused when whole and
     made with the same settings) and return the folders."""
-    from defectscope.simulate.dataset import _settings_record, simulate_dataset
+    from defectscope.simulate.dataset import _prepare, _settings_record, simulate_dataset
 
     out = Path(out)
     folders = []
@@ -220,12 +220,14 @@ def simulate_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = Tru
         if truth.is_file():
             record = json.loads(truth.read_text())
             same = record.get("settings") == json.loads(json.dumps(_settings_record(settings)))
-            if record.get("complete") and same:
+            classes = [spec.label for spec in _prepare(settings)[1]]
+            if record.get("complete") and same and record.get("defect_classes") == classes:
                 folders.append(folder)
                 continue
             raise ValueError(
-                f"{folder}: holds another simulation than the recipe's; remove it or give "
-                "another output folder"
+                f"{folder}: holds another simulation than the recipe's (or one made "
+                "before its defect classes were recorded); remove it or give another "
+                "output folder"
             )
         simulate_dataset(settings, folder, progress=progress)
         folders.append(folder)
