@@ -163,6 +163,8 @@ def test_study_cross_validates_every_group_once(run_dir):
     symmetry = study["grouped"]["test_time_symmetry"]
     assert symmetry["n_test"] == study["grouped"]["split"]["n_test"]
     assert 0 <= symmetry["accuracy_d4"] <= 1 and symmetry["seconds_d4"] > symmetry["seconds_none"]
+    # Both checks ran at the study's precision (fp32 here, bf16 where native with auto).
+    assert symmetry["precision"] == study["frame_check"]["precision"] == "fp32"
     assert "Test-time symmetry" in summary
     html = (run_dir / "report.html").read_text()
     # The report opens with the run's settings, the CPU among them.

@@ -13,7 +13,7 @@ from defectscope.evaluation.metrics import random_split
 from defectscope.io.datasets import PatchSet
 from defectscope.studies import study as study_module
 from defectscope.studies.resume import FinishedWork
-from defectscope.studies.study import rescore_left_out, run_study
+from defectscope.studies.study import random_split_config, rescore_left_out, run_study
 from defectscope.training.loop import TrainConfig
 from tests.synthetic import lattice
 
@@ -190,3 +190,30 @@ def test_a_resumed_study_retrains_only_the_damaged_unit(first_run, monkeypatch):
     assert "grouped fold 3/3" in trained
     assert "metrics" in again["cross_validation"]["folds"][2]
     assert json.loads(path.read_text())["record"]["metrics"]  # written again, whole
+
+
+def test_the_random_split_trains_half_the_schedule(tmp_path):
+    """The memorization exhibit trains half the epochs; its record and resume key say so."""
+    config = dataclasses.replace(CONFIG, epochs=4, patience=4)
+    assert random_split_config(config).epochs == 2
+    assert random_split_config(dataclasses.replace(CONFIG, epochs=3)).epochs == 2
+    assert random_split_config(CONFIG).epochs == 1  # never none
+    # Unset epochs follow the schedule of where the trunk starts.
+    unset = dataclasses.replace(CONFIG, epochs=None, weights="none")
+    assert random_split_config(unset).epochs == 15  # half of the 30 from random init
+
+    patches = three_classes()
+    report = run_study(patches, tmp_path, config, "toy", progress=False, folds=0, loco=False)
+    shown = json.loads((tmp_path / "model_random" / "model.json").read_text())
+    kept = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert shown["training"]["schedule"]["epochs"] == 2
+    assert len(shown["history"]) <= 2 and report["random"]["epochs_run"] <= 2
+    assert kept["training"]["schedule"]["epochs"] == 4
+    assert report["random"]["max_epochs"] == 2
+    assert "trains for 2 epochs at most" in (tmp_path / "summary.md").read_text()
+    # Its finished record is keyed by its own settings, not the study's.
+    split = random_split(patches.labels, patches.classes, seed=CONFIG.seed)
+    work = FinishedWork(tmp_path, patches, config, resume=True)
+    model_dir = tmp_path / "model_random"
+    assert work.get("random-split", split, model_dir) is None
+    assert work.get("random-split", split, model_dir, config=random_split_config(config))

@@ -21,15 +21,18 @@ def frame_check(
     out_dir: Path,
     stride: int = 16,
     scale: str | float = "auto",
+    precision: str = "fp32",
 ) -> dict:
     """Map the large frame and check each class lands where its crops were cut.
 
     The crops are training data, so this checks that the map reproduces the labelled
     regions (localization), not that it generalizes. The frame is mapped as every map
     is (:meth:`Detector.find <defectscope.maps.detector.Detector.find>`, scale matching
-    by ``scale``); the report records the scale matching (``scale``) and, with a
-    density, ``unknown_share`` and ``out_of_distribution``.
+    by ``scale``), on PyTorch at ``precision`` (``auto``: bf16 where the CPU has it
+    natively); the report records the scale matching (``scale``) and, with a density,
+    ``unknown_share`` and ``out_of_distribution``.
     """
+    from defectscope.engines.loader import load_engine
     from defectscope.evaluation.provenance import locate_patches, recall_at_sources
     from defectscope.io.frames import read_image
     from defectscope.maps.detector import Detector
@@ -37,7 +40,7 @@ def frame_check(
     from defectscope.outputs.map_files import write_map_outputs
 
     frame = read_image(frame_path)
-    with Detector.load(model_dir, backend="torch") as det:
+    with Detector(load_engine(model_dir, "torch", precision=precision)) as det:
         result = det.find(frame, MapOptions(stride=stride, scale=scale)).result
     write_map_outputs(frame, result, out_dir)
     positions, _ = locate_patches(frame, patches.images, threshold=CROP_MATCH_THRESHOLD)
@@ -46,6 +49,7 @@ def frame_check(
     report = {
         "frame": str(frame_path),
         "stride": stride,
+        "precision": precision,
         "map_dir": str(out_dir),
         "timing_ms": result.timing_ms,
         "scale": result.info.get("scale"),

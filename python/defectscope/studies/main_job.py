@@ -92,7 +92,8 @@ def run_pipeline(
     print(f"export: {export}")
 
     with steps("clustering embeddings"):
-        cluster = cluster_dataset(folder, model_dir, out / "cluster", backend="torch")
+        # The embeddings of the engine just exported (INT8 on a CPU), as `cluster` takes them.
+        cluster = cluster_dataset(folder, model_dir, out / "cluster", backend="auto")
     print(
         f"clusters: learned {cluster['learned']['k']} (ARI {cluster['learned']['ari']:.3f}), "
         f"raw pixels {cluster['raw_pixels']['k']} (ARI {cluster['raw_pixels']['ari']:.3f})"

@@ -65,8 +65,13 @@ def summary_markdown(report: dict) -> str:
         "The random split tests on near-copies of training crops and measures memorization;",
         "the grouped split tests on regions never seen in training. Classes present in fewer",
         "than three independent groups are trained on but not scored.",
-        "",
     ]
+    if "max_epochs" in rnd:
+        lines.append(
+            f"The random split trains for {rnd['max_epochs']} epochs at most, half the "
+            "schedule: near-copies are fitted early."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -106,10 +106,15 @@ class FinishedWork:
         }
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
         self._base = digest.hexdigest()
+        self._config = config
         self.where = {"machine": cpu_description(), "device": device_name(config.device)}
 
-    def _key(self, name: str, split: Split) -> str:
+    def _key(self, name: str, split: Split, config: TrainConfig | None = None) -> str:
         digest = hashlib.sha256(self._base.encode() + name.encode())
+        if config is not None and config != self._config:
+            # A unit trained with its own settings (the random split's shorter schedule).
+            own = {k: v for k, v in dataclasses.asdict(config).items() if k != "device"}
+            digest.update(json.dumps(own, sort_keys=True, default=str).encode())
         for part in (split.train, split.validation, split.test):
             digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes() + b"|")
         return digest.hexdigest()
@@ -120,12 +125,14 @@ class FinishedWork:
         split: Split,
         model_dir: Path | None = None,
         required: dict | None = None,
+        config: TrainConfig | None = None,
     ) -> dict | None:
         """The stored record of ``name`` when it may be reused, else None.
 
         ``required`` (see :func:`missing_part`) is what the record must hold: a stored
         file without its ``record`` or lacking part of it (damaged, or edited by hand) is
-        trained again, with a warning, rather than failing the study later.
+        trained again, with a warning, rather than failing the study later. ``config``:
+        the unit's own settings when they are not the study's (part of the key).
         """
         path = self.directory / f"{name}.json"
         if not self.resume or not path.is_file():
@@ -135,7 +142,7 @@ class FinishedWork:
         except (OSError, ValueError) as exc:
             log.warning("%s: damaged (%s); training %s again", path, exc, name)
             return None
-        if not isinstance(stored, dict) or stored.get("key") != self._key(name, split):
+        if not isinstance(stored, dict) or stored.get("key") != self._key(name, split, config):
             return None
         lacking = missing_part(stored, {"record": required or dict})
         if lacking is not None:
@@ -151,8 +158,19 @@ class FinishedWork:
         self.reused.append({"unit": name, **where} if where else name)
         return stored["record"]
 
-    def put(self, name: str, split: Split, record: dict, model_dir: Path | None = None) -> None:
-        stored = {"key": self._key(name, split), "record": record, "trained_on": self.where}
+    def put(
+        self,
+        name: str,
+        split: Split,
+        record: dict,
+        model_dir: Path | None = None,
+        config: TrainConfig | None = None,
+    ) -> None:
+        stored = {
+            "key": self._key(name, split, config),
+            "record": record,
+            "trained_on": self.where,
+        }
         if model_dir is not None:
             stored["weights_sha256"] = file_hash(model_dir / WEIGHTS_FILE)
         atomic_write_json(self.directory / f"{name}.json", stored)
