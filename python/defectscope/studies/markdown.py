@@ -68,8 +68,8 @@ def summary_markdown(report: dict) -> str:
     ]
     if "max_epochs" in rnd:
         lines.append(
-            f"The random split trains for {rnd['max_epochs']} epochs at most, half the "
-            "schedule: near-copies are fitted early."
+            f"The random split trains for {rnd['max_epochs']} epochs at most, fewer than "
+            "the grouped split: near-copies are fitted early."
         )
     lines.append("")
     return "\n".join(lines)
