@@ -104,6 +104,9 @@ def test_only_the_grouped_split_s_model_carries_densities(first_run):
     assert shown["metrics"] == report["random"]["metrics"]
     assert report["random"]["test_time_symmetry"] is None
     assert report["grouped"]["test_time_symmetry"]["n_test"] == report["grouped"]["split"]["n_test"]
+    # One epoch cannot be shortened: the random split trained the study's schedule.
+    assert report["random"]["max_epochs"] == report["grouped"]["max_epochs"] == 1
+    assert "The random split trains for" not in (out / "summary.md").read_text()
 
 
 def test_finished_work_is_not_reused_when_anything_changed(first_run):
@@ -211,7 +214,10 @@ def test_the_random_split_trains_a_shorter_schedule(tmp_path):
     assert len(shown["history"]) <= 3 and report["random"]["epochs_run"] <= 3
     assert kept["training"]["schedule"]["epochs"] == 4
     assert report["random"]["max_epochs"] == 3
-    assert "trains for 3 epochs at most" in (tmp_path / "summary.md").read_text()
+    assert report["grouped"]["max_epochs"] == 4
+    assert (
+        "trains for 3 of the schedule's 4 epochs at most" in (tmp_path / "summary.md").read_text()
+    )
     # Its finished record is keyed by its own settings, not the study's.
     split = random_split(patches.labels, patches.classes, seed=CONFIG.seed)
     work = FinishedWork(tmp_path, patches, config, resume=True)

@@ -51,6 +51,11 @@ class TorchEngine(Engine):
         self.precision = precision
         self._autocast = autocast_dtype(precision) if self.device.type == "cpu" else None
 
+    @property
+    def precision_used(self) -> str:
+        """``bf16`` when this engine runs under bf16 autocast, else ``fp32``."""
+        return "bf16" if self._autocast is not None else "fp32"
+
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
         dtype = self._autocast

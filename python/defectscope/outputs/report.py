@@ -192,6 +192,13 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
 MEMORIZATION_GAP = 0.10
 
 
+def _random_epochs(study: dict) -> str:
+    """' (random split: N)' when the random split trained a shorter schedule, else ''."""
+    shorter = study.get("random", {}).get("max_epochs")
+    full = study.get("grouped", {}).get("max_epochs")
+    return f" (random split: {shorter})" if shorter and full and shorter < full else ""
+
+
 def _settings(study: dict) -> str:
     """The run's settings, first thing in the report."""
     config = study.get("train_config", {})
@@ -201,7 +208,9 @@ def _settings(study: dict) -> str:
         ["model", f"{config.get('architecture')} ({config.get('weights')} weights)"],
         [
             "epochs (at most) / patience / min delta",
-            f"{config.get('epochs')} / {config.get('patience')} / {config.get('min_delta', 1e-4)}",
+            f"{study.get('grouped', {}).get('max_epochs', config.get('epochs'))}"
+            f"{_random_epochs(study)} / {config.get('patience')} / "
+            f"{config.get('min_delta', 1e-4)}",
         ],
         ["seed", config.get("seed")],
         ["defectscope", run.get("defectscope", "unknown")],

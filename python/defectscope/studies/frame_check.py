@@ -40,7 +40,9 @@ def frame_check(
     from defectscope.outputs.map_files import write_map_outputs
 
     frame = read_image(frame_path)
-    with Detector(load_engine(model_dir, "torch", precision=precision)) as det:
+    engine = load_engine(model_dir, "torch", precision=precision)
+    engine.run(np.zeros((1, *engine.input_shape), np.float32))  # warm-up, as Detector.load
+    with Detector(engine) as det:
         result = det.find(frame, MapOptions(stride=stride, scale=scale)).result
     write_map_outputs(frame, result, out_dir)
     positions, _ = locate_patches(frame, patches.images, threshold=CROP_MATCH_THRESHOLD)
@@ -49,7 +51,7 @@ def frame_check(
     report = {
         "frame": str(frame_path),
         "stride": stride,
-        "precision": precision,
+        "precision": engine.precision_used,
         "map_dir": str(out_dir),
         "timing_ms": result.timing_ms,
         "scale": result.info.get("scale"),

@@ -66,10 +66,11 @@ def summary_markdown(report: dict) -> str:
         "the grouped split tests on regions never seen in training. Classes present in fewer",
         "than three independent groups are trained on but not scored.",
     ]
-    if "max_epochs" in rnd:
+    shorter, full = rnd.get("max_epochs"), grp.get("max_epochs")
+    if shorter and full and shorter < full:
         lines.append(
-            f"The random split trains for {rnd['max_epochs']} epochs at most, fewer than "
-            "the grouped split: near-copies are fitted early."
+            f"The random split trains for {shorter} of the schedule's {full} epochs at most: "
+            "near-copies are fitted early."
         )
     lines.append("")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from defectscope.evaluation.metrics import (
 )
 from defectscope.io.datasets import PatchSet
 from defectscope.io.files import atomic_write_json, atomic_write_text
-from defectscope.nets.device import device_name
+from defectscope.nets.device import autocast_dtype, device_name
 from defectscope.nets.vgg import resolve_weights
 from defectscope.studies.frame_check import frame_check
 from defectscope.studies.markdown import summary_markdown
@@ -59,10 +59,15 @@ log = logging.getLogger(__name__)
 RANDOM_SPLIT_EPOCH_SHARE = 0.75
 
 
+def schedule_epochs(config: TrainConfig) -> int:
+    """The epochs at most ``config`` trains for, from where its trunk starts."""
+    return config.schedule(resolve_weights(config.weights, config.architecture))[0]
+
+
 def random_split_config(config: TrainConfig) -> TrainConfig:
     """``config`` with :data:`RANDOM_SPLIT_EPOCH_SHARE` of its epochs (at least one)."""
-    epochs, _ = config.schedule(resolve_weights(config.weights, config.architecture))
-    return dataclasses.replace(config, epochs=max(1, math.ceil(epochs * RANDOM_SPLIT_EPOCH_SHARE)))
+    epochs = max(1, math.ceil(schedule_epochs(config) * RANDOM_SPLIT_EPOCH_SHARE))
+    return dataclasses.replace(config, epochs=epochs)
 
 
 def _score_split(patches: PatchSet, split: Split, config: TrainConfig, name: str, progress: bool):
@@ -198,7 +203,9 @@ def symmetry_effect(
     from defectscope.evaluation.metrics import expected_calibration_error
 
     inputs = patches_to_inputs(images, config.normalization)
-    report = {"n_test": len(labels), "precision": config.precision}
+    # The model is on the CPU after training (train_classifier moves it there).
+    used = autocast_dtype(config.precision, "cpu")
+    report = {"n_test": len(labels), "precision": "bf16" if used is not None else "fp32"}
     views, seconds = [], []
     for turns in range(4):
         rotated = np.rot90(inputs, turns, axes=(2, 3))
@@ -211,7 +218,8 @@ def symmetry_effect(
             seconds.append(time.perf_counter() - started)
     plain = views[0]  # no turn, no flip: the patches as they are
     averaged = np.mean(views, axis=0)
-    report["seconds_none"] = seconds[0]
+    # A typical pass, not the first (which pays the bf16 kernels' one-time setup).
+    report["seconds_none"] = float(np.median(seconds))
     report["seconds_d4"] = float(np.sum(seconds))
     for name, probabilities in (("none", plain), ("d4", averaged)):
         report[f"accuracy_{name}"] = float(np.mean(probabilities.argmax(axis=1) == labels))
@@ -610,6 +618,7 @@ def run_study(
         report["grouped"] = evaluate_split(
             patches, grp, config, out_dir / "model", progress, finished=finished
         )
+        report["grouped"]["max_epochs"] = schedule_epochs(config)
     if folds:
         with steps(f"grouped {len(splits)}-fold cross-validation", spin=False):
             report["cross_validation"] = cross_validate(
