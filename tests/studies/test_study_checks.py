@@ -10,6 +10,7 @@ import torch
 from scipy.special import softmax
 
 from defectscope.engines.pytorch import TorchEngine
+from defectscope.maps.detector import Detector
 from defectscope.nets.checkpoint import load_checkpoint
 from defectscope.studies.study import symmetry_effect
 from defectscope.tiling.tiler import patches_to_inputs
@@ -54,3 +55,5 @@ def test_the_torch_engine_says_the_precision_it_runs_at(model_dir, asked, used):
         pytest.skip("on a CUDA GPU the PyTorch engine runs fp32 whatever is asked")
     engine = TorchEngine(model_dir, precision=asked)
     assert engine.precision_used == used
+    with Detector.load(model_dir, backend="torch", precision=asked) as detector:
+        assert detector.engine.precision_used == used

@@ -279,6 +279,7 @@ class Detector:
         background: str | None = None,
         dense: bool | str | None = None,
         options: MapOptions | None = None,
+        precision: str = "fp32",
     ) -> Detector:
         """Open a model directory, ``.onnx`` file or TensorRT engine.
 
@@ -289,7 +290,8 @@ class Detector:
         runs ONNX on the CPU; ``True`` requires them; ``False`` maps window by window;
         by default it follows ``options.mode`` (dense: True, window: False, auto).
         ``options`` (:class:`MapOptions`), when given, sets the batch size and the
-        background class instead.
+        background class instead. ``precision`` (``fp32``, ``bf16``, ``auto``) is for a
+        model directory run on PyTorch (bf16 autocast on the CPU; ``auto``: where native).
         """
         if options is not None:
             batch_size = options.batch_size
@@ -301,7 +303,7 @@ class Detector:
             raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
         if dense not in ("auto", True, False):
             raise ValueError(f"dense must be 'auto', True or False, got {dense!r}")
-        engine = load_engine(artifact, backend, threads=threads)
+        engine = load_engine(artifact, backend, threads=threads, precision=precision)
         dense_engines = []
         if dense is not False:
             dense_engines = _load_dense(Path(artifact), engine, backend, threads, dense is True)

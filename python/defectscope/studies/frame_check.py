@@ -32,7 +32,6 @@ def frame_check(
     natively); the report records the scale matching (``scale``) and, with a density,
     ``unknown_share`` and ``out_of_distribution``.
     """
-    from defectscope.engines.loader import load_engine
     from defectscope.evaluation.provenance import locate_patches, recall_at_sources
     from defectscope.io.frames import read_image
     from defectscope.maps.detector import Detector
@@ -40,10 +39,9 @@ def frame_check(
     from defectscope.outputs.map_files import write_map_outputs
 
     frame = read_image(frame_path)
-    engine = load_engine(model_dir, "torch", precision=precision)
-    engine.run(np.zeros((1, *engine.input_shape), np.float32))  # warm-up, as Detector.load
-    with Detector(engine) as det:
+    with Detector.load(model_dir, backend="torch", precision=precision) as det:
         result = det.find(frame, MapOptions(stride=stride, scale=scale)).result
+        used = det.engine.precision_used
     write_map_outputs(frame, result, out_dir)
     positions, _ = locate_patches(frame, patches.images, threshold=CROP_MATCH_THRESHOLD)
     recall = recall_at_sources(result, positions, patches.labels, patches.classes)
@@ -51,7 +49,7 @@ def frame_check(
     report = {
         "frame": str(frame_path),
         "stride": stride,
-        "precision": engine.precision_used,
+        "precision": used,
         "map_dir": str(out_dir),
         "timing_ms": result.timing_ms,
         "scale": result.info.get("scale"),

@@ -599,7 +599,7 @@ def run_study(
     }
     finished = FinishedWork(out_dir, patches, config, resume)
     with steps("training on the random split", spin=False):
-        # No D4 check and no densities here, and half the epochs: on a random split the
+        # No D4 check and no densities here, and fewer epochs: on a random split the
         # check would measure memorized near-copies, and this model is the memorization
         # exhibit, not one to map with (model/ is); nothing reads either.
         random_config = random_split_config(config)
