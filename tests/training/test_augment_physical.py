@@ -1,5 +1,6 @@
 """Physical augmentation (issue 26, item 3): dose, jitter and drift, blur, column contrast,
-gain and offset, scale jitter; each checked against an independent reference."""
+gain and offset, scale jitter, the sampling of another magnification; each checked against
+an independent reference."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from scipy.ndimage import gaussian_filter
 
 from defectscope.simulate.instrument import Instrument
 from defectscope.simulate.lattice import acquired_lattice
+from defectscope.tiling.resample import resample_frame
 from defectscope.training.augment import (
     Augmentation,
     apply_physical,
@@ -23,7 +25,7 @@ from defectscope.training.config import TrainConfig
 
 P = 64
 C = (P - 1) / 2.0
-TRANSFORMS = ("scale", "contrast", "blur", "jitter", "drift", "dose", "gain")
+TRANSFORMS = ("scale", "contrast", "blur", "jitter", "drift", "dose", "gain", "sampling")
 
 
 def only(**ranges) -> Augmentation:
@@ -88,6 +90,8 @@ def test_defaults_are_on_and_cover_the_issue_goals():
     assert aug.jitter_range[1] >= math.sqrt(3) * nominal.jitter
     assert aug.contrast_range[0] <= 0.8 and aug.contrast_range[1] >= 1.2
     assert aug.scale_range[0] <= 0.96 and aug.scale_range[1] >= 1.04
+    # Magnification +-15 %: lattice spacings of 0.85 to 1.15 times the patches' in pixels.
+    assert aug.sampling_range[0] <= 0.85 and aug.sampling_range[1] >= 1.15
     # Every transform has a chance to be left out, so clean patches stay in the batches.
     for name in TRANSFORMS:
         assert 0 < getattr(aug, f"{name}_probability") < 1
@@ -106,13 +110,14 @@ def test_share_of_patches_left_clean():
         & np.isinf(draws.dose)
         & (draws.gain == 1)
         & (draws.offset == 0)
+        & (draws.sampling == 1)
     )
     want = (1 - aug.physical_probability) + aug.physical_probability * np.prod(
         [1 - getattr(aug, f"{t}_probability") for t in TRANSFORMS]
     )
     assert abs(clean.mean() - want) < 5 * math.sqrt(want * (1 - want) / n)
     # Drawn values lie in their ranges.
-    for name in ("scale", "contrast", "dose", "gain"):
+    for name in ("scale", "contrast", "dose", "gain", "sampling"):
         values = getattr(draws, name)
         lo, hi = getattr(aug, f"{name}_range")
         on = values[(values != 1) & np.isfinite(values)]
@@ -349,6 +354,58 @@ def test_gain_and_offset_are_linear():
         assert abs(draws.offset[k]) <= 0.1
 
 
+@pytest.mark.parametrize("rows", [54, 60, 70, 75])
+def test_sampling_without_dose_is_the_runtime_resampling_there_and_back(lattice_patches, rows):
+    # The independent reference: the runtime's own scale match, called twice.
+    patches = lattice_patches[:3].astype(np.float32)
+    draws = dataclasses.replace(neutral(3), sampling=np.full(3, rows / P))
+    got = apply_physical(patches, draws, np.random.default_rng(0))
+    for k in range(3):
+        want = resample_frame(resample_frame(patches[k], rows / P), P / rows)
+        np.testing.assert_allclose(got[k], want, atol=1e-5 * float(patches.max()))
+    # A coarser grid loses detail for good; a finer one nearly none.
+    lost = np.abs(got - patches).mean() / patches.std()
+    assert lost > 0.02 if rows < P else lost < 0.1
+
+
+def test_sampling_of_a_non_square_patch_keeps_its_shape():
+    rng = np.random.default_rng(1)
+    patch = gaussian_filter(rng.random((40, 56)), 2.0).astype(np.float32)
+    draws = dataclasses.replace(neutral(1, 40), sampling=np.array([0.87]))
+    got = apply_physical(patch[None], draws, np.random.default_rng(0))[0]
+    assert got.shape == patch.shape and np.isfinite(got).all()
+    assert np.abs(got - patch).mean() < 0.1 * patch.std()
+
+
+def lag_one_correlation(noise: np.ndarray) -> float:
+    """Mean correlation of horizontally neighbouring pixels of each patch's noise."""
+    a = noise[:, 8:-8, 8:-9] - noise[:, 8:-8, 8:-9].mean()
+    b = noise[:, 8:-8, 9:-8] - noise[:, 8:-8, 9:-8].mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_shot_noise_is_drawn_on_the_recording_grid():
+    # A flat bright patch (three dark rows set the zero of the counts, one brighter pixel
+    # the dose's scale): shot noise drawn on the patch's own grid is white; drawn on a
+    # grid of 0.85 x the pixels and resampled back, neighbours share recorded pixels and
+    # correlate, and the variance of an interpolated white noise is below the recorded one.
+    n, dose = 24, 200.0
+    patches = np.full((n, P, P), 0.8, np.float32)
+    patches[:, :3] = 0.0
+    patches[:, -1, -1] = 1.0
+    white = dataclasses.replace(neutral(n), dose=np.full(n, dose))
+    coarse = dataclasses.replace(white, sampling=np.full(n, 0.85))
+    clean_coarse = apply_physical(patches, dataclasses.replace(coarse, dose=white.dose * np.inf),
+                                  np.random.default_rng(0))  # fmt: skip
+    noise_white = apply_physical(patches, white, np.random.default_rng(5)) - patches
+    noise_coarse = apply_physical(patches, coarse, np.random.default_rng(5)) - clean_coarse
+    assert abs(lag_one_correlation(noise_white)) < 0.03
+    assert lag_one_correlation(noise_coarse) > 0.2
+    # Recorded variance: 0.8 / dose (intensity), as on the patch's own grid.
+    assert noise_white[:, 8:-8, 8:-8].var() == pytest.approx(0.8 / dose, rel=0.05)
+    assert noise_coarse[:, 8:-8, 8:-8].var() < 0.95 * 0.8 / dose
+
+
 def test_fields_round_trip_through_json():
     aug = Augmentation(dose_range=(10.0, 500.0), physical=True, jitter_probability=0.7)
     data = json.loads(json.dumps(dataclasses.asdict(aug)))
@@ -369,6 +426,9 @@ def test_fields_round_trip_through_json():
         ("blur_range", (-0.1, 1.0)),
         ("contrast_range", (1.3, 0.8)),
         ("scale_range", (0.5, 1.0)),
+        ("sampling_range", (0.1, 1.0)),
+        ("sampling_range", (1.0, 5.0)),
+        ("sampling_probability", -0.5),
         ("drift_range", (1.0,)),
         ("gain_range", "high"),
         ("offset_range", (0.2, -0.2)),

@@ -8,11 +8,14 @@ The physical transforms (:attr:`Augmentation.physical`, on by default) imitate
 what changes between microscope sessions and what resampling a frame to the
 model's scale does not remove: the dose (Poisson noise), scan-line jitter and
 slow drift, probe blur, column contrast (each column's intensity raised to a
-power, as a change of the Z exponent does), detector gain and offset, and a
-small scale jitter. Large scale changes stay out: the runtime matches each
-frame's scale to the model's first (calibration or the measured lattice period),
-so the network only has to cover that match's residual error (a few per cent),
-and lattice spacings that identify defects are not blurred into each other.
+power, as a change of the Z exponent does), detector gain and offset, a
+small scale jitter, and the sampling of a recording at another magnification
+(the shot noise drawn on a coarser or finer pixel grid, then resampled back to
+the model's as the runtime's scale match does). Large scale changes stay out:
+the runtime matches each frame's scale to the model's first (calibration or the
+measured lattice period), so the network only has to cover that match's
+residual error (a few per cent), and lattice spacings that identify defects
+are not blurred into each other.
 Every physical transform is about the patch centre, so a centred defect stays
 centred. Each draws from a range stored here, so ``model.json`` (through
 ``dataclasses.asdict`` of the training configuration) records what the model was
@@ -22,6 +25,7 @@ trained to tolerate.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -32,6 +36,9 @@ MAX_DOSE = 1e12
 # Scale jitter covers the residual of the runtime's scale match, not a change of
 # magnification; a wider range would blur lattice spacings that identify defects.
 MAX_SCALE_JITTER = (0.8, 1.25)
+# Recording pixel sizes the sampling transform may draw: the runtime's sane range of
+# scale factors (maps.scale), beyond which a frame is mapped unscaled.
+MAX_SAMPLING = (0.25, 4.0)
 # Largest blur sigma / jitter sigma / drift in pixels: beyond, a 64-pixel patch is
 # no longer a recording of the same lattice.
 MAX_PIXELS = 8.0
@@ -53,6 +60,7 @@ _RANGES: dict[str, tuple[str, tuple[float, float] | None]] = {
     "dose_range": ("positive", (0.0, MAX_DOSE)),
     "gain_range": ("positive", None),
     "offset_range": ("any", None),
+    "sampling_range": ("positive", MAX_SAMPLING),
 }
 _PROBABILITIES = (
     "physical_probability",
@@ -63,6 +71,7 @@ _PROBABILITIES = (
     "drift_probability",
     "dose_probability",
     "gain_probability",
+    "sampling_probability",
 )
 
 
@@ -117,6 +126,13 @@ class Augmentation:
         Electrons at the brightest column; Poisson noise at that dose.
     gain_range, offset_range : (float, float)
         Detector gain (a factor) and offset (a share of the patch's intensity range).
+    sampling_range : (float, float)
+        The recording's pixels per lattice spacing relative to the training patches'
+        (below 1: a coarser grid, a lower magnification): the patch is resampled to
+        that grid, gets its shot noise there, and is resampled back
+        (:func:`defectscope.tiling.resample.resample_frame` both ways, as the
+        runtime's scale match does), so noise correlated over a resampled pixel and
+        the detail a coarser grid loses are seen in training.
     """
 
     rotate_flip: bool = True
@@ -154,6 +170,9 @@ class Augmentation:
     gain_range: tuple[float, float] = (0.8, 1.25)
     offset_range: tuple[float, float] = (-0.1, 0.1)
     gain_probability: float = 0.5
+    # Magnification +-15 % (the issue's goal), symmetric in log: 0.85 .. 1 / 0.85.
+    sampling_range: tuple[float, float] = (0.85, 1.18)
+    sampling_probability: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("rotate_flip", "physical"):
@@ -217,12 +236,12 @@ def _check_range(
 class PhysicalDraws:
     """The physical transforms drawn for a batch of ``n`` patches of ``height`` rows.
 
-    Patches a transform skips hold its neutral value: scale, contrast and gain 1,
-    blur, row shifts, drift and offset 0, dose infinite (no shot noise).
+    Patches a transform skips hold its neutral value: scale, contrast, gain and
+    sampling 1, blur, row shifts, drift and offset 0, dose infinite (no shot noise).
 
     Attributes
     ----------
-    scale, contrast, blur, dose, gain, offset : ndarray, shape (n,)
+    scale, contrast, blur, dose, gain, offset, sampling : ndarray, shape (n,)
     row_shift : ndarray, shape (n, height)
         Each scan line's shift along x, pixels (content moves right when positive).
     drift : ndarray, shape (n, 2)
@@ -237,6 +256,7 @@ class PhysicalDraws:
     dose: np.ndarray
     gain: np.ndarray
     offset: np.ndarray
+    sampling: np.ndarray
 
 
 def draw_physical(
@@ -260,7 +280,7 @@ def draw_physical(
         ones, zeros = np.ones(n), np.zeros(n)
         return PhysicalDraws(
             ones, ones.copy(), zeros, np.zeros((n, height)), np.zeros((n, 2)),
-            np.full(n, np.inf), ones.copy(), zeros.copy(),
+            np.full(n, np.inf), ones.copy(), zeros.copy(), ones.copy(),
         )  # fmt: skip
     on = rng.random(n) < config.physical_probability
 
@@ -288,7 +308,9 @@ def draw_physical(
     gain_on = pick(config.gain_probability)
     gain = np.where(gain_on, log_uniform(config.gain_range), 1.0)
     offset = np.where(gain_on, uniform(config.offset_range), 0.0)
-    return PhysicalDraws(scale, contrast, blur, row_shift, drift, dose, gain, offset)
+    # Drawn last, so the other draws are those of a configuration without it.
+    sampling = chosen(config.sampling_probability, log_uniform(config.sampling_range), 1.0)
+    return PhysicalDraws(scale, contrast, blur, row_shift, drift, dose, gain, offset, sampling)
 
 
 def _gaussian_blur(batch: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -355,7 +377,8 @@ def apply_physical(
     probe blur, then where the scan reads (scale, drift, jitter: one linear
     resampling about the centre, reflect padding), then shot noise at the dose
     (intensity above the patch's 1st percentile mapped to counts, the brightest
-    pixel at ``dose``), then detector gain and offset.
+    pixel at ``dose``) on the recording's pixel grid (``sampling``: resampled to it
+    and back), then detector gain and offset.
 
     Parameters
     ----------
@@ -421,18 +444,17 @@ def apply_physical(
                 batch[i], (ys[k], xs[k]), order=1, mode="reflect", output=np.float32
             )
 
-    idx = np.flatnonzero(np.isfinite(draws.dose))
+    resampled = draws.sampling != 1.0
+    idx = np.flatnonzero(np.isfinite(draws.dose) & ~resampled)
     if idx.size:
-        sub = batch[idx].reshape(idx.size, -1).astype(np.float64)
-        lo = np.percentile(sub, 1.0, axis=1, keepdims=True)
-        span = sub.max(axis=1, keepdims=True) - lo
-        flat = span[:, 0] <= 0
-        span[flat] = 1.0
-        dose = draws.dose[idx][:, None]
-        counts = rng.poisson(np.clip(sub - lo, 0.0, None) / span * dose)
-        noisy = counts / dose * span + lo
-        noisy[flat] = sub[flat]  # a flat patch has no brightest column to scale to
+        noisy = _shot_noise(batch[idx].reshape(idx.size, -1), draws.dose[idx], rng)
         batch[idx] = noisy.reshape(idx.size, height, width)
+    if resampled.any():
+        # Patches whose recording grids have the same rows share one pair of matrices.
+        grid_rows = np.where(resampled, np.round(height * draws.sampling), 0).astype(int)
+        for rows in np.unique(grid_rows[resampled]):
+            idx = np.flatnonzero(grid_rows == rows)
+            batch[idx] = _recorded_at(batch[idx], rows / height, draws.dose[idx], rng)
 
     idx = np.flatnonzero((draws.gain != 1.0) | (draws.offset != 0.0))
     if idx.size:
@@ -441,6 +463,76 @@ def apply_physical(
         offset = draws.offset[idx].astype(np.float32)[:, None, None] * (hi - lo)
         batch[idx] = batch[idx] * gain + offset
     return batch
+
+
+def _shot_noise(flat: np.ndarray, dose: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Poisson counts of each row of ``flat`` (k, pixels), its brightest pixel at ``dose``.
+
+    The intensity above a row's 1st percentile is mapped to counts and back; a flat row
+    has no brightest column to scale to and comes back as it was.
+    """
+    sub = flat.astype(np.float64)
+    lo = np.percentile(sub, 1.0, axis=1, keepdims=True)
+    span = sub.max(axis=1, keepdims=True) - lo
+    flat_rows = span[:, 0] <= 0
+    span[flat_rows] = 1.0
+    dose = dose[:, None]
+    counts = rng.poisson(np.clip(sub - lo, 0.0, None) / span * dose)
+    noisy = counts / dose * span + lo
+    noisy[flat_rows] = sub[flat_rows]
+    return noisy
+
+
+@functools.lru_cache(maxsize=128)
+def _resampling_matrix(size: int, out: int) -> np.ndarray:
+    """The (out, size) matrix the runtime's resampling applies along an axis of ``size``
+    pixels zoomed to ``out``.
+
+    :func:`~defectscope.tiling.resample.resample_frame`'s steps on a frame it reads in
+    one band (the anti-aliasing Gaussian when shrinking, then the cubic spline sampling
+    input ``(y + 0.5) / f - 0.5``, both reflecting at the edges) are separable, so one
+    axis of them applied to the identity is the matrix (the other axis samples its own
+    nodes, which a spline interpolates exactly).
+    """
+    from scipy.ndimage import affine_transform, gaussian_filter1d
+
+    from defectscope.tiling.resample import ORDER, TRUNCATE
+
+    factor = out / size
+    basis = np.eye(size)
+    sigma = max(0.0, (1.0 / factor - 1.0) / 2.0)
+    if sigma > 0:
+        basis = gaussian_filter1d(basis, sigma, axis=0, mode="reflect", truncate=TRUNCATE)
+    matrix = affine_transform(
+        basis, (1.0 / factor, 1.0), offset=(0.5 / factor - 0.5, 0.0),
+        output_shape=(out, size), order=ORDER, mode="reflect",
+    )  # fmt: skip
+    matrix.setflags(write=False)
+    return matrix
+
+
+def _recorded_at(
+    batch: np.ndarray, sampling: float, dose: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Patches (k, H, W) recorded on a grid of ``sampling`` times their pixels per
+    lattice spacing (below 1: coarser), shot noise at ``dose`` (k,) there (none where
+    infinite), and resampled back to their own grid.
+
+    Both ways are the runtime's resampling (:func:`_resampling_matrix`), the recording
+    grid's rows a whole number (``round(H * sampling)``) and the way back the exact
+    inverse factor.
+    """
+    _, height, width = batch.shape
+    rows = max(2, round(height * sampling))
+    cols = max(2, round(width * rows / height))
+    down_h, down_w = _resampling_matrix(height, rows), _resampling_matrix(width, cols)
+    recorded = down_h @ batch.astype(np.float64) @ down_w.T
+    noisy = np.isfinite(dose)
+    if noisy.any():
+        flat = _shot_noise(recorded[noisy].reshape(int(noisy.sum()), -1), dose[noisy], rng)
+        recorded[noisy] = flat.reshape(-1, rows, cols)
+    up_h, up_w = _resampling_matrix(rows, height), _resampling_matrix(cols, width)
+    return (up_h @ recorded @ up_w.T).astype(np.float32)
 
 
 def _geometric(
