@@ -354,27 +354,66 @@ def test_gain_and_offset_are_linear():
         assert abs(draws.offset[k]) <= 0.1
 
 
-@pytest.mark.parametrize("rows", [54, 60, 70, 75])
+@pytest.mark.parametrize("rows", [32, 54, 60, 70, 75])
 def test_sampling_without_dose_is_the_runtime_resampling_there_and_back(lattice_patches, rows):
-    # The independent reference: the runtime's own scale match, called twice.
+    # The independent reference: the runtime's own scale match, called twice (32 rows
+    # takes its anti-aliasing Gaussian, which the default range never reaches).
     patches = lattice_patches[:3].astype(np.float32)
     draws = dataclasses.replace(neutral(3), sampling=np.full(3, rows / P))
     got = apply_physical(patches, draws, np.random.default_rng(0))
     for k in range(3):
         want = resample_frame(resample_frame(patches[k], rows / P), P / rows)
         np.testing.assert_allclose(got[k], want, atol=1e-5 * float(patches.max()))
-    # A coarser grid loses detail for good; a finer one nearly none.
-    lost = np.abs(got - patches).mean() / patches.std()
-    assert lost > 0.02 if rows < P else lost < 0.1
+
+
+def test_a_coarser_recording_grid_loses_more_detail(lattice_patches):
+    patches = lattice_patches.astype(np.float32)
+
+    def lost(rows: int) -> float:
+        draws = dataclasses.replace(neutral(len(patches)), sampling=np.full(len(patches), rows / P))
+        got = apply_physical(patches, draws, np.random.default_rng(0))
+        return float(np.abs(got - patches).mean() / patches.std())
+
+    assert lost(54) > lost(60) > lost(70) > lost(75) > 0
+    assert lost(54) > 2 * lost(75)
 
 
 def test_sampling_of_a_non_square_patch_keeps_its_shape():
     rng = np.random.default_rng(1)
     patch = gaussian_filter(rng.random((40, 56)), 2.0).astype(np.float32)
+    # 0.87: 35 of 40 rows and 49 of 56 columns, one factor (0.875) for both, as the
+    # runtime's resampling has.
     draws = dataclasses.replace(neutral(1, 40), sampling=np.array([0.87]))
     got = apply_physical(patch[None], draws, np.random.default_rng(0))[0]
-    assert got.shape == patch.shape and np.isfinite(got).all()
-    assert np.abs(got - patch).mean() < 0.1 * patch.std()
+    assert got.shape == patch.shape
+    want = resample_frame(resample_frame(patch, 0.875), 1 / 0.875)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Where the columns cannot share the rows' factor the shape is still kept.
+    odd = dataclasses.replace(neutral(1, 40), sampling=np.array([0.83]))
+    got = apply_physical(patch[None, :, :50], odd, np.random.default_rng(0))[0]
+    assert got.shape == (40, 50) and np.isfinite(got).all()
+    assert np.abs(got - patch[:, :50]).mean() < 0.2 * patch.std()
+
+
+def test_each_patch_gets_shot_noise_once_even_on_tiny_grids(monkeypatch):
+    # Two-row patches: a drawn grid that rounds to nothing is two rows, never grouped
+    # with the patches that were not resampled; every patch is given its noise once.
+    from defectscope.training import augment
+
+    noised = []
+    real = augment._shot_noise
+
+    def counting(flat, dose, rng):
+        noised.append(len(flat))
+        return real(flat, dose, rng)
+
+    monkeypatch.setattr(augment, "_shot_noise", counting)
+    patches = np.random.default_rng(2).random((4, 2, 2)).astype(np.float32)
+    draws = dataclasses.replace(
+        neutral(4, 2), sampling=np.array([0.25, 1.0, 1.0, 0.25]), dose=np.full(4, 50.0)
+    )
+    got = apply_physical(patches, draws, np.random.default_rng(0))
+    assert sum(noised) == 4 and np.isfinite(got).all()
 
 
 def lag_one_correlation(noise: np.ndarray) -> float:

@@ -31,14 +31,16 @@ from typing import Any
 
 import numpy as np
 
+from defectscope.tiling.lattice import SCALE_RANGE
+
 # numpy's Poisson sampler refuses means past about 9.2e18; doses far below that.
 MAX_DOSE = 1e12
 # Scale jitter covers the residual of the runtime's scale match, not a change of
 # magnification; a wider range would blur lattice spacings that identify defects.
 MAX_SCALE_JITTER = (0.8, 1.25)
-# Recording pixel sizes the sampling transform may draw: the runtime's sane range of
-# scale factors (maps.scale), beyond which a frame is mapped unscaled.
-MAX_SAMPLING = (0.25, 4.0)
+# Recording grids the sampling transform may draw: the runtime's sane range of scale
+# factors, beyond which a frame is mapped unscaled.
+MAX_SAMPLING = SCALE_RANGE
 # Largest blur sigma / jitter sigma / drift in pixels: beyond, a 64-pixel patch is
 # no longer a recording of the same lattice.
 MAX_PIXELS = 8.0
@@ -308,7 +310,8 @@ def draw_physical(
     gain_on = pick(config.gain_probability)
     gain = np.where(gain_on, log_uniform(config.gain_range), 1.0)
     offset = np.where(gain_on, uniform(config.offset_range), 0.0)
-    # Drawn last, so the other draws are those of a configuration without it.
+    # Drawn last, so this batch's other fields are those a configuration without it draws
+    # (the draws after this call, and so later batches, differ).
     sampling = chosen(config.sampling_probability, log_uniform(config.sampling_range), 1.0)
     return PhysicalDraws(scale, contrast, blur, row_shift, drift, dose, gain, offset, sampling)
 
@@ -444,16 +447,18 @@ def apply_physical(
                 batch[i], (ys[k], xs[k]), order=1, mode="reflect", output=np.float32
             )
 
-    resampled = draws.sampling != 1.0
+    # Rows of each patch's recording grid; one that rounds to the patch's own is as recorded.
+    grid = np.maximum(2, np.round(height * draws.sampling)).astype(int)
+    grid_rows = np.where(draws.sampling != 1.0, grid, height)
+    resampled = grid_rows != height
     idx = np.flatnonzero(np.isfinite(draws.dose) & ~resampled)
     if idx.size:
         noisy = _shot_noise(batch[idx].reshape(idx.size, -1), draws.dose[idx], rng)
         batch[idx] = noisy.reshape(idx.size, height, width)
     if resampled.any():
         # Patches whose recording grids have the same rows share one pair of matrices.
-        grid_rows = np.where(resampled, np.round(height * draws.sampling), 0).astype(int)
         for rows in np.unique(grid_rows[resampled]):
-            idx = np.flatnonzero(grid_rows == rows)
+            idx = np.flatnonzero(resampled & (grid_rows == rows))
             batch[idx] = _recorded_at(batch[idx], rows / height, draws.dose[idx], rng)
 
     idx = np.flatnonzero((draws.gain != 1.0) | (draws.offset != 0.0))
@@ -520,7 +525,8 @@ def _recorded_at(
 
     Both ways are the runtime's resampling (:func:`_resampling_matrix`), the recording
     grid's rows a whole number (``round(H * sampling)``) and the way back the exact
-    inverse factor.
+    inverse factor. Columns take the factor that gives them a whole number too: the rows'
+    for a square patch (the runtime's one factor), slightly off it otherwise.
     """
     _, height, width = batch.shape
     rows = max(2, round(height * sampling))
