@@ -92,13 +92,25 @@ def test_defaults_are_on_and_cover_the_issue_goals():
     assert aug.scale_range[0] <= 0.96 and aug.scale_range[1] >= 1.04
     # Magnification +-15 %: lattice spacings of 0.85 to 1.15 times the patches' in pixels.
     assert aug.sampling_range[0] <= 0.85 and aug.sampling_range[1] >= 1.15
-    # Every transform has a chance to be left out, so clean patches stay in the batches.
-    for name in TRANSFORMS:
+    # Every transform has a chance to be left out, so clean patches stay in the batches;
+    # the sampling transform is opt-in (docs/scale.md).
+    for name in TRANSFORMS[:-1]:
         assert 0 < getattr(aug, f"{name}_probability") < 1
+    assert aug.sampling_probability == 0
+
+
+def test_sampling_off_draws_what_the_transforms_before_it_drew(lattice_patches):
+    # Off, it takes no random numbers: models trained before it are reproduced.
+    rng = np.random.default_rng(3)
+    draws = draw_physical(8, P, rng, Augmentation())
+    np.testing.assert_array_equal(draws.sampling, 1.0)
+    on = np.random.default_rng(3)
+    draw_physical(8, P, on, Augmentation(sampling_probability=0.5))
+    assert rng.random() != on.random()
 
 
 def test_share_of_patches_left_clean():
-    aug = Augmentation()
+    aug = Augmentation(sampling_probability=0.5)
     n = 20000
     draws = draw_physical(n, 8, np.random.default_rng(1), aug)
     clean = (
