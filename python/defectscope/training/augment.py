@@ -9,7 +9,7 @@ what changes between microscope sessions and what resampling a frame to the
 model's scale does not remove: the dose (Poisson noise), scan-line jitter and
 slow drift, probe blur, column contrast (each column's intensity raised to a
 power, as a change of the Z exponent does), detector gain and offset, a
-small scale jitter, and the sampling of a recording at another magnification
+small scale jitter, and (opt-in) the sampling of a recording at another magnification
 (the shot noise drawn on a coarser or finer pixel grid, then resampled back to
 the model's as the runtime's scale match does). Large scale changes stay out:
 the runtime matches each frame's scale to the model's first (calibration or the
@@ -134,7 +134,8 @@ class Augmentation:
         that grid, gets its shot noise there, and is resampled back
         (:func:`defectscope.tiling.resample.resample_frame` both ways, as the
         runtime's scale match does), so noise correlated over a resampled pixel and
-        the detail a coarser grid loses are seen in training.
+        the detail a coarser grid loses are seen in training. Off by default
+        (``sampling_probability`` 0).
     """
 
     rotate_flip: bool = True
