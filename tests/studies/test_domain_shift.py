@@ -274,6 +274,9 @@ def check_synthetic(report, arms):
             assert r["precision"] is None or 0 <= r["precision"] <= 1
             (share,) = r["unknown_share_per_frame"]
             assert 0 <= share <= 1
+            # Outside the rings: a part of the unknown windows, never more.
+            (unexplained,) = r["unexplained_share_per_frame"]
+            assert 0 <= unexplained <= share
             (per_frame,) = r["frames"]
             assert per_frame["windows"] >= 1
             assert sum(n for _, n in r["per_type"].values()) == r["defects"]
@@ -292,6 +295,11 @@ def test_synthetic_study_runs_with_scale_matching(toy_detector):
         pytest.skip("this build has no scale matching (MapOptions.scale)")
     report = small_synthetic(toy_detector, ("auto", "off"))
     check_synthetic(report, ["auto", "off"])
+    table = ds.markdown({"cpu": "test", "synthetic": report})
+    header = next(line for line in table.splitlines() if line.startswith("| condition |"))
+    assert "of them outside defect rings" in header
+    rows = [line for line in table.splitlines() if line.startswith("| nominal |")]
+    assert len(rows) == 2 and all(row.count("|") == header.count("|") for row in rows)
     for condition in report["conditions"]:
         record = condition["arms"]["auto"]["frames"][0]["scale"]
         assert record is not None and record["source"] in ("calibration", "lattice", "user", "none")

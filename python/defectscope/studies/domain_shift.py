@@ -435,6 +435,9 @@ def _map_summary(result: MapResult) -> dict[str, Any]:
     return {
         "windows": int(np.prod(result.grid_shape)),
         "unknown_share": unknown_share(result),
+        # Unknown windows outside the rings around known defects: what the rings (which
+        # join their defect's region) do not explain, i.e. the lattice the model calls new.
+        "unexplained_share": getattr(result, "unexplained_share", None),
         "out_of_distribution": None if ood is None else bool(ood),
         "scale": scale_record(result),
         "map_ms": float(result.timing_ms.get("total", float("nan"))),
@@ -550,6 +553,7 @@ def synthetic_study(
                 **totals,
                 **_shares(totals),
                 "unknown_share_per_frame": [p["unknown_share"] for p in per_frame],
+                "unexplained_share_per_frame": [p["unexplained_share"] for p in per_frame],
                 "factor_per_frame": [(p["scale"] or {}).get("factor") for p in per_frame],
                 "source_per_frame": [(p["scale"] or {}).get("source") for p in per_frame],
                 "frames": per_frame,
@@ -879,18 +883,21 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"**Warning (model):** {warning}", ""]
         lines += [
             "| condition | scale | defects | found | known regions | precision "
-            "| unknown windows per frame | unknown regions / defect | recall / precision "
+            "| unknown windows per frame | of them outside defect rings "
+            "| unknown regions / defect | recall / precision "
             "| factor per frame (source) | expected |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in synthetic["conditions"]:
             expected = ", ".join(f"{f['expected_factor']:.3f}" for f in c["frames"])
             for arm, r in c["arms"].items():
                 unknown = ", ".join(_pct(u) for u in r["unknown_share_per_frame"])
+                unexplained = r.get("unexplained_share_per_frame") or []
+                unexplained = ", ".join(_pct(u) for u in unexplained) or "–"
                 lines.append(
                     f"| {c['name']} | {arm} | {r['defects']} | {r['found']} "
                     f"({_pct(r['found_share'])}) | {r['known_regions']} | "
-                    f"{_num(r['precision'])} | {unknown} | "
+                    f"{_num(r['precision'])} | {unknown} | {unexplained} | "
                     f"{_num(r['unknown_regions_per_defect'], 2)} | {_num(r['recall'])} / "
                     f"{_num(r['centroid_precision'])} | "
                     f"{_factors(r['factor_per_frame'], r['source_per_frame'])} | {expected} |"
