@@ -297,13 +297,24 @@ def test_synthetic_study_runs_with_scale_matching(toy_detector):
     check_synthetic(report, ["auto", "off"])
     table = ds.markdown({"cpu": "test", "synthetic": report})
     header = next(line for line in table.splitlines() if line.startswith("| condition |"))
-    assert "of them outside defect rings" in header
+    assert "unknown outside defect rings" in header
     rows = [line for line in table.splitlines() if line.startswith("| nominal |")]
     assert len(rows) == 2 and all(row.count("|") == header.count("|") for row in rows)
     for condition in report["conditions"]:
         record = condition["arms"]["auto"]["frames"][0]["scale"]
         assert record is not None and record["source"] in ("calibration", "lattice", "user", "none")
         assert math.isfinite(record["factor"]) and record["factor"] > 0
+
+
+def test_map_summary_splits_unknown_windows_at_the_rings(toy_detector):
+    from defectscope.maps.result import ring_mask
+
+    frame = (lattice((160, 160), vacancies=[(8, 8), (8, 9)], seed=4) * 200).clip(0, 255)
+    result = ds.map_frame(toy_detector, frame.astype(np.uint8), 16, "off")
+    summary = ds._map_summary(result)
+    unknown = result.unknown_mask
+    assert summary["unknown_share"] == pytest.approx(unknown.mean())
+    assert summary["unexplained_share"] == pytest.approx((unknown & ~ring_mask(result)).mean())
 
 
 def test_real_study_and_report_files(toy_detector, tmp_path):

@@ -498,7 +498,8 @@ def synthetic_study(
         condition its shift, per frame the truth's counts and factors, and per arm the
         totals of :func:`score_regions` and :func:`centroid_scores`, the shares
         (``found``, ``precision``, ``recall``, ``centroid_precision``,
-        ``unknown_regions_per_defect``), each frame's unknown share and scale record.
+        ``unknown_regions_per_defect``), each frame's unknown share, the part of it
+        outside the rings around known defects (``unexplained_share``) and scale record.
     """
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames per condition must be a positive integer, got {frames!r}")
@@ -883,7 +884,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"**Warning (model):** {warning}", ""]
         lines += [
             "| condition | scale | defects | found | known regions | precision "
-            "| unknown windows per frame | of them outside defect rings "
+            "| unknown windows per frame | unknown outside defect rings "
             "| unknown regions / defect | recall / precision "
             "| factor per frame (source) | expected |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
