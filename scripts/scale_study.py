@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -30,6 +31,17 @@ def scale_arm(text: str) -> str | float:
     if not (value > 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"{text!r}: a factor must be a positive number")
     return value
+
+
+def augmentation_changes(text: str) -> dict:
+    """A JSON object of ``Augmentation`` fields (lists become the ranges' tuples)."""
+    try:
+        changes = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--augmentation: not JSON ({exc})") from None
+    if not isinstance(changes, dict):
+        raise argparse.ArgumentTypeError("--augmentation: a JSON object of Augmentation fields")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,6 +83,18 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=0, help="training set and training seed")
     g.add_argument(
+        "--bulk-near-defects",
+        action="store_true",
+        help="training set's Bulk patches may hold a defect outside their central half",
+    )
+    g.add_argument(
+        "--augmentation",
+        type=augmentation_changes,
+        default={},
+        metavar="JSON",
+        help="training augmentation fields, e.g. '{\"sampling_probability\": 0.8}'",
+    )
+    g.add_argument(
         "--cost-sizes", type=int, nargs="*", default=[512, 2048], help="frame sides timed"
     )
     g.add_argument("--cost-repeats", type=int, default=2)
@@ -92,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         run_domain_shift,
         study_settings,
     )
+    from defectscope.training.augment import Augmentation
     from defectscope.training.config import TrainConfig
 
     try:
@@ -108,14 +133,28 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise ValueError(f"--conditions {unknown}: choose from {sorted(known)}")
             shifts = [known[name] for name in args.conditions]
-        train = study_settings(frames=args.train_frames, size=args.train_size, seed=args.seed)
+        train = study_settings(
+            frames=args.train_frames,
+            size=args.train_size,
+            seed=args.seed,
+            bulk_near_defects=args.bulk_near_defects,
+        )
         test = dataclasses.replace(train, size=args.test_size, seed=args.test_seed)
+        try:
+            augmentation = Augmentation(**args.augmentation)
+        except TypeError as exc:
+            raise ValueError(f"--augmentation: {exc}") from None
         report = run_domain_shift(
             args.out,
             synthetic=args.synthetic,
             model=args.model,
             train_settings=train,
-            train_config=TrainConfig(epochs=args.epochs, seed=args.seed, patience=args.patience),
+            train_config=TrainConfig(
+                epochs=args.epochs,
+                seed=args.seed,
+                patience=args.patience,
+                augmentation=augmentation,
+            ),
             test_settings=test,
             frames=args.test_frames,
             shifts=shifts,

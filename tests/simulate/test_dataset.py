@@ -189,6 +189,7 @@ def test_three_commands_from_a_crystal_to_scores(tmp_path, learned):
         ({"instrument": Instrument(drift=(9000.0, 0.0)), "size": 4096}, "over the limit of 20000"),
         ({"multislice": Multislice(energy=1e-300)}, "energy must be"),
         ({"multislice": Multislice(potential_sampling=float("nan"))}, "potential sampling"),
+        ({"bulk_near_defects": "yes"}, "bulk near defects must be true or false"),
     ],
 )
 def test_settings_out_of_range_are_named(change, message):
@@ -336,3 +337,26 @@ def test_a_frame_smaller_than_a_unit_cell_is_named(tmp_path):
     with pytest.raises(ValueError, match="pixel size 1e-06 nm: the 128-pixel frame spans"):
         sim.simulate_dataset(settings, tmp_path / "sim", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_bulk_patches_hold_defects_only_outside_their_centre_when_asked(near):
+    # A frame of zeros with a 1 at each defect: a Bulk patch's pixels say where defects lie.
+    rng = np.random.default_rng(3)
+    frame = np.zeros((512, 512), dtype=np.float32)
+    places = rng.integers(40, 472, size=(24, 2))
+    frame[places[:, 0], places[:, 1]] = 1.0
+    defects = [{"type": "Vacancy", "row": float(r), "col": float(c)} for r, c in places]
+    pairs = sim.cut_patches(frame, defects, 64, 4, np.random.default_rng(0), near)
+    bulk = np.stack([patch for label, patch in pairs if label == "Bulk"])
+    assert len(bulk) >= 60
+    centre = bulk[:, 16:48, 16:48]
+    assert centre.max() == 0  # no Bulk patch holds a defect in its central half
+    outer = bulk.reshape(len(bulk), -1).max(axis=1)
+    if near:  # ... but some, as windows beside a defect do, hold one near their edge
+        assert 0.05 <= outer.mean() <= 0.6
+    else:
+        assert outer.max() == 0
+    # The defect patches are unchanged: each holds its defect within an eighth of its centre.
+    defect_patches = np.stack([patch for label, patch in pairs if label == "Vacancy"])
+    assert defect_patches[:, 24:41, 24:41].reshape(len(defect_patches), -1).max(axis=1).min() == 1

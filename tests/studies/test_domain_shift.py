@@ -236,6 +236,26 @@ def test_script_names_a_bad_real_model_spec(tmp_path, capsys):
     assert "NAME=MODEL_DIR FRAME" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"bogus": 1}', "unexpected keyword argument 'bogus'"),
+        ('{"contrast_range": [2, 1]}', "contrast_range"),
+    ],
+)
+def test_script_names_a_bad_augmentation(tmp_path, capsys, text, message):
+    spec = importlib.util.spec_from_file_location("scale_study", REPO / "scripts/scale_study.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--out", str(tmp_path / "o"), "--synthetic", "--augmentation", text]
+    assert script.main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "train").exists()  # refused before any simulation
+    assert script.augmentation_changes('{"sampling_range": [0.8, 1.25]}') == {
+        "sampling_range": (0.8, 1.25)
+    }
+
+
 # ---------------------------------------------------------------- small runs, toy model
 
 

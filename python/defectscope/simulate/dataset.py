@@ -189,6 +189,15 @@ class SimulationSettings:
     patches_per_defect: int = dataclasses.field(
         default=4, metadata={"help": "patches cut around each defect"}
     )
+    # A map's windows beside a defect see part of it off-centre; Bulk patches that never
+    # hold one leave those windows unlike every class (the unknown rings round defects).
+    bulk_near_defects: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Bulk patches may hold a defect outside their central half, as a map's "
+            "windows beside a defect do (default: no defect anywhere in a Bulk patch)"
+        },
+    )
     vary: float = dataclasses.field(
         default=0.2,
         metadata={
@@ -222,6 +231,10 @@ class SimulationSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer):
                 raise ValueError(f"{name.replace('_', ' ')} must be an integer, got {value!r}")
+        if not isinstance(self.bulk_near_defects, bool | np.bool_):
+            raise ValueError(
+                f"bulk near defects must be true or false, got {self.bulk_near_defects!r}"
+            )
         count = self.defects_per_frame
         if count is not None and (
             isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0
@@ -453,10 +466,14 @@ def cut_patches(
     patch_size: int,
     per_defect: int,
     rng: np.random.Generator,
+    bulk_near_defects: bool = False,
 ) -> list[tuple[str, np.ndarray]]:
     """``(class, patch)`` pairs: patches around each defect (shifted up to an eighth of a
     patch) and as many ``Bulk`` patches per frame as the average defect class has, placed
-    where no defect lies within the patch (and 4 pixels around it)."""
+    where no defect lies within the patch (and 4 pixels around it), or, with
+    ``bulk_near_defects``, where none lies within its central half (a quarter of a patch
+    from its centre along both axes, beyond the defect patches' shift of an eighth), so
+    Bulk also holds what a window beside a defect sees."""
     from scipy.spatial import cKDTree
 
     height, width = frame.shape
@@ -479,7 +496,7 @@ def cut_patches(
                 out.append((d["type"], patch))
     kinds = {d["type"] for d in defects}
     wanted = len(out) // max(len(kinds), 1)
-    clear = half + 4
+    clear = patch_size // 4 if bulk_near_defects else half + 4
     # Nearest defect in the max norm by a KD-tree: a draw costs log(defects), not defects.
     tree = cKDTree(centres) if len(centres) else None
     bulk = 0
@@ -558,7 +575,14 @@ def simulate_dataset(
             name = f"frame_{index:04d}.tif"
             _write_tiff(stage / "frames" / name, frame, settings.pixel_size, settings.unit)
             for n, (label, patch) in enumerate(
-                cut_patches(frame, defects, settings.patch_size, settings.patches_per_defect, rng)
+                cut_patches(
+                    frame,
+                    defects,
+                    settings.patch_size,
+                    settings.patches_per_defect,
+                    rng,
+                    settings.bulk_near_defects,
+                )
             ):
                 relative = f"{label}/frame{index:04d}_{n:05d}.tif"
                 target_file = stage / "patches" / relative
