@@ -37,10 +37,10 @@ def augmentation_changes(text: str) -> dict:
     """A JSON object of ``Augmentation`` fields (lists become the ranges' tuples)."""
     try:
         changes = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--augmentation: not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
     if not isinstance(changes, dict):
-        raise argparse.ArgumentTypeError("--augmentation: a JSON object of Augmentation fields")
+        raise argparse.ArgumentTypeError("a JSON object of Augmentation fields")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
 
 
@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--bulk-near-defects",
         action="store_true",
-        help="training set's Bulk patches may hold a defect outside their central half",
+        help="training set: Bulk patches may hold a defect outside their central square",
     )
     g.add_argument(
         "--augmentation",
@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     from defectscope.training.augment import Augmentation
     from defectscope.training.config import TrainConfig
 
+    if args.model is not None and (args.bulk_near_defects or args.augmentation):
+        print(
+            "error: --bulk-near-defects and --augmentation train a model; --model reuses one",
+            file=sys.stderr,
+        )
+        return 1
     try:
         real = []
         for spec, frame in args.real_model:

@@ -350,8 +350,9 @@ def test_bulk_patches_hold_defects_only_outside_their_centre_when_asked(near):
     pairs = sim.cut_patches(frame, defects, 64, 4, np.random.default_rng(0), near)
     bulk = np.stack([patch for label, patch in pairs if label == "Bulk"])
     assert len(bulk) >= 60
-    centre = bulk[:, 16:48, 16:48]
-    assert centre.max() == 0  # no Bulk patch holds a defect in its central half
+    # Crops start at the rounded centre - 32: a defect 16 px before the centre is at 16.
+    centre = bulk[:, 17:48, 17:48]
+    assert centre.max() == 0  # no Bulk patch holds a defect in its central square
     outer = bulk.reshape(len(bulk), -1).max(axis=1)
     if near:  # ... but some, as windows beside a defect do, hold one near their edge
         assert 0.05 <= outer.mean() <= 0.6
@@ -360,3 +361,27 @@ def test_bulk_patches_hold_defects_only_outside_their_centre_when_asked(near):
     # The defect patches are unchanged: each holds its defect within an eighth of its centre.
     defect_patches = np.stack([patch for label, patch in pairs if label == "Vacancy"])
     assert defect_patches[:, 24:41, 24:41].reshape(len(defect_patches), -1).max(axis=1).min() == 1
+
+
+def test_bulk_near_defects_reaches_the_patches_and_old_datasets_still_match(monkeypatch, tmp_path):
+    seen = []
+    real_cut = sim.cut_patches
+
+    def spy(*args):
+        seen.append(args[5])
+        return real_cut(*args)
+
+    monkeypatch.setattr(sim, "cut_patches", spy)
+    settings = sim.SimulationSettings(
+        frames=1, size=192, defects="vacancy:Sr", bulk_near_defects=True, seed=2
+    )
+    with pytest.raises(TypeError, match="bulk_near_defects must be true or false"):
+        real_cut(np.zeros((128, 128)), [], 64, 1, np.random.default_rng(0), "no")
+    truth = sim.simulate_dataset(settings, tmp_path / "d", progress=False)
+    assert seen == [True]
+    assert truth["settings"]["bulk_near_defects"] is True
+    # A truth.json written before the setting existed describes a default simulation.
+    old = {k: v for k, v in truth["settings"].items() if k != "bulk_near_defects"}
+    assert sim.recorded_settings({"settings": old})["bulk_near_defects"] is False
+    assert sim.recorded_settings({"settings": truth["settings"]}) == truth["settings"]
+    assert sim.recorded_settings({}) is None

@@ -85,6 +85,7 @@ __all__ = [
     "parse_zone",
     "place_defects",
     "read_truth",
+    "recorded_settings",
     "render_incoherent",
     "render_multislice",
     "simulate_dataset",
@@ -194,8 +195,9 @@ class SimulationSettings:
     bulk_near_defects: bool = dataclasses.field(
         default=False,
         metadata={
-            "help": "Bulk patches may hold a defect outside their central half, as a map's "
-            "windows beside a defect do (default: no defect anywhere in a Bulk patch)"
+            "help": "Bulk patches may hold a defect outside their central square of half "
+            "their side, as a map's windows beside a defect do (default: no defect anywhere "
+            "in a Bulk patch)"
         },
     )
     vary: float = dataclasses.field(
@@ -231,7 +233,7 @@ class SimulationSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer):
                 raise ValueError(f"{name.replace('_', ' ')} must be an integer, got {value!r}")
-        if not isinstance(self.bulk_near_defects, bool | np.bool_):
+        if not isinstance(self.bulk_near_defects, bool):
             raise ValueError(
                 f"bulk near defects must be true or false, got {self.bulk_near_defects!r}"
             )
@@ -471,9 +473,10 @@ def cut_patches(
     """``(class, patch)`` pairs: patches around each defect (shifted up to an eighth of a
     patch) and as many ``Bulk`` patches per frame as the average defect class has, placed
     where no defect lies within the patch (and 4 pixels around it), or, with
-    ``bulk_near_defects``, where none lies within its central half (a quarter of a patch
-    from its centre along both axes, beyond the defect patches' shift of an eighth), so
-    Bulk also holds what a window beside a defect sees."""
+    ``bulk_near_defects``, where none lies in its central square of half its side (a
+    quarter of a patch from its centre along either axis, and at least an eighth plus 8
+    pixels: beyond the defect patches' shift and training's), so Bulk also holds what a
+    window beside a defect sees."""
     from scipy.spatial import cKDTree
 
     height, width = frame.shape
@@ -496,7 +499,11 @@ def cut_patches(
                 out.append((d["type"], patch))
     kinds = {d["type"] for d in defects}
     wanted = len(out) // max(len(kinds), 1)
-    clear = patch_size // 4 if bulk_near_defects else half + 4
+    if not isinstance(bulk_near_defects, bool):
+        raise TypeError(f"bulk_near_defects must be true or false, got {bulk_near_defects!r}")
+    # Beyond the defect patches' shift (an eighth) plus training's shift of up to 4 px
+    # twice over, so a shifted Bulk patch never holds a defect where a defect patch does.
+    clear = max(patch_size // 4, shift + 8) if bulk_near_defects else half + 4
     # Nearest defect in the max norm by a KD-tree: a draw costs log(defects), not defects.
     tree = cKDTree(centres) if len(centres) else None
     bulk = 0
@@ -648,6 +655,19 @@ def _publish(stage: Path, target: Path) -> None:
             os.replace(stage / name, target / name)
     os.replace(stage / "truth.json", target / "truth.json")
     shutil.rmtree(stage, ignore_errors=True)
+
+
+# Settings added after datasets were first written, with the value older datasets were
+# made with: a truth.json without them still describes the same simulation.
+_LATER_SETTINGS = {"bulk_near_defects": False}
+
+
+def recorded_settings(truth: dict[str, Any]) -> dict[str, Any] | None:
+    """A ``truth.json``'s settings, with settings added since filled in as they were made."""
+    settings = truth.get("settings")
+    if not isinstance(settings, dict):
+        return None
+    return {**_LATER_SETTINGS, **settings}
 
 
 def _settings_record(settings: SimulationSettings) -> dict[str, Any]:

@@ -716,12 +716,13 @@ def simulate_training_set(
     A complete dataset already in ``out`` made with the same settings is reused (the
     simulation is deterministic); one made with other settings is refused.
     """
-    from defectscope.simulate.dataset import simulate_dataset
+    from defectscope.simulate.dataset import recorded_settings, simulate_dataset
 
     out = Path(out)
     if (out / "truth.json").is_file():
         truth = read_truth(out)
-        if truth.get("settings") != _settings_json(settings) or not truth.get("complete"):
+        same = recorded_settings(truth) == _settings_json(settings)
+        if not same or not truth.get("complete"):
             raise ValueError(
                 f"{out}: holds a simulated dataset made with other settings (or incomplete); "
                 "remove it or give another --out"

@@ -210,7 +210,12 @@ class Recipe:
 def simulate_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True) -> list[Path]:
     """Simulate every combination into ``out/<tag>`` (kept ones are reused when whole and
     made with the same settings) and return the folders."""
-    from defectscope.simulate.dataset import _prepare, _settings_record, simulate_dataset
+    from defectscope.simulate.dataset import (
+        _prepare,
+        _settings_record,
+        recorded_settings,
+        simulate_dataset,
+    )
 
     out = Path(out)
     folders = []
@@ -219,7 +224,7 @@ def simulate_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = Tru
         truth = folder / "truth.json"
         if truth.is_file():
             record = json.loads(truth.read_text())
-            same = record.get("settings") == json.loads(json.dumps(_settings_record(settings)))
+            same = recorded_settings(record) == json.loads(json.dumps(_settings_record(settings)))
             classes = [spec.label for spec in _prepare(settings)[1]]
             if record.get("complete") and same and record.get("defect_classes") == classes:
                 folders.append(folder)
