@@ -195,9 +195,9 @@ def frame_scores(det, seeds=range(3), **acquisition) -> dict:
 def acquisition_model_dir(tmp_path_factory):
     """A Bulk/Vacancy model with a density, trained on nominal acquisitions; checked right.
 
-    Seeds and threads pinned; a seed whose model misses defects or finds false ones
-    in nominal frames is replaced by the next (a tiny run need not converge alike on
-    every CPU).
+    Seeds and threads pinned; a seed whose model misses defects, finds false ones or
+    calls over a fifth of the windows unknown in a nominal frame is replaced by the next
+    (a tiny run need not converge alike on every CPU).
     """
     import torch
 
@@ -223,7 +223,11 @@ def acquisition_model_dir(tmp_path_factory):
 
             with Detector.load(out, backend="torch") as det:
                 nominal = frame_scores(det, seeds=[7], **NOMINAL)
-            if nominal["recall_known"] == 1.0 and nominal["precision"] == 1.0:
+            # Checked on its own frame against what the tests ask of nominal frames:
+            # every defect found as known, no false region, at most 20 % unknown windows
+            # (on an Intel AMX CPU seed 0 left 20.4 % of the check frame unknown).
+            good = nominal["recall_known"] == 1.0 and nominal["precision"] == 1.0
+            if good and nominal["unknown"] <= 0.2:
                 return out
             reasons.append(f"seed {seed}: {nominal}")
     finally:
