@@ -479,6 +479,9 @@ def cut_patches(
     window beside a defect sees."""
     from scipy.spatial import cKDTree
 
+    if not isinstance(bulk_near_defects, bool):
+        raise TypeError(f"bulk_near_defects must be true or false, got {bulk_near_defects!r}")
+
     height, width = frame.shape
     half = patch_size // 2
     out: list[tuple[str, np.ndarray]] = []
@@ -499,8 +502,6 @@ def cut_patches(
                 out.append((d["type"], patch))
     kinds = {d["type"] for d in defects}
     wanted = len(out) // max(len(kinds), 1)
-    if not isinstance(bulk_near_defects, bool):
-        raise TypeError(f"bulk_near_defects must be true or false, got {bulk_near_defects!r}")
     # Beyond the defect patches' shift (an eighth) plus training's shift of up to 4 px
     # twice over, so a shifted Bulk patch never holds a defect where a defect patch does.
     clear = max(patch_size // 4, shift + 8) if bulk_near_defects else half + 4
