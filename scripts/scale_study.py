@@ -84,8 +84,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="training set and training seed")
     g.add_argument(
         "--bulk-near-defects",
-        action="store_true",
-        help="training set: Bulk patches may hold a defect outside their central square",
+        action=argparse.BooleanOptionalAction,
+        help="training set: Bulk patches may hold a defect outside their central square, "
+        "half of them placed beside one (simulate's default: off)",
     )
     g.add_argument(
         "--augmentation",
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from defectscope.training.augment import Augmentation
     from defectscope.training.config import TrainConfig
 
-    if args.model is not None and (args.bulk_near_defects or args.augmentation):
+    if args.model is not None and (args.bulk_near_defects is not None or args.augmentation):
         print(
             "error: --bulk-near-defects and --augmentation train a model; --model reuses one",
             file=sys.stderr,
@@ -139,11 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise ValueError(f"--conditions {unknown}: choose from {sorted(known)}")
             shifts = [known[name] for name in args.conditions]
+        # Unset, the training set is simulate's default.
+        near = (
+            {} if args.bulk_near_defects is None else {"bulk_near_defects": args.bulk_near_defects}
+        )
         train = study_settings(
             frames=args.train_frames,
             size=args.train_size,
             seed=args.seed,
-            bulk_near_defects=args.bulk_near_defects,
+            **near,
         )
         test = dataclasses.replace(train, size=args.test_size, seed=args.test_seed)
         try:

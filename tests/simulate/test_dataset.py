@@ -354,8 +354,15 @@ def test_bulk_patches_hold_defects_only_outside_their_centre_when_asked(near):
     centre = bulk[:, 17:48, 17:48]
     assert centre.max() == 0  # no Bulk patch holds a defect in its central square
     outer = bulk.reshape(len(bulk), -1).max(axis=1)
-    if near:  # ... but some, as windows beside a defect do, hold one near their edge
-        assert 0.05 <= outer.mean() <= 0.6
+    if near:
+        # ... but, as windows beside a defect do, about half hold one (half are placed
+        # beside one, a few of the rest land near one), anywhere between the central
+        # square and the edge.
+        assert 0.35 <= outer.mean() <= 0.8
+        rows, cols = np.nonzero(bulk[outer > 0])[1:]
+        reach = np.maximum(np.abs(rows - 32), np.abs(cols - 32))
+        counts = np.histogram(reach, bins=[16, 20, 24, 28, 33])[0]
+        assert counts.min() >= 0.05 * len(reach), counts
     else:
         assert outer.max() == 0
     # The defect patches are unchanged: each holds its defect within an eighth of its centre.

@@ -256,6 +256,17 @@ def test_script_names_a_bad_augmentation(tmp_path, capsys, text, message):
     }
 
 
+@pytest.mark.parametrize("flag", ["--bulk-near-defects", "--no-bulk-near-defects"])
+def test_script_refuses_a_training_set_option_with_a_kept_model(tmp_path, capsys, flag):
+    spec = importlib.util.spec_from_file_location("scale_study", REPO / "scripts/scale_study.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--out", str(tmp_path / "o"), "--synthetic", "--model", str(tmp_path), flag]
+    assert script.main(argv) == 1
+    assert "--model reuses one" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------- small runs, toy model
 
 

@@ -196,8 +196,8 @@ class SimulationSettings:
         default=False,
         metadata={
             "help": "Bulk patches may hold a defect outside their central square of half "
-            "their side, as a map's windows beside a defect do (default: no defect anywhere "
-            "in a Bulk patch)"
+            "their side, as a map's windows beside a defect do, half of them placed beside "
+            "one (default: no defect anywhere in a Bulk patch)"
         },
     )
     vary: float = dataclasses.field(
@@ -462,6 +462,12 @@ def simulate_frame(settings: SimulationSettings, index: int) -> tuple[np.ndarray
     return frame, {"defects": defects, "lattice_spacing": spacing, "conditions": conditions}
 
 
+# With bulk_near_defects, the share of Bulk patches placed beside a defect (the rest lie
+# anywhere clear): drawn uniformly, too few hold one for the feature density to learn what
+# a window beside a defect sees, and those windows stay unknown (issue 26's rings).
+BESIDE_DEFECT_SHARE = 0.5
+
+
 def cut_patches(
     frame: np.ndarray,
     defects: list[dict[str, Any]],
@@ -476,7 +482,9 @@ def cut_patches(
     ``bulk_near_defects``, where none lies in its central square of half its side (a
     quarter of a patch from its centre along either axis, and at least an eighth plus 8
     pixels: beyond the defect patches' shift and training's), so Bulk also holds what a
-    window beside a defect sees."""
+    window beside a defect sees: then :data:`BESIDE_DEFECT_SHARE` of them are placed
+    beside a defect drawn at random (it lies between that clearance and 4 pixels past the
+    patch's edge along the farther axis, uniformly), the rest anywhere clear."""
     from scipy.spatial import cKDTree
 
     if not isinstance(bulk_near_defects, bool):
@@ -507,11 +515,21 @@ def cut_patches(
     clear = max(patch_size // 4, shift + 8) if bulk_near_defects else half + 4
     # Nearest defect in the max norm by a KD-tree: a draw costs log(defects), not defects.
     tree = cKDTree(centres) if len(centres) else None
-    bulk = 0
-    for _ in range(50 * max(wanted, 1)):
+    beside = round(wanted * BESIDE_DEFECT_SHARE) if bulk_near_defects and len(centres) else 0
+    reach = half + 4  # up to just past the patch's edge
+    bulk, tries = 0, 50 * max(wanted, 1)
+    for attempt in range(tries):
         if bulk >= wanted:
             break
-        row, col = rng.uniform(half, height - half), rng.uniform(half, width - half)
+        # Half the tries at most for those beside a defect, so a frame with no room
+        # beside its defects still gets its Bulk patches from anywhere clear.
+        if bulk < beside and attempt < tries // 2:
+            offset = rng.uniform(-reach, reach, size=2)
+            if np.abs(offset).max() < clear:
+                continue
+            row, col = centres[rng.integers(len(centres))] + offset
+        else:
+            row, col = rng.uniform(half, height - half), rng.uniform(half, width - half)
         if tree is not None and tree.query((row, col), p=np.inf)[0] < clear:
             continue
         patch = crop(row, col)
