@@ -355,10 +355,10 @@ def test_bulk_patches_hold_defects_only_outside_their_centre_when_asked(near):
     assert centre.max() == 0  # no Bulk patch holds a defect in its central square
     outer = bulk.reshape(len(bulk), -1).max(axis=1)
     if near:
-        # ... but, as windows beside a defect do, about half hold one (half are placed
-        # beside one, a few of the rest land near one), anywhere between the central
-        # square and the edge.
-        assert 0.35 <= outer.mean() <= 0.8
+        # ... but, as windows beside a defect do, about half hold one: half are placed
+        # beside a defect (a quarter of those just past the edge, holding none), and on
+        # this crowded frame about 30 % of the rest land near one.
+        assert 0.45 <= outer.mean() <= 0.65  # 0.53 here; 0.30 with none placed beside
         rows, cols = np.nonzero(bulk[outer > 0])[1:]
         reach = np.maximum(np.abs(rows - 32), np.abs(cols - 32))
         counts = np.histogram(reach, bins=[16, 20, 24, 28, 33])[0]
