@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
         "--bulk-near-defects",
         action=argparse.BooleanOptionalAction,
         help="training set: Bulk patches may hold a defect outside their central square, "
-        "half of them placed beside one (simulate's default: off)",
+        "half of them placed beside one (simulate's default: on)",
     )
     g.add_argument(
         "--augmentation",

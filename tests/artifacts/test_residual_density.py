@@ -57,6 +57,54 @@ def test_record_round_trip_scores_alike(residual_model_dir):
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_centred_density_records_its_centre_and_scores_its_centre():
+    """Fitted on the patches' centres: the record is version 2 with the share, reads back
+    to the same scores, and those are the centre descriptors' (not the whole window's)."""
+    from defectscope.artifacts.density import fit_density
+    from defectscope.tiling.residual import CENTRE_SHARE, residual_descriptors
+
+    train, held = toy_patches(30), toy_patches(20, seed=1)
+    density = fit_residual_density(train.images, train.labels, 2, held.images, centre=0.375)
+    record = json.loads(json.dumps(density.to_dict()))
+    assert record["descriptor_version"] == 2 and record["centre"] == CENTRE_SHARE
+    again = ResidualDensity.from_dict(record, n_classes=2)
+    assert again.centre == CENTRE_SHARE
+    windows = toy_patches(5, seed=3).images
+    for got, want in zip(again.score(windows), density.score(windows), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-3)  # JSON keeps the fit to float32
+    reference = fit_density(
+        residual_descriptors(train.images, centre=CENTRE_SHARE),
+        train.labels,
+        2,
+        residual_descriptors(held.images, centre=CENTRE_SHARE),
+    )
+    want = reference.score(residual_descriptors(windows, centre=CENTRE_SHARE))[0]
+    np.testing.assert_allclose(density.score(windows)[0], want, rtol=1e-6)
+    whole = fit_residual_density(train.images, train.labels, 2, held.images)
+    assert whole.to_dict()["descriptor_version"] == 1 and "centre" not in whole.to_dict()
+    assert not np.allclose(whole.score(windows)[0], want)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r.pop("centre"), "centre must be a share"),
+        (lambda r: r.update(centre=0), "centre must be a share"),
+        (lambda r: r.update(centre=1e300), "centre must be a share"),
+        (lambda r: r.update(centre=10**400), "centre must be a share"),
+        (lambda r: r.update(centre="0.375"), "centre must be a share"),
+        (lambda r: r.update(centre=True), "centre must be a share"),
+        (lambda r: r.update(descriptor_version=3), "descriptor version"),
+    ],
+)
+def test_malformed_centre_records_are_refused(edit, message):
+    train = toy_patches(30)
+    record = fit_residual_density(train.images, train.labels, 2, centre=0.375).to_dict()
+    edit(record)
+    with pytest.raises(ValueError, match=message):
+        ResidualDensity.from_dict(json.loads(json.dumps(record)), n_classes=2)
+
+
 def test_a_new_point_defect_is_unknown_and_the_lattice_around_it_is_not(residual_model_dir):
     frame = interstitial_frame()
     with Detector.load(residual_model_dir, backend="torch") as det:

@@ -379,16 +379,19 @@ def test_bulk_near_defects_reaches_the_patches_and_old_datasets_still_match(monk
         return real_cut(*args)
 
     monkeypatch.setattr(sim, "cut_patches", spy)
+    assert sim.SimulationSettings().bulk_near_defects is True  # the default since 2026-12-05
     settings = sim.SimulationSettings(
-        frames=1, size=192, defects="vacancy:Sr", bulk_near_defects=True, seed=2
+        frames=1, size=192, defects="vacancy:Sr", bulk_near_defects=False, seed=2
     )
     with pytest.raises(TypeError, match="bulk_near_defects must be true or false"):
         real_cut(np.zeros((128, 128)), [], 64, 1, np.random.default_rng(0), "no")
     truth = sim.simulate_dataset(settings, tmp_path / "d", progress=False)
-    assert seen == [True]
-    assert truth["settings"]["bulk_near_defects"] is True
-    # A truth.json written before the setting existed describes a default simulation.
+    assert seen == [False]
+    assert truth["settings"]["bulk_near_defects"] is False
+    # A truth.json written before the setting existed was made without it, whatever
+    # today's default: it still matches the settings it was made with.
     old = {k: v for k, v in truth["settings"].items() if k != "bulk_near_defects"}
     assert sim.recorded_settings({"settings": old})["bulk_near_defects"] is False
+    assert sim.recorded_settings({"settings": old}) == truth["settings"]
     assert sim.recorded_settings({"settings": truth["settings"]}) == truth["settings"]
     assert sim.recorded_settings({}) is None

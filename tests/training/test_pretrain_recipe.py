@@ -26,6 +26,8 @@ def test_the_recipe_covers_every_builtin_family_and_its_settings_check():
     assert len({s.seed for s in combos.values()}) == len(combos)  # no two alike
     for settings in combos.values():
         assert settings.exponent_range and settings.column_scatter > 0 and settings.vary > 0
+        # Made before simulate's Bulk placement default changed: still its data's.
+        assert settings.bulk_near_defects is False
 
 
 def test_every_family_of_the_recipe_renders_its_defects():

@@ -118,6 +118,23 @@ def test_the_simulated_pretraining_records_the_simulated_pixel_size(trained):
     check_toy_lattice(scale.lattice)
 
 
+def test_the_simulated_training_fits_the_residual_on_the_patch_centres(trained):
+    """'simulate' centres every defect patch on its defect, real patch folders need not:
+    the pretraining's lattice-residual density takes the centre, the fine-tuning's the
+    whole patch, and both load as engines that score with them."""
+    from defectscope.engines.loader import load_engine
+    from defectscope.tiling.residual import CENTRE_SHARE
+
+    pretrained = json.loads((trained / "pretrained" / "model.json").read_text())
+    fine = json.loads((trained / "model.json").read_text())
+    assert pretrained["residual_density"]["centre"] == CENTRE_SHARE
+    assert pretrained["residual_density"]["descriptor_version"] == 2
+    assert "centre" not in fine["residual_density"]
+    assert fine["residual_density"]["descriptor_version"] == 1
+    engine = load_engine(trained / "pretrained", backend="torch")
+    assert engine.residual_density.centre == CENTRE_SHARE
+
+
 def test_the_scale_reaches_the_runtime(trained):
     from defectscope.engines.loader import load_engine
 

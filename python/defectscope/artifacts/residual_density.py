@@ -24,12 +24,20 @@ from typing import Any
 import numpy as np
 
 from defectscope.artifacts.density import DEFAULT_QUANTILE, FeatureDensity, fit_density
-from defectscope.tiling.residual import PEAK_FACTOR, descriptor_size, residual_descriptors
+from defectscope.tiling.residual import (
+    PEAK_FACTOR,
+    check_centre,
+    descriptor_size,
+    residual_descriptors,
+)
 from defectscope.util.blas import one_blas_thread
 
 KIND = "lattice-residual"
 # Version of the descriptor layout: a record of another version cannot be applied.
+# 1: extremes over the whole window; 2: over its central square (``centre``), which an
+# older build cannot compute and so must refuse.
 DESCRIPTOR_VERSION = 1
+CENTRE_DESCRIPTOR_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +52,15 @@ class ResidualDensity:
         Side of the windows it was fitted on (the descriptors' length depends on it).
     peak_factor : float
         Bragg peak threshold the descriptors were computed with.
+    centre : float, optional
+        Share of the window's side whose central square the residual's extremes are
+        taken in (fitted on patches centred on their defects); None: the whole window.
     """
 
     density: FeatureDensity
     patch_size: int
     peak_factor: float = PEAK_FACTOR
+    centre: float | None = None
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(distance, uncertainty, unknown)`` per window, as :meth:`FeatureDensity.score`.
@@ -73,16 +85,20 @@ class ResidualDensity:
         # One limit around both: the density's product would otherwise wake BLAS threads
         # that spin into the next frame's network.
         with one_blas_thread():
-            return self.density.score(residual_descriptors(windows, self.peak_factor))
+            return self.density.score(residual_descriptors(windows, self.peak_factor, self.centre))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        record = {
             "kind": KIND,
             "descriptor_version": DESCRIPTOR_VERSION,
             "patch_size": int(self.patch_size),
             "peak_factor": float(self.peak_factor),
             "density": self.density.to_dict(),
         }
+        if self.centre is not None:
+            record["descriptor_version"] = CENTRE_DESCRIPTOR_VERSION
+            record["centre"] = float(self.centre)
+        return record
 
     @classmethod
     def from_dict(cls, data: Any, n_classes: int | None = None) -> ResidualDensity:
@@ -92,11 +108,22 @@ class ResidualDensity:
         if data.get("kind") != KIND:
             raise ValueError(f"residual density kind must be {KIND!r}, got {data.get('kind')!r}")
         version = data.get("descriptor_version")
-        if isinstance(version, bool) or version != DESCRIPTOR_VERSION:
+        versions = (DESCRIPTOR_VERSION, CENTRE_DESCRIPTOR_VERSION)
+        if isinstance(version, bool) or version not in versions:
             raise ValueError(
-                f"residual density descriptor version {version!r} is not this build's "
-                f"({DESCRIPTOR_VERSION}); fit it again (defectscope train)"
+                f"residual density descriptor version {version!r} is not one of this "
+                f"build's {versions}; fit it again (defectscope train)"
             )
+        centre = None
+        if version == CENTRE_DESCRIPTOR_VERSION:
+            try:
+                centre = check_centre(data.get("centre"))
+            except ValueError:
+                centre = None
+            if centre is None:
+                raise ValueError(
+                    f"residual density centre must be a share in (0, 1], got {data.get('centre')!r}"
+                )
         size = data.get("patch_size")
         if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
             raise ValueError(f"residual density patch_size must be 16-4096 px, got {size!r}")
@@ -111,7 +138,7 @@ class ResidualDensity:
         density = FeatureDensity.from_dict(
             data.get("density"), n_classes, descriptor_size(size, size)
         )
-        return cls(density, size, factor)
+        return cls(density, size, factor, centre)
 
 
 def fit_residual_density(
@@ -121,6 +148,7 @@ def fit_residual_density(
     held_out: np.ndarray | None = None,
     quantile: float = DEFAULT_QUANTILE,
     peak_factor: float = PEAK_FACTOR,
+    centre: float | None = None,
 ) -> ResidualDensity:
     """Fit the residual density on training patches; set its scale on held-out ones.
 
@@ -138,6 +166,10 @@ def fit_residual_density(
         Share of held-out in-distribution windows that stay known.
     peak_factor : float
         Bragg peak threshold of the ideal lattice.
+    centre : float, optional
+        Take the residual's extremes in the central square of this share of the side
+        (:data:`~defectscope.tiling.residual.CENTRE_SHARE` for patches centred on their
+        defects, as ``simulate`` cuts them); None: the whole window.
 
     Raises
     ------
@@ -155,8 +187,8 @@ def fit_residual_density(
             raise ValueError(
                 f"held-out patches are {held_out.shape[1:]}, training ones {windows.shape[1:]}"
             )
-        reference = residual_descriptors(held_out, peak_factor)
+        reference = residual_descriptors(held_out, peak_factor, centre)
     density = fit_density(
-        residual_descriptors(windows, peak_factor), labels, n_classes, reference, quantile
+        residual_descriptors(windows, peak_factor, centre), labels, n_classes, reference, quantile
     )
-    return ResidualDensity(density, size, float(peak_factor))
+    return ResidualDensity(density, size, float(peak_factor), check_centre(centre))

@@ -192,12 +192,16 @@ class SimulationSettings:
     )
     # A map's windows beside a defect see part of it off-centre; Bulk patches that never
     # hold one leave those windows unlike every class (the unknown rings round defects).
+    # On by default since the lattice residual of a simulated training looks at the
+    # patch centres (training.loop.train_from_simulated), so it no longer learns from
+    # them that a defect is Bulk.
     bulk_near_defects: bool = dataclasses.field(
-        default=False,
+        default=True,
         metadata={
             "help": "Bulk patches may hold a defect outside their central square of half "
             "their side, as a map's windows beside a defect do, half of them placed beside "
-            "one (default: no defect anywhere in a Bulk patch)"
+            "one (default: on; --no-bulk-near-defects: no defect anywhere in a Bulk patch, "
+            "as before 2026-12-05)"
         },
     )
     vary: float = dataclasses.field(

@@ -17,6 +17,11 @@ lattice may be turned:
 - the radially averaged power spectrum of the residual (log), which says whether
   what is left is a point, a line, or noise.
 
+A density fitted on patches centred on their defects (simulated ones) takes the
+extremes in the window's centre (``centre``): a window beside a defect then holds the
+lattice at its centre, as a ``Bulk`` patch cut beside a defect does, and the defect is
+judged by the windows centred on it.
+
 A Gaussian density of these descriptors over the training patches of the known
 classes (:func:`defectscope.artifacts.density.fit_density`, the same machinery as
 the embedding's) then says how unlike every known class a window's residual is:
@@ -46,6 +51,11 @@ SCALES = (0.0, 1.0, 2.0)
 EXTREMES = 2
 # Pixels at the border left out of the extremes: the Fourier filter wraps around.
 BORDER = 4
+# Side of the central square (share of the window's side) the extremes are taken in
+# when a density is fitted on patches centred on their defects (simulated ones): a
+# window then describes what lies at its centre, not a defect at its edge, which is
+# another window's centre at any stride up to that side (24 px of a 64 px window).
+CENTRE_SHARE = 0.375
 # Side (pixels) of the neighbourhood an extreme blanks before the next is taken.
 EXTREME_SIZE = 5
 # Threads a batch of windows is split over (each window is computed on its own, so
@@ -269,20 +279,53 @@ def _blanking_offsets(padded_width: int) -> np.ndarray:
     return offsets
 
 
+def check_centre(centre: float | None) -> float | None:
+    """``centre`` as a float in (0, 1], or None; ValueError names anything else."""
+    if centre is None:
+        return None
+    try:
+        value = float(centre) if not isinstance(centre, bool | str) else float("nan")
+    except (OverflowError, TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise ValueError(f"centre must be a share of the window in (0, 1], got {centre!r}")
+    return value
+
+
+def _borders(height: int, width: int, centre: float | None) -> tuple[int, int]:
+    """Rows and columns left out of the extremes on each side: ``BORDER``, or all
+    outside the central square of ``centre`` times the side (``EXTREME_SIZE`` at
+    least)."""
+    if centre is None:
+        return BORDER, BORDER
+
+    def border(side: int) -> int:
+        inner = max(round(centre * side), EXTREME_SIZE)
+        return max(BORDER, (side - inner) // 2)
+
+    return border(height), border(width)
+
+
 def _extremes(
-    residual: np.ndarray, reference: np.ndarray, noise: np.ndarray, sign: float = 1.0
+    residual: np.ndarray,
+    reference: np.ndarray,
+    noise: np.ndarray,
+    sign: float = 1.0,
+    borders: tuple[int, int] = (BORDER, BORDER),
 ) -> np.ndarray:
-    """The ``EXTREMES`` strongest maxima of ``sign * residual`` away from the border,
-    each at least ``EXTREME_SIZE // 2 + 1`` px (max norm) from the ones before, in
-    ``noise`` units, and the reference at each: (n, 2 * EXTREMES), strongest first."""
+    """The ``EXTREMES`` strongest maxima of ``sign * residual`` inside ``borders`` (rows,
+    columns left out on each side), each at least ``EXTREME_SIZE // 2 + 1`` px (max
+    norm) from the ones before, in ``noise`` units, and the reference at each:
+    (n, 2 * EXTREMES), strongest first."""
     n, height, width = residual.shape
     reach = EXTREME_SIZE // 2
-    inner_h, inner_w = height - 2 * BORDER, width - 2 * BORDER
+    border_y, border_x = borders
+    inner_h, inner_w = height - 2 * border_y, width - 2 * border_x
     # The inside of each window in a frame of -inf as wide as the blanking reaches, so
     # an extreme's neighbourhood is blanked by one set of flat offsets, never clipped.
     padded_w = inner_w + 2 * reach
     values = np.full((n, inner_h + 2 * reach, padded_w), -np.inf, dtype=np.float32)
-    inside = residual[:, BORDER : height - BORDER, BORDER : width - BORDER]
+    inside = residual[:, border_y : height - border_y, border_x : width - border_x]
     np.multiply(
         inside, np.float32(sign), out=values[:, reach : reach + inner_h, reach : reach + inner_w]
     )
@@ -294,7 +337,7 @@ def _extremes(
         best = np.argmax(flat, axis=1)
         found.append(flat[rows[:, 0], best])
         y, x = np.divmod(best, padded_w)
-        places.append((y - reach + BORDER) * width + (x - reach + BORDER))
+        places.append((y - reach + border_y) * width + (x - reach + border_x))
         # Blank the neighbourhood (clipped only for a window with nothing left, whose
         # argmax is a -inf corner of the frame).
         flat[rows, np.clip(best[:, None] + offsets, 0, flat.shape[1] - 1)] = -np.inf
@@ -335,7 +378,9 @@ def _radial_power(residual: np.ndarray) -> np.ndarray:
     return np.log(means.astype(np.float64) + 1e-6)
 
 
-def residual_descriptors(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) -> np.ndarray:
+def residual_descriptors(
+    windows: np.ndarray, peak_factor: float = PEAK_FACTOR, centre: float | None = None
+) -> np.ndarray:
     """Shift-, rotation- and flip-invariant numbers describing each window's residual.
 
     Parameters
@@ -344,6 +389,11 @@ def residual_descriptors(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) 
         Raw windows (any gain and offset: each is z-scored first).
     peak_factor : float
         Bragg peak threshold of the ideal lattice (:func:`lattice_reference`).
+    centre : float, optional
+        Take the extremes in the window's central square of this share of its side
+        (``CENTRE_SHARE`` for densities fitted on patches centred on their defects),
+        so that they describe what lies at the window's centre; shifts then keep the
+        numbers only within that square. Default: the whole window but ``BORDER`` px.
 
     Returns
     -------
@@ -355,25 +405,27 @@ def residual_descriptors(windows: np.ndarray, peak_factor: float = PEAK_FACTOR) 
     Raises
     ------
     ValueError
-        As :func:`lattice_reference`.
+        As :func:`lattice_reference`, or for a ``centre`` outside (0, 1].
     """
     peak_factor = _check_factor(peak_factor)
+    centre = check_centre(centre)
     batch = _checked_windows(windows)
     count = max(1, min(THREADS, len(batch) // MIN_WINDOWS_PER_THREAD))
     with one_blas_thread():
         if count == 1:
-            return _descriptors(batch, peak_factor)
+            return _descriptors(batch, peak_factor, centre)
         parts = np.array_split(batch, count)
         with ThreadPoolExecutor(count) as pool:
-            done = list(pool.map(_descriptors, parts, [peak_factor] * count))
+            done = list(pool.map(_descriptors, parts, [peak_factor] * count, [centre] * count))
     return np.concatenate(done)
 
 
-def _descriptors(windows: np.ndarray, peak_factor: float) -> np.ndarray:
+def _descriptors(windows: np.ndarray, peak_factor: float, centre: float | None) -> np.ndarray:
     batch = _zscore(windows)
     reference = _reference(batch, peak_factor)
     residual = batch - reference
     n = residual.shape[0]
+    borders = _borders(*residual.shape[1:], centre)
     parts = []
     for sigma in SCALES:
         smooth = _smooth(residual, sigma) if sigma else residual
@@ -384,8 +436,8 @@ def _descriptors(windows: np.ndarray, peak_factor: float) -> np.ndarray:
         spread = np.abs(flat - flat.mean(axis=1, keepdims=True))
         noise = np.float32(np.sqrt(np.pi / 2)) * spread.mean(axis=1, keepdims=True)
         noise = np.where(noise > 0, noise, np.float32(1.0))
-        added = _extremes(smooth, reference, noise)
-        missing = _extremes(smooth, reference, noise, sign=-1.0)
+        added = _extremes(smooth, reference, noise, borders=borders)
+        missing = _extremes(smooth, reference, noise, sign=-1.0, borders=borders)
         parts += [added[:, :EXTREMES], missing[:, :EXTREMES], added[:, EXTREMES:]]
         parts.append(missing[:, EXTREMES:])
     parts.append(_radial_power(residual))

@@ -446,6 +446,7 @@ def fit_patch_residual_density(
     *,
     augmentation: Augmentation | None = None,
     seed: int = DENSITY_AUGMENTATION_SEED,
+    centre: float | None = None,
 ):
     """The lattice-residual density of the training patches, threshold on the validation.
 
@@ -465,11 +466,17 @@ def fit_patch_residual_density(
         making it a new defect.
     seed : int
         Seed of the augmented copies.
+    centre : float, optional
+        For patches centred on their defects: the residual's extremes are taken in the
+        central square of this share of the side
+        (:data:`~defectscope.tiling.residual.CENTRE_SHARE`), so a patch with a defect at
+        its edge (a simulated ``Bulk`` patch beside one) is described by its centre.
+        None: the whole patch, for patches whose defects may lie anywhere in them.
     """
     from defectscope.artifacts.residual_density import fit_residual_density
 
     images, labels, held_out = _density_fit_sets(train, validation, augmentation, seed)
-    return fit_residual_density(images, labels, len(train.classes), held_out)
+    return fit_residual_density(images, labels, len(train.classes), held_out, centre=centre)
 
 
 def training_record(result: TrainResult, config: TrainConfig, extra: dict[str, Any] | None = None):
@@ -518,6 +525,8 @@ def train_model_dir(
     config: TrainConfig = TrainConfig(),
     validation: str = "grouped",
     extra_record: dict[str, Any] | None = None,
+    *,
+    residual_centre: float | None = None,
 ) -> TrainResult:
     """Train on all of ``patches`` but a validation fold, and save a model directory.
 
@@ -533,6 +542,10 @@ def train_model_dir(
         no class has three groups; a random 15 %; or none.
     extra_record : dict, optional
         Added to the model's JSON.
+    residual_centre : float, optional
+        Fit the lattice residual's density on the patches' central square of this
+        share of the side (:func:`fit_patch_residual_density`; patches centred on their
+        defects, as :func:`train_from_simulated` has); None: on the whole patch.
 
     Raises
     ------
@@ -576,7 +589,7 @@ def train_model_dir(
     )
     record["density"] = density.to_dict()
     record["residual_density"] = fit_patch_residual_density(
-        train_set, val_set, augmentation=config.training_augmentation
+        train_set, val_set, augmentation=config.training_augmentation, centre=residual_centre
     ).to_dict()
     if val_set is not None:
         logits, _ = predict_logits(
@@ -627,8 +640,18 @@ def train_from_simulated(
         training.
     RuntimeError
         When the simulated pretraining did not learn (its model is kept for inspection).
+
+    Notes
+    -----
+    ``simulate`` cuts every defect patch centred on its defect, so the simulated
+    training's lattice-residual density takes the residual's extremes in the patches'
+    centres (``residual_centre=CENTRE_SHARE``, :func:`train_model_dir`): a ``Bulk``
+    patch cut beside a defect (``simulate --bulk-near-defects``) then stays a lattice
+    to it. The fine-tuning on ``real`` patches, whose defects may lie anywhere in them,
+    fits it on the whole patch.
     """
     from defectscope.artifacts.metadata import WEIGHTS_FILE
+    from defectscope.tiling.residual import CENTRE_SHARE
 
     check_classes(simulated, "simulated patches")
     if real is not None:
@@ -637,7 +660,9 @@ def train_from_simulated(
     source = {"classes": simulated.classes, "patches": simulated.counts()}
     if real is None:
         record = {**(extra_record or {}), "simulated": {**source, "use": "simulated only"}}
-        return train_model_dir(simulated, out, config, validation, record)
+        return train_model_dir(
+            simulated, out, config, validation, record, residual_centre=CENTRE_SHARE
+        )
     pretrained = out / "pretrained"
     # config.pixel_size describes the real patches; the simulated ones carry their own.
     pre = train_model_dir(
@@ -646,6 +671,7 @@ def train_from_simulated(
         dataclasses.replace(config, pixel_size=None),
         validation,
         {"simulated": {**source, "use": "pretraining"}},
+        residual_centre=CENTRE_SHARE,
     )
     if pre.untrained:
         raise RuntimeError(

@@ -41,6 +41,10 @@ RECIPE_KEYS = {
     "license",
 }
 CRYSTAL_KEYS = {"structure", "zones", "defects", "simulation"}
+# Simulation settings whose default changed after the shipped recipe was written, at
+# the value its data were made with (the trunk needs no Bulk patches beside defects:
+# they serve the unknown share of maps, which fine-tuning's own data decide).
+RECIPE_SETTING_DEFAULTS = {"bulk_near_defects": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +183,10 @@ class Recipe:
                     name = re.sub(r"[^A-Za-z0-9]+", "-", Path(crystal["structure"]).stem)
                     tag = f"{name}_{''.join(map(str, zone))}_p{pixel_size:g}"
                     fields = {
+                        # Simulation settings whose default changed after recipes were
+                        # written keep the value they were made with, so a recipe's
+                        # digest keeps naming its data; a recipe may set them.
+                        **RECIPE_SETTING_DEFAULTS,
                         **self.simulation,
                         **crystal.get("simulation", {}),
                         "structure": crystal["structure"],
