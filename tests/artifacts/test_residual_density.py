@@ -94,15 +94,30 @@ def test_a_centred_density_records_its_centre_and_scores_its_centre():
         (lambda r: r.update(centre=10**400), "centre must be a share"),
         (lambda r: r.update(centre="0.375"), "centre must be a share"),
         (lambda r: r.update(centre=True), "centre must be a share"),
+        (lambda r: r.update(centre=float("nan")), "centre must be a share"),
+        (lambda r: r.update(centre=-0.375), "centre must be a share"),
         (lambda r: r.update(descriptor_version=3), "descriptor version"),
+        (lambda r: r.update(descriptor_version=1), "version 1 .* has a centre"),
     ],
 )
-def test_malformed_centre_records_are_refused(edit, message):
-    train = toy_patches(30)
-    record = fit_residual_density(train.images, train.labels, 2, centre=0.375).to_dict()
+def test_malformed_centre_records_are_refused(centred_record, edit, message):
+    record = json.loads(json.dumps(centred_record))
     edit(record)
     with pytest.raises(ValueError, match=message):
-        ResidualDensity.from_dict(json.loads(json.dumps(record)), n_classes=2)
+        ResidualDensity.from_dict(record, n_classes=2)
+
+
+def test_a_bad_centre_is_refused_when_made(centred_record):
+    density = ResidualDensity.from_dict(centred_record, n_classes=2).density
+    for centre in (0, 2.0, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="centre must be a share"):
+            ResidualDensity(density, 64, centre=centre)
+
+
+@pytest.fixture(scope="module")
+def centred_record():
+    train = toy_patches(30)
+    return fit_residual_density(train.images, train.labels, 2, centre=0.375).to_dict()
 
 
 def test_a_new_point_defect_is_unknown_and_the_lattice_around_it_is_not(residual_model_dir):

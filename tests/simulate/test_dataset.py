@@ -14,6 +14,7 @@ ase = pytest.importorskip("ase", reason="simulation needs the optional 'simulate
 from defectscope.simulate import dataset as sim  # noqa: E402
 from defectscope.simulate.instrument import Instrument  # noqa: E402
 from defectscope.simulate.renderers import Multislice  # noqa: E402
+from defectscope.tiling.residual import CENTRE_SHARE  # noqa: E402
 
 
 def _sr_column_peak_spread(column_scatter: float) -> float:
@@ -149,6 +150,13 @@ def test_three_commands_from_a_crystal_to_scores(tmp_path, learned):
     record = json.loads((model / "model.json").read_text())
     assert record["simulated"]["use"] == "simulated only"
     assert record["model"]["classes"] == ["Bulk", "Vacancy_Cd", "Vacancy_Te"]
+    # simulate centres its defect patches: the residual density looks at the centres;
+    # the same patches as a bare folder (nothing says how they were cut) keep the whole.
+    assert record["residual_density"]["centre"] == CENTRE_SHARE
+    bare = tmp_path / "bare-model"
+    argv = ["train", "--simulated", str(sim_dir / "patches"), "--out", str(bare), "--epochs", "1"]
+    assert main([*argv, "--precision", "fp32", "--trainable-blocks", "1"]) == 0
+    assert "centre" not in json.loads((bare / "model.json").read_text())["residual_density"]
     scores = tmp_path / "scores.json"
     assert main(["score-simulated", str(model), str(sim_dir), "--json", str(scores)]) == 0
     score = json.loads(scores.read_text())

@@ -62,6 +62,10 @@ class ResidualDensity:
     peak_factor: float = PEAK_FACTOR
     centre: float | None = None
 
+    def __post_init__(self) -> None:
+        # A share refused here rather than in a record only from_dict would refuse.
+        object.__setattr__(self, "centre", check_centre(self.centre))
+
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(distance, uncertainty, unknown)`` per window, as :meth:`FeatureDensity.score`.
 
@@ -115,6 +119,11 @@ class ResidualDensity:
                 f"build's {versions}; fit it again (defectscope train)"
             )
         centre = None
+        if version == DESCRIPTOR_VERSION and "centre" in data:
+            raise ValueError(
+                "residual density of descriptor version 1 (the whole window) has a centre; "
+                "a centred one is version 2"
+            )
         if version == CENTRE_DESCRIPTOR_VERSION:
             try:
                 centre = check_centre(data.get("centre"))

@@ -19,6 +19,7 @@ DATASETS = list(DATASET_FOLDERS)  # the public datasets, by short name
 
 def cmd_train(args: argparse.Namespace) -> int:
     from defectscope.io.datasets import load_patches
+    from defectscope.tiling.residual import CENTRE_SHARE
     from defectscope.training.loop import train_from_simulated, train_model_dir
 
     if args.data is None and args.simulated is None:
@@ -36,8 +37,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         simulated_pixel_size(args.simulated, simulated)
         record = {"data": None if args.data is None else str(args.data)}
         record["simulated_data"] = str(args.simulated)
+        # Only a 'simulate' output is known to centre its defect patches on the defects.
+        made_by_simulate = (args.simulated / "truth.json").is_file()
         result = train_from_simulated(
-            simulated, args.out, config, args.validation, real, record, args.finetune_blocks
+            simulated,
+            args.out,
+            config,
+            args.validation,
+            real,
+            record,
+            args.finetune_blocks,
+            residual_centre=CENTRE_SHARE if made_by_simulate else None,
         )
     else:
         result = train_model_dir(real, args.out, config, args.validation, {"data": str(args.data)})

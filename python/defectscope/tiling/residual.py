@@ -34,6 +34,7 @@ can compute it.
 from __future__ import annotations
 
 import functools
+import numbers
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -283,8 +284,9 @@ def check_centre(centre: float | None) -> float | None:
     """``centre`` as a float in (0, 1], or None; ValueError names anything else."""
     if centre is None:
         return None
-    try:
-        value = float(centre) if not isinstance(centre, bool | str) else float("nan")
+    try:  # numbers only: float() would also take "0.3", b"0.3" and True
+        number = isinstance(centre, numbers.Real) and not isinstance(centre, bool | np.bool_)
+        value = float(centre) if number else float("nan")
     except (OverflowError, TypeError, ValueError):
         value = float("nan")
     if not 0.0 < value <= 1.0:  # NaN fails too
@@ -381,7 +383,8 @@ def _radial_power(residual: np.ndarray) -> np.ndarray:
 def residual_descriptors(
     windows: np.ndarray, peak_factor: float = PEAK_FACTOR, centre: float | None = None
 ) -> np.ndarray:
-    """Shift-, rotation- and flip-invariant numbers describing each window's residual.
+    """Rotation- and flip-invariant numbers describing each window's residual, and
+    shift-invariant too (within the central square, with ``centre``).
 
     Parameters
     ----------

@@ -26,6 +26,7 @@ from defectscope.nets.device import (
 from defectscope.nets.spectral import apply_spectral_norm, remove_spectral_norm
 from defectscope.nets.vgg import DefectNet, build_model, describe_weights, resolve_weights
 from defectscope.tiling.lattice import LatticePeriods, measure_patch_periods
+from defectscope.tiling.residual import CENTRE_SHARE
 from defectscope.tiling.tiler import Normalization, patches_to_inputs
 from defectscope.training.augment import (
     DENSITY_AUGMENTATION_SEED,
@@ -608,6 +609,8 @@ def train_from_simulated(
     real: PatchSet | None = None,
     extra_record: dict[str, Any] | None = None,
     finetune_blocks: int | None = None,
+    *,
+    residual_centre: float | None = CENTRE_SHARE,
 ) -> TrainResult:
     """Train on simulated patches only, or pretrain on them and fine-tune on ``real``.
 
@@ -632,6 +635,10 @@ def train_from_simulated(
     finetune_blocks : int, optional
         Conv blocks, counted from the top, that fine-tuning on ``real`` trains (the
         rest keep the simulated weights); default ``config.trainable_blocks``.
+    residual_centre : float, optional
+        The simulated training's lattice-residual density looks at this share of the
+        patches' centres (see Notes); None: the whole patch, for a folder whose patches
+        are not centred on their defects.
 
     Raises
     ------
@@ -645,13 +652,12 @@ def train_from_simulated(
     -----
     ``simulate`` cuts every defect patch centred on its defect, so the simulated
     training's lattice-residual density takes the residual's extremes in the patches'
-    centres (``residual_centre=CENTRE_SHARE``, :func:`train_model_dir`): a ``Bulk``
+    centres (``residual_centre``, :func:`train_model_dir`): a ``Bulk``
     patch cut beside a defect (``simulate --bulk-near-defects``) then stays a lattice
     to it. The fine-tuning on ``real`` patches, whose defects may lie anywhere in them,
     fits it on the whole patch.
     """
     from defectscope.artifacts.metadata import WEIGHTS_FILE
-    from defectscope.tiling.residual import CENTRE_SHARE
 
     check_classes(simulated, "simulated patches")
     if real is not None:
@@ -661,7 +667,7 @@ def train_from_simulated(
     if real is None:
         record = {**(extra_record or {}), "simulated": {**source, "use": "simulated only"}}
         return train_model_dir(
-            simulated, out, config, validation, record, residual_centre=CENTRE_SHARE
+            simulated, out, config, validation, record, residual_centre=residual_centre
         )
     pretrained = out / "pretrained"
     # config.pixel_size describes the real patches; the simulated ones carry their own.
@@ -671,7 +677,7 @@ def train_from_simulated(
         dataclasses.replace(config, pixel_size=None),
         validation,
         {"simulated": {**source, "use": "pretraining"}},
-        residual_centre=CENTRE_SHARE,
+        residual_centre=residual_centre,
     )
     if pre.untrained:
         raise RuntimeError(

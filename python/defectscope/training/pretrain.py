@@ -333,6 +333,7 @@ def pretrain_trunk(recipe: Recipe, out: str | os.PathLike, progress: bool = True
     """
     import torch
 
+    from defectscope.tiling.residual import CENTRE_SHARE
     from defectscope.training.config import TrainConfig
     from defectscope.training.loop import train_model_dir
 
@@ -346,7 +347,12 @@ def pretrain_trunk(recipe: Recipe, out: str | os.PathLike, progress: bool = True
         architecture=recipe.architecture,
     )
     result = train_model_dir(
-        patches, out / "model", config, "grouped", {"pretraining_recipe": recipe.name}
+        patches,
+        out / "model",
+        config,
+        "grouped",
+        {"pretraining_recipe": recipe.name},
+        residual_centre=CENTRE_SHARE,  # simulated patches, centred on their defects
     )
     trained = time.perf_counter()
     history = result.history
