@@ -63,7 +63,7 @@ class ResidualDensity:
     centre: float | None = None
 
     def __post_init__(self) -> None:
-        # A share refused here rather than in a record only from_dict would refuse.
+        # Refuse a bad share when made, not only when its record is read back.
         object.__setattr__(self, "centre", check_centre(self.centre))
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
