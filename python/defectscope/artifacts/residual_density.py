@@ -125,14 +125,9 @@ class ResidualDensity:
                 "a centred one is version 2"
             )
         if version == CENTRE_DESCRIPTOR_VERSION:
-            try:
-                centre = check_centre(data.get("centre"))
-            except ValueError:
-                centre = None
+            centre = check_centre(data.get("centre"))  # its error names a bad value
             if centre is None:
-                raise ValueError(
-                    f"residual density centre must be a share in (0, 1], got {data.get('centre')!r}"
-                )
+                raise ValueError("residual density centre must be a share in (0, 1], got none")
         size = data.get("patch_size")
         if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
             raise ValueError(f"residual density patch_size must be 16-4096 px, got {size!r}")
