@@ -259,6 +259,31 @@ def test_patience_restarts_only_on_a_meaningful_gain(monkeypatch, min_delta, epo
 
 
 @pytest.mark.parametrize(
+    "losses, epochs_run, best_epoch",
+    [
+        # Solved from the third epoch (below min_delta, noise between epochs): the old rule
+        # stopped after the fifth; now every epoch runs and the latest solved is kept.
+        ([1.0, 0.2, 0.005, 0.003, 0.004, 0.002, 0.003], 7, 6),
+        # Solved once, then worse again: patience counts from there as usual.
+        ([1.0, 0.005, 0.3, 0.4, 0.5, 0.6, 0.7], 4, 1),
+        # A solved epoch after the worse ones is kept over the earlier, lower loss.
+        ([1.0, 0.002, 0.3, 0.008, 0.5, 0.6, 0.7], 6, 3),
+    ],
+)
+def test_a_solved_validation_does_not_stop_training(monkeypatch, losses, epochs_run, best_epoch):
+    import defectscope.training.loop as train_module
+
+    scripted = iter(losses)
+    monkeypatch.setattr(train_module, "_epoch_loss", lambda *a: (next(scripted), 1.0))
+    monkeypatch.setattr(train_module, "chance_level", lambda *a: -10.0)  # always "learning"
+    config = TrainConfig(epochs=7, batch_size=8, patience=2, min_delta=0.01, precision="fp32")
+    result = train_classifier(toy_patches(4), toy_patches(2, seed=1), config, progress=False)
+    assert len(result.history) == epochs_run
+    assert result.best_epoch == best_epoch
+    assert [r["val_loss"] for r in result.history] == losses[:epochs_run]
+
+
+@pytest.mark.parametrize(
     "cap, native", [("AVX2", False), ("AVX512_CORE_VNNI", False), ("AVX512_CORE_BF16", None)]
 )
 def test_bf16_autocast_follows_a_onednn_cap(monkeypatch, cap, native):

@@ -96,9 +96,13 @@ class TrainConfig:
         "pretrained weights",
         minimum=1,
     )
-    # Validation-loss drop (nats) that counts as progress for patience.
+    # Validation-loss drop (nats) that counts as progress for patience; a loss below it
+    # has no such drop left to make, so the validation counts as solved.
     min_delta: float = _field(
-        0.01, "validation-loss drop (nats) that restarts the patience count", minimum=0
+        0.01,
+        "validation-loss drop (nats) that restarts the patience count; below it the "
+        "validation is solved: patience waits and the latest solved epoch is kept",
+        minimum=0,
     )
     precision: str = _field(
         "auto",

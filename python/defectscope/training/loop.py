@@ -193,7 +193,9 @@ def train_classifier(
         Training patches.
     validation : PatchSet, optional
         Patches for early stopping (the weights of the best validation loss are
-        kept). Without it, training runs all epochs.
+        kept). A loss below ``config.min_delta`` counts as solved: patience waits
+        while it stays there and the latest such epoch is kept. Without it, training
+        runs all epochs.
     config : TrainConfig
     progress : bool
         Show tqdm progress bars.
@@ -304,11 +306,17 @@ def train_classifier(
         if val_inputs is not None:
             val_loss, val_acc = _epoch_loss(model, val_inputs, validation.labels, config.precision)
             record.update(val_loss=val_loss, val_accuracy=val_acc)
-            if learning and val_loss < best_loss:
+            solved = val_loss < config.min_delta
+            also_solved = solved and best_loss < config.min_delta  # their gap is noise
+            if learning and (val_loss < best_loss or also_solved):
                 # The best weights are kept on any gain, but patience restarts only on a
                 # meaningful one: a random split's near-copies keep shaving 0.001 off a
                 # loss that is already near zero, for as many epochs as are allowed.
-                if val_loss < progress_loss - config.min_delta:
+                # Below min_delta, though, no meaningful drop is left to make: the
+                # validation is solved and ranks noise (1e-4 to 6e-3 on simulated frames),
+                # so patience waits and the latest solved epoch is kept, having seen the
+                # most of what the augmentation draws beyond the validation patches.
+                if solved or val_loss < progress_loss - config.min_delta:
                     progress_loss, stale = val_loss, 0
                 else:
                     stale += 1
