@@ -100,8 +100,8 @@ class TrainConfig:
     # has no such drop left to make, so the validation counts as solved.
     min_delta: float = _field(
         0.01,
-        "validation-loss drop (nats) that restarts the patience count; below it the "
-        "validation is solved: patience waits and the latest solved epoch is kept",
+        "validation-loss drop (nats) that restarts the patience count; a validation loss "
+        "below it counts as solved: patience waits and the latest solved epoch is kept",
         minimum=0,
     )
     precision: str = _field(

@@ -194,8 +194,8 @@ def train_classifier(
     validation : PatchSet, optional
         Patches for early stopping (the weights of the best validation loss are
         kept). A loss below ``config.min_delta`` counts as solved: patience waits
-        while it stays there and the latest such epoch is kept. Without it, training
-        runs all epochs.
+        while it stays there (and training beats chance) and the latest such epoch is
+        kept. Without it, training runs all epochs.
     config : TrainConfig
     progress : bool
         Show tqdm progress bars.
@@ -307,15 +307,18 @@ def train_classifier(
             val_loss, val_acc = _epoch_loss(model, val_inputs, validation.labels, config.precision)
             record.update(val_loss=val_loss, val_accuracy=val_acc)
             solved = val_loss < config.min_delta
-            also_solved = solved and best_loss < config.min_delta  # their gap is noise
-            if learning and (val_loss < best_loss or also_solved):
+            # Two solved losses differ by noise, so the later epoch replaces the kept one
+            # even at a higher loss (best_loss is then the kept epoch's, not the lowest).
+            both_solved = solved and best_loss < config.min_delta
+            if learning and (val_loss < best_loss or both_solved):
                 # The best weights are kept on any gain, but patience restarts only on a
-                # meaningful one: a random split's near-copies keep shaving 0.001 off a
-                # loss that is already near zero, for as many epochs as are allowed.
+                # meaningful one: a random split's near-copies keep shaving thousandths
+                # off a loss of a few hundredths for as many epochs as are allowed.
                 # Below min_delta, though, no meaningful drop is left to make: the
                 # validation is solved and ranks noise (1e-4 to 6e-3 on simulated frames),
                 # so patience waits and the latest solved epoch is kept, having seen the
-                # most of what the augmentation draws beyond the validation patches.
+                # most of what the augmentation draws beyond the validation patches (a
+                # random split that gets there runs its whole schedule).
                 if solved or val_loss < progress_loss - config.min_delta:
                     progress_loss, stale = val_loss, 0
                 else:
