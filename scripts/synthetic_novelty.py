@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="training frames' and training's seed")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--frames", type=int, default=6, help="test frames of 768²")
+    p.add_argument(
+        "--per-defect", type=int, default=4, help="test patches cut around each defect"
+    )
     args = p.parse_args(argv)
 
     from sklearn.metrics import roc_auc_score
@@ -67,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     test_settings = dataclasses.replace(settings, size=768, seed=2000 + args.seed)
     rng = np.random.default_rng(args.seed)
     pairs = []
+    size = patches.patch_size
     for k in range(args.frames):
         frame, record = simulate_frame(test_settings, k)
-        pairs += cut_patches(frame, record["defects"], patches.patch_size, 1, rng, True)
+        pairs += cut_patches(frame, record["defects"], size, args.per_defect, rng, True)
     kinds = np.array([kind for kind, _ in pairs])
     windows = np.stack([patch for _, patch in pairs]).astype(np.float32)
     engine = load_engine(model_dir, backend="torch")
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     softmax = 1.0 - probabilities.max(axis=1)
     scores["softmax (1 - top probability)"] = {"auroc": float(roc_auc_score(is_new, softmax))}
-    per_kind = {kind: int((kinds == kind).sum()) for kind in sorted(set(kinds))}
+    per_kind = {str(kind): int((kinds == kind).sum()) for kind in sorted(set(kinds))}
     report = {
         "cpu": cpu_description(),
         "left_out": args.left_out,
