@@ -33,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="training frames' and training's seed")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--frames", type=int, default=6, help="test frames of 768²")
-    p.add_argument(
-        "--per-defect", type=int, default=4, help="test patches cut around each defect"
-    )
+    p.add_argument("--per-defect", type=int, default=4, help="test patches cut around each defect")
     args = p.parse_args(argv)
 
     from sklearn.metrics import roc_auc_score
