@@ -55,11 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.left_out not in patches.classes:
         print(f"error: {args.left_out!r} is not one of {patches.classes}", file=sys.stderr)
         return 2
-    drop = patches.classes.index(args.left_out)
     # The other kinds, renumbered, keeping their frames as groups (grouped validation).
-    known = patches.subset(np.flatnonzero(patches.labels != drop))
-    known.labels = np.where(known.labels > drop, known.labels - 1, known.labels)
-    known.classes = [c for c in patches.classes if c != args.left_out]
+    known = patches.without_class(args.left_out)
     model_dir = args.out / "model"
     config = TrainConfig(epochs=args.epochs, seed=args.seed)
     result = train_from_simulated(known, model_dir, config, "grouped")

@@ -9,7 +9,13 @@ import pytest
 import tifffile
 from PIL import Image
 
-from defectscope.io.datasets import DatasetError, discover, label_from_filename, load_patches
+from defectscope.io.datasets import (
+    DatasetError,
+    PatchSet,
+    discover,
+    label_from_filename,
+    load_patches,
+)
 from defectscope.io.files import atomic_write_json
 from defectscope.io.frames import ImageReadError, read_image, to_gray
 
@@ -106,6 +112,45 @@ def test_public_layout(public_data):
     patches = load_patches(public_data / "Image Data" / "DataSet_STO")
     assert patches.counts() == {"Bulk": 225, "Extra": 195, "IExtra": 143, "Mis": 201}
     assert patches.images.shape == (764, 64, 64)
+
+
+def test_without_class_renumbers_and_keeps_groups_and_calibration():
+    # Reference: the left-out patches picked by a list comprehension over names.
+    classes = ["A", "B", "C"]
+    labels = np.array([0, 1, 2, 1, 0, 2, 2], dtype=np.int64)
+    images = np.arange(7, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), np.float32)
+    groups = np.array([10, 11, 12, 13, 14, 15, 16], dtype=np.int64)
+    patches = PatchSet(
+        images,
+        labels,
+        classes,
+        [f"p{i}" for i in range(7)],
+        groups=groups,
+        pixel_size=0.02,
+        unit="nm",
+    )
+    index = np.array([6, 1, 2, 3])
+    kept = patches.without_class("B", index)
+    expected = [i for i in index if classes[labels[i]] != "B"]
+    assert kept.paths == [f"p{i}" for i in expected]
+    assert kept.classes == ["A", "C"]
+    assert [kept.classes[k] for k in kept.labels] == [classes[labels[i]] for i in expected]
+    assert kept.labels.dtype == np.int64
+    assert kept.groups.tolist() == groups[expected].tolist()
+    assert (kept.pixel_size, kept.unit) == (0.02, "nm")
+    np.testing.assert_array_equal(kept.images, images[expected])
+    # Without an index every patch is a candidate; the source is left as it was.
+    whole = patches.without_class("A")
+    assert whole.paths == ["p1", "p2", "p3", "p5", "p6"] and whole.labels.tolist() == [
+        0,
+        1,
+        0,
+        1,
+        1,
+    ]
+    assert patches.classes == classes and patches.labels.tolist() == labels.tolist()
+    with pytest.raises(ValueError, match="'D' is not one of"):
+        patches.without_class("D")
 
 
 def test_atomic_json_leaves_nothing_on_failure(tmp_path):

@@ -97,6 +97,32 @@ class PatchSet:
             unit=self.unit,
         )
 
+    def without_class(self, name: str, index: np.ndarray | None = None) -> PatchSet:
+        """The patches not of class ``name``, the other classes renumbered in order.
+
+        Groups and calibration are kept, so a model trained on the result (a
+        leave-one-class-out study) still splits by group and records the pixel size.
+
+        Parameters
+        ----------
+        name : str
+            Class to leave out; one of ``classes``.
+        index : ndarray of int, optional
+            Patches to choose from (a split's part); all when omitted.
+
+        Returns
+        -------
+        PatchSet
+        """
+        if name not in self.classes:
+            raise ValueError(f"class {name!r} is not one of {self.classes}")
+        drop = self.classes.index(name)
+        index = np.arange(len(self.labels)) if index is None else np.asarray(index, np.int64)
+        kept = self.subset(index[self.labels[index] != drop])
+        kept.labels = np.where(kept.labels > drop, kept.labels - 1, kept.labels).astype(np.int64)
+        kept.classes = [c for c in self.classes if c != name]
+        return kept
+
 
 def _is_image(path: Path) -> bool:
     return (

@@ -273,18 +273,6 @@ def cross_validate(
     return {"folds": folds, **summarize_folds(folds, patches.classes)}
 
 
-def _drop_class(patches: PatchSet, index: np.ndarray, drop: int) -> PatchSet:
-    """The patches at ``index`` that are not of class ``drop``, labels renumbered."""
-    index = index[patches.labels[index] != drop]
-    mapping = np.cumsum(np.arange(len(patches.classes)) != drop) - 1
-    return PatchSet(
-        patches.images[index],
-        mapping[patches.labels[index]].astype(np.int64),
-        [c for i, c in enumerate(patches.classes) if i != drop],
-        [patches.paths[i] for i in index],
-    )
-
-
 def _log_past(distance: np.ndarray, threshold: float) -> np.ndarray:
     """log(distance / threshold), finite for zero distances and thresholds."""
     return np.log(np.maximum(distance, 1e-30)) - np.log(max(float(threshold), 1e-30))
@@ -405,13 +393,13 @@ def leave_one_class_out(
         if stored is not None and stored.get("class") == name:
             report[name] = stored["result"]
             continue
-        known_test = _drop_class(patches, split.test, drop)
+        known_test = patches.without_class(name, split.test)
         novel = np.flatnonzero(patches.labels == drop)
         if len(known_test.labels) < 2 or len(novel) < 2:
             report[name] = {"skipped": "no held-out patches of the other classes"}
             continue
-        train = _drop_class(patches, split.train, drop)
-        val = _drop_class(patches, split.validation, drop)
+        train = patches.without_class(name, split.train)
+        val = patches.without_class(name, split.validation)
         if len(np.unique(train.labels)) < 2:
             report[name] = {"skipped": "fewer than two classes left to train on"}
             continue
@@ -497,7 +485,7 @@ def rescore_left_out(
         novel = np.flatnonzero(patches.labels == drop)
         ensemble = None
         if train_index is not None:
-            train = _drop_class(patches, np.asarray(train_index, dtype=np.int64), drop)
+            train = patches.without_class(name, np.asarray(train_index, dtype=np.int64))
             ensemble = _head_ensemble(model, train, config.normalization, seed)
         report[name] = score_left_out_class(
             model,
