@@ -367,21 +367,48 @@ def test_residual_density_with_physical_copies_knows_the_physical_variations():
 
 
 def test_density_fit_sets_are_the_patches_then_their_copies_from_one_generator():
-    """Both densities are fitted on the same sets: the training patches and their copies,
-    then the validation patches and theirs, drawn from one generator (training first);
-    fewer than two validation patches set no threshold."""
-    from defectscope.training.augment import density_fit_sets, with_physical_copies
+    """Both densities are fitted on the same sets: the training patches and one copy of
+    each, then the validation patches and enough copies of each for a stable threshold,
+    drawn from one generator (training first); fewer than two validation patches set no
+    threshold."""
+    from defectscope.training.augment import (
+        MAX_HELD_OUT_COPIES,
+        density_fit_sets,
+        held_out_copies,
+        with_physical_copies,
+    )
 
     train, val = toy_patches(12), toy_patches(6, seed=1)
     physical = Augmentation()
     images, labels, held = density_fit_sets(train.images, train.labels, val.images, physical, 7)
     rng = np.random.default_rng(7)
     want_images, want_labels = with_physical_copies(train.images, train.labels, physical, rng)
-    want_held, _ = with_physical_copies(val.images, None, physical, rng)
+    want_held, _ = with_physical_copies(val.images, None, physical, rng, MAX_HELD_OUT_COPIES)
     np.testing.assert_array_equal(images, want_images)
     np.testing.assert_array_equal(labels, want_labels)
     np.testing.assert_array_equal(held, want_held)
-    assert len(held) == 2 * len(val.images)
+    assert len(images) == 2 * len(train.images)
+    assert len(held) == (1 + MAX_HELD_OUT_COPIES) * len(val.images)
+    # Every copy is drawn anew: no two blocks of the held-out set are alike.
+    blocks = held.reshape(1 + MAX_HELD_OUT_COPIES, len(val.images), -1)
+    for i in range(len(blocks)):
+        for j in range(i):
+            assert not np.array_equal(blocks[i], blocks[j])
+    # Copies: enough for 4000 windows, at least one, at most eight.
+    assert [held_out_copies(n) for n in (0, 2, 318, 500, 1000, 1999, 2000, 10**6)] == [
+        8,
+        8,
+        8,
+        7,
+        3,
+        2,
+        1,
+        1,
+    ]
+    many, many_labels = with_physical_copies(train.images, train.labels, physical, rng, 3)
+    assert len(many) == 4 * len(train.images)
+    np.testing.assert_array_equal(many_labels, np.tile(train.labels, 4))
+    np.testing.assert_array_equal(many[: len(train.images)], train.images)
     for few in (None, val.images[:1], val.images[:0]):
         assert density_fit_sets(train.images, train.labels, few, physical)[2] is None
     off = dataclasses.replace(physical, physical=False)

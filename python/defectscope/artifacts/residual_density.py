@@ -160,7 +160,7 @@ def fit_residual_density(
     ----------
     windows : ndarray, shape (n, P, P)
         Training patches (raw gray; training adds one physically varied copy of each,
-        :func:`defectscope.training.augment.with_physical_copies`).
+        :func:`defectscope.training.augment.density_fit_sets`).
     labels : ndarray of int, shape (n,)
     n_classes : int
     held_out : ndarray, shape (m, P, P), optional

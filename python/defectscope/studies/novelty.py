@@ -4,8 +4,8 @@ The residual's density needs no network (:mod:`defectscope.artifacts.residual_de
 so unlike the study's leave-one-class-out (one training per class) it can be measured
 on all folds in seconds: for each fold and each class X, fit the density on the fold's
 training patches of the other classes (threshold on its validation patches; with
-training's augmentation, one physically varied copy of each joins them, as ``train``
-fits it), and
+training's augmentation, physically varied copies join them, as ``train`` fits it),
+and
 score the fold's held-out test patches of the other classes against every patch of X.
 """
 
@@ -38,8 +38,8 @@ def residual_leave_one_class_out(
         Grouped folds (:func:`defectscope.evaluation.metrics.grouped_folds`).
     augmentation : Augmentation, optional
         Training's augmentation: with its physical part on, the density is fitted as
-        training fits it, with one physically varied copy of every training and
-        validation patch (:func:`~defectscope.training.augment.with_physical_copies`).
+        training fits it, with physically varied copies of the training and validation
+        patches (:func:`~defectscope.training.augment.density_fit_sets`).
 
     Returns
     -------

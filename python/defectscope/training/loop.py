@@ -433,11 +433,11 @@ def fit_model_density(
     precision : str
     augmentation : Augmentation, optional
         What training drew from (``TrainConfig.training_augmentation``). When its
-        physical part is on, one physically augmented copy of every training and
-        validation patch joins them (see
-        :func:`~defectscope.training.augment.density_augmentation`): the dose, jitter, blur
-        and contrast the model learned to ignore are in distribution, and do not make a
-        window unknown. None (the default) fits on the patches alone.
+        physical part is on, physically augmented copies join them (one of every
+        training patch, and enough of every validation patch for a stable threshold;
+        see :func:`~defectscope.training.augment.density_fit_sets`): the dose, jitter,
+        blur and contrast the model learned to ignore are in distribution, and do not
+        make a window unknown. None (the default) fits on the patches alone.
     seed : int
         Seed of the augmented copies.
     """
@@ -471,8 +471,8 @@ def fit_patch_residual_density(
     train, validation : PatchSet
         The patches the model trained on, and held-out ones (or None).
     augmentation : Augmentation, optional
-        What training drew from. When its physical part is on, one physically
-        augmented copy of every training and validation patch joins them, as for the
+        What training drew from. When its physical part is on, physically augmented
+        copies of the training and validation patches join them, the same as for the
         embedding's density (:func:`fit_model_density`): dose, jitter, blur and column
         contrast change a window's residual (noise level, column heights) without
         making it a new defect.
