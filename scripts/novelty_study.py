@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-physical-copies",
         action="store_true",
-        help="fit the density on the patches alone, as before 2026-12-04 (default: with one "
-        "physically varied copy of each patch from train's default augmentation, as train "
+        help="fit the density on the patches alone, as before 2026-12-04 (default: with "
+        "physically varied copies of the patches from train's default augmentation, as train "
         "fits it)",
     )
     args = p.parse_args(argv)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             + (
                 "on the patches alone (--no-physical-copies)."
                 if args.no_physical_copies
-                else "on the patches and one physically varied copy of each (as train)."
+                else "on the patches and physically varied copies of them (as train)."
             ),
         ]
         args.out.mkdir(parents=True, exist_ok=True)

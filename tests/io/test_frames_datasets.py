@@ -151,6 +151,8 @@ def test_without_class_renumbers_and_keeps_groups_and_calibration():
     assert patches.classes == classes and patches.labels.tolist() == labels.tolist()
     with pytest.raises(ValueError, match="'D' is not one of"):
         patches.without_class("D")
+    with pytest.raises(TypeError, match="dtype bool"):
+        patches.without_class("A", labels == 1)
 
 
 def test_atomic_json_leaves_nothing_on_failure(tmp_path):

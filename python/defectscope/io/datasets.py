@@ -117,7 +117,10 @@ class PatchSet:
         if name not in self.classes:
             raise ValueError(f"class {name!r} is not one of {self.classes}")
         drop = self.classes.index(name)
-        index = np.arange(len(self.labels)) if index is None else np.asarray(index, np.int64)
+        index = np.arange(len(self.labels)) if index is None else np.asarray(index)
+        if index.dtype.kind not in "iu" and index.size:
+            raise TypeError(f"index must hold patch numbers (integers), got dtype {index.dtype}")
+        index = index.astype(np.int64)
         kept = self.subset(index[self.labels[index] != drop])
         kept.labels = np.where(kept.labels > drop, kept.labels - 1, kept.labels).astype(np.int64)
         kept.classes = [c for c in self.classes if c != name]

@@ -5,8 +5,7 @@ so unlike the study's leave-one-class-out (one training per class) it can be mea
 on all folds in seconds: for each fold and each class X, fit the density on the fold's
 training patches of the other classes (threshold on its validation patches; with
 training's augmentation, physically varied copies join them, as ``train`` fits it),
-and
-score the fold's held-out test patches of the other classes against every patch of X.
+and score the fold's held-out test patches of the other classes against every patch of X.
 """
 
 from __future__ import annotations
