@@ -485,7 +485,7 @@ def rescore_left_out(
         novel = np.flatnonzero(patches.labels == drop)
         ensemble = None
         if train_index is not None:
-            train = patches.without_class(name, np.asarray(train_index, dtype=np.int64))
+            train = patches.without_class(name, train_index)
             ensemble = _head_ensemble(model, train, config.normalization, seed)
         report[name] = score_left_out_class(
             model,
