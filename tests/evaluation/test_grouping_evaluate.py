@@ -96,13 +96,36 @@ def test_grouped_folds_test_every_group_exactly_once():
         sets = [set(groups[ix]) for ix in (split.train, split.validation, split.test)]
         assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
         assert len(split.train) + len(split.validation) + len(split.test) == len(labels)
-        # The validation fold is the next fold's test part: grouped as well.
+        # Every fold holds both classes, so the validation fold is the next fold's test
+        # part: grouped as well.
         assert np.array_equal(split.validation, splits[(index + 1) % 4].test)
         assert 0 in labels[split.train]
     first = grouped_split(labels, groups, ["Bulk", "A", "B"], n_folds=4, seed=0)
     assert np.array_equal(first.test, splits[0].test)
     with pytest.raises(ValueError, match="at least 3 folds"):
         grouped_folds(labels, groups, ["Bulk", "A", "B"], n_folds=2)
+
+
+def test_validation_fold_holds_a_class_the_next_fold_lacks():
+    # Class B lies in three groups over four folds, so one fold lacks it; the split
+    # testing the fold before that one must validate (and set its thresholds) on a fold
+    # holding B, as SrTiO3's IExtra (four regions, five folds) needs.
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1, 2], [30, 80, 30])
+    groups = np.concatenate([np.zeros(30), rng.integers(1, 21, 80), np.repeat([21, 22, 23], 10)])
+    splits = grouped_folds(labels, groups.astype(int), ["Bulk", "A", "B"], n_folds=4, seed=0)
+    holds_b = [2 in labels[s.test] for s in splits]
+    assert holds_b.count(False) == 1
+    lacking = holds_b.index(False)
+    before = (lacking - 1) % 4
+    assert np.array_equal(splits[before].validation, splits[(lacking + 1) % 4].test)
+    for index, split in enumerate(splits):
+        assert 2 in labels[split.validation]
+        if index not in (before, lacking):
+            assert np.array_equal(split.validation, splits[(index + 1) % 4].test)
+        sets = [set(groups[ix]) for ix in (split.train, split.validation, split.test)]
+        assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+        assert len(split.train) + len(split.validation) + len(split.test) == len(labels)
 
 
 def test_random_split_is_stratified_partition():

@@ -109,6 +109,52 @@ def test_only_the_grouped_split_s_model_carries_densities(first_run):
     assert "The random split trains for" not in (out / "summary.md").read_text()
 
 
+def test_held_out_known_patches_called_unknown_are_counted_per_fold(first_run):
+    """The grouped split's share matches its saved model scored again from disk."""
+    from defectscope.artifacts.density import FeatureDensity
+    from defectscope.artifacts.residual_density import ResidualDensity
+    from defectscope.nets.checkpoint import load_checkpoint
+    from defectscope.tiling.tiler import patches_to_inputs
+    from defectscope.training.loop import predict_logits
+
+    out, report = first_run
+    patches = three_classes()
+    test = np.asarray(report["grouped"]["test_index"])
+    model, config, record = load_checkpoint(out / "model")
+    _, embeddings = predict_logits(
+        model, patches_to_inputs(patches.images[test], config.normalization)
+    )
+    embedding = FeatureDensity.from_dict(record["density"], 3).score(embeddings)[2]
+    residual = ResidualDensity.from_dict(record["residual_density"], 3).score(patches.images[test])[
+        2
+    ]
+    shares = report["grouped"]["held_out_unknown"]
+    assert shares["n"] == len(test)
+    assert shares["embedding"] == pytest.approx(embedding.mean())
+    assert shares["residual"] == pytest.approx(residual.mean())
+    assert shares["combined"] == pytest.approx((embedding | residual).mean())
+    for index, name in enumerate(patches.classes):
+        of_class = patches.labels[test] == index
+        if of_class.any():
+            assert shares["per_class"][name]["combined"] == pytest.approx(
+                (embedding | residual)[of_class].mean()
+            )
+        else:
+            assert name not in shares["per_class"]
+    # Every fold has its own; the first is the grouped split's.
+    folds = report["cross_validation"]["folds"]
+    assert folds[0]["held_out_unknown"] == shares
+    assert all(f["held_out_unknown"]["n"] == f["n_test"] for f in folds)
+    combined = [f["held_out_unknown"]["combined"] for f in folds]
+    assert report["cross_validation"]["held_out_unknown"]["combined"]["mean"] == pytest.approx(
+        np.mean(combined)
+    )
+    assert (
+        "Held-out test patches of trained classes called unknown"
+        in (out / "summary.md").read_text()
+    )
+
+
 def test_finished_work_is_not_reused_when_anything_changed(first_run):
     out, _ = first_run
     patches = three_classes()

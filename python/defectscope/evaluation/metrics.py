@@ -193,9 +193,13 @@ def grouped_folds(
     A class is evaluable when it occurs in at least three groups (one each for
     training, validation and test). Groups holding only evaluable classes are
     distributed over ``n_folds`` folds stratified by class (scikit-learn's
-    ``StratifiedGroupKFold``). Split ``i`` tests fold ``i``, early-stops and fits its
-    temperature on fold ``i + 1`` (so validation is grouped too) and trains on every
-    other patch, so single-region classes are still learned but never scored.
+    ``StratifiedGroupKFold``). Split ``i`` tests fold ``i``, early-stops, fits its
+    temperature and sets its unknown thresholds on a validation fold (so validation is
+    grouped too), and trains on every other patch, so single-region classes are still
+    learned but never scored. The validation fold is the first after ``i`` (cyclically)
+    that holds the most evaluable classes: usually fold ``i + 1``, but a class with
+    fewer groups than folds is missing from some folds, and a validation fold without
+    it would leave the class's early stopping, temperature and thresholds uncalibrated.
 
     Returns
     -------
@@ -224,11 +228,14 @@ def grouped_folds(
         splitter.split(candidate, labels[candidate], groups[candidate])
     ):
         assignment[candidate[held]] = fold
+    covered = [len(np.unique(labels[assignment == fold])) for fold in range(folds)]
     splits = []
     for fold in range(folds):
+        after = [(fold + step) % folds for step in range(1, folds)]
+        held_out = max(after, key=lambda other: covered[other])  # first of the most
         test = np.flatnonzero(assignment == fold)
-        val = np.flatnonzero(assignment == (fold + 1) % folds)
-        train = np.flatnonzero((assignment != fold) & (assignment != (fold + 1) % folds))
+        val = np.flatnonzero(assignment == held_out)
+        train = np.flatnonzero((assignment != fold) & (assignment != held_out))
         splits.append(Split("grouped", train, val, test, evaluable, groups_per_class))
     return splits
 

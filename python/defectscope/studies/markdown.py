@@ -116,6 +116,17 @@ def cross_validation_markdown(report: dict) -> list[str]:
         f"| grouped {cv['n_folds']}-fold | {fmt(cv['accuracy'])} | {fmt(cv['macro_f1'])} | "
         f"{fmt(cv['ece_before'])} | {fmt(cv['ece_after'])} |",
     ]
+    unknown = cv.get("held_out_unknown")
+    if unknown:
+        per_fold = [f.get("held_out_unknown") for f in cv["folds"]]
+        shares = " ".join("–" if u is None else f"{u['combined']:.3f}" for u in per_fold)
+        lines += [
+            "",
+            "Held-out test patches of trained classes called unknown (false alarms of "
+            f'"new"): {fmt(unknown["combined"])} by either density, as maps call it '
+            f"(embedding {fmt(unknown['embedding'])}, lattice residual "
+            f"{fmt(unknown['residual'])}; per fold {shares}).",
+        ]
     return lines
 
 

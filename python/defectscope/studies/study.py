@@ -85,6 +85,41 @@ def _score_split(patches: PatchSet, split: Split, config: TrainConfig, name: str
     return result, metrics, calibration
 
 
+def held_out_unknown(model, density, residual, test: PatchSet, normalization) -> dict:
+    """Share of held-out patches of trained classes that the model's densities call unknown.
+
+    ``test`` holds patches of classes the model was trained on, from regions it never
+    saw (a grouped test part); every one called unknown is a false alarm of "new". The
+    shares are the embedding density's, the lattice residual's and either's (what maps
+    call unknown), overall and per class.
+    """
+    _, embeddings = predict_logits(model, patches_to_inputs(test.images, normalization))
+    flagged = {
+        "embedding": density.score(embeddings)[2],
+        "residual": residual.score(test.images)[2],
+    }
+    flagged["combined"] = flagged["embedding"] | flagged["residual"]
+    per_class = {}
+    for index in np.unique(test.labels):
+        of_class = test.labels == index
+        per_class[test.classes[index]] = {"n": int(of_class.sum())} | {
+            name: float(unknown[of_class].mean()) for name, unknown in flagged.items()
+        }
+    overall = {
+        name: float(unknown.mean()) if len(unknown) else 0.0 for name, unknown in flagged.items()
+    }
+    return {"n": len(test.labels), **overall, "per_class": per_class}
+
+
+def _fit_densities(model, patches: PatchSet, split: Split, config: TrainConfig):
+    """The embedding and lattice-residual densities of a model trained on ``split``."""
+    train, val = patches.subset(split.train), patches.subset(split.validation)
+    augmentation = config.training_augmentation
+    density = fit_model_density(model, train, val, config.normalization, augmentation=augmentation)
+    residual = fit_patch_residual_density(train, val, augmentation=augmentation)
+    return density, residual
+
+
 def evaluate_split(
     patches: PatchSet,
     split: Split,
@@ -120,15 +155,11 @@ def evaluate_split(
             result.model, test.images, test.labels, config, calibration["temperature"]
         )
     extra = {"metrics": metrics, "calibration": calibration, "split": split.describe()}
+    unknown = None
     if densities:
-        train, val = patches.subset(split.train), patches.subset(split.validation)
-        augmentation = config.training_augmentation
-        extra["density"] = fit_model_density(
-            result.model, train, val, config.normalization, augmentation=augmentation
-        ).to_dict()
-        extra["residual_density"] = fit_patch_residual_density(
-            train, val, augmentation=augmentation
-        ).to_dict()
+        density, residual = _fit_densities(result.model, patches, split, config)
+        extra["density"], extra["residual_density"] = density.to_dict(), residual.to_dict()
+        unknown = held_out_unknown(result.model, density, residual, test, config.normalization)
     save_training(model_dir, result, config, extra_record=extra)
     record = {
         "split": split.describe(),
@@ -141,6 +172,7 @@ def evaluate_split(
         "train_wall_time_s": round(result.wall_time_s, 1),
         "model_dir": str(model_dir),
         "test_time_symmetry": d4,
+        "held_out_unknown": unknown,
         # Which patches trained and which tested: INT8 is calibrated and scored on these.
         "train_index": split.train.tolist(),
         "test_index": split.test.tolist(),
@@ -186,6 +218,13 @@ def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
             "f1": mean_std([m["f1"] for m in tested]),
             "recall": mean_std([m["recall"] for m in tested]),
             "support": int(sum(m["support"] for m in tested)),
+        }
+    # Folds resumed from records of earlier releases have no held-out unknown shares.
+    scored = [f["held_out_unknown"] for f in folds if f.get("held_out_unknown")]
+    if scored:
+        summary["held_out_unknown"] = {
+            name: mean_std([s[name] for s in scored])
+            for name in ("embedding", "residual", "combined")
         }
     return summary
 
@@ -234,11 +273,14 @@ def cross_validate(
     first: dict | None = None,
     progress: bool = True,
     finished: FinishedWork | None = None,
+    densities: bool = True,
 ) -> dict:
     """Grouped k-fold cross-validation: a model per fold, each group tested once.
 
     ``first``, the record of :func:`evaluate_split` on ``splits[0]``, is reused
-    rather than trained again; so are folds ``finished`` holds.
+    rather than trained again; so are folds ``finished`` holds. With ``densities``,
+    each fold's model gets its densities fitted and its test patches scored by
+    :func:`held_out_unknown` (the false alarms of "new" on regions it never saw).
     """
     folds = []
     for index, split in enumerate(splits):
@@ -250,11 +292,19 @@ def cross_validate(
         if index == 0 and first is not None:
             metrics, calibration = first["metrics"], first["calibration"]
             epochs, warnings = first["epochs_run"], first["warnings"]
+            unknown = first.get("held_out_unknown")
         else:
             result, metrics, calibration = _score_split(
                 patches, split, config, f"grouped fold {index + 1}/{len(splits)}", progress
             )
             epochs, warnings = len(result.history), result.warnings
+            unknown = None
+            if densities:
+                density, residual = _fit_densities(result.model, patches, split, config)
+                test = patches.subset(split.test)
+                unknown = held_out_unknown(
+                    result.model, density, residual, test, config.normalization
+                )
         calibration = {k: v for k, v in calibration.items() if k != "reliability"}
         fold = {
             "fold": index,
@@ -266,6 +316,7 @@ def cross_validate(
             "calibration": calibration,
             "epochs_run": epochs,
             "warnings": warnings,
+            "held_out_unknown": unknown,
         }
         if finished is not None:
             finished.put(name, split, fold)
