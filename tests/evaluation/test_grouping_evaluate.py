@@ -128,6 +128,48 @@ def test_validation_fold_holds_a_class_the_next_fold_lacks():
         assert len(split.train) + len(split.validation) + len(split.test) == len(labels)
 
 
+def test_validation_fold_keeps_every_class_in_training_it_can():
+    """No split drops a class from training, or its test classes from validation, that
+    another choice of validation fold would keep (random sparse layouts, brute force)."""
+    harder = 0
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        # Regions holding one to three classes; c and d lie in three or four regions only.
+        n_groups = int(rng.integers(7, 12))
+        members = [
+            set(rng.choice(2, int(rng.integers(1, 3)), replace=False)) for _ in range(n_groups)
+        ]
+        for rare in (2, 3):
+            for g in rng.choice(n_groups, int(rng.integers(3, 5)), replace=False):
+                members[g].add(rare)
+        pairs = [(g, c) for g in range(n_groups) for c in sorted(members[g])]
+        counts = rng.integers(3, 9, len(pairs))
+        groups = np.repeat([g for g, _ in pairs], counts)
+        labels = np.repeat([c for _, c in pairs], counts)
+        classes = ["a", "b", "c", "d"]
+        splits = grouped_folds(labels, groups, classes, n_folds=5, seed=seed)
+        folds = [s.test for s in splits]
+        if len(folds) < 3:
+            continue
+        everything = np.arange(len(labels))
+        for index, split in enumerate(splits):
+            options = []
+            for other in range(len(folds)):
+                if other == index:
+                    continue
+                train = np.setdiff1d(everything, np.concatenate([folds[index], folds[other]]))
+                in_test = set(labels[folds[index]]) & set(labels[folds[other]])
+                options.append((len(set(labels[train])), len(in_test)))
+            chosen = (
+                len(set(labels[split.train])),
+                len(set(labels[split.test]) & set(labels[split.validation])),
+            )
+            assert chosen == max(options), (seed, index)
+            following = (index + 1) % len(folds)
+            harder += not np.array_equal(split.validation, folds[following])
+    assert harder > 0  # some layouts needed another fold than the next one
+
+
 def test_random_split_is_stratified_partition():
     labels = np.repeat([0, 1], [60, 40])
     split = random_split(labels, ["a", "b"], seed=1)
@@ -171,6 +213,23 @@ def test_fold_summary_scores_each_fold_on_the_classes_it_tests():
     summary = summarize_folds([fold(0.9, 0.8, 5), fold(0.7, 0.0, 0)], ["a", "b"])
     assert summary["macro_f1"]["values"] == pytest.approx([0.85, 0.7])
     assert summary["per_class"]["b"]["f1"]["n"] == 1
+    assert "held_out_unknown" not in summary  # records written before it existed
+
+    # A resumed fold without held-out unknown shares: averaged over the others, and said.
+    from defectscope.studies.markdown import cross_validation_markdown
+
+    folds = [fold(0.9, 0.8, 5), fold(0.7, 0.6, 5), fold(0.8, 0.8, 5)]
+    for f, share in zip(folds, (0.2, None, 0.1), strict=True):
+        if share is not None:
+            f["held_out_unknown"] = {"embedding": share, "residual": 0.0, "combined": share}
+    summary = summarize_folds(folds, ["a", "b"])
+    assert summary["held_out_unknown"]["combined"]["values"] == pytest.approx([0.2, 0.1])
+    report = {
+        "random": {"metrics": {"per_class": {c: {"f1": 1.0} for c in "ab"}}},
+        "cross_validation": {"folds": folds, "n_test": 45, **summary},
+    }
+    text = "\n".join(cross_validation_markdown(report))
+    assert "over 2 of 3 folds: 0.150 ± 0.050" in text and "per fold 0.200 – 0.100" in text
 
 
 def test_temperature_scaling_repairs_overconfidence():

@@ -196,10 +196,12 @@ def grouped_folds(
     ``StratifiedGroupKFold``). Split ``i`` tests fold ``i``, early-stops, fits its
     temperature and sets its unknown thresholds on a validation fold (so validation is
     grouped too), and trains on every other patch, so single-region classes are still
-    learned but never scored. The validation fold is the first after ``i`` (cyclically)
-    that holds the most evaluable classes: usually fold ``i + 1``, but a class with
-    fewer groups than folds is missing from some folds, and a validation fold without
-    it would leave the class's early stopping, temperature and thresholds uncalibrated.
+    learned but never scored. A class with fewer groups than folds is missing from some
+    folds, and a validation fold without it would leave the class's early stopping,
+    temperature and thresholds uncalibrated; so the validation fold is the first after
+    ``i`` (cyclically) that, in this order, leaves the most classes in training, holds
+    the most of the test fold's classes and holds the most classes: usually fold
+    ``i + 1``.
 
     Returns
     -------
@@ -228,11 +230,18 @@ def grouped_folds(
         splitter.split(candidate, labels[candidate], groups[candidate])
     ):
         assignment[candidate[held]] = fold
-    covered = [len(np.unique(labels[assignment == fold])) for fold in range(folds)]
+    held = [set(np.unique(labels[assignment == fold]).tolist()) for fold in range(folds)]
     splits = []
     for fold in range(folds):
+
+        def merit(other: int, fold: int = fold) -> tuple[int, int, int]:
+            # Keep every class in training first, then validate the test fold's classes,
+            # then as many classes as possible.
+            kept = np.unique(labels[(assignment != fold) & (assignment != other)])
+            return len(kept), len(held[other] & held[fold]), len(held[other])
+
         after = [(fold + step) % folds for step in range(1, folds)]
-        held_out = max(after, key=lambda other: covered[other])  # first of the most
+        held_out = max(after, key=merit)  # the first of the best: usually fold + 1
         test = np.flatnonzero(assignment == fold)
         val = np.flatnonzero(assignment == held_out)
         train = np.flatnonzero((assignment != fold) & (assignment != held_out))

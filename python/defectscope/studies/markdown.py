@@ -119,11 +119,13 @@ def cross_validation_markdown(report: dict) -> list[str]:
     unknown = cv.get("held_out_unknown")
     if unknown:
         per_fold = [f.get("held_out_unknown") for f in cv["folds"]]
-        shares = " ".join("–" if u is None else f"{u['combined']:.3f}" for u in per_fold)
+        shares = " ".join("–" if not u else f"{u['combined']:.3f}" for u in per_fold)
+        counted = unknown["combined"]["n"]
+        over = "" if counted == cv["n_folds"] else f" over {counted} of {cv['n_folds']} folds"
         lines += [
             "",
             "Held-out test patches of trained classes called unknown (false alarms of "
-            f'"new"): {fmt(unknown["combined"])} by either density, as maps call it '
+            f'"new"){over}: {fmt(unknown["combined"])} by either density, as maps call it '
             f"(embedding {fmt(unknown['embedding'])}, lattice residual "
             f"{fmt(unknown['residual'])}; per fold {shares}).",
         ]

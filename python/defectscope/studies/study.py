@@ -85,14 +85,16 @@ def _score_split(patches: PatchSet, split: Split, config: TrainConfig, name: str
     return result, metrics, calibration
 
 
-def held_out_unknown(model, density, residual, test: PatchSet, normalization) -> dict:
+def held_out_unknown(model, density, residual, test: PatchSet, normalization) -> dict | None:
     """Share of held-out patches of trained classes that the model's densities call unknown.
 
     ``test`` holds patches of classes the model was trained on, from regions it never
     saw (a grouped test part); every one called unknown is a false alarm of "new". The
     shares are the embedding density's, the lattice residual's and either's (what maps
-    call unknown), overall and per class.
+    call unknown), overall and per class held (None for an empty ``test``).
     """
+    if len(test.labels) == 0:
+        return None
     _, embeddings = predict_logits(model, patches_to_inputs(test.images, normalization))
     flagged = {
         "embedding": density.score(embeddings)[2],
@@ -105,9 +107,7 @@ def held_out_unknown(model, density, residual, test: PatchSet, normalization) ->
         per_class[test.classes[index]] = {"n": int(of_class.sum())} | {
             name: float(unknown[of_class].mean()) for name, unknown in flagged.items()
         }
-    overall = {
-        name: float(unknown.mean()) if len(unknown) else 0.0 for name, unknown in flagged.items()
-    }
+    overall = {name: float(unknown.mean()) for name, unknown in flagged.items()}
     return {"n": len(test.labels), **overall, "per_class": per_class}
 
 
@@ -219,7 +219,7 @@ def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
             "recall": mean_std([m["recall"] for m in tested]),
             "support": int(sum(m["support"] for m in tested)),
         }
-    # Folds resumed from records of earlier releases have no held-out unknown shares.
+    # Fold records written before held_out_unknown existed (resumed) have no shares.
     scored = [f["held_out_unknown"] for f in folds if f.get("held_out_unknown")]
     if scored:
         summary["held_out_unknown"] = {
@@ -287,6 +287,8 @@ def cross_validate(
         name = f"fold-{index + 1}-of-{len(splits)}"
         fold = finished.get(name, split, required=FOLD_RECORD) if finished is not None else None
         if fold is not None:
+            if index == 0 and first is not None and not fold.get("held_out_unknown"):
+                fold["held_out_unknown"] = first.get("held_out_unknown")  # an older record
             folds.append(fold)
             continue
         if index == 0 and first is not None:
