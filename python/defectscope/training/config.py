@@ -17,7 +17,8 @@ RANDOM_INIT_SCHEDULE = (30, 6)
 PRETRAINED_SCHEDULE = (8, 3)
 # The trunk's share of the learning rate when it starts pretrained (see trunk_lr_scale).
 # Chosen on SrTiO3's grouped validation fold with the shipped trunk (split 1 of 5, which
-# validated on fold 2 until 2026-12-06 and now on fold 3; 8 epochs): 0.01 -> 0.748, 0.1 -> 0.804, 0.3 -> 0.907, 1 -> 0.981 validation accuracy.
+# validated on fold 2 until 2026-12-06 and now on fold 3; 8 epochs): 0.01 -> 0.748,
+# 0.1 -> 0.804, 0.3 -> 0.907, 1 -> 0.981 validation accuracy.
 # A trunk pretrained on simulated frames still has to move to real ones.
 PRETRAINED_TRUNK_LR_SCALE = 1.0
 
