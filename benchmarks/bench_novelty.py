@@ -3,9 +3,11 @@
 ``dense-int8`` maps a 512^2 frame at stride 16 with the dense INT8 graph as a model
 without a lattice-residual density does; ``dense-int8+residual`` maps it with one
 (every window's residual descriptors and density score,
-:mod:`defectscope.artifacts.residual_density`); ``residual-only`` times the residual
-scoring of the frame's 841 windows alone. The issue's goal: the default within 1.5x
-of today's dense INT8 map. The CPU is recorded with each result.
+:mod:`defectscope.artifacts.residual_density`); ``dense-int8+mc_dropout`` maps it with
+``novelty="mc_dropout"`` (the embeddings gathered and 32 thinned heads scored,
+:class:`~defectscope.artifacts.disagreement.DropoutNovelty`); ``residual-only`` times the
+residual scoring of the frame's 841 windows alone. The issue's goal: the default within
+1.5x of today's dense INT8 map. The CPU is recorded with each result.
 
 Run::
 
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 
 from benchmarks.frames import stem_frame
+from defectscope.artifacts.disagreement import fit_dropout_novelty
 from defectscope.artifacts.residual_density import fit_residual_density
 from defectscope.maps.detector import Detector
 from defectscope.simulate.lattice import toy_patch_set
@@ -35,26 +38,35 @@ def residual_density():
     return fit_residual_density(train.images, train.labels, 7, held.images)
 
 
-@pytest.mark.parametrize("impl", ["dense-int8", "dense-int8+residual"])
+def dropout_novelty(classes: int, width: int):
+    """MC dropout of a random head (speed does not depend on its weights)."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(classes, width)).astype(np.float32)
+    held = np.maximum(rng.normal(size=(200, width)), 0).astype(np.float32)
+    return fit_dropout_novelty(weight, np.zeros(classes, np.float32), 0.5, held)
+
+
+@pytest.mark.parametrize("impl", ["dense-int8", "dense-int8+residual", "dense-int8+mc_dropout"])
 def test_map_with_and_without_residual(benchmark, bench_dense_model, residual_density, impl):
     frame = stem_frame(SIZE)
     benchmark.group = f"novelty {SIZE}^2 stride {STRIDE}"
     benchmark.extra_info["cpu"] = cpu_description()
+    novelty = "mc_dropout" if impl.endswith("+mc_dropout") else "auto"
     with Detector.load(bench_dense_model, dense=True) as det:
-        if impl.endswith("+residual"):
-            # What a model trained with the residual density carries in every graph.
-            for engine in (det.engine, *det.dense_engines):
+        # What a model trained with them carries in every graph.
+        for engine in (det.engine, *det.dense_engines):
+            if impl.endswith("+residual"):
                 engine.residual_density = residual_density
-        det.map(frame, stride=STRIDE, mode="dense", keep_embeddings=False)  # warm
-        result = benchmark.pedantic(
-            det.map,
-            args=(frame,),
-            kwargs={"stride": STRIDE, "keep_embeddings": False, "mode": "dense"},
-            rounds=3,
-        )
+            elif novelty == "mc_dropout":
+                engine.mc_dropout = dropout_novelty(
+                    len(engine.classes), engine.config.embedding_dim
+                )
+        kwargs = {"stride": STRIDE, "keep_embeddings": False, "mode": "dense", "novelty": novelty}
+        det.map(frame, **kwargs)  # warm
+        result = benchmark.pedantic(det.map, args=(frame,), kwargs=kwargs, rounds=3)
     assert result.info["mode"] == "dense"
-    want = ["lattice residual"] if impl.endswith("+residual") else []
-    assert result.info["novelty"] == want
+    want = {"dense-int8": [], "dense-int8+residual": ["lattice residual"]}
+    assert result.info["novelty"] == want.get(impl, ["MC dropout"])
     benchmark.extra_info.update(windows=int(np.prod(result.grid_shape)))
 
 

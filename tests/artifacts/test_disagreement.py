@@ -168,3 +168,112 @@ def test_non_finite_heads_are_refused():
     embeddings, weight, bias = _head()
     with pytest.raises(ValueError, match="head weight or bias hold NaN"):
         mc_dropout_scores(embeddings, weight, np.full_like(bias, np.inf), 0.5)
+
+
+def _fitted(seed: int = 0, d: int = 16, classes: int = 3):
+    from defectscope.artifacts.disagreement import fit_dropout_novelty
+
+    embeddings, weight, bias = _head(seed, n=400, d=d, classes=classes)
+    return fit_dropout_novelty(weight, bias, 0.5, embeddings, samples=16, seed=2)
+
+
+def test_shared_masks_make_a_window_score_independent_of_its_batch():
+    """Every window sees the same thinned heads: alone or among 5000, the same score."""
+    embeddings, weight, bias = _head(seed=4, n=5000)
+    whole = mc_dropout_scores(embeddings, weight, bias, 0.5, samples=8, seed=1)
+    for i in (0, 17, 4100, 4999):
+        alone = mc_dropout_scores(embeddings[i : i + 1], weight, bias, 0.5, samples=8, seed=1)
+        np.testing.assert_allclose(alone.mutual_information, whole.mutual_information[i : i + 1])
+
+
+def test_dropout_novelty_is_calibrated_on_its_held_out_windows():
+    """Its threshold is the quantile of the held-out scores, computed here by torch."""
+    torch = pytest.importorskip("torch")
+    novelty = _fitted()
+    held, weight, bias = _head(0, n=400)
+    p = []
+    for mask in torch.from_numpy(novelty.kept):
+        thinned = torch.from_numpy(weight).double() * mask / 0.5
+        p.append(
+            torch.softmax(torch.from_numpy(held).double() @ thinned.T + torch.from_numpy(bias), -1)
+        )
+    p = torch.stack(p).numpy()
+    entropy = lambda q: -(q * np.log(q)).sum(-1)  # noqa: E731
+    mutual = entropy(p.mean(0)) - entropy(p).mean(0)
+    assert novelty.threshold == pytest.approx(np.quantile(mutual, 0.99), rel=1e-5)
+    score, uncertainty, unknown = novelty.score(held)
+    np.testing.assert_allclose(score, mutual, rtol=1e-4, atol=1e-7)
+    assert unknown.mean() <= 0.01 + 1e-9 and 0 < unknown.sum()
+    # Uncertainty is the share of held-out windows scoring lower.
+    order = np.argsort(mutual)
+    assert np.all(np.diff(uncertainty[order]) >= -1e-6)
+    assert uncertainty.min() == 0 and uncertainty.max() == 1
+
+
+def test_dropout_novelty_record_round_trips_through_json():
+    import json
+
+    from defectscope.artifacts.disagreement import DropoutNovelty
+
+    novelty = _fitted()
+    again = DropoutNovelty.from_dict(json.loads(json.dumps(novelty.to_dict())), 3, 16)
+    probe = _head(seed=9, n=50)[0]
+    for got, want in zip(again.score(probe), novelty.score(probe), strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(again.kept, novelty.kept)
+
+
+def _edit_masks(record, **change):
+    record["masks"] = {**record["masks"], **change}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.update(kind="tied-gaussian-mahalanobis"), "kind"),
+        (lambda r: r.update(rate=1.0), "rate"),
+        (lambda r: r.update(rate=True), "rate"),
+        (lambda r: r.update(threshold=float("inf")), "threshold"),
+        (lambda r: r.update(threshold=10**400), "threshold"),
+        (lambda r: r.update(reference=[0.2, 0.1]), "reference"),
+        (lambda r: r.update(quantile=True), "quantile"),
+        (lambda r: r.pop("bias"), "bias"),
+        (lambda r: _edit_masks(r, shape=[16, 15]), "masks must be"),
+        (lambda r: _edit_masks(r, shape=[0, 16]), "masks must be"),
+        (lambda r: _edit_masks(r, shape=[17, 16]), "bytes"),
+        (lambda r: _edit_masks(r, packbits_base64="not base64!"), "masks are not valid"),
+        (lambda r: r.pop("masks"), "masks are not valid"),
+    ],
+)
+def test_malformed_dropout_records_are_refused_by_name(edit, message):
+    from defectscope.artifacts.disagreement import DropoutNovelty
+
+    record = _fitted().to_dict()
+    edit(record)
+    with pytest.raises(ValueError, match=message):
+        DropoutNovelty.from_dict(record, 3, 16)
+
+
+def test_a_dropout_record_for_another_model_is_refused():
+    from defectscope.artifacts.disagreement import DropoutNovelty
+
+    record = _fitted().to_dict()
+    with pytest.raises(ValueError, match="3 classes for 4"):
+        DropoutNovelty.from_dict(record, 4, 16)
+    with pytest.raises(ValueError, match=r"weight must be \(outputs, 32\)"):
+        DropoutNovelty.from_dict(record, 3, 32)
+    with pytest.raises(ValueError, match="embeddings are 8-D"):
+        DropoutNovelty.from_dict(record, 3, 16).score(np.zeros((2, 8), np.float32))
+
+
+def test_model_metadata_names_its_file_for_a_bad_dropout_record():
+    from defectscope.artifacts.metadata import ArtifactMetadata, MetadataError
+
+    record = _fitted(classes=2).to_dict()
+    record["rate"] = -0.1
+    model = {"classes": ["Bulk", "Vacancy"], "patch_size": 64, "embedding_dim": 16}
+    with pytest.raises(MetadataError, match=r"model\.json: invalid model metadata: .*rate"):
+        ArtifactMetadata.from_record({"model": model, "mc_dropout": record}, "model.json")
+    record["rate"] = 0.5
+    read = ArtifactMetadata.from_record({"model": model, "mc_dropout": record}, "model.json")
+    assert read.mc_dropout is not None and read.mc_dropout.rate == 0.5

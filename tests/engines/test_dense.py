@@ -299,6 +299,68 @@ def test_residual_novelty_is_the_same_in_dense_and_window_maps(dense_model_dir):
     assert np.array_equal(both.unknown, embedding_only.unknown | dense.unknown)
 
 
+def _thinned_head_mutual_information(embeddings, weight, bias, kept, rate):
+    """Reference MC dropout: each mask's thinned torch Linear, then BALD's mutual information."""
+    probabilities = []
+    for mask in torch.from_numpy(kept):
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0]).double()
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(weight).double() * mask / (1 - rate))
+            head.bias.copy_(torch.from_numpy(bias).double())
+            probabilities.append(torch.softmax(head(torch.from_numpy(embeddings).double()), -1))
+    p = torch.stack(probabilities).numpy()
+    entropy = lambda q: -(q * np.log(np.clip(q, 1e-30, None))).sum(-1)  # noqa: E731
+    return entropy(p.mean(0)) - entropy(p).mean(0)
+
+
+def test_mc_dropout_novelty_maps_window_by_window_and_densely(dense_model_dir):
+    """novelty="mc_dropout" scores each window's embedding with the head the artifact
+    carries: the trained model's last layer in model.json and model.onnx, the distilled
+    student's in the dense graphs, each on its own calibrated scale."""
+    from defectscope.artifacts.disagreement import DropoutNovelty
+    from defectscope.nets.checkpoint import load_checkpoint
+
+    model_dir = dense_model_dir[0]
+    model, config, record = load_checkpoint(model_dir)
+    stored = DropoutNovelty.from_dict(record["mc_dropout"], 2, config.embedding_dim)
+    np.testing.assert_array_equal(stored.weight, model.classifier.weight.detach().numpy())
+    assert stored.rate == model.dropout.p and stored.kept.shape == (32, config.embedding_dim)
+    student = torch.load(model_dir / "dense" / "dense.pt", weights_only=True)
+    frame = clustered_frame((200, 232), 40)
+    with Detector.load(model_dir, backend="onnxruntime") as det:
+        assert det.engine.name == "onnxruntime"
+        window = det.map(frame, stride=16, mode="window", novelty="mc_dropout")
+        dense = det.map(frame, stride=16, mode="dense", novelty="mc_dropout")
+        default = det.map(frame, stride=16, mode="dense")
+        dense_head = det.dense_engines[0].mc_dropout
+    assert window.info["novelty"] == dense.info["novelty"] == ["MC dropout"]
+    assert default.info["novelty"] == ["embedding"]  # auto does not take it
+    for result, head, weight in (
+        (window, stored, stored.weight),
+        (dense, dense_head, student["classifier.weight"].numpy().reshape(2, -1)),
+    ):
+        np.testing.assert_array_equal(head.weight, weight)
+        np.testing.assert_array_equal(head.kept, stored.kept)
+        flat = result.embeddings.reshape(-1, result.embeddings.shape[-1])
+        mutual = _thinned_head_mutual_information(
+            flat, head.weight, head.bias, head.kept, head.rate
+        )
+        levels = np.linspace(0, 1, len(head.reference))
+        np.testing.assert_allclose(
+            result.uncertainty.ravel(), np.interp(mutual, head.reference, levels), atol=1e-4
+        )
+        assert np.array_equal(result.unknown.ravel(), mutual > head.threshold)
+    # The student's scale is its own, carried over from the per-window model's.
+    assert dense_head.threshold != stored.threshold
+    assert "quantile-matched" in dense_head.source
+
+
+def test_mc_dropout_novelty_needs_a_model_that_carries_it(density_model_dir):
+    with Detector.load(density_model_dir, backend="torch") as det:
+        with pytest.raises(ValueError, match="no MC-dropout record"):
+            det.map(clustered_frame((128, 128), 3), stride=16, novelty="mc_dropout")
+
+
 def test_dense_map_finds_what_the_window_map_finds(dense_model_dir):
     """On frames the dense graph never saw: the same labels and the same defects found."""
     with Detector.load(dense_model_dir[0]) as det:
@@ -392,6 +454,8 @@ def test_tensorrt_dense_engines_map_like_onnx_runtime(dense_model_dir, tmp_path,
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
         assert np.array_equal(a.labels, b.labels)
         assert np.array_equal(a.unknown, b.unknown)
+    for det in (gpu, cpu):
+        assert all(e.mc_dropout is not None for e in (det.engine, *det.dense_engines))
     (dense,) = [e for e in fake_gpu.engines if "frame" in e.inputs]
     assert dense.profile["frame"] == ((1, 1, 64, 64), (1, 1, 320, 320), (1, 1, 320, 320))
     # A 400x368 frame does not fit one 320 crop: several regions, none beyond the profile.

@@ -77,6 +77,8 @@ def test_a_resumed_study_trains_nothing_finished(first_run, monkeypatch):
         for key, value in rescored[name].items():
             assert recorded[key] == pytest.approx(value, abs=1e-6), (name, key)
         assert 0 <= recorded["auroc_mc_dropout"] <= 1 and 0 <= recorded["auroc_head_ensemble"] <= 1
+        # What a map with novelty="mc_dropout" would call unknown, from the kept record.
+        assert {"novel_unknown_mc_dropout", "known_unknown_mc_dropout"} <= rescored[name].keys()
     # The summary's table shows every score, one cell per column.
     lines = (out / "summary.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| left out |"))
@@ -99,8 +101,8 @@ def test_only_the_grouped_split_s_model_carries_densities(first_run):
     out, report = first_run
     grouped = json.loads((out / "model" / "model.json").read_text())
     shown = json.loads((out / "model_random" / "model.json").read_text())
-    assert grouped["density"] and grouped["residual_density"]
-    assert "density" not in shown and "residual_density" not in shown
+    assert grouped["density"] and grouped["residual_density"] and grouped["mc_dropout"]
+    assert not {"density", "residual_density", "mc_dropout"} & shown.keys()
     assert shown["metrics"] == report["random"]["metrics"]
     assert report["random"]["test_time_symmetry"] is None
     assert report["grouped"]["test_time_symmetry"]["n_test"] == report["grouped"]["split"]["n_test"]
@@ -112,6 +114,7 @@ def test_only_the_grouped_split_s_model_carries_densities(first_run):
 def test_held_out_known_patches_called_unknown_are_counted_per_fold(first_run):
     """The grouped split's share matches its saved model scored again from disk."""
     from defectscope.artifacts.density import FeatureDensity
+    from defectscope.artifacts.disagreement import DropoutNovelty
     from defectscope.artifacts.residual_density import ResidualDensity
     from defectscope.nets.checkpoint import load_checkpoint
     from defectscope.tiling.tiler import patches_to_inputs
@@ -133,6 +136,8 @@ def test_held_out_known_patches_called_unknown_are_counted_per_fold(first_run):
     assert shares["embedding"] == pytest.approx(embedding.mean())
     assert shares["residual"] == pytest.approx(residual.mean())
     assert shares["combined"] == pytest.approx((embedding | residual).mean())
+    dropout = DropoutNovelty.from_dict(record["mc_dropout"], 3).score(embeddings)[2]
+    assert shares["mc_dropout"] == pytest.approx(dropout.mean())
     for index, name in enumerate(patches.classes):
         of_class = patches.labels[test] == index
         if of_class.any():
@@ -148,6 +153,10 @@ def test_held_out_known_patches_called_unknown_are_counted_per_fold(first_run):
     combined = [f["held_out_unknown"]["combined"] for f in folds]
     assert report["cross_validation"]["held_out_unknown"]["combined"]["mean"] == pytest.approx(
         np.mean(combined)
+    )
+    dropout_shares = [f["held_out_unknown"]["mc_dropout"] for f in folds]
+    assert report["cross_validation"]["held_out_unknown"]["mc_dropout"]["values"] == pytest.approx(
+        dropout_shares
     )
     assert (
         "Held-out test patches of trained classes called unknown"

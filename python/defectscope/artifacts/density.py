@@ -92,9 +92,7 @@ class FeatureDensity:
         ``distance > threshold``.
         """
         distance = self.distances(embeddings).min(axis=1)
-        levels = np.linspace(0.0, 1.0, len(self.reference))
-        uncertainty = np.interp(distance, self.reference, levels).astype(np.float32)
-        return distance.astype(np.float32), uncertainty, distance > self.threshold
+        return calibrated(distance, self.reference, self.threshold)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,31 +120,57 @@ class FeatureDensity:
             raise ValueError(f"density has {means.shape[0]} class means for {n_classes} classes")
         if embedding_dim is not None and means.shape[1] != embedding_dim:
             raise ValueError(f"density is {means.shape[1]}-D for a {embedding_dim}-D embedding")
-        reference = np.asarray(data.get("reference", []), dtype=np.float64)
-        threshold = data.get("threshold")
-        quantile = data.get("quantile", DEFAULT_QUANTILE)
-        if (
-            reference.ndim != 1
-            or len(reference) < 2
-            or not np.isfinite(reference).all()
-            or np.any(np.diff(reference) < 0)
-        ):
-            raise ValueError("density reference must be at least 2 sorted finite numbers")
-        try:  # a JSON integer of 400 digits is a Python int that float() refuses
-            finite = (
-                isinstance(threshold, int | float)
-                and not isinstance(threshold, bool)
-                and np.isfinite(float(threshold))
-            )
-        except OverflowError:
-            finite = False
-        if not finite or threshold < 0:
-            raise ValueError(f"density threshold must be a finite number >= 0, got {threshold!r}")
-        if not isinstance(quantile, int | float) or not 0 < quantile <= 1:
-            raise ValueError(f"density quantile must be in (0, 1], got {quantile!r}")
-        return cls(
-            means, whitening, reference, float(threshold), float(quantile), str(data.get("source"))
+        reference, threshold, quantile = read_calibration(data, "density")
+        return cls(means, whitening, reference, threshold, quantile, str(data.get("source")))
+
+
+def calibrated(
+    score: np.ndarray, reference: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(score, uncertainty, unknown)``: ``score`` read on held-out known windows' scale.
+
+    ``uncertainty`` is the share of held-out known windows (``reference``, their
+    quantiles) that score lower, 0..1; ``unknown`` is ``score > threshold``. Every
+    novelty source reads its own score this way, so their uncertainties compare.
+    """
+    levels = np.linspace(0.0, 1.0, len(reference))
+    uncertainty = np.interp(score, reference, levels).astype(np.float32)
+    return score.astype(np.float32), uncertainty, score > threshold
+
+
+def calibration_of(
+    held_out_scores: np.ndarray, quantile: float = DEFAULT_QUANTILE
+) -> tuple[np.ndarray, float]:
+    """``(reference, threshold)`` from held-out known windows' scores (see :func:`calibrated`)."""
+    reference = np.quantile(held_out_scores, np.linspace(0, 1, _REFERENCE_POINTS))
+    return reference, float(np.quantile(held_out_scores, quantile))
+
+
+def read_calibration(data: dict, what: str) -> tuple[np.ndarray, float, float]:
+    """A stored record's ``(reference, threshold, quantile)``; ValueError names the bad one."""
+    reference = np.asarray(data.get("reference", []), dtype=np.float64)
+    threshold = data.get("threshold")
+    quantile = data.get("quantile", DEFAULT_QUANTILE)
+    if (
+        reference.ndim != 1
+        or len(reference) < 2
+        or not np.isfinite(reference).all()
+        or np.any(np.diff(reference) < 0)
+    ):
+        raise ValueError(f"{what} reference must be at least 2 sorted finite numbers")
+    try:  # a JSON integer of 400 digits is a Python int that float() refuses
+        finite = (
+            isinstance(threshold, int | float)
+            and not isinstance(threshold, bool)
+            and np.isfinite(float(threshold))
         )
+    except OverflowError:
+        finite = False
+    if not finite or threshold < 0:
+        raise ValueError(f"{what} threshold must be a finite number >= 0, got {threshold!r}")
+    if not isinstance(quantile, int | float) or isinstance(quantile, bool) or not 0 < quantile <= 1:
+        raise ValueError(f"{what} quantile must be in (0, 1], got {quantile!r}")
+    return reference, float(threshold), float(quantile)
 
 
 def fit_density(
@@ -196,8 +220,7 @@ def fit_density(
     source = "validation" if held_out is not None and len(held_out) >= 2 else "training"
     reference_set = held_out if source == "validation" else embeddings
     distance = density.distances(reference_set).min(axis=1)
-    reference = np.quantile(distance, np.linspace(0, 1, _REFERENCE_POINTS))
-    threshold = float(np.quantile(distance, quantile))
+    reference, threshold = calibration_of(distance, quantile)
     return FeatureDensity(
         density.means, density.whitening, reference, threshold, float(quantile), source
     )

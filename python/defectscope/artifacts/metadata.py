@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.artifacts.density import FeatureDensity
+from defectscope.artifacts.disagreement import DropoutNovelty
 from defectscope.artifacts.residual_density import ResidualDensity
 from defectscope.tiling.lattice import LatticePeriods
 from defectscope.tiling.tiler import Normalization
@@ -258,6 +259,7 @@ class ArtifactMetadata:
     residual_density: ResidualDensity | None = dataclasses.field(
         default=None, compare=False, repr=False
     )
+    mc_dropout: DropoutNovelty | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_record(cls, record: Any, source: str) -> ArtifactMetadata:
@@ -298,9 +300,17 @@ class ArtifactMetadata:
                         f"residual density is for {residual.patch_size} px windows, "
                         f"the model's are {config.patch_size} px"
                     )
+            dropout = None
+            if record.get("mc_dropout") is not None:
+                try:
+                    dropout = DropoutNovelty.from_dict(
+                        record["mc_dropout"], len(config.classes), config.embedding_dim
+                    )
+                except ValueError as exc:
+                    raise MetadataError(str(exc)) from None
             weights = check_sha256(record.get(WEIGHTS_SHA256))
             temperature = check_temperature(temperature)
-            return cls(config, temperature, precision, record, density, weights, residual)
+            return cls(config, temperature, precision, record, density, weights, residual, dropout)
         except MetadataError as exc:
             raise MetadataError(f"{source}: invalid model metadata: {exc}") from None
 

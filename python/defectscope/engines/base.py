@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from defectscope.artifacts.density import FeatureDensity
+from defectscope.artifacts.disagreement import DropoutNovelty
 from defectscope.artifacts.metadata import (
     META_FILE,
+    ArtifactMetadata,
     MetadataError,
     ModelConfig,
 )
@@ -40,6 +42,7 @@ class Engine:
         density: FeatureDensity | None = None,
         weights_sha256: str | None = None,
         residual_density: ResidualDensity | None = None,
+        mc_dropout: DropoutNovelty | None = None,
     ):
         self.config = config
         self.temperature = float(temperature)
@@ -49,6 +52,20 @@ class Engine:
         self.weights_sha256 = weights_sha256
         # The lattice residual's training density (novelty of a point defect), if carried.
         self.residual_density = residual_density
+        # MC dropout of the head, calibrated (a selectable novelty source), if carried.
+        self.mc_dropout = mc_dropout
+
+    @classmethod
+    def fields_of(cls, metadata: ArtifactMetadata) -> dict[str, Any]:
+        """The constructor arguments an artifact's checked metadata gives every engine."""
+        return {
+            "config": metadata.config,
+            "temperature": metadata.temperature,
+            "density": metadata.density,
+            "weights_sha256": metadata.weights_sha256,
+            "residual_density": metadata.residual_density,
+            "mc_dropout": metadata.mc_dropout,
+        }
 
     @property
     def classes(self) -> list[str]:

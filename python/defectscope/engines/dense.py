@@ -218,13 +218,7 @@ class DenseEngine(Engine):
         record = parse_metadata_json(custom[METADATA_KEY], str(path))
         metadata = ArtifactMetadata.from_record(record, str(path))
         check_weights(path, metadata.weights_sha256)
-        super().__init__(
-            metadata.config,
-            metadata.temperature,
-            metadata.density,
-            metadata.weights_sha256,
-            metadata.residual_density,
-        )
+        super().__init__(**self.fields_of(metadata))
         self.path = Path(path)
         self.precision = metadata.precision
         self.dense = DenseInfo.from_dict(record.get("dense"), str(path), self.config)
@@ -290,13 +284,7 @@ class TensorRTDenseEngine(Engine):
     def __init__(self, path: str | os.PathLike):
         self.session = TensorRTSession(path)
         metadata = read_engine_metadata(path)
-        super().__init__(
-            metadata.config,
-            metadata.temperature,
-            metadata.density,
-            metadata.weights_sha256,
-            metadata.residual_density,
-        )
+        super().__init__(**self.fields_of(metadata))
         self.path = Path(path)
         self.precision = metadata.precision
         sidecar = f"{path}.json"

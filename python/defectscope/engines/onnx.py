@@ -94,13 +94,7 @@ class OnnxEngine(Engine):
             raise EngineError(f"{path}: not a loadable ONNX model ({exc})") from exc
         metadata = onnx_metadata(self.session, path)
         check_weights(path, metadata.weights_sha256)
-        super().__init__(
-            metadata.config,
-            metadata.temperature,
-            metadata.density,
-            metadata.weights_sha256,
-            metadata.residual_density,
-        )
+        super().__init__(**self.fields_of(metadata))
         self.precision = metadata.precision
         self._check_io(path)
         self.providers = self.session.get_providers()

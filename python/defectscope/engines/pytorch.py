@@ -34,17 +34,11 @@ class TorchEngine(Engine):
         from defectscope.nets.checkpoint import load_checkpoint
         from defectscope.nets.device import autocast_dtype
 
-        model, config, record = load_checkpoint(model_dir)
+        model, _, record = load_checkpoint(model_dir)
         metadata = ArtifactMetadata.from_record(record, str(Path(model_dir) / META_FILE))
         # load_checkpoint refused a model.json written for other weights; the hash here is
         # of the weights loaded.
-        super().__init__(
-            config,
-            metadata.temperature,
-            metadata.density,
-            metadata.weights_sha256,
-            metadata.residual_density,
-        )
+        super().__init__(**self.fields_of(metadata))
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()

@@ -166,13 +166,7 @@ class TensorRTEngine(Engine):
     def __init__(self, path: str | os.PathLike):
         self.session = TensorRTSession(path)
         metadata = read_engine_metadata(path)
-        super().__init__(
-            metadata.config,
-            metadata.temperature,
-            metadata.density,
-            metadata.weights_sha256,
-            metadata.residual_density,
-        )
+        super().__init__(**self.fields_of(metadata))
         self.precision = metadata.precision
         self.max_batch = int(metadata.raw.get("max_batch", 256))
         widths = {

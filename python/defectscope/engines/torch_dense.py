@@ -145,13 +145,7 @@ class TorchDenseEngine(Engine):
             check_dense_file(bound)
         record = _read_graph_metadata(graph)
         metadata = ArtifactMetadata.from_record(record, str(graph))
-        super().__init__(
-            metadata.config,
-            metadata.temperature,
-            metadata.density,
-            metadata.weights_sha256,
-            metadata.residual_density,
-        )
+        super().__init__(**self.fields_of(metadata))
         self.dense = DenseInfo.from_dict(record.get("dense"), str(graph), metadata.config)
         if self.dense.native_stride != native_stride:
             raise EngineError(

@@ -45,7 +45,7 @@ from defectscope.io.files import (
 from defectscope.nets.checkpoint import load_checkpoint
 from defectscope.nets.dense import DenseDefectNet, receptive_margin
 from defectscope.tiling.tiler import check_frame, normalize_region
-from defectscope.training.distill import distill_dense, match_density
+from defectscope.training.distill import distill_dense, match_density, match_dropout
 
 log = logging.getLogger(__name__)
 # A dense folder is made here, beside the model's files, and renamed to dense/ when done.
@@ -60,11 +60,13 @@ def export_dense_onnx(
     extra: dict[str, Any] | None = None,
     opset: int = 18,
     density: dict[str, Any] | None = None,
+    mc_dropout: dict[str, Any] | None = None,
 ) -> Path:
     """Export a dense model with dynamic height and width (batch of one).
 
-    ``density`` replaces the model's feature density in the metadata (the dense
-    graph's recalibrated one, :func:`match_density`).
+    ``density`` and ``mc_dropout`` replace the model's feature density and MC-dropout
+    record in the metadata (the dense graph's recalibrated ones, :func:`match_density`
+    and :func:`match_dropout`).
     """
     import onnx
 
@@ -72,6 +74,8 @@ def export_dense_onnx(
     metadata = artifact_metadata(config, record)
     if density is not None:
         metadata["density"] = density
+    if mc_dropout is not None:
+        metadata["mc_dropout"] = mc_dropout
     metadata["dense"] = {
         "native_stride": student.native_stride,
         "margin": margin,
@@ -260,6 +264,11 @@ def _make_dense_in(
     density = None
     if record_in.get("density") is not None:
         density = match_density(record_in["density"], window_embeddings, dense_embeddings)
+    dropout = None
+    if record_in.get("mc_dropout") is not None:
+        dropout = match_dropout(
+            record_in["mc_dropout"], student, window_embeddings, dense_embeddings
+        )
     buffer = io.BytesIO()
     torch.save(student.state_dict(), buffer)
     atomic_write_bytes(out / "dense.pt", buffer.getvalue())
@@ -279,7 +288,7 @@ def _make_dense_in(
     for native in native_strides:
         graph = student.with_stride(native).eval()
         fp32 = export_dense_onnx(
-            graph, model_dir, out / dense_file(native), margin, density=density
+            graph, model_dir, out / dense_file(native), margin, density=density, mc_dropout=dropout
         )
         record["graphs"][f"{native}/fp32"] = fp32.name
         if int8:

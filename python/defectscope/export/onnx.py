@@ -51,10 +51,10 @@ def artifact_metadata(config: ModelConfig, record: dict[str, Any]) -> dict[str, 
     """
     temperature = record.get("calibration", {}).get("temperature", 1.0)
     metadata = {"model": config.to_dict(), "temperature": float(temperature), "format_version": 1}
-    if record.get("density") is not None:
-        metadata["density"] = record["density"]  # uncertainty travels with every artifact
-    if record.get("residual_density") is not None:
-        metadata["residual_density"] = record["residual_density"]
+    # Uncertainty travels with every artifact.
+    for key in ("density", "residual_density", "mc_dropout"):
+        if record.get(key) is not None:
+            metadata[key] = record[key]
     if record.get(WEIGHTS_SHA256) is not None:
         metadata[WEIGHTS_SHA256] = record[WEIGHTS_SHA256]
     return metadata

@@ -137,12 +137,16 @@ def check_subregion(subregion, shape: tuple[int, ...]) -> tuple[int, int, int, i
 
 
 def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
-    """The (embedding density, residual density) ``novelty`` asks for of ``engine``.
+    """The (embedding score, residual density) ``novelty`` asks for of ``engine``.
+
+    The first is what scores a window from its embedding: the embedding's density, or
+    with ``novelty="mc_dropout"`` the head's MC dropout
+    (:class:`~defectscope.artifacts.disagreement.DropoutNovelty`).
 
     Raises
     ------
     ValueError
-        When ``novelty`` names a density the engine's model does not carry.
+        When ``novelty`` names a source the engine's model does not carry.
     """
     density = getattr(engine, "density", None)  # duck-typed engines may lack them
     residual = getattr(engine, "residual_density", None)
@@ -155,12 +159,20 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
                 "(trained before it existed; train it again, or use 'embedding')"
             )
         density = None
+    elif novelty == "mc_dropout":
+        density, residual = getattr(engine, "mc_dropout", None), None
+        if density is None:
+            raise ValueError(
+                "novelty 'mc_dropout': the model carries no MC-dropout record "
+                "(trained before it existed; train it again, or use 'auto')"
+            )
     return density, residual
 
 
 def novelty_names(density: Any, residual: Any) -> list[str]:
-    """Names of the densities used, for ``result.info['novelty']``."""
-    return [n for n, d in (("embedding", density), ("lattice residual", residual)) if d is not None]
+    """Names of the novelty sources used, for ``result.info['novelty']``."""
+    names = [] if density is None else [getattr(density, "novelty_name", "embedding")]
+    return names + ([] if residual is None else ["lattice residual"])
 
 
 def window_holes(frame: np.ndarray, origins: np.ndarray, size: int) -> np.ndarray:
@@ -377,11 +389,13 @@ class Detector:
             ``symmetry`` is 'none'), else window by window; ``dense`` requires it;
             ``window`` classifies each window on its own. ``result.info`` says which
             ran and why.
-        novelty : {'auto', 'embedding', 'residual'}
+        novelty : {'auto', 'embedding', 'residual', 'mc_dropout'}
             Which training densities make a window unknown: every one the model
             carries (``auto``; a window either flags is unknown and its uncertainty
-            is the larger of the two), or one alone. ``result.info['novelty']``
-            names those used.
+            is the larger of the two), or one alone; or the disagreement of the
+            head's Monte Carlo dropout on the embedding (``mc_dropout``, calibrated
+            on the same held-out windows). ``result.info['novelty']`` names those
+            used.
 
         Raises
         ------

@@ -24,7 +24,7 @@ MODES = ("auto", "dense", "window")
 UNKNOWN_POLICIES = ("ignore", "explore")
 SYMMETRIES = ("none", "d4")
 # Which training densities say "unknown": every one the model carries, or one alone.
-NOVELTY = ("auto", "embedding", "residual")
+NOVELTY = ("auto", "embedding", "residual", "mc_dropout")
 NAN_POLICIES = ("raise", "zero", "propagate")
 # Scale matching: measure the factor, or map as recorded (a number is a factor).
 SCALE_WORDS = ("auto", "off")
@@ -115,7 +115,8 @@ class MapOptions:
     novelty: str = _field(
         "auto",
         "what makes a window unknown: auto (the embedding's and the lattice residual's "
-        "densities, where the model has them), embedding, or residual",
+        "densities, where the model has them), embedding, residual, or mc_dropout (the "
+        "head's Monte Carlo dropout disagreement)",
         NOVELTY,
     )
     ood_share: float = _field(

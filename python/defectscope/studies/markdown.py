@@ -129,6 +129,11 @@ def cross_validation_markdown(report: dict) -> list[str]:
             f"(embedding {fmt(unknown['embedding'])}, lattice residual "
             f"{fmt(unknown['residual'])}; per fold {shares}).",
         ]
+        if "mc_dropout" in unknown:
+            lines[-1] = lines[-1][:-2] + (
+                f"; MC dropout {fmt(unknown['mc_dropout'])} over "
+                f"{unknown['mc_dropout']['n']} folds)."
+            )
     return lines
 
 
@@ -145,7 +150,8 @@ def loco_markdown(report: dict) -> list[str]:
         "",
         "| left out | its patches | held-out known | "
         + " | ".join(header for header, _ in columns)
-        + " | left-out flagged unknown (combined) | known flagged unknown (combined) |",
+        + " | left-out flagged unknown (combined; MC dropout) "
+        + "| known flagged unknown (combined; MC dropout) |",
         "|---|---|---|" + "---|" * (len(columns) + 2),
     ]
 
@@ -160,8 +166,10 @@ def loco_markdown(report: dict) -> list[str]:
         cells = [str(r["n_novel"]), str(r["n_known"])]
         cells += [number(r, key) for _, key in columns]
         cells += [
-            f"{r['novel_unknown']:.3f} ({number(r, 'novel_unknown_combined')})",
-            f"{r['known_unknown']:.3f} ({number(r, 'known_unknown_combined')})",
+            f"{r['novel_unknown']:.3f} ({number(r, 'novel_unknown_combined')}; "
+            f"{number(r, 'novel_unknown_mc_dropout')})",
+            f"{r['known_unknown']:.3f} ({number(r, 'known_unknown_combined')}; "
+            f"{number(r, 'known_unknown_mc_dropout')})",
         ]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines

@@ -21,6 +21,7 @@ import numpy as np
 from scipy.special import softmax
 
 from defectscope._version import __version__
+from defectscope.artifacts.disagreement import DROPOUT_SAMPLES
 from defectscope.evaluation.grouping import Groups, find_groups
 from defectscope.evaluation.metrics import (
     LOCO_SCORES,
@@ -41,7 +42,7 @@ from defectscope.studies.resume import FOLD_RECORD, LOCO_RECORD, SPLIT_RECORD, F
 from defectscope.tiling.tiler import patches_to_inputs
 from defectscope.training.loop import (
     TrainConfig,
-    fit_model_density,
+    fit_model_novelty,
     fit_patch_residual_density,
     predict_logits,
     save_training,
@@ -85,13 +86,17 @@ def _score_split(patches: PatchSet, split: Split, config: TrainConfig, name: str
     return result, metrics, calibration
 
 
-def held_out_unknown(model, density, residual, test: PatchSet, normalization) -> dict | None:
+def held_out_unknown(
+    model, density, residual, test: PatchSet, normalization, dropout=None
+) -> dict | None:
     """Share of held-out patches of trained classes that the model's densities call unknown.
 
     ``test`` holds patches of classes the model was trained on, from regions it never
     saw (a grouped test part); every one called unknown is a false alarm of "new". The
     shares are the embedding density's, the lattice residual's and either's (what maps
-    call unknown), overall and per class held (None for an empty ``test``).
+    call unknown by default), and with ``dropout`` (a
+    :class:`~defectscope.artifacts.disagreement.DropoutNovelty`) MC dropout's, overall
+    and per class held (None for an empty ``test``).
     """
     if len(test.labels) == 0:
         return None
@@ -101,6 +106,8 @@ def held_out_unknown(model, density, residual, test: PatchSet, normalization) ->
         "residual": residual.score(test.images)[2],
     }
     flagged["combined"] = flagged["embedding"] | flagged["residual"]
+    if dropout is not None:
+        flagged["mc_dropout"] = dropout.score(embeddings)[2]
     per_class = {}
     for index in np.unique(test.labels):
         of_class = test.labels == index
@@ -112,12 +119,15 @@ def held_out_unknown(model, density, residual, test: PatchSet, normalization) ->
 
 
 def _fit_densities(model, patches: PatchSet, split: Split, config: TrainConfig):
-    """The embedding and lattice-residual densities of a model trained on ``split``."""
+    """The embedding density, the head's MC dropout and the lattice-residual density of a
+    model trained on ``split``."""
     train, val = patches.subset(split.train), patches.subset(split.validation)
     augmentation = config.training_augmentation
-    density = fit_model_density(model, train, val, config.normalization, augmentation=augmentation)
+    density, dropout = fit_model_novelty(
+        model, train, val, config.normalization, augmentation=augmentation
+    )
     residual = fit_patch_residual_density(train, val, augmentation=augmentation)
-    return density, residual
+    return density, dropout, residual
 
 
 def evaluate_split(
@@ -157,9 +167,12 @@ def evaluate_split(
     extra = {"metrics": metrics, "calibration": calibration, "split": split.describe()}
     unknown = None
     if densities:
-        density, residual = _fit_densities(result.model, patches, split, config)
+        density, dropout, residual = _fit_densities(result.model, patches, split, config)
         extra["density"], extra["residual_density"] = density.to_dict(), residual.to_dict()
-        unknown = held_out_unknown(result.model, density, residual, test, config.normalization)
+        extra["mc_dropout"] = dropout.to_dict()
+        unknown = held_out_unknown(
+            result.model, density, residual, test, config.normalization, dropout
+        )
     save_training(model_dir, result, config, extra_record=extra)
     record = {
         "split": split.describe(),
@@ -226,6 +239,10 @@ def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
             name: mean_std([s[name] for s in scored])
             for name in ("embedding", "residual", "combined")
         }
+        # MC dropout's shares came later still: summarized over the folds that have them.
+        dropout = [s["mc_dropout"] for s in scored if "mc_dropout" in s]
+        if dropout:
+            summary["held_out_unknown"]["mc_dropout"] = mean_std(dropout)
     return summary
 
 
@@ -302,10 +319,10 @@ def cross_validate(
             epochs, warnings = len(result.history), result.warnings
             unknown = None
             if densities:
-                density, residual = _fit_densities(result.model, patches, split, config)
+                density, dropout, residual = _fit_densities(result.model, patches, split, config)
                 test = patches.subset(split.test)
                 unknown = held_out_unknown(
-                    result.model, density, residual, test, config.normalization
+                    result.model, density, residual, test, config.normalization, dropout
                 )
         calibration = {k: v for k, v in calibration.items() if k != "reliability"}
         fold = {
@@ -338,8 +355,9 @@ def score_left_out_class(
     known_images: np.ndarray,
     novel_images: np.ndarray,
     normalization,
-    dropout_samples: int = 32,
+    dropout_samples: int = DROPOUT_SAMPLES,
     ensemble=None,
+    dropout_novelty=None,
 ) -> dict:
     """AUROC of "this patch is of the class the model never saw", per novelty score.
 
@@ -354,7 +372,9 @@ def score_left_out_class(
     :func:`~defectscope.training.head_ensemble.train_head_ensemble`) the heads'
     disagreement (:mod:`defectscope.artifacts.disagreement`), and the softmax (one minus
     the top probability). Also the shares of each part beyond the unknown threshold (the
-    embedding's, and either of the two densities').
+    embedding's, and either of the two densities'), and with ``dropout_novelty`` (the
+    model's calibrated :class:`~defectscope.artifacts.disagreement.DropoutNovelty`)
+    the shares MC dropout calls unknown, as ``novelty="mc_dropout"`` maps would.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -392,6 +412,9 @@ def score_left_out_class(
             else head_ensemble_scores(trunk_features(model, inputs), ensemble).mutual_information,
             "unknown": unknown,
             "combined_unknown": unknown | residual_unknown,
+            "mc_dropout_unknown": None
+            if dropout_novelty is None
+            else dropout_novelty.score(embeddings)[2],
         }
     truth = np.r_[np.zeros(len(known_images)), np.ones(len(novel_images))]
     report = {"n_known": len(known_images), "n_novel": len(novel_images)}
@@ -400,12 +423,15 @@ def score_left_out_class(
             continue
         ranked = np.r_[scores["known"][key], scores["novel"][key]]
         report[f"auroc_{key}"] = float(roc_auc_score(truth, ranked))
-    return report | {
-        "novel_unknown": float(scores["novel"]["unknown"].mean()),
-        "known_unknown": float(scores["known"]["unknown"].mean()),
-        "novel_unknown_combined": float(scores["novel"]["combined_unknown"].mean()),
-        "known_unknown_combined": float(scores["known"]["combined_unknown"].mean()),
-    }
+    for part in ("novel", "known"):
+        for key, flags in (
+            ("", "unknown"),
+            ("_combined", "combined_unknown"),
+            ("_mc_dropout", "mc_dropout_unknown"),
+        ):
+            if scores[part][flags] is not None:
+                report[f"{part}_unknown{key}"] = float(scores[part][flags].mean())
+    return report
 
 
 def _head_ensemble(model, train: PatchSet, normalization, seed: int):
@@ -463,8 +489,12 @@ def leave_one_class_out(
             progress=progress,
             name=f"without {name}",
         )
-        density = fit_model_density(
-            result.model, train, val, norm, augmentation=config.training_augmentation
+        density, dropout = fit_model_novelty(
+            result.model,
+            train,
+            val if len(val.labels) else None,
+            norm,
+            augmentation=config.training_augmentation,
         )
         residual = fit_patch_residual_density(
             train, val if len(val.labels) else None, augmentation=config.training_augmentation
@@ -478,6 +508,7 @@ def leave_one_class_out(
                     "left_out": name,
                     "density": density.to_dict(),
                     "residual_density": residual.to_dict(),
+                    "mc_dropout": dropout.to_dict(),
                 },
             )
         ensemble = _head_ensemble(result.model, train, norm, config.seed)
@@ -489,6 +520,7 @@ def leave_one_class_out(
             patches.images[novel],
             norm,
             ensemble=ensemble,
+            dropout_novelty=dropout,
         ) | {"warnings": result.warnings}
         if finished is not None:
             finished.put(unit, split, {"class": name, "result": report[name]})
@@ -513,6 +545,7 @@ def rescore_left_out(
     numbers the study recorded, and those of scores added since.
     """
     from defectscope.artifacts.density import FeatureDensity
+    from defectscope.artifacts.disagreement import DropoutNovelty
     from defectscope.artifacts.residual_density import ResidualDensity
     from defectscope.nets.checkpoint import load_checkpoint
 
@@ -548,6 +581,9 @@ def rescore_left_out(
             patches.images[novel],
             config.normalization,
             ensemble=ensemble,
+            dropout_novelty=None
+            if record.get("mc_dropout") is None
+            else DropoutNovelty.from_dict(record["mc_dropout"], n, config.embedding_dim),
         )
     return report
 

@@ -231,15 +231,55 @@ def match_density(
     The dense embedding follows the per-window one closely but not exactly, and a
     Mahalanobis distance magnifies small differences. The class means and whitening stay;
     the reference quantiles and the unknown threshold are carried over by quantile
-    matching on the same windows: a distance that is the per-window model's q-th quantile
-    becomes the dense graph's q-th quantile (monotone, so the ranking of windows by
-    uncertainty is the dense graph's own).
+    matching on the same windows (:func:`_carry_calibration`).
     """
     from defectscope.artifacts.density import FeatureDensity
 
     fitted = FeatureDensity.from_dict(density)
-    window = np.sort(fitted.distances(window_embeddings).min(axis=1))
-    dense = np.sort(fitted.distances(dense_embeddings).min(axis=1))
+    window = fitted.distances(window_embeddings).min(axis=1)
+    dense = fitted.distances(dense_embeddings).min(axis=1)
+    return _carry_calibration(density, fitted, window, dense)
+
+
+def match_dropout(
+    dropout: dict[str, Any],
+    student: DenseDefectNet,
+    window_embeddings: np.ndarray,
+    dense_embeddings: np.ndarray,
+) -> dict[str, Any]:
+    """The model's MC-dropout record for the dense graph ``student``.
+
+    The thinned heads become the student's own last layer (distillation moved it) with
+    the same masks; the reference and threshold are carried over by quantile matching
+    the per-window model's scores to the student's on the same windows.
+    """
+    from defectscope.artifacts.density import encode_array
+    from defectscope.artifacts.disagreement import DropoutNovelty
+
+    fitted = DropoutNovelty.from_dict(dropout)
+    conv = student.classifier
+    weight = conv.weight.detach().float().cpu().numpy().reshape(conv.out_channels, -1)
+    bias = conv.bias.detach().float().cpu().numpy()
+    dense_head = DropoutNovelty(
+        weight, bias, fitted.rate, fitted.kept, fitted.reference, fitted.threshold
+    )
+    window = fitted.disagreement(window_embeddings).mutual_information
+    dense = dense_head.disagreement(dense_embeddings).mutual_information
+    record = {**dropout, "weight": encode_array(weight), "bias": encode_array(bias)}
+    return _carry_calibration(record, fitted, window, dense)
+
+
+def _carry_calibration(
+    record: dict[str, Any], fitted: Any, window: np.ndarray, dense: np.ndarray
+) -> dict[str, Any]:
+    """``record`` with ``fitted``'s reference and threshold on the dense graph's scale.
+
+    ``window`` and ``dense`` are the per-window model's and the dense graph's scores of
+    the same windows: a score that is the per-window model's q-th quantile becomes the
+    dense graph's q-th quantile (monotone, so the ranking of windows by uncertainty is
+    the dense graph's own).
+    """
+    window, dense = np.sort(window), np.sort(dense)
     levels = np.linspace(0.0, 1.0, len(window))
 
     def carry(values: np.ndarray) -> np.ndarray:
@@ -251,7 +291,7 @@ def match_density(
     if fitted.threshold >= window[-1]:  # nothing of the frames was unknown: keep it so
         threshold = max(threshold, float(dense[-1]) * 1.0001)
     return {
-        **density,
+        **record,
         "reference": [float(v) for v in reference],
         "threshold": threshold,
         "source": f"{fitted.source}, quantile-matched to the dense graph on {len(window)} windows",

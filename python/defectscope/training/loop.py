@@ -441,15 +441,48 @@ def fit_model_density(
     seed : int
         Seed of the augmented copies.
     """
+    return fit_model_novelty(
+        model, train, validation, normalization, precision, augmentation=augmentation, seed=seed
+    )[0]
+
+
+def fit_model_novelty(
+    model: DefectNet,
+    train: PatchSet,
+    validation: PatchSet | None,
+    normalization: Normalization,
+    precision: str = "fp32",
+    *,
+    augmentation: Augmentation | None = None,
+    seed: int = DENSITY_AUGMENTATION_SEED,
+):
+    """The embedding's density and the head's MC dropout, from one pass over the patches.
+
+    The density as :func:`fit_model_density` fits it; the MC dropout of the head
+    (:class:`~defectscope.artifacts.disagreement.DropoutNovelty`) calibrated on the same
+    held-out patches (the training patches when there are none), so both read on the
+    scale of one set of known windows. Returns ``(FeatureDensity, DropoutNovelty)``.
+    """
     from defectscope.artifacts.density import fit_density
+    from defectscope.artifacts.disagreement import fit_dropout_novelty
 
     def embeddings(images: np.ndarray) -> np.ndarray:
         inputs = patches_to_inputs(images, normalization)
         return predict_logits(model, inputs, precision=precision)[1]
 
     images, labels, held_out = _density_fit_sets(train, validation, augmentation, seed)
+    trained = embeddings(images)
     held_out = None if held_out is None else embeddings(held_out)
-    return fit_density(embeddings(images), labels, len(train.classes), held_out)
+    density = fit_density(trained, labels, len(train.classes), held_out)
+    head = model.classifier
+    dropout = fit_dropout_novelty(
+        head.weight.detach().float().cpu().numpy(),
+        head.bias.detach().float().cpu().numpy(),
+        model.dropout.p,
+        held_out if density.source == "validation" else trained,
+        source=density.source,
+    )
+    return density, dropout
 
 
 def fit_patch_residual_density(
@@ -592,7 +625,7 @@ def train_model_dir(
     record = {**(extra_record or {}), "validation": used}
     if patches.skipped:
         record["skipped"] = [{"path": path, "reason": reason} for path, reason in patches.skipped]
-    density = fit_model_density(
+    density, dropout = fit_model_novelty(
         result.model,
         train_set,
         val_set,
@@ -600,6 +633,7 @@ def train_model_dir(
         augmentation=config.training_augmentation,
     )
     record["density"] = density.to_dict()
+    record["mc_dropout"] = dropout.to_dict()
     record["residual_density"] = fit_patch_residual_density(
         train_set, val_set, augmentation=config.training_augmentation, centre=residual_centre
     ).to_dict()
