@@ -4,7 +4,7 @@
 without a lattice-residual density does; ``dense-int8+residual`` maps it with one
 (every window's residual descriptors and density score,
 :mod:`defectscope.artifacts.residual_density`); ``dense-int8+mc_dropout`` maps it with
-``novelty="mc_dropout"`` (the embeddings gathered and 32 thinned heads scored,
+``novelty="mc_dropout"`` (the embeddings gathered and 128 thinned heads scored,
 :class:`~defectscope.artifacts.disagreement.DropoutNovelty`); ``residual-only`` times the
 residual scoring of the frame's 841 windows alone. The issue's goal: the default within
 1.5x of today's dense INT8 map. The CPU is recorded with each result.

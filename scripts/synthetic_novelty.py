@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         ("embedding density", engine.density, None),
         ("lattice residual", None, engine.residual_density),
         ("combined (--novelty auto)", engine.density, engine.residual_density),
+        ("MC dropout (--novelty mc_dropout)", engine.mc_dropout, None),
     ):
         uncertainty, unknown = score_novelty(density, residual, embeddings, windows)
         scores[name] = {

@@ -38,15 +38,19 @@ def encode_array(array: np.ndarray) -> dict[str, Any]:
 def decode_array(data: Any, name: str) -> np.ndarray:
     """Inverse of :func:`encode_array`; ValueError naming ``name`` when malformed."""
     try:
-        shape = tuple(int(v) for v in data["shape"])
-        if data.get("dtype") != "float32" or any(v < 0 for v in shape):
+        shape = tuple(data["shape"])
+        if (
+            data.get("dtype") != "float32"
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
+            or any(v < 0 for v in shape)
+        ):
             raise ValueError(f"dtype {data.get('dtype')!r}, shape {shape}")
         raw = base64.b64decode(data["base64"], validate=True)
         array = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"density {name} is not a valid encoded array ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise ValueError(f"{name} is not a valid encoded array ({exc})") from None
     if not np.isfinite(array).all():
-        raise ValueError(f"density {name} holds non-finite values")
+        raise ValueError(f"{name} holds non-finite values")
     return array
 
 
@@ -112,8 +116,8 @@ class FeatureDensity:
         """Read and check a stored density; ValueError names the bad field."""
         if not isinstance(data, dict):
             raise ValueError(f"density must be an object, got {type(data).__name__}")
-        means = decode_array(data.get("means"), "means")
-        whitening = decode_array(data.get("whitening"), "whitening")
+        means = decode_array(data.get("means"), "density means")
+        whitening = decode_array(data.get("whitening"), "density whitening")
         if means.ndim != 2 or whitening.ndim != 2 or whitening.shape[1] != means.shape[1]:
             raise ValueError(f"density shapes do not fit: means {means.shape}, W {whitening.shape}")
         if n_classes is not None and means.shape[0] != n_classes:
@@ -134,7 +138,10 @@ def calibrated(
     novelty source reads its own score this way, so their uncertainties compare.
     """
     levels = np.linspace(0.0, 1.0, len(reference))
-    uncertainty = np.interp(score, reference, levels).astype(np.float32)
+    # Tied quantiles (scores clipped at 0: every sample agreeing) keep their lowest
+    # level, so a window scoring as low as the most ordinary held-out windows is at 0.
+    reference, first = np.unique(reference, return_index=True)
+    uncertainty = np.interp(score, reference, levels[first]).astype(np.float32)
     return score.astype(np.float32), uncertainty, score > threshold
 
 
@@ -148,7 +155,15 @@ def calibration_of(
 
 def read_calibration(data: dict, what: str) -> tuple[np.ndarray, float, float]:
     """A stored record's ``(reference, threshold, quantile)``; ValueError names the bad one."""
-    reference = np.asarray(data.get("reference", []), dtype=np.float64)
+    reference = data.get("reference", [])
+    if not isinstance(reference, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in reference
+    ):
+        raise ValueError(f"{what} reference must be a list of numbers")
+    try:
+        reference = np.asarray(reference, dtype=np.float64)
+    except OverflowError:  # a JSON integer of 400 digits
+        raise ValueError(f"{what} reference holds a number too large") from None
     threshold = data.get("threshold")
     quantile = data.get("quantile", DEFAULT_QUANTILE)
     if (

@@ -23,6 +23,7 @@ how a Bayesian or ensemble model says "I have not seen this".
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,13 +39,17 @@ from defectscope.artifacts.density import (
     read_calibration,
 )
 
-# Windows per block: a block's per-sample probabilities are block x samples x classes
-# float64 (15 MB at 128 samples of 7 classes).
-_BLOCK = 2048
-# Dropout masks per window. With 32 masks shared by every window the leave-one-class-out
-# AUROC of one class moved by up to ±0.09 between mask seeds (CdTe, 5 seeds); with 128
-# by at most ±0.04, at a few milliseconds for a 512² frame's windows (docs/novelty.md).
+# Windows per block (heads): a few block x heads float64 arrays are held at once; this
+# many values each keeps them near 16 MB whatever the number of samples and classes.
+_BLOCK_VALUES = 1 << 21
+# Thinned heads every window is scored with. With 32 the leave-one-class-out AUROC of
+# one CdTe class moved by up to ±0.09 between mask seeds; with 128 by at most ±0.04
+# (five seeds each, docs/novelty.md).
 DROPOUT_SAMPLES = 128
+# The most masks a stored record may hold (bounds the work a record can ask for).
+MAX_DROPOUT_SAMPLES = 1024
+# Windows per block of the head ensemble.
+_BLOCK = 1024
 DROPOUT_KIND = "mc-dropout-mutual-information"
 
 
@@ -121,10 +126,10 @@ class _Accumulator:
         self.probabilities = np.zeros((n, classes), np.float64)
         self.mean_entropy = np.zeros(n, np.float64)
 
-    def add(self, rows: slice, p: np.ndarray) -> None:
-        # p: (samples, rows, classes)
+    def add(self, rows: slice, p: np.ndarray, entropy: np.ndarray | None = None) -> None:
+        # p: (samples, rows, classes); entropy: each sample's, (samples, rows), if known
         self.probabilities[rows] = p.mean(axis=0)
-        self.mean_entropy[rows] = _entropy(p).mean(axis=0)
+        self.mean_entropy[rows] = (_entropy(p) if entropy is None else entropy).mean(axis=0)
 
     def scores(self) -> DisagreementScores:
         total = _entropy(self.probabilities)
@@ -143,24 +148,31 @@ def dropout_masks(samples: int, width: int, rate: float, seed: int = 0) -> np.nd
     return rng.random((int(samples), int(width))) >= rate
 
 
-def _dropout_scores(
-    embeddings: np.ndarray,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    kept: np.ndarray,
-    rate: float,
-    temperature: float,
-) -> DisagreementScores:
-    """MI of the thinned heads ``weight * kept[s] / (1 - rate)`` (checked inputs)."""
-    samples, classes = len(kept), len(weight)
+def _thinned_heads(weight: np.ndarray, kept: np.ndarray, rate: float) -> np.ndarray:
+    """The heads ``weight * kept[s] / (1 - rate)`` stacked: (samples * classes, d) float32."""
     thinned = (kept[:, None, :] * weight[None]).astype(np.float32) / np.float32(1.0 - rate)
-    stacked = thinned.reshape(samples * classes, -1)
+    return thinned.reshape(len(kept) * len(weight), -1)
+
+
+def _dropout_scores(
+    embeddings: np.ndarray, stacked: np.ndarray, bias: np.ndarray, temperature: float
+) -> DisagreementScores:
+    """Mutual information of the ``stacked`` thinned heads (checked inputs)."""
+    classes = len(bias)
+    samples = len(stacked) // classes
     result = _Accumulator(len(embeddings), classes)
-    for start in range(0, len(embeddings), _BLOCK):
-        block = embeddings[start : start + _BLOCK]
-        logits = (block @ stacked.T).reshape(len(block), samples, classes) + bias
-        p = _softmax(logits.astype(np.float64) / temperature)
-        result.add(slice(start, start + len(block)), p.transpose(1, 0, 2))
+    step = max(1, _BLOCK_VALUES // len(stacked))
+    for start in range(0, len(embeddings), step):
+        block = embeddings[start : start + step]
+        z = (block @ stacked.T).reshape(len(block), samples, classes) + bias
+        z = z.astype(np.float64) / temperature
+        z -= z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        total = e.sum(axis=-1, keepdims=True)
+        p = e / total
+        # Each sample's entropy as log(sum e^z) - sum p z: no log of a probability.
+        entropy = np.log(total[..., 0]) - (p * z).sum(axis=-1)
+        result.add(slice(start, start + len(block)), p.transpose(1, 0, 2), entropy.T)
     return result.scores()
 
 
@@ -199,7 +211,7 @@ def mc_dropout_scores(
     weight, bias = _check_layer(weight, bias, embeddings.shape[1], "head")
     kept = dropout_masks(samples, embeddings.shape[1], rate, seed)
     _check_temperature(temperature)
-    return _dropout_scores(embeddings, weight, bias, kept, rate, temperature)
+    return _dropout_scores(embeddings, _thinned_heads(weight, kept, rate), bias, temperature)
 
 
 @dataclass(frozen=True)
@@ -239,6 +251,12 @@ class DropoutNovelty:
     # How maps name this source in result.info["novelty"].
     novelty_name = "MC dropout"
 
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.rate) and 0 < self.rate < 1):
+            raise ValueError(f"MC dropout needs a dropout rate in (0, 1), got {self.rate}")
+        # Built once: maps score a frame in many small chunks.
+        object.__setattr__(self, "_stacked", _thinned_heads(self.weight, self.kept, self.rate))
+
     def disagreement(self, embeddings: np.ndarray) -> DisagreementScores:
         """Mean prediction, predictive entropy and mutual information per embedding."""
         embeddings = _finite_matrix(embeddings, "embeddings")
@@ -246,7 +264,7 @@ class DropoutNovelty:
             raise ValueError(
                 f"embeddings are {embeddings.shape[1]}-D, the head reads {self.weight.shape[1]}"
             )
-        return _dropout_scores(embeddings, self.weight, self.bias, self.kept, self.rate, 1.0)
+        return _dropout_scores(embeddings, self._stacked, self.bias, 1.0)
 
     def score(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mutual information, uncertainty, unknown)`` per embedding."""
@@ -288,8 +306,8 @@ class DropoutNovelty:
         if n_classes is not None and len(weight) != n_classes:
             raise ValueError(f"mc_dropout head has {len(weight)} classes for {n_classes}")
         rate = data.get("rate")
-        if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 <= rate < 1:
-            raise ValueError(f"mc_dropout rate must be in [0, 1), got {rate!r}")
+        if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 < rate < 1:
+            raise ValueError(f"mc_dropout rate must be in (0, 1), got {rate!r}")
         kept = _unpack_masks(data.get("masks"), weight.shape[1])
         reference, threshold, quantile = read_calibration(data, "mc_dropout")
         return cls(
@@ -297,22 +315,31 @@ class DropoutNovelty:
         )
 
 
+def _integers(values: Any, n: int) -> tuple[int, ...]:
+    """``n`` JSON integers (not booleans, not floats); ValueError otherwise."""
+    values = tuple(values)
+    if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"need {n} integers, got {values!r}")
+    return values
+
+
 def _width(encoded: Any) -> int:
     try:
-        return int(encoded["shape"][1])
-    except (KeyError, IndexError, TypeError, ValueError):
+        return _integers(encoded["shape"], 2)[1]
+    except (KeyError, TypeError, ValueError):
         raise ValueError("mc_dropout weight is not a valid encoded (classes, d) array") from None
 
 
 def _unpack_masks(data: Any, width: int) -> np.ndarray:
     try:
-        samples, columns = (int(v) for v in data["shape"])
+        samples, columns = _integers(data["shape"], 2)
         bits = np.frombuffer(base64.b64decode(data["packbits_base64"], validate=True), np.uint8)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"mc_dropout masks are not valid ({exc})") from None
-    if columns != width or not 1 <= samples <= 4096:
+    if columns != width or not 1 <= samples <= MAX_DROPOUT_SAMPLES:
         raise ValueError(
-            f"mc_dropout masks must be (1..4096 samples, {width}), got ({samples}, {columns})"
+            f"mc_dropout masks must be (1..{MAX_DROPOUT_SAMPLES} samples, {width}), "
+            f"got ({samples}, {columns})"
         )
     if len(bits) != -(-samples * width // 8):
         raise ValueError(f"mc_dropout masks hold {len(bits)} bytes for ({samples}, {width})")
@@ -353,11 +380,17 @@ def fit_dropout_novelty(
     if not 0 < quantile <= 1:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
     weight, bias = _check_layer(weight, bias, held_out.shape[1], "head")
+    if not 0 < rate < 1:
+        raise ValueError(f"MC dropout needs a dropout rate in (0, 1), got {rate}")
+    if samples > MAX_DROPOUT_SAMPLES:
+        raise ValueError(f"at most {MAX_DROPOUT_SAMPLES} samples, got {samples}")
     kept = dropout_masks(samples, held_out.shape[1], rate, seed)
-    scores = _dropout_scores(held_out, weight, bias, kept, float(rate), 1.0)
-    reference, threshold = calibration_of(scores.mutual_information, quantile)
-    return DropoutNovelty(
-        weight, bias, float(rate), kept, reference, threshold, float(quantile), source
+    novelty = DropoutNovelty(weight, bias, float(rate), kept, np.zeros(2), 0.0)
+    reference, threshold = calibration_of(
+        novelty.disagreement(held_out).mutual_information, quantile
+    )
+    return dataclasses.replace(
+        novelty, reference=reference, threshold=threshold, quantile=float(quantile), source=source
     )
 
 

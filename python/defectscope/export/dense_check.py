@@ -70,17 +70,20 @@ def measure_agreement(
 
     dense = DenseEngine(dense_path)
     reference = OnnxEngine(window_artifact) if window_artifact is not None else None
-    # Each map's unknown flags on its own density: the dense graph's is recalibrated.
-    window_density = None
+    # Each map's unknown flags on its own sources: the dense graph's are recalibrated.
     if reference is not None:
-        window_density = reference.density
+        window_sources = {"density": reference.density, "mc_dropout": reference.mc_dropout}
     else:
-        record = load_checkpoint(model_dir)[2]
-        if record.get("density") is not None:
-            from defectscope.artifacts.density import FeatureDensity
+        from defectscope.artifacts.metadata import ArtifactMetadata
 
-            window_density = FeatureDensity.from_dict(record["density"])
-    want_p, got_p, want_u, got_u = [], [], [], []
+        metadata = ArtifactMetadata.from_record(load_checkpoint(model_dir)[2], str(model_dir))
+        window_sources = {"density": metadata.density, "mc_dropout": metadata.mc_dropout}
+    flags = {
+        name: ([], [])
+        for name, source in window_sources.items()
+        if source is not None and getattr(dense, name) is not None
+    }
+    want_p, got_p = [], []
     for frame in frames:
         if reference is None:
             origins, p, e = per_window_map(model_dir, frame, stride)
@@ -106,17 +109,20 @@ def measure_agreement(
             raise RuntimeError("dense and per-window grids differ")  # a planner bug
         want_p.append(p)
         got_p.append(dp.reshape(len(origins), -1))
-        if dense.density is not None and window_density is not None:
-            want_u.append(window_density.score(e)[2])
-            got_u.append(dense.density.score(de.reshape(len(origins), -1))[2])
+        for name, (want, got) in flags.items():
+            want.append(window_sources[name].score(e)[2])
+            got.append(getattr(dense, name).score(de.reshape(len(origins), -1))[2])
     report = agreement(np.concatenate(want_p), np.concatenate(got_p), dense.classes)
     report["max_abs_diff_probabilities"] = float(
         np.abs(np.concatenate(want_p) - np.concatenate(got_p)).max()
     )
-    if want_u:
-        w, g = np.concatenate(want_u), np.concatenate(got_u)
-        report["unknown_agreement"] = float(np.mean(w == g))
-        report["unknown_share"] = {"window": float(w.mean()), "dense": float(g.mean())}
+    for name, (want, got) in flags.items():
+        if not want:
+            continue
+        w, g = np.concatenate(want), np.concatenate(got)
+        key = "unknown" if name == "density" else "mc_dropout_unknown"
+        report[f"{key}_agreement"] = float(np.mean(w == g))
+        report[f"{key}_share"] = {"window": float(w.mean()), "dense": float(g.mean())}
     report["reference"] = str(window_artifact) if window_artifact else "torch fp32"
     report["dense"] = str(dense_path)
     report["stride"] = stride

@@ -71,11 +71,12 @@ class MapOptions:
         is the zoom itself (``1.1`` enlarges the frame by 10 %), within
         :data:`~defectscope.tiling.lattice.SCALE_RANGE` (0.25-4). A string that reads
         as a number (``"1.1"`` from the command line) is that number.
-    novelty : {'auto', 'embedding', 'residual'}
+    novelty : {'auto', 'embedding', 'residual', 'mc_dropout'}
         What makes a window unknown: ``auto`` every density the model carries (the
         embedding's, which flags new structures, and the lattice residual's, which
         flags a new point defect in a known lattice; a window either calls unknown
-        is unknown), or one of them alone.
+        is unknown), or one of them alone; or the disagreement of the head's Monte
+        Carlo dropout (``mc_dropout``, :class:`~defectscope.artifacts.disagreement.DropoutNovelty`).
     ood_share : float
         Share of a frame's windows, in (0, 1], unknown beyond the rings of known
         defects above which the whole frame is flagged ``out_of_distribution`` (and

@@ -40,11 +40,12 @@ class MapResult:
     calibration : Calibration or None
         Physical pixel coordinates, when the frame carried them.
     uncertainty : ndarray of float32, shape (rows, cols), or None
-        How unlike the training data each window's embedding is, 0..1: the share of
-        held-out in-distribution windows closer to the training classes (see
-        :mod:`~defectscope.artifacts.density`). None when the model carries no density.
+        How unlike the training data each window is, 0..1: the share of held-out
+        in-distribution windows that score lower on the novelty sources used
+        (``info["novelty"]``; the larger of two; see :mod:`~defectscope.artifacts.density`).
+        None when the model carries no source the map asked for.
     unknown : ndarray of bool, shape (rows, cols), or None
-        Windows beyond the density's threshold: "not like anything trained on". They
+        Windows beyond a source's threshold: "not like anything trained on". They
         form their own regions, labelled ``"unknown"``, whatever their softmax says.
     info : dict
         How the map was made: ``mode`` ('dense' or 'window'), the dense graph's

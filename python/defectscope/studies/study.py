@@ -169,7 +169,8 @@ def evaluate_split(
     if densities:
         density, dropout, residual = _fit_densities(result.model, patches, split, config)
         extra["density"], extra["residual_density"] = density.to_dict(), residual.to_dict()
-        extra["mc_dropout"] = dropout.to_dict()
+        if dropout is not None:
+            extra["mc_dropout"] = dropout.to_dict()
         unknown = held_out_unknown(
             result.model, density, residual, test, config.normalization, dropout
         )
@@ -390,8 +391,11 @@ def score_left_out_class(
         logits, embeddings = predict_logits(model, inputs)
         distance, embedding_u, unknown = density.score(embeddings)
         residual_distance, residual_u, residual_unknown = residual.score(images)
-        dropout = mc_dropout_scores(
-            embeddings, weight, bias, model.dropout.p, samples=dropout_samples
+        # The model's own record, when given, is what maps score with.
+        dropout = (
+            mc_dropout_scores(embeddings, weight, bias, model.dropout.p, samples=dropout_samples)
+            if dropout_novelty is None
+            else dropout_novelty.disagreement(embeddings)
         )
         # How far past its own unknown threshold each density puts a patch, in log
         # units: unlike the calibrated uncertainties these do not saturate at 1.
@@ -508,7 +512,7 @@ def leave_one_class_out(
                     "left_out": name,
                     "density": density.to_dict(),
                     "residual_density": residual.to_dict(),
-                    "mc_dropout": dropout.to_dict(),
+                    "mc_dropout": None if dropout is None else dropout.to_dict(),
                 },
             )
         ensemble = _head_ensemble(result.model, train, norm, config.seed)

@@ -461,7 +461,8 @@ def fit_model_novelty(
     The density as :func:`fit_model_density` fits it; the MC dropout of the head
     (:class:`~defectscope.artifacts.disagreement.DropoutNovelty`) calibrated on the same
     held-out patches (the training patches when there are none), so both read on the
-    scale of one set of known windows. Returns ``(FeatureDensity, DropoutNovelty)``.
+    scale of one set of known windows. Returns ``(FeatureDensity, DropoutNovelty)``; the
+    second is None for a head trained without dropout.
     """
     from defectscope.artifacts.density import fit_density
     from defectscope.artifacts.disagreement import fit_dropout_novelty
@@ -474,6 +475,8 @@ def fit_model_novelty(
     trained = embeddings(images)
     held_out = None if held_out is None else embeddings(held_out)
     density = fit_density(trained, labels, len(train.classes), held_out)
+    if not 0 < model.dropout.p < 1:  # a head trained without dropout has nothing to sample
+        return density, None
     head = model.classifier
     dropout = fit_dropout_novelty(
         head.weight.detach().float().cpu().numpy(),
@@ -633,7 +636,8 @@ def train_model_dir(
         augmentation=config.training_augmentation,
     )
     record["density"] = density.to_dict()
-    record["mc_dropout"] = dropout.to_dict()
+    if dropout is not None:
+        record["mc_dropout"] = dropout.to_dict()
     record["residual_density"] = fit_patch_residual_density(
         train_set, val_set, augmentation=config.training_augmentation, centre=residual_centre
     ).to_dict()
