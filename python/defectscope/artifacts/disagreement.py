@@ -38,6 +38,7 @@ from defectscope.artifacts.density import (
     encode_array,
     read_calibration,
 )
+from defectscope.util.blas import one_blas_thread
 
 # Windows per block (heads): a few block x heads float64 arrays are held at once; this
 # many values each keeps them near 16 MB whatever the number of samples and classes.
@@ -126,10 +127,10 @@ class _Accumulator:
         self.probabilities = np.zeros((n, classes), np.float64)
         self.mean_entropy = np.zeros(n, np.float64)
 
-    def add(self, rows: slice, p: np.ndarray, entropy: np.ndarray | None = None) -> None:
-        # p: (samples, rows, classes); entropy: each sample's, (samples, rows), if known
+    def add(self, rows: slice, p: np.ndarray) -> None:
+        # p: (samples, rows, classes)
         self.probabilities[rows] = p.mean(axis=0)
-        self.mean_entropy[rows] = (_entropy(p) if entropy is None else entropy).mean(axis=0)
+        self.mean_entropy[rows] = _entropy(p).mean(axis=0)
 
     def scores(self) -> DisagreementScores:
         total = _entropy(self.probabilities)
@@ -149,9 +150,10 @@ def dropout_masks(samples: int, width: int, rate: float, seed: int = 0) -> np.nd
 
 
 def _thinned_heads(weight: np.ndarray, kept: np.ndarray, rate: float) -> np.ndarray:
-    """The heads ``weight * kept[s] / (1 - rate)`` stacked: (samples * classes, d) float32."""
-    thinned = (kept[:, None, :] * weight[None]).astype(np.float32) / np.float32(1.0 - rate)
-    return thinned.reshape(len(kept) * len(weight), -1)
+    """The heads ``weight[c] * kept[s] / (1 - rate)`` stacked class-major:
+    (classes * samples, d) float32."""
+    thinned = (weight[:, None, :] * kept[None]).astype(np.float32) / np.float32(1.0 - rate)
+    return thinned.reshape(len(weight) * len(kept), -1)
 
 
 def _dropout_scores(
@@ -164,15 +166,20 @@ def _dropout_scores(
     step = max(1, _BLOCK_VALUES // len(stacked))
     for start in range(0, len(embeddings), step):
         block = embeddings[start : start + step]
-        z = (block @ stacked.T).reshape(len(block), samples, classes) + bias
-        z = z.astype(np.float64) / temperature
-        z -= z.max(axis=-1, keepdims=True)
+        # Class-major (classes, samples, windows): reductions over classes are then
+        # elementwise over whole arrays, not over a run of a few values per window.
+        z = (stacked @ block.T).reshape(classes, samples, len(block)).astype(np.float64)
+        z += bias[:, None, None]
+        z /= temperature
+        z -= z.max(axis=0)
         e = np.exp(z)
-        total = e.sum(axis=-1, keepdims=True)
+        total = e.sum(axis=0)
         p = e / total
         # Each sample's entropy as log(sum e^z) - sum p z: no log of a probability.
-        entropy = np.log(total[..., 0]) - (p * z).sum(axis=-1)
-        result.add(slice(start, start + len(block)), p.transpose(1, 0, 2), entropy.T)
+        entropy = np.log(total) - (p * z).sum(axis=0)
+        rows = slice(start, start + len(block))
+        result.probabilities[rows] = p.mean(axis=1).T
+        result.mean_entropy[rows] = entropy.mean(axis=0)
     return result.scores()
 
 
@@ -264,7 +271,10 @@ class DropoutNovelty:
             raise ValueError(
                 f"embeddings are {embeddings.shape[1]}-D, the head reads {self.weight.shape[1]}"
             )
-        return _dropout_scores(embeddings, self._stacked, self.bias, 1.0)
+        # Small products: more BLAS threads would only spin afterwards, on the cores the
+        # next frame's network needs (a 512² dense map took ~40 ms longer without this).
+        with one_blas_thread():
+            return _dropout_scores(embeddings, self._stacked, self.bias, 1.0)
 
     def score(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mutual information, uncertainty, unknown)`` per embedding."""
