@@ -1,7 +1,9 @@
 """What the lattice residual's novelty adds to a map, same run, same frame.
 
 ``dense-int8`` maps a 512^2 frame at stride 16 with the dense INT8 graph as a model
-without a lattice-residual density does; ``dense-int8+residual`` maps it with one
+without any novelty source does; ``+density`` with the embedding's density (every
+trained model has one), ``+density+residual`` as the default maps a trained model;
+``dense-int8+residual`` maps it with the lattice-residual density alone
 (every window's residual descriptors and density score,
 :mod:`defectscope.artifacts.residual_density`); ``dense-int8+mc_dropout`` maps it with
 ``novelty="mc_dropout"`` (the embeddings gathered and 128 thinned heads scored,
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 
 from benchmarks.frames import stem_frame
+from defectscope.artifacts.density import fit_density
 from defectscope.artifacts.disagreement import fit_dropout_novelty
 from defectscope.artifacts.residual_density import fit_residual_density
 from defectscope.maps.detector import Detector
@@ -46,27 +49,45 @@ def dropout_novelty(classes: int, width: int):
     return fit_dropout_novelty(weight, np.zeros(classes, np.float32), 0.5, held)
 
 
-@pytest.mark.parametrize("impl", ["dense-int8", "dense-int8+residual", "dense-int8+mc_dropout"])
+def embedding_density(classes: int, width: int):
+    """A feature density of random embeddings (speed does not depend on its fit)."""
+    rng = np.random.default_rng(1)
+    embeddings = np.maximum(rng.normal(size=(700, width)), 0).astype(np.float32)
+    return fit_density(embeddings, rng.integers(0, classes, 700), classes, embeddings[:200])
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "dense-int8",
+        "dense-int8+density",
+        "dense-int8+residual",
+        "dense-int8+density+residual",
+        "dense-int8+mc_dropout",
+    ],
+)
 def test_map_with_and_without_residual(benchmark, bench_dense_model, residual_density, impl):
     frame = stem_frame(SIZE)
     benchmark.group = f"novelty {SIZE}^2 stride {STRIDE}"
     benchmark.extra_info["cpu"] = cpu_description()
-    novelty = "mc_dropout" if impl.endswith("+mc_dropout") else "auto"
+    sources = impl.split("+")[1:]
+    novelty = "mc_dropout" if "mc_dropout" in sources else "auto"
     with Detector.load(bench_dense_model, dense=True) as det:
         # What a model trained with them carries in every graph.
         for engine in (det.engine, *det.dense_engines):
-            if impl.endswith("+residual"):
+            width = engine.config.embedding_dim
+            if "density" in sources:
+                engine.density = embedding_density(len(engine.classes), width)
+            if "residual" in sources:
                 engine.residual_density = residual_density
-            elif novelty == "mc_dropout":
-                engine.mc_dropout = dropout_novelty(
-                    len(engine.classes), engine.config.embedding_dim
-                )
+            if "mc_dropout" in sources:
+                engine.mc_dropout = dropout_novelty(len(engine.classes), width)
         kwargs = {"stride": STRIDE, "keep_embeddings": False, "mode": "dense", "novelty": novelty}
         det.map(frame, **kwargs)  # warm
         result = benchmark.pedantic(det.map, args=(frame,), kwargs=kwargs, rounds=3)
     assert result.info["mode"] == "dense"
-    want = {"dense-int8": [], "dense-int8+residual": ["lattice residual"]}
-    assert result.info["novelty"] == want.get(impl, ["MC dropout"])
+    names = {"density": "embedding", "residual": "lattice residual", "mc_dropout": "MC dropout"}
+    assert result.info["novelty"] == [names[s] for s in sources]
     benchmark.extra_info.update(windows=int(np.prod(result.grid_shape)))
 
 

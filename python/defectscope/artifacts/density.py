@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from defectscope.util.blas import one_blas_thread
+
 DEFAULT_QUANTILE = 0.99
 _REFERENCE_POINTS = 257
 
@@ -95,7 +97,10 @@ class FeatureDensity:
         its position among held-out in-distribution distances, 0..1; ``unknown``:
         ``distance > threshold``.
         """
-        distance = self.distances(embeddings).min(axis=1)
+        # Small products: more BLAS threads would only spin afterwards, on the cores the
+        # next frame's network needs (see defectscope.util.blas).
+        with one_blas_thread():
+            distance = self.distances(embeddings).min(axis=1)
         return calibrated(distance, self.reference, self.threshold)
 
     def to_dict(self) -> dict[str, Any]:
