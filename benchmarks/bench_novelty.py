@@ -8,8 +8,9 @@ trained model has one), ``+density+residual`` as the default maps a trained mode
 :mod:`defectscope.artifacts.residual_density`); ``dense-int8+mc_dropout`` maps it with
 ``novelty="mc_dropout"`` (the embeddings gathered and 128 thinned heads scored,
 :class:`~defectscope.artifacts.disagreement.DropoutNovelty`); ``residual-only`` times the
-residual scoring of the frame's 841 windows alone. The issue's goal: the default within
-1.5x of today's dense INT8 map. The CPU is recorded with each result.
+residual scoring of the frame's 841 windows alone. The issue's goal: the default
+(``+density+residual``) within 1.5x of today's dense INT8 map (``+density``). The CPU is
+recorded with each result.
 
 Run::
 

@@ -43,9 +43,9 @@ from defectscope.util.blas import one_blas_thread
 # Windows per block (heads): a few block x heads float64 arrays are held at once; this
 # many values each keeps them near 16 MB whatever the number of samples and classes.
 _BLOCK_VALUES = 1 << 21
-# Thinned heads every window is scored with. With 32 the leave-one-class-out AUROC of
-# one CdTe class moved by up to ±0.09 between mask seeds; with 128 by at most ±0.04
-# (five seeds each, docs/novelty.md).
+# Thinned heads every window is scored with. Over five mask seeds the leave-one-class-out
+# AUROC of a CdTe class had a standard deviation of up to 0.09 with 32, 0.036 with 128
+# (docs/novelty.md).
 DROPOUT_SAMPLES = 128
 # The most masks a stored record may hold (bounds the work a record can ask for).
 MAX_DROPOUT_SAMPLES = 1024
