@@ -277,7 +277,17 @@ def test_widget_options_come_from_map_options(qtbot):
     qtbot.addWidget(widget)
     choices = MapOptions.__dataclass_fields__["mode"].metadata["choices"]
     assert [widget.mode.itemText(i) for i in range(widget.mode.count())] == list(choices)
-    chosen = MapOptions(stride=24, top_k=3, mode="window", unknown="explore", background="Bulk")
+    novelty = [widget.novelty.itemText(i) for i in range(widget.novelty.count())]
+    assert novelty == list(MapOptions.__dataclass_fields__["novelty"].metadata["choices"])
+    assert widget.options().novelty == "auto"
+    chosen = MapOptions(
+        stride=24,
+        top_k=3,
+        mode="window",
+        unknown="explore",
+        background="Bulk",
+        novelty="mc_dropout",
+    )
     widget.set_options(chosen)
     assert widget.options() == chosen
     widget.background.setText("  ")

@@ -68,6 +68,9 @@ class FindDefects(QWidget):
         self.unknown = QComboBox()
         self.unknown.addItems(list(fields["unknown"].metadata["choices"]))
         self.unknown.setToolTip(fields["unknown"].metadata["help"])
+        self.novelty = QComboBox()
+        self.novelty.addItems(list(fields["novelty"].metadata["choices"]))
+        self.novelty.setToolTip(fields["novelty"].metadata["help"])
         self.background = QLineEdit()
         self.background.setPlaceholderText("the model's own (e.g. Bulk)")
         self.scale = QLineEdit("auto")
@@ -86,6 +89,7 @@ class FindDefects(QWidget):
         form.addRow("ROIs", self.top)
         form.addRow("mode", self.mode)
         form.addRow("unknown regions", self.unknown)
+        form.addRow("what is unknown", self.novelty)
         form.addRow("background class", self.background)
         form.addRow("scale (auto, off or factor)", self.scale)
         buttons = QHBoxLayout()
@@ -143,6 +147,7 @@ class FindDefects(QWidget):
             top_k=self.top.value(),
             mode=self.mode.currentText(),
             unknown=self.unknown.currentText(),
+            novelty=self.novelty.currentText(),
             background=self.background.text().strip() or None,
             scale=self.scale.text().strip() or "auto",
         )
@@ -153,6 +158,7 @@ class FindDefects(QWidget):
         self.top.setValue(options.top_k)
         self.mode.setCurrentText(options.mode)
         self.unknown.setCurrentText(options.unknown)
+        self.novelty.setCurrentText(options.novelty)
         self.background.setText(options.background or "")
         self.scale.setText(str(options.scale))
 
