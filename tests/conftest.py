@@ -193,8 +193,8 @@ def frame_scores(det, seeds=range(3), **acquisition) -> dict:
 
 @pytest.fixture(scope="session")
 def acquisition_model_dir(tmp_path_factory):
-    """A Bulk/Vacancy model with a density and MC dropout, trained on nominal acquisitions;
-    checked right.
+    """A Bulk/Vacancy model with a density, MC dropout and a head ensemble, trained on
+    nominal acquisitions; checked right.
 
     Seeds and threads pinned; a seed whose model misses defects, finds false ones or
     calls over a fifth of the windows unknown in a nominal frame is replaced by the next
@@ -205,6 +205,7 @@ def acquisition_model_dir(tmp_path_factory):
     from defectscope.training.loop import (
         TrainConfig,
         fit_model_novelty,
+        novelty_records,
         save_training,
         train_classifier,
     )
@@ -217,9 +218,9 @@ def acquisition_model_dir(tmp_path_factory):
         for seed in range(4):
             config = TrainConfig(epochs=6, batch_size=8, precision="fp32", seed=seed)
             result = train_classifier(train, None, config, progress=False)
-            density, dropout = fit_model_novelty(result.model, train, val, config.normalization)
+            novelty = fit_model_novelty(result.model, train, val, config.normalization)
             out = tmp_path_factory.mktemp("models") / f"acquisition-seed{seed}"
-            record = {"density": density.to_dict(), "mc_dropout": dropout.to_dict()}
+            record = novelty_records(novelty)
             save_training(out, result, config, extra_record=record)
             from defectscope.maps.detector import Detector
 

@@ -229,15 +229,16 @@ def test_make_dense_writes_graphs_and_measures_agreement(dense_model_dir):
     assert saved["agreement"]["fp32"]["windows"] == ((192 - 64) // 16 + 1) ** 2
     assert saved == json.loads(json.dumps(record))
     assert 0.0 <= saved["agreement"]["fp32"]["agreement"] <= 1.0
-    # Both recalibrated sources are checked against the per-window model's on the check frame.
+    # Every recalibrated source is checked against the per-window model's on the check frame.
     fp32 = saved["agreement"]["fp32"]
-    for key in ("unknown", "mc_dropout_unknown"):
+    for key in ("unknown", "mc_dropout_unknown", "ensemble_unknown"):
         assert 0.0 <= fp32[f"{key}_agreement"] <= 1.0, key
         assert fp32[f"{key}_share"].keys() == {"window", "dense"}
     engine = DenseEngine(model_dir / "dense" / "dense16.onnx")
     assert engine.dense.margin == 90 and engine.dense.native_stride == 16
     # The uncertainty travels with the dense graph.
     assert engine.density is not None and engine.mc_dropout is not None
+    assert engine.head_ensemble is not None
     assert record["distillation"]["teacher_windows"] == 3 * ((224 - 64) // 16 + 1) ** 2
 
 
@@ -367,10 +368,71 @@ def test_mc_dropout_novelty_maps_window_by_window_and_densely(dense_model_dir):
     assert "quantile-matched" in dense_head.source
 
 
-def test_mc_dropout_novelty_needs_a_model_that_carries_it(density_model_dir):
+def _ensemble_mutual_information(embeddings, members):
+    """Reference head ensemble: each member as torch layers, then BALD's mutual information."""
+    probabilities = []
+    for m in members:
+        head = torch.nn.Sequential(
+            torch.nn.Linear(*m.hidden_weight.shape[::-1]),
+            torch.nn.ReLU(),
+            torch.nn.Linear(*m.weight.shape[::-1]),
+        ).double()
+        with torch.no_grad():
+            for layer, w, b in (
+                (head[0], m.hidden_weight, m.hidden_bias),
+                (head[2], m.weight, m.bias),
+            ):
+                layer.weight.copy_(torch.from_numpy(w).double())
+                layer.bias.copy_(torch.from_numpy(b).double())
+            probabilities.append(torch.softmax(head(torch.from_numpy(embeddings).double()), -1))
+    p = torch.stack(probabilities).numpy()
+    entropy = lambda q: -(q * np.log(np.clip(q, 1e-30, None))).sum(-1)  # noqa: E731
+    return entropy(p.mean(0)) - entropy(p).mean(0)
+
+
+def test_ensemble_novelty_maps_window_by_window_and_densely(dense_model_dir):
+    """novelty="ensemble" scores each window's embedding with the members model.json
+    carries, in model.onnx and the dense graphs alike, each on its own calibrated scale."""
+    from defectscope.artifacts.disagreement import EnsembleNovelty
+    from defectscope.nets.checkpoint import load_checkpoint
+
+    model_dir = dense_model_dir[0]
+    _, config, record = load_checkpoint(model_dir)
+    stored = EnsembleNovelty.from_dict(record["head_ensemble"], 2, config.embedding_dim)
+    assert len(stored.members) == 5
+    frame = clustered_frame((200, 232), 40)
+    with Detector.load(model_dir, backend="onnxruntime") as det:
+        window = det.map(frame, stride=16, mode="window", novelty="ensemble")
+        dense = det.map(frame, stride=16, mode="dense", novelty="ensemble")
+        default = det.map(frame, stride=16, mode="dense")
+        dense_heads = det.dense_engines[0].head_ensemble
+    assert window.info["novelty"] == dense.info["novelty"] == ["head ensemble"]
+    assert default.info["novelty"] == ["embedding"]  # auto does not take it
+    for result, heads in ((window, stored), (dense, dense_heads)):
+        # The members read the embedding, which distillation keeps: the same heads.
+        for a, b in zip(heads.members, stored.members, strict=True):
+            np.testing.assert_array_equal(a.hidden_weight, b.hidden_weight)
+            np.testing.assert_array_equal(a.weight, b.weight)
+        flat = result.embeddings.reshape(-1, result.embeddings.shape[-1])
+        mutual = _ensemble_mutual_information(flat, heads.members)
+        reference = heads.reference
+        levels = np.linspace(0, 1, len(reference))[np.searchsorted(reference, reference)]
+        np.testing.assert_allclose(
+            result.uncertainty.ravel(), np.interp(mutual, reference, levels), atol=1e-4
+        )
+        clear = ~np.isclose(mutual, heads.threshold, rtol=1e-4, atol=1e-9)
+        assert np.array_equal(result.unknown.ravel()[clear], (mutual > heads.threshold)[clear])
+    assert dense_heads.threshold != stored.threshold
+    assert "quantile-matched" in dense_heads.source
+
+
+@pytest.mark.parametrize(
+    ("novelty", "what"), [("mc_dropout", "MC-dropout"), ("ensemble", "head-ensemble")]
+)
+def test_a_recorded_novelty_source_needs_a_model_that_carries_it(density_model_dir, novelty, what):
     with Detector.load(density_model_dir, backend="torch") as det:
-        with pytest.raises(ValueError, match="no MC-dropout record"):
-            det.map(clustered_frame((128, 128), 3), stride=16, novelty="mc_dropout")
+        with pytest.raises(ValueError, match=f"no {what} record"):
+            det.map(clustered_frame((128, 128), 3), stride=16, novelty=novelty)
 
 
 def test_dense_map_finds_what_the_window_map_finds(dense_model_dir):
@@ -467,7 +529,8 @@ def test_tensorrt_dense_engines_map_like_onnx_runtime(dense_model_dir, tmp_path,
         assert np.array_equal(a.labels, b.labels)
         assert np.array_equal(a.unknown, b.unknown)
     for det in (gpu, cpu):
-        assert all(e.mc_dropout is not None for e in (det.engine, *det.dense_engines))
+        for engine in (det.engine, *det.dense_engines):
+            assert engine.mc_dropout is not None and engine.head_ensemble is not None
     (dense,) = [e for e in fake_gpu.engines if "frame" in e.inputs]
     assert dense.profile["frame"] == ((1, 1, 64, 64), (1, 1, 320, 320), (1, 1, 320, 320))
     # A 400x368 frame does not fit one 320 crop: several regions, none beyond the profile.

@@ -16,8 +16,10 @@ how a Bayesian or ensemble model says "I have not seen this".
   known windows inside a model's record, so maps can use it
   (``novelty="mc_dropout"``) from the embedding every engine returns.
 - A head ensemble: several heads (``Linear -> ReLU -> Linear``), each trained from its
-  own random start on the shared, frozen trunk's features
-  (:func:`defectscope.training.head_ensemble.train_head_ensemble`).
+  own random start on features of the shared, frozen network
+  (:func:`defectscope.training.head_ensemble.train_head_ensemble`). On the embedding
+  every engine returns, :class:`EnsembleNovelty` carries the heads and a calibration
+  inside a model's record (``novelty="ensemble"``), as :class:`DropoutNovelty` does.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ MAX_DROPOUT_SAMPLES = 1024
 # Windows per block of the head ensemble.
 _BLOCK = 1024
 DROPOUT_KIND = "mc-dropout-mutual-information"
+ENSEMBLE_KIND = "head-ensemble-mutual-information"
+# The most members and hidden units a stored ensemble may have (bounds the work and
+# memory a record can ask for: at most 32 x 2048 hidden units per window).
+MAX_ENSEMBLE_MEMBERS = 32
+MAX_ENSEMBLE_HIDDEN = 2048
 
 
 @dataclass(frozen=True)
@@ -303,10 +310,7 @@ class DropoutNovelty:
         cls, data: Any, n_classes: int | None = None, embedding_dim: int | None = None
     ) -> DropoutNovelty:
         """Read and check a stored record; ValueError names the bad field."""
-        if not isinstance(data, dict):
-            raise ValueError(f"mc_dropout must be an object, got {type(data).__name__}")
-        if data.get("kind") != DROPOUT_KIND:
-            raise ValueError(f"mc_dropout kind must be {DROPOUT_KIND!r}, got {data.get('kind')!r}")
+        _check_record(data, "mc_dropout", DROPOUT_KIND)
         weight, bias = _check_layer(
             decode_array(data.get("weight"), "mc_dropout weight"),
             decode_array(data.get("bias"), "mc_dropout bias"),
@@ -323,6 +327,14 @@ class DropoutNovelty:
         return cls(
             weight, bias, float(rate), kept, reference, threshold, quantile, str(data.get("source"))
         )
+
+
+def _check_record(data: Any, what: str, kind: str) -> None:
+    """ValueError unless ``data`` is a stored record (an object) of ``kind``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be an object, got {type(data).__name__}")
+    if data.get("kind") != kind:
+        raise ValueError(f"{what} kind must be {kind!r}, got {data.get('kind')!r}")
 
 
 def _integers(values: Any, n: int) -> tuple[int, ...]:
@@ -442,3 +454,160 @@ def head_ensemble_scores(
             slice(start, start + len(block)), _softmax(logits.astype(np.float64) / temperature)
         )
     return result.scores()
+
+
+@dataclass(frozen=True)
+class EnsembleNovelty:
+    """A head ensemble on the embedding as a map's novelty source, calibrated like a density.
+
+    Every member is a head ``Linear -> ReLU -> Linear`` trained from its own start on
+    the embeddings of the training patches
+    (:func:`~defectscope.training.head_ensemble.train_head_ensemble`). A window's score
+    is the mutual information between the members' predictions and the member
+    (temperature 1); its ``uncertainty`` is the share of held-out known windows that
+    score lower, and it is ``unknown`` beyond their ``quantile``. It reads the
+    embedding every engine returns, so window, dense, ONNX and TensorRT maps all score
+    it without another network.
+
+    Attributes
+    ----------
+    members : tuple of HeadMember
+        At least two heads reading the embedding.
+    reference : ndarray, shape (r,)
+        Quantiles of held-out known windows' scores.
+    threshold : float
+    quantile : float
+    source : str
+        What ``reference`` was measured on.
+    """
+
+    members: tuple[HeadMember, ...]
+    reference: np.ndarray
+    threshold: float
+    quantile: float = DEFAULT_QUANTILE
+    source: str = "validation"
+    # How maps name this source in result.info["novelty"].
+    novelty_name = "head ensemble"
+
+    def __post_init__(self) -> None:
+        members = tuple(self.members)
+        if not 2 <= len(members) <= MAX_ENSEMBLE_MEMBERS:
+            raise ValueError(
+                f"an ensemble needs 2..{MAX_ENSEMBLE_MEMBERS} members, got {len(members)}"
+            )
+        object.__setattr__(self, "members", members)
+
+    @property
+    def width(self) -> int:
+        """Width of the embedding the members read."""
+        return int(np.shape(self.members[0].hidden_weight)[1])
+
+    def disagreement(self, embeddings: np.ndarray) -> DisagreementScores:
+        """Mean prediction, predictive entropy and mutual information per embedding."""
+        embeddings = _finite_matrix(embeddings, "embeddings")
+        if embeddings.shape[1] != self.width:
+            raise ValueError(
+                f"embeddings are {embeddings.shape[1]}-D, the ensemble reads {self.width}"
+            )
+        # Small products, as for MC dropout: one BLAS thread leaves the cores to the network.
+        with one_blas_thread():
+            return head_ensemble_scores(embeddings, self.members)
+
+    def score(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(mutual information, uncertainty, unknown)`` per embedding."""
+        return calibrated(
+            self.disagreement(embeddings).mutual_information, self.reference, self.threshold
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": ENSEMBLE_KIND,
+            "members": [
+                {
+                    "hidden_weight": encode_array(m.hidden_weight),
+                    "hidden_bias": encode_array(m.hidden_bias),
+                    "weight": encode_array(m.weight),
+                    "bias": encode_array(m.bias),
+                }
+                for m in self.members
+            ],
+            "reference": [float(v) for v in self.reference],
+            "threshold": float(self.threshold),
+            "quantile": float(self.quantile),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(
+        cls, data: Any, n_classes: int | None = None, embedding_dim: int | None = None
+    ) -> EnsembleNovelty:
+        """Read and check a stored record; ValueError names the bad field."""
+        _check_record(data, "head_ensemble", ENSEMBLE_KIND)
+        stored = data.get("members")
+        if not isinstance(stored, list) or not 2 <= len(stored) <= MAX_ENSEMBLE_MEMBERS:
+            raise ValueError(
+                f"head_ensemble members must be a list of 2..{MAX_ENSEMBLE_MEMBERS} heads"
+            )
+        members = []
+        for i, member in enumerate(stored):
+            what = f"head_ensemble member {i}"
+            if not isinstance(member, dict):
+                raise ValueError(f"{what} must be an object, got {type(member).__name__}")
+            arrays = {
+                key: decode_array(member.get(key), f"{what} {key}")
+                for key in ("hidden_weight", "hidden_bias", "weight", "bias")
+            }
+            hidden_weight = arrays["hidden_weight"]
+            if hidden_weight.ndim != 2 or not 1 <= len(hidden_weight) <= MAX_ENSEMBLE_HIDDEN:
+                raise ValueError(
+                    f"{what} hidden weight must be (1..{MAX_ENSEMBLE_HIDDEN}, d), "
+                    f"got shape {hidden_weight.shape}"
+                )
+            width = embedding_dim if embedding_dim is not None else hidden_weight.shape[1]
+            hidden = _check_layer(hidden_weight, arrays["hidden_bias"], width, f"{what} hidden")
+            out = _check_layer(arrays["weight"], arrays["bias"], len(hidden[0]), f"{what} output")
+            if n_classes is not None and len(out[0]) != n_classes:
+                raise ValueError(f"{what} has {len(out[0])} classes for {n_classes}")
+            members.append(HeadMember(*hidden, *out))
+        if (
+            len({len(m.bias) for m in members}) != 1
+            or len({m.hidden_weight.shape[1] for m in members}) != 1
+        ):
+            raise ValueError("head_ensemble members disagree on their classes or input width")
+        reference, threshold, quantile = read_calibration(data, "head_ensemble")
+        return cls(tuple(members), reference, threshold, quantile, str(data.get("source")))
+
+
+def fit_ensemble_novelty(
+    members: Sequence[HeadMember],
+    held_out: np.ndarray,
+    quantile: float = DEFAULT_QUANTILE,
+    source: str = "validation",
+) -> EnsembleNovelty:
+    """The head ensemble ``members``, calibrated on ``held_out``.
+
+    Parameters
+    ----------
+    members : sequence of HeadMember
+        Heads trained on the embedding
+        (:func:`~defectscope.training.head_ensemble.train_head_ensemble`).
+    held_out : ndarray, shape (m, d)
+        Embeddings of known windows the members did not train on (``m >= 2``): their
+        scores set the reference and the threshold.
+    quantile : float
+        Share of held-out known windows that stay known.
+    source : str
+        What ``held_out`` is, recorded.
+    """
+    held_out = _finite_matrix(held_out, "held-out embeddings")
+    if len(held_out) < 2:
+        raise ValueError(f"need at least 2 held-out embeddings, got {len(held_out)}")
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    novelty = EnsembleNovelty(tuple(members), np.zeros(2), 0.0)
+    reference, threshold = calibration_of(
+        novelty.disagreement(held_out).mutual_information, quantile
+    )
+    return dataclasses.replace(
+        novelty, reference=reference, threshold=threshold, quantile=float(quantile), source=source
+    )

@@ -15,11 +15,12 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from defectscope.artifacts.density import FeatureDensity
-from defectscope.artifacts.disagreement import DropoutNovelty
+from defectscope.artifacts.disagreement import DropoutNovelty, EnsembleNovelty
 from defectscope.artifacts.residual_density import ResidualDensity
 from defectscope.tiling.lattice import LatticePeriods
 from defectscope.tiling.tiler import Normalization
@@ -260,6 +261,9 @@ class ArtifactMetadata:
         default=None, compare=False, repr=False
     )
     mc_dropout: DropoutNovelty | None = dataclasses.field(default=None, compare=False, repr=False)
+    head_ensemble: EnsembleNovelty | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
 
     @classmethod
     def from_record(cls, record: Any, source: str) -> ArtifactMetadata:
@@ -279,40 +283,42 @@ class ArtifactMetadata:
             precision = record.get("precision", "fp32")
             if not isinstance(precision, str):
                 raise MetadataError(f"precision must be a name, got {precision!r}")
-            density = None
-            if record.get("density") is not None:
-                try:
-                    density = FeatureDensity.from_dict(
-                        record["density"], len(config.classes), config.embedding_dim
-                    )
-                except ValueError as exc:
-                    raise MetadataError(str(exc)) from None
-            residual = None
-            if record.get("residual_density") is not None:
-                try:
-                    residual = ResidualDensity.from_dict(
-                        record["residual_density"], len(config.classes)
-                    )
-                except ValueError as exc:
-                    raise MetadataError(str(exc)) from None
-                if residual.patch_size != config.patch_size:
-                    raise MetadataError(
-                        f"residual density is for {residual.patch_size} px windows, "
-                        f"the model's are {config.patch_size} px"
-                    )
-            dropout = None
-            if record.get("mc_dropout") is not None:
-                try:
-                    dropout = DropoutNovelty.from_dict(
-                        record["mc_dropout"], len(config.classes), config.embedding_dim
-                    )
-                except ValueError as exc:
-                    raise MetadataError(str(exc)) from None
+            classes, width = len(config.classes), config.embedding_dim
+            density = _stored(record, "density", FeatureDensity.from_dict, classes, width)
+            residual = _stored(record, "residual_density", ResidualDensity.from_dict, classes)
+            if residual is not None and residual.patch_size != config.patch_size:
+                raise MetadataError(
+                    f"residual density is for {residual.patch_size} px windows, "
+                    f"the model's are {config.patch_size} px"
+                )
+            dropout = _stored(record, "mc_dropout", DropoutNovelty.from_dict, classes, width)
+            ensemble = _stored(record, "head_ensemble", EnsembleNovelty.from_dict, classes, width)
             weights = check_sha256(record.get(WEIGHTS_SHA256))
             temperature = check_temperature(temperature)
-            return cls(config, temperature, precision, record, density, weights, residual, dropout)
+            return cls(
+                config,
+                temperature,
+                precision,
+                record,
+                density,
+                weights,
+                residual,
+                dropout,
+                ensemble,
+            )
         except MetadataError as exc:
             raise MetadataError(f"{source}: invalid model metadata: {exc}") from None
+
+
+def _stored(record: dict, key: str, reader: Callable[..., Any], *shape: int) -> Any:
+    """``reader(record[key], *shape)`` where the record holds ``key`` (else None); its
+    ValueError becomes a MetadataError."""
+    if record.get(key) is None:
+        return None
+    try:
+        return reader(record[key], *shape)
+    except ValueError as exc:
+        raise MetadataError(str(exc)) from None
 
 
 def parse_metadata_json(text: str | bytes, source: str) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from defectscope.artifacts.density import FeatureDensity
-from defectscope.artifacts.disagreement import DropoutNovelty
+from defectscope.artifacts.disagreement import DropoutNovelty, EnsembleNovelty
 from defectscope.artifacts.metadata import (
     META_FILE,
     ArtifactMetadata,
@@ -43,6 +43,7 @@ class Engine:
         weights_sha256: str | None = None,
         residual_density: ResidualDensity | None = None,
         mc_dropout: DropoutNovelty | None = None,
+        head_ensemble: EnsembleNovelty | None = None,
     ):
         self.config = config
         self.temperature = float(temperature)
@@ -54,6 +55,8 @@ class Engine:
         self.residual_density = residual_density
         # MC dropout of the head, calibrated (a selectable novelty source), if carried.
         self.mc_dropout = mc_dropout
+        # A head ensemble on the embedding, calibrated (a selectable source), if carried.
+        self.head_ensemble = head_ensemble
 
     @classmethod
     def fields_of(cls, metadata: ArtifactMetadata) -> dict[str, Any]:
@@ -65,6 +68,7 @@ class Engine:
             "weights_sha256": metadata.weights_sha256,
             "residual_density": metadata.residual_density,
             "mc_dropout": metadata.mc_dropout,
+            "head_ensemble": metadata.head_ensemble,
         }
 
     @property

@@ -19,7 +19,8 @@ LOCO_SCORES = (
     ("combined, larger past threshold", "combined_max_ratio"),
     ("combined, sum past thresholds", "combined_sum_ratio"),
     ("MC dropout", "mc_dropout"),
-    ("head ensemble", "head_ensemble"),
+    ("head ensemble, trunk features", "head_ensemble"),
+    ("head ensemble, embedding (maps)", "ensemble"),
     ("softmax", "softmax"),
 )
 

@@ -45,7 +45,12 @@ from defectscope.io.files import (
 from defectscope.nets.checkpoint import load_checkpoint
 from defectscope.nets.dense import DenseDefectNet, receptive_margin
 from defectscope.tiling.tiler import check_frame, normalize_region
-from defectscope.training.distill import distill_dense, match_density, match_dropout
+from defectscope.training.distill import (
+    distill_dense,
+    match_density,
+    match_dropout,
+    match_ensemble,
+)
 
 log = logging.getLogger(__name__)
 # A dense folder is made here, beside the model's files, and renamed to dense/ when done.
@@ -59,23 +64,20 @@ def export_dense_onnx(
     margin: int,
     extra: dict[str, Any] | None = None,
     opset: int = 18,
-    density: dict[str, Any] | None = None,
-    mc_dropout: dict[str, Any] | None = None,
+    novelty: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Export a dense model with dynamic height and width (batch of one).
 
-    ``density`` and ``mc_dropout`` replace the model's feature density and MC-dropout
-    record in the metadata (the dense graph's recalibrated ones, :func:`match_density`
-    and :func:`match_dropout`).
+    ``novelty`` (record key to record: ``density``, ``mc_dropout``, ``head_ensemble``)
+    replaces the model's records of the sources scored from the embedding with the
+    dense graph's recalibrated ones (:func:`match_density`, :func:`match_dropout`,
+    :func:`match_ensemble`).
     """
     import onnx
 
     _, config, record = load_checkpoint(model_dir)
     metadata = artifact_metadata(config, record)
-    if density is not None:
-        metadata["density"] = density
-    if mc_dropout is not None:
-        metadata["mc_dropout"] = mc_dropout
+    metadata.update(novelty or {})
     metadata["dense"] = {
         "native_stride": student.native_stride,
         "margin": margin,
@@ -261,13 +263,18 @@ def _make_dense_in(
         model_dir, frames, steps, crop, batch_size, seed=seed, progress=progress
     )
     window_embeddings, dense_embeddings = run.pop("embeddings")
-    density = None
+    novelty = {}
     if record_in.get("density") is not None:
-        density = match_density(record_in["density"], window_embeddings, dense_embeddings)
-    dropout = None
+        novelty["density"] = match_density(
+            record_in["density"], window_embeddings, dense_embeddings
+        )
     if record_in.get("mc_dropout") is not None:
-        dropout = match_dropout(
+        novelty["mc_dropout"] = match_dropout(
             record_in["mc_dropout"], student, window_embeddings, dense_embeddings
+        )
+    if record_in.get("head_ensemble") is not None:
+        novelty["head_ensemble"] = match_ensemble(
+            record_in["head_ensemble"], window_embeddings, dense_embeddings
         )
     buffer = io.BytesIO()
     torch.save(student.state_dict(), buffer)
@@ -288,7 +295,7 @@ def _make_dense_in(
     for native in native_strides:
         graph = student.with_stride(native).eval()
         fp32 = export_dense_onnx(
-            graph, model_dir, out / dense_file(native), margin, density=density, mc_dropout=dropout
+            graph, model_dir, out / dense_file(native), margin, novelty=novelty
         )
         record["graphs"][f"{native}/fp32"] = fp32.name
         if int8:

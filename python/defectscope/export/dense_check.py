@@ -16,6 +16,14 @@ from defectscope.nets.checkpoint import load_checkpoint
 from defectscope.tiling.tiler import tile, window_origins
 from defectscope.training.distill import _teacher_outputs
 
+# Sources scored from the embedding (engine attribute) and the report key of their
+# unknown flags' agreement between the per-window and the dense map.
+_FLAG_KEYS = {
+    "density": "unknown",
+    "mc_dropout": "mc_dropout_unknown",
+    "head_ensemble": "ensemble_unknown",
+}
+
 
 def per_window_map(model_dir, frame: np.ndarray, stride: int):
     """Per-window probabilities and embeddings on the grid, from the torch model."""
@@ -71,13 +79,14 @@ def measure_agreement(
     dense = DenseEngine(dense_path)
     reference = OnnxEngine(window_artifact) if window_artifact is not None else None
     # Each map's unknown flags on its own sources: the dense graph's are recalibrated.
-    if reference is not None:
-        window_sources = {"density": reference.density, "mc_dropout": reference.mc_dropout}
-    else:
+    if reference is None:
         from defectscope.artifacts.metadata import ArtifactMetadata
 
-        metadata = ArtifactMetadata.from_record(load_checkpoint(model_dir)[2], str(model_dir))
-        window_sources = {"density": metadata.density, "mc_dropout": metadata.mc_dropout}
+        reference_metadata = ArtifactMetadata.from_record(
+            load_checkpoint(model_dir)[2], str(model_dir)
+        )
+    source_of = reference if reference is not None else reference_metadata
+    window_sources = {name: getattr(source_of, name) for name in _FLAG_KEYS}
     flags = {
         name: ([], [])
         for name, source in window_sources.items()
@@ -120,7 +129,7 @@ def measure_agreement(
         if not want:
             continue
         w, g = np.concatenate(want), np.concatenate(got)
-        key = "unknown" if name == "density" else "mc_dropout_unknown"
+        key = _FLAG_KEYS[name]
         report[f"{key}_agreement"] = float(np.mean(w == g))
         report[f"{key}_share"] = {"window": float(w.mean()), "dense": float(g.mean())}
     report["reference"] = str(window_artifact) if window_artifact else "torch fp32"

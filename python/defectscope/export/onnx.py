@@ -52,7 +52,7 @@ def artifact_metadata(config: ModelConfig, record: dict[str, Any]) -> dict[str, 
     temperature = record.get("calibration", {}).get("temperature", 1.0)
     metadata = {"model": config.to_dict(), "temperature": float(temperature), "format_version": 1}
     # Uncertainty travels with every artifact.
-    for key in ("density", "residual_density", "mc_dropout"):
+    for key in ("density", "residual_density", "mc_dropout", "head_ensemble"):
         if record.get(key) is not None:
             metadata[key] = record[key]
     if record.get(WEIGHTS_SHA256) is not None:

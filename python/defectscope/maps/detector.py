@@ -136,12 +136,21 @@ def check_subregion(subregion, shape: tuple[int, ...]) -> tuple[int, int, int, i
     return y0, x0, y1, x1
 
 
+# Sources scored from the embedding alone, by the engine attribute that carries each.
+_RECORDED = {
+    "mc_dropout": ("mc_dropout", "MC-dropout"),
+    "ensemble": ("head_ensemble", "head-ensemble"),
+}
+
+
 def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
     """The (embedding score, residual density) ``novelty`` asks for of ``engine``.
 
-    The first is what scores a window from its embedding: the embedding's density, or
-    with ``novelty="mc_dropout"`` the head's MC dropout
-    (:class:`~defectscope.artifacts.disagreement.DropoutNovelty`).
+    The first is what scores a window from its embedding: the embedding's density, with
+    ``novelty="mc_dropout"`` the head's MC dropout
+    (:class:`~defectscope.artifacts.disagreement.DropoutNovelty`), or with
+    ``novelty="ensemble"`` the head ensemble on the embedding
+    (:class:`~defectscope.artifacts.disagreement.EnsembleNovelty`).
 
     Raises
     ------
@@ -159,11 +168,12 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
                 "(trained before it existed; train it again, or use 'embedding')"
             )
         density = None
-    elif novelty == "mc_dropout":
-        density, residual = getattr(engine, "mc_dropout", None), None
+    elif novelty in _RECORDED:
+        attribute, what = _RECORDED[novelty]
+        density, residual = getattr(engine, attribute, None), None
         if density is None:
             raise ValueError(
-                "novelty 'mc_dropout': the model carries no MC-dropout record "
+                f"novelty {novelty!r}: the model carries no {what} record "
                 "(trained before it existed; train it again, or use 'auto')"
             )
     return density, residual
@@ -389,13 +399,13 @@ class Detector:
             ``symmetry`` is 'none'), else window by window; ``dense`` requires it;
             ``window`` classifies each window on its own. ``result.info`` says which
             ran and why.
-        novelty : {'auto', 'embedding', 'residual', 'mc_dropout'}
+        novelty : {'auto', 'embedding', 'residual', 'mc_dropout', 'ensemble'}
             Which training densities make a window unknown: every one the model
             carries (``auto``; a window either flags is unknown and its uncertainty
             is the larger of the two), or one alone; or the disagreement of the
-            head's Monte Carlo dropout on the embedding (``mc_dropout``, calibrated
-            on the same held-out windows). ``result.info['novelty']`` names those
-            used.
+            head's Monte Carlo dropout on the embedding (``mc_dropout``), or of the
+            head ensemble on it (``ensemble``), each calibrated on the same held-out
+            windows. ``result.info['novelty']`` names those used.
 
         Raises
         ------

@@ -129,11 +129,11 @@ def cross_validation_markdown(report: dict) -> list[str]:
             f"(embedding {fmt(unknown['embedding'])}, lattice residual "
             f"{fmt(unknown['residual'])}; per fold {shares}).",
         ]
-        if "mc_dropout" in unknown:
-            lines[-1] = lines[-1][:-2] + (
-                f"; MC dropout {fmt(unknown['mc_dropout'])} over "
-                f"{unknown['mc_dropout']['n']} folds)."
-            )
+        for key, name in (("mc_dropout", "MC dropout"), ("ensemble", "head ensemble")):
+            if key in unknown:
+                lines[-1] = lines[-1][:-2] + (
+                    f"; {name} {fmt(unknown[key])} over {unknown[key]['n']} folds)."
+                )
     return lines
 
 
@@ -150,8 +150,8 @@ def loco_markdown(report: dict) -> list[str]:
         "",
         "| left out | its patches | held-out known | "
         + " | ".join(header for header, _ in columns)
-        + " | left-out flagged unknown (combined; MC dropout) "
-        + "| known flagged unknown (combined; MC dropout) |",
+        + " | left-out flagged unknown (combined; MC dropout; head ensemble) "
+        + "| known flagged unknown (combined; MC dropout; head ensemble) |",
         "|---|---|---|" + "---|" * (len(columns) + 2),
     ]
 
@@ -166,10 +166,10 @@ def loco_markdown(report: dict) -> list[str]:
         cells = [str(r["n_novel"]), str(r["n_known"])]
         cells += [number(r, key) for _, key in columns]
         cells += [
-            f"{r['novel_unknown']:.3f} ({number(r, 'novel_unknown_combined')}; "
-            f"{number(r, 'novel_unknown_mc_dropout')})",
-            f"{r['known_unknown']:.3f} ({number(r, 'known_unknown_combined')}; "
-            f"{number(r, 'known_unknown_mc_dropout')})",
+            f"{r[f'{part}_unknown']:.3f} ({number(r, f'{part}_unknown_combined')}; "
+            f"{number(r, f'{part}_unknown_mc_dropout')}; "
+            f"{number(r, f'{part}_unknown_ensemble')})"
+            for part in ("novel", "known")
         ]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines

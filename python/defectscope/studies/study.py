@@ -44,6 +44,7 @@ from defectscope.training.loop import (
     TrainConfig,
     fit_model_novelty,
     fit_patch_residual_density,
+    novelty_records,
     predict_logits,
     save_training,
     train_classifier,
@@ -87,7 +88,7 @@ def _score_split(patches: PatchSet, split: Split, config: TrainConfig, name: str
 
 
 def held_out_unknown(
-    model, density, residual, test: PatchSet, normalization, dropout=None
+    model, density, residual, test: PatchSet, normalization, dropout=None, ensemble=None
 ) -> dict | None:
     """Share of held-out patches of trained classes that the model's densities call unknown.
 
@@ -95,8 +96,9 @@ def held_out_unknown(
     saw (a grouped test part); every one called unknown is a false alarm of "new". The
     shares are the embedding density's, the lattice residual's and either's (what maps
     call unknown by default), and with ``dropout`` (a
-    :class:`~defectscope.artifacts.disagreement.DropoutNovelty`) MC dropout's, overall
-    and per class held (None for an empty ``test``).
+    :class:`~defectscope.artifacts.disagreement.DropoutNovelty`) MC dropout's, with
+    ``ensemble`` (an :class:`~defectscope.artifacts.disagreement.EnsembleNovelty`) the
+    head ensemble's, overall and per class held (None for an empty ``test``).
     """
     if len(test.labels) == 0:
         return None
@@ -106,8 +108,9 @@ def held_out_unknown(
         "residual": residual.score(test.images)[2],
     }
     flagged["combined"] = flagged["embedding"] | flagged["residual"]
-    if dropout is not None:
-        flagged["mc_dropout"] = dropout.score(embeddings)[2]
+    for name, source in (("mc_dropout", dropout), ("ensemble", ensemble)):
+        if source is not None:
+            flagged[name] = source.score(embeddings)[2]
     per_class = {}
     for index in np.unique(test.labels):
         of_class = test.labels == index
@@ -119,15 +122,20 @@ def held_out_unknown(
 
 
 def _fit_densities(model, patches: PatchSet, split: Split, config: TrainConfig):
-    """The embedding density, the head's MC dropout and the lattice-residual density of a
-    model trained on ``split``."""
+    """The embedding's sources (density, MC dropout, head ensemble) and the
+    lattice-residual density of a model trained on ``split``."""
     train, val = patches.subset(split.train), patches.subset(split.validation)
     augmentation = config.training_augmentation
-    density, dropout = fit_model_novelty(
-        model, train, val, config.normalization, augmentation=augmentation
+    novelty = fit_model_novelty(
+        model,
+        train,
+        val,
+        config.normalization,
+        augmentation=augmentation,
+        ensemble_seed=config.seed,
     )
     residual = fit_patch_residual_density(train, val, augmentation=augmentation)
-    return density, dropout, residual
+    return novelty, residual
 
 
 def evaluate_split(
@@ -167,12 +175,16 @@ def evaluate_split(
     extra = {"metrics": metrics, "calibration": calibration, "split": split.describe()}
     unknown = None
     if densities:
-        density, dropout, residual = _fit_densities(result.model, patches, split, config)
-        extra["density"], extra["residual_density"] = density.to_dict(), residual.to_dict()
-        if dropout is not None:
-            extra["mc_dropout"] = dropout.to_dict()
+        novelty, residual = _fit_densities(result.model, patches, split, config)
+        extra |= novelty_records(novelty) | {"residual_density": residual.to_dict()}
         unknown = held_out_unknown(
-            result.model, density, residual, test, config.normalization, dropout
+            result.model,
+            novelty.density,
+            residual,
+            test,
+            config.normalization,
+            novelty.dropout,
+            novelty.ensemble,
         )
     save_training(model_dir, result, config, extra_record=extra)
     record = {
@@ -240,10 +252,12 @@ def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
             name: mean_std([s[name] for s in scored])
             for name in ("embedding", "residual", "combined")
         }
-        # MC dropout's shares came later still: summarized over the folds that have them.
-        dropout = [s["mc_dropout"] for s in scored if "mc_dropout" in s]
-        if dropout:
-            summary["held_out_unknown"]["mc_dropout"] = mean_std(dropout)
+        # MC dropout's and the ensemble's shares came later still: summarized over the
+        # folds that have them.
+        for name in ("mc_dropout", "ensemble"):
+            shares = [s[name] for s in scored if name in s]
+            if shares:
+                summary["held_out_unknown"][name] = mean_std(shares)
     return summary
 
 
@@ -320,10 +334,16 @@ def cross_validate(
             epochs, warnings = len(result.history), result.warnings
             unknown = None
             if densities:
-                density, dropout, residual = _fit_densities(result.model, patches, split, config)
+                novelty, residual = _fit_densities(result.model, patches, split, config)
                 test = patches.subset(split.test)
                 unknown = held_out_unknown(
-                    result.model, density, residual, test, config.normalization, dropout
+                    result.model,
+                    novelty.density,
+                    residual,
+                    test,
+                    config.normalization,
+                    novelty.dropout,
+                    novelty.ensemble,
                 )
         calibration = {k: v for k, v in calibration.items() if k != "reliability"}
         fold = {
@@ -359,6 +379,7 @@ def score_left_out_class(
     dropout_samples: int = DROPOUT_SAMPLES,
     ensemble=None,
     dropout_novelty=None,
+    ensemble_novelty=None,
 ) -> dict:
     """AUROC of "this patch is of the class the model never saw", per novelty score.
 
@@ -375,7 +396,11 @@ def score_left_out_class(
     the top probability). Also the shares of each part beyond the unknown threshold (the
     embedding's, and either of the two densities'), and with ``dropout_novelty`` (the
     model's calibrated :class:`~defectscope.artifacts.disagreement.DropoutNovelty`)
-    the shares MC dropout calls unknown, as ``novelty="mc_dropout"`` maps would.
+    the shares MC dropout calls unknown, as ``novelty="mc_dropout"`` maps would; with
+    ``ensemble_novelty`` (the model's
+    :class:`~defectscope.artifacts.disagreement.EnsembleNovelty`, heads on the
+    embedding) its disagreement and the shares it calls unknown, as
+    ``novelty="ensemble"`` maps would.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -419,7 +444,13 @@ def score_left_out_class(
             "mc_dropout_unknown": None
             if dropout_novelty is None
             else dropout_novelty.score(embeddings)[2],
+            "ensemble": None,
+            "ensemble_unknown": None,
         }
+        if ensemble_novelty is not None:
+            ensemble_scores = ensemble_novelty.score(embeddings)
+            scores[part]["ensemble"] = ensemble_scores[0]
+            scores[part]["ensemble_unknown"] = ensemble_scores[2]
     truth = np.r_[np.zeros(len(known_images)), np.ones(len(novel_images))]
     report = {"n_known": len(known_images), "n_novel": len(novel_images)}
     for key in (key for _, key in LOCO_SCORES):
@@ -432,6 +463,7 @@ def score_left_out_class(
             ("", "unknown"),
             ("_combined", "combined_unknown"),
             ("_mc_dropout", "mc_dropout_unknown"),
+            ("_ensemble", "ensemble_unknown"),
         ):
             if scores[part][flags] is not None:
                 report[f"{part}_unknown{key}"] = float(scores[part][flags].mean())
@@ -493,12 +525,13 @@ def leave_one_class_out(
             progress=progress,
             name=f"without {name}",
         )
-        density, dropout = fit_model_novelty(
+        novelty = fit_model_novelty(
             result.model,
             train,
             val if len(val.labels) else None,
             norm,
             augmentation=config.training_augmentation,
+            ensemble_seed=config.seed,
         )
         residual = fit_patch_residual_density(
             train, val if len(val.labels) else None, augmentation=config.training_augmentation
@@ -510,21 +543,21 @@ def leave_one_class_out(
                 config,
                 extra_record={
                     "left_out": name,
-                    "density": density.to_dict(),
+                    **novelty_records(novelty),
                     "residual_density": residual.to_dict(),
-                    "mc_dropout": None if dropout is None else dropout.to_dict(),
                 },
             )
         ensemble = _head_ensemble(result.model, train, norm, config.seed)
         report[name] = score_left_out_class(
             result.model,
-            density,
+            novelty.density,
             residual,
             known_test.images,
             patches.images[novel],
             norm,
             ensemble=ensemble,
-            dropout_novelty=dropout,
+            dropout_novelty=novelty.dropout,
+            ensemble_novelty=novelty.ensemble,
         ) | {"warnings": result.warnings}
         if finished is not None:
             finished.put(unit, split, {"class": name, "result": report[name]})
@@ -549,7 +582,7 @@ def rescore_left_out(
     numbers the study recorded, and those of scores added since.
     """
     from defectscope.artifacts.density import FeatureDensity
-    from defectscope.artifacts.disagreement import DropoutNovelty
+    from defectscope.artifacts.disagreement import DropoutNovelty, EnsembleNovelty
     from defectscope.artifacts.residual_density import ResidualDensity
     from defectscope.nets.checkpoint import load_checkpoint
 
@@ -588,6 +621,9 @@ def rescore_left_out(
             dropout_novelty=None
             if record.get("mc_dropout") is None
             else DropoutNovelty.from_dict(record["mc_dropout"], n, config.embedding_dim),
+            ensemble_novelty=None
+            if record.get("head_ensemble") is None
+            else EnsembleNovelty.from_dict(record["head_ensemble"], n, config.embedding_dim),
         )
     return report
 

@@ -269,6 +269,23 @@ def match_dropout(
     return _carry_calibration(record, fitted, window, dense)
 
 
+def match_ensemble(
+    ensemble: dict[str, Any], window_embeddings: np.ndarray, dense_embeddings: np.ndarray
+) -> dict[str, Any]:
+    """The model's head-ensemble record read on the dense graph's scale.
+
+    The members read the embedding, which distillation pulls towards the per-window
+    one, so they stay; the reference and threshold are carried over by quantile
+    matching (:func:`_carry_calibration`).
+    """
+    from defectscope.artifacts.disagreement import EnsembleNovelty
+
+    fitted = EnsembleNovelty.from_dict(ensemble)
+    window = fitted.disagreement(window_embeddings).mutual_information
+    dense = fitted.disagreement(dense_embeddings).mutual_information
+    return _carry_calibration(ensemble, fitted, window, dense)
+
+
 def _carry_calibration(
     record: dict[str, Any], fitted: Any, window: np.ndarray, dense: np.ndarray
 ) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ from defectscope.training.augment import (
     density_fit_sets,
 )
 from defectscope.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from defectscope.artifacts.density import FeatureDensity
+    from defectscope.artifacts.disagreement import DropoutNovelty, EnsembleNovelty
 
 
 @dataclasses.dataclass
@@ -442,8 +446,24 @@ def fit_model_density(
         Seed of the augmented copies.
     """
     return fit_model_novelty(
-        model, train, validation, normalization, precision, augmentation=augmentation, seed=seed
-    )[0]
+        model,
+        train,
+        validation,
+        normalization,
+        precision,
+        augmentation=augmentation,
+        seed=seed,
+        dropout=False,
+        ensemble=False,
+    ).density
+
+
+class ModelNovelty(NamedTuple):
+    """What :func:`fit_model_novelty` fits: the sources that score a window's embedding."""
+
+    density: FeatureDensity
+    dropout: DropoutNovelty | None
+    ensemble: EnsembleNovelty | None
 
 
 def fit_model_novelty(
@@ -455,17 +475,25 @@ def fit_model_novelty(
     *,
     augmentation: Augmentation | None = None,
     seed: int = DENSITY_AUGMENTATION_SEED,
-):
-    """The embedding's density and the head's MC dropout, from one pass over the patches.
+    dropout: bool = True,
+    ensemble: bool = True,
+    ensemble_seed: int = 0,
+) -> ModelNovelty:
+    """The embedding's density, the head's MC dropout and a head ensemble, from one pass.
 
-    The density as :func:`fit_model_density` fits it; the MC dropout of the head
-    (:class:`~defectscope.artifacts.disagreement.DropoutNovelty`) calibrated on the same
-    held-out patches (the training patches when there are none), so both read on the
-    scale of one set of known windows. Returns ``(FeatureDensity, DropoutNovelty)``; the
-    second is None for a head trained without dropout.
+    The density as :func:`fit_model_density` fits it. With ``dropout``, the MC dropout
+    of the head (:class:`~defectscope.artifacts.disagreement.DropoutNovelty`); with
+    ``ensemble``, five heads trained on the same embeddings the density is fitted on
+    (:func:`~defectscope.training.head_ensemble.train_head_ensemble`, seeds from
+    ``ensemble_seed``; :class:`~defectscope.artifacts.disagreement.EnsembleNovelty`).
+    Both are calibrated on the same held-out patches as the density (the training
+    patches when there are none), so all read on the scale of one set of known windows.
+    MC dropout is None for a head trained without dropout, and either is None when not
+    asked for.
     """
     from defectscope.artifacts.density import fit_density
-    from defectscope.artifacts.disagreement import fit_dropout_novelty
+    from defectscope.artifacts.disagreement import fit_dropout_novelty, fit_ensemble_novelty
+    from defectscope.training.head_ensemble import train_head_ensemble
 
     def embeddings(images: np.ndarray) -> np.ndarray:
         inputs = patches_to_inputs(images, normalization)
@@ -475,17 +503,33 @@ def fit_model_novelty(
     trained = embeddings(images)
     held_out = None if held_out is None else embeddings(held_out)
     density = fit_density(trained, labels, len(train.classes), held_out)
-    if not 0 < model.dropout.p < 1:  # a head trained without dropout has nothing to sample
-        return density, None
-    head = model.classifier
-    dropout = fit_dropout_novelty(
-        head.weight.detach().float().cpu().numpy(),
-        head.bias.detach().float().cpu().numpy(),
-        model.dropout.p,
-        held_out if density.source == "validation" else trained,
-        source=density.source,
-    )
-    return density, dropout
+    calibration = held_out if density.source == "validation" else trained
+    sampled = None
+    # A head trained without dropout has nothing to sample.
+    if dropout and 0 < model.dropout.p < 1:
+        head = model.classifier
+        sampled = fit_dropout_novelty(
+            head.weight.detach().float().cpu().numpy(),
+            head.bias.detach().float().cpu().numpy(),
+            model.dropout.p,
+            calibration,
+            source=density.source,
+        )
+    heads = None
+    if ensemble:
+        members = train_head_ensemble(trained, labels, len(train.classes), seed=ensemble_seed)
+        heads = fit_ensemble_novelty(members, calibration, source=density.source)
+    return ModelNovelty(density, sampled, heads)
+
+
+def novelty_records(novelty: ModelNovelty) -> dict[str, Any]:
+    """``model.json``'s entries for the sources of ``novelty`` (those fitted)."""
+    records = {"density": novelty.density.to_dict()}
+    if novelty.dropout is not None:
+        records["mc_dropout"] = novelty.dropout.to_dict()
+    if novelty.ensemble is not None:
+        records["head_ensemble"] = novelty.ensemble.to_dict()
+    return records
 
 
 def fit_patch_residual_density(
@@ -628,16 +672,15 @@ def train_model_dir(
     record = {**(extra_record or {}), "validation": used}
     if patches.skipped:
         record["skipped"] = [{"path": path, "reason": reason} for path, reason in patches.skipped]
-    density, dropout = fit_model_novelty(
+    novelty = fit_model_novelty(
         result.model,
         train_set,
         val_set,
         config.normalization,
         augmentation=config.training_augmentation,
+        ensemble_seed=config.seed,
     )
-    record["density"] = density.to_dict()
-    if dropout is not None:
-        record["mc_dropout"] = dropout.to_dict()
+    record.update(novelty_records(novelty))
     record["residual_density"] = fit_patch_residual_density(
         train_set, val_set, augmentation=config.training_augmentation, centre=residual_centre
     ).to_dict()
