@@ -7,7 +7,9 @@ trained model has one), ``+density+residual`` as the default maps a trained mode
 (every window's residual descriptors and density score,
 :mod:`defectscope.artifacts.residual_density`); ``dense-int8+mc_dropout`` maps it with
 ``novelty="mc_dropout"`` (the embeddings gathered and 128 thinned heads scored,
-:class:`~defectscope.artifacts.disagreement.DropoutNovelty`); ``residual-only`` times the
+:class:`~defectscope.artifacts.disagreement.DropoutNovelty`), ``dense-int8+ensemble``
+with ``novelty="ensemble"`` (five heads of 256 hidden units on the embedding,
+:class:`~defectscope.artifacts.disagreement.EnsembleNovelty`); ``residual-only`` times the
 residual scoring of the frame's 841 windows alone. The issue's goal: the default
 (``+density+residual``) within 1.5x of today's dense INT8 map (``+density``). The CPU is
 recorded with each result.
@@ -25,7 +27,11 @@ import pytest
 
 from benchmarks.frames import stem_frame
 from defectscope.artifacts.density import fit_density
-from defectscope.artifacts.disagreement import fit_dropout_novelty
+from defectscope.artifacts.disagreement import (
+    HeadMember,
+    fit_dropout_novelty,
+    fit_ensemble_novelty,
+)
 from defectscope.artifacts.residual_density import fit_residual_density
 from defectscope.maps.detector import Detector
 from defectscope.simulate.lattice import toy_patch_set
@@ -50,6 +56,23 @@ def dropout_novelty(classes: int, width: int):
     return fit_dropout_novelty(weight, np.zeros(classes, np.float32), 0.5, held)
 
 
+def ensemble_novelty(classes: int, width: int, members: int = 5, hidden: int = 256):
+    """A head ensemble of random heads, as train() records it (speed does not depend
+    on its weights)."""
+    rng = np.random.default_rng(2)
+    heads = [
+        HeadMember(
+            (rng.normal(size=(hidden, width)) / np.sqrt(width)).astype(np.float32),
+            np.zeros(hidden, np.float32),
+            (rng.normal(size=(classes, hidden)) / np.sqrt(hidden)).astype(np.float32),
+            np.zeros(classes, np.float32),
+        )
+        for _ in range(members)
+    ]
+    held = np.maximum(rng.normal(size=(200, width)), 0).astype(np.float32)
+    return fit_ensemble_novelty(heads, held)
+
+
 def embedding_density(classes: int, width: int):
     """A feature density of random embeddings (speed does not depend on its fit)."""
     rng = np.random.default_rng(1)
@@ -65,6 +88,7 @@ def embedding_density(classes: int, width: int):
         "dense-int8+residual",
         "dense-int8+density+residual",
         "dense-int8+mc_dropout",
+        "dense-int8+ensemble",
     ],
 )
 def test_map_with_and_without_residual(benchmark, bench_dense_model, residual_density, impl):
@@ -72,7 +96,8 @@ def test_map_with_and_without_residual(benchmark, bench_dense_model, residual_de
     benchmark.group = f"novelty {SIZE}^2 stride {STRIDE}"
     benchmark.extra_info["cpu"] = cpu_description()
     sources = impl.split("+")[1:]
-    novelty = "mc_dropout" if "mc_dropout" in sources else "auto"
+    recorded = [s for s in sources if s in ("mc_dropout", "ensemble")]
+    novelty = recorded[0] if recorded else "auto"
     with Detector.load(bench_dense_model, dense=True) as det:
         # What a model trained with them carries in every graph.
         for engine in (det.engine, *det.dense_engines):
@@ -83,11 +108,18 @@ def test_map_with_and_without_residual(benchmark, bench_dense_model, residual_de
                 engine.residual_density = residual_density
             if "mc_dropout" in sources:
                 engine.mc_dropout = dropout_novelty(len(engine.classes), width)
+            if "ensemble" in sources:
+                engine.head_ensemble = ensemble_novelty(len(engine.classes), width)
         kwargs = {"stride": STRIDE, "keep_embeddings": False, "mode": "dense", "novelty": novelty}
         det.map(frame, **kwargs)  # warm
         result = benchmark.pedantic(det.map, args=(frame,), kwargs=kwargs, rounds=3)
     assert result.info["mode"] == "dense"
-    names = {"density": "embedding", "residual": "lattice residual", "mc_dropout": "MC dropout"}
+    names = {
+        "density": "embedding",
+        "residual": "lattice residual",
+        "mc_dropout": "MC dropout",
+        "ensemble": "head ensemble",
+    }
     assert result.info["novelty"] == [names[s] for s in sources]
     benchmark.extra_info.update(windows=int(np.prod(result.grid_shape)))
 

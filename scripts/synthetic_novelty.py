@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         ("lattice residual", None, engine.residual_density),
         ("combined (--novelty auto)", engine.density, engine.residual_density),
         ("MC dropout (--novelty mc_dropout)", engine.mc_dropout, None),
+        ("head ensemble (--novelty ensemble)", engine.head_ensemble, None),
+        ("head ensemble + lattice residual", engine.head_ensemble, engine.residual_density),
     ):
         uncertainty, unknown = score_novelty(density, residual, embeddings, windows)
         scores[name] = {

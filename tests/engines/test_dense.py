@@ -426,6 +426,20 @@ def test_ensemble_novelty_maps_window_by_window_and_densely(dense_model_dir):
     assert "quantile-matched" in dense_heads.source
 
 
+def test_auto_maps_window_by_window_where_the_dense_graph_lacks_the_source(dense_model_dir):
+    """A dense graph made before a source existed: auto falls back to the window model
+    that carries it, and says why; dense refuses by name."""
+    frame = clustered_frame((160, 160), 42)
+    with Detector.load(dense_model_dir[0], backend="onnxruntime") as det:
+        det.dense_engines[0].head_ensemble = None
+        auto = det.map(frame, stride=16, novelty="ensemble")
+        assert auto.info["mode"] == "window" and auto.info["novelty"] == ["head ensemble"]
+        assert "carries no record for novelty 'ensemble'" in auto.info["reason"]
+        with pytest.raises(ValueError, match="no head-ensemble record"):
+            det.map(frame, stride=16, mode="dense", novelty="ensemble")
+        assert det.map(frame, stride=16).info["mode"] == "dense"  # others still dense
+
+
 @pytest.mark.parametrize(
     ("novelty", "what"), [("mc_dropout", "MC-dropout"), ("ensemble", "head-ensemble")]
 )

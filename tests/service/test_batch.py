@@ -209,6 +209,7 @@ def test_map_overlap_bands_equal_one_map(density_model_dir, cluster, height, ban
         )
     # The remainder shorter than a patch joins the last band, which holds the bottom edge.
     assert result.timing_ms["bands"] == bands
+    assert result.info["novelty"] == reference.info["novelty"] == ["embedding"]
     np.testing.assert_allclose(result.embeddings, reference.embeddings, atol=1e-4)
     np.testing.assert_array_equal(result.unknown, reference.unknown)
     assert_regions_agree(result, reference)

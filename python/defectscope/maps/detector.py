@@ -179,6 +179,15 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
     return density, residual
 
 
+def _carries(engine: Any, novelty: str) -> bool:
+    """Whether ``engine`` holds what ``novelty`` asks for."""
+    try:
+        novelty_sources(engine, novelty)
+    except ValueError:
+        return False
+    return True
+
+
 def novelty_names(density: Any, residual: Any) -> list[str]:
     """Names of the novelty sources used, for ``result.info['novelty']``."""
     names = [] if density is None else [getattr(density, "novelty_name", "embedding")]
@@ -442,6 +451,12 @@ class Detector:
                 )
             elif symmetry != "none":
                 info["reason"] = f"symmetry {symmetry!r} runs window by window"
+            elif mode == "auto" and not _carries(dense, novelty):
+                # A dense graph made before the source existed: the window model may have it.
+                info["reason"] = (
+                    f"the dense graph carries no record for novelty {novelty!r} "
+                    "(made before it existed; densify again)"
+                )
             else:
                 result = self._map_dense(
                     dense,

@@ -356,7 +356,8 @@ def map_uncertainty(frame: np.ndarray, result, path: str | Path) -> Path:
             colors="cyan",
             linewidths=1.0,
         )
-    fig.colorbar(image, ax=ax, label="uncertainty (share of in-distribution windows closer)")
+    # Every source (density, residual, MC dropout, ensemble) reads its score this way.
+    fig.colorbar(image, ax=ax, label="uncertainty (share of held-out known windows scoring lower)")
     ax.set_title(
         "uncertainty; cyan outline: unknown (beyond the validation threshold)" + map_note(result)
     )

@@ -149,7 +149,7 @@ def map_large_frame(
     ValueError
         For a frame smaller than a patch, a bad band or options that bands cannot do.
     """
-    from defectscope.maps.detector import Detector
+    from defectscope.maps.detector import Detector, novelty_names, novelty_sources
     from defectscope.maps.result import MapResult
     from defectscope.maps.scale import decide_scale, resampled_frame
     from defectscope.service.batch_artifact import artifact_hash
@@ -164,6 +164,8 @@ def map_large_frame(
         artifact, backend=backend, warmup=False, background=options.background, dense=False
     ) as det:
         config, classes, background = det.engine.config, det.classes, det.background
+        # Checked here, before any band is sent: a source the model lacks is an error.
+        novelty = novelty_names(*novelty_sources(det.engine, options.novelty))
     frame = check_frame(frame)
     patch = config.patch_size
     if frame.shape[0] < patch or frame.shape[1] < patch:
@@ -208,6 +210,7 @@ def map_large_frame(
             "mode": "window",
             "reason": "mapped in bands across workers",
             "scale": {**decision.to_dict(), "time_ms": scale_ms},
+            "novelty": novelty,
         },
         scale=factor,
         ood_threshold=options.ood_share,
