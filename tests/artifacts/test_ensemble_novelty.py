@@ -178,3 +178,24 @@ def test_model_metadata_reads_the_record_and_names_its_file_when_bad():
         assert edited != text
         with pytest.raises(MetadataError, match=r"m\.json: invalid model metadata"):
             ArtifactMetadata.from_record(parse_metadata_json(edited, "m.json"), "m.json")
+
+
+def test_members_reading_nothing_or_giving_no_class_are_refused():
+    """Without the model's shape to check against, empty layers are refused by name."""
+    for hidden, classes, d in ((8, 3, 0), (8, 0, 16)):
+        record = _fitted().to_dict()
+        from defectscope.artifacts.density import encode_array as empty
+
+        for member in record["members"]:
+            member["hidden_weight"] = empty(np.zeros((hidden, d), np.float32))
+            member["weight"] = empty(np.zeros((classes, hidden), np.float32))
+            member["bias"] = empty(np.zeros(classes, np.float32))
+        with pytest.raises(ValueError, match="at least one"):
+            EnsembleNovelty.from_dict(record)
+
+
+def test_a_json_integer_past_the_digit_limit_gives_a_metadata_error():
+    from defectscope.artifacts.metadata import MetadataError, parse_metadata_json
+
+    with pytest.raises(MetadataError, match=r"m\.json: invalid model metadata"):
+        parse_metadata_json('{"threshold": ' + "9" * 5000 + "}", "m.json")

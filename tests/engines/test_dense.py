@@ -405,10 +405,12 @@ def test_ensemble_novelty_maps_window_by_window_and_densely(dense_model_dir):
         window = det.map(frame, stride=16, mode="window", novelty="ensemble")
         dense = det.map(frame, stride=16, mode="dense", novelty="ensemble")
         default = det.map(frame, stride=16, mode="dense")
+        window_heads = det.engine.head_ensemble  # read from model.onnx
         dense_heads = det.dense_engines[0].head_ensemble
     assert window.info["novelty"] == dense.info["novelty"] == ["head ensemble"]
     assert default.info["novelty"] == ["embedding"]  # auto does not take it
-    for result, heads in ((window, stored), (dense, dense_heads)):
+    assert window_heads.threshold == stored.threshold
+    for result, heads in ((window, window_heads), (dense, dense_heads)):
         # The members read the embedding, which distillation keeps: the same heads.
         for a, b in zip(heads.members, stored.members, strict=True):
             np.testing.assert_array_equal(a.hidden_weight, b.hidden_weight)

@@ -431,20 +431,30 @@ def head_ensemble_scores(
         Logits are divided by it before the softmax.
     """
     features = _finite_matrix(features, "features")
+    layers = _checked_members(members, features.shape[1])
+    _check_temperature(temperature)
+    return _ensemble_scores(features, layers, temperature)
+
+
+def _checked_members(members: Sequence[HeadMember], width: int) -> list[tuple]:
+    """Each member's ``((hidden_weight, hidden_bias), (weight, bias))`` as float32,
+    checked to read ``width`` features and to agree on the classes."""
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
     layers = []
     for i, m in enumerate(members):
-        hidden = _check_layer(
-            m.hidden_weight, m.hidden_bias, features.shape[1], f"member {i} hidden"
-        )
+        hidden = _check_layer(m.hidden_weight, m.hidden_bias, width, f"member {i} hidden")
         out = _check_layer(m.weight, m.bias, hidden[0].shape[0], f"member {i} output")
         layers.append((hidden, out))
     classes = {out[0].shape[0] for _, out in layers}
     if len(classes) != 1:
         raise ValueError(f"ensemble members disagree on the number of classes: {sorted(classes)}")
-    _check_temperature(temperature)
-    result = _Accumulator(len(features), classes.pop())
+    return layers
+
+
+def _ensemble_scores(features: np.ndarray, layers: list[tuple], temperature: float):
+    """Mutual information of the checked ``layers`` on checked ``features``."""
+    result = _Accumulator(len(features), layers[0][1][0].shape[0])
     for start in range(0, len(features), _BLOCK):
         block = features[start : start + _BLOCK]
         logits = np.stack(
@@ -496,6 +506,13 @@ class EnsembleNovelty:
                 f"an ensemble needs 2..{MAX_ENSEMBLE_MEMBERS} members, got {len(members)}"
             )
         object.__setattr__(self, "members", members)
+        width = np.shape(members[0].hidden_weight)
+        if len(width) != 2 or width[1] < 1:
+            raise ValueError(f"ensemble members must read at least one feature, got {width}")
+        # Checked once: maps score a frame in many small chunks.
+        object.__setattr__(self, "_layers", _checked_members(members, width[1]))
+        if self._layers[0][1][0].shape[0] < 1:
+            raise ValueError("ensemble members must have at least one class")
 
     @property
     def width(self) -> int:
@@ -511,7 +528,7 @@ class EnsembleNovelty:
             )
         # Small products, as for MC dropout: one BLAS thread leaves the cores to the network.
         with one_blas_thread():
-            return head_ensemble_scores(embeddings, self.members)
+            return _ensemble_scores(embeddings, self._layers, 1.0)
 
     def score(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mutual information, uncertainty, unknown)`` per embedding."""

@@ -329,7 +329,8 @@ def parse_metadata_json(text: str | bytes, source: str) -> Any:
 
     try:
         return json.loads(text, parse_constant=reject)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    # ValueError beyond JSONDecodeError: an integer past Python's digit limit (4300).
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MetadataError(f"{source}: invalid model metadata ({exc})") from exc
 
 

@@ -82,10 +82,9 @@ def measure_agreement(
     if reference is None:
         from defectscope.artifacts.metadata import ArtifactMetadata
 
-        reference_metadata = ArtifactMetadata.from_record(
-            load_checkpoint(model_dir)[2], str(model_dir)
-        )
-    source_of = reference if reference is not None else reference_metadata
+        source_of = ArtifactMetadata.from_record(load_checkpoint(model_dir)[2], str(model_dir))
+    else:
+        source_of = reference
     window_sources = {name: getattr(source_of, name) for name in _FLAG_KEYS}
     flags = {
         name: ([], [])
