@@ -14,6 +14,7 @@ from defectscope.artifacts.disagreement import (
     HeadMember,
     fit_ensemble_novelty,
 )
+from tests.references import ensemble_mutual_information
 
 
 def _members(n: int = 5, d: int = 16, hidden: int = 8, classes: int = 3, seed: int = 0):
@@ -39,25 +40,8 @@ def _fitted(classes: int = 3) -> EnsembleNovelty:
 
 
 def _torch_mutual_information(members, embeddings) -> np.ndarray:
-    torch = pytest.importorskip("torch")
-    probabilities = []
-    for m in members:
-        head = torch.nn.Sequential(
-            torch.nn.Linear(*m.hidden_weight.shape[::-1]),
-            torch.nn.ReLU(),
-            torch.nn.Linear(*m.weight.shape[::-1]),
-        ).double()
-        with torch.no_grad():
-            for layer, w, b in (
-                (head[0], m.hidden_weight, m.hidden_bias),
-                (head[2], m.weight, m.bias),
-            ):
-                layer.weight.copy_(torch.from_numpy(w).double())
-                layer.bias.copy_(torch.from_numpy(b).double())
-            probabilities.append(torch.softmax(head(torch.from_numpy(embeddings).double()), -1))
-    p = torch.stack(probabilities).numpy()
-    entropy = lambda q: -(q * np.log(np.clip(q, 1e-30, None))).sum(-1)  # noqa: E731
-    return entropy(p.mean(0)) - entropy(p).mean(0)
+    pytest.importorskip("torch")
+    return ensemble_mutual_information(embeddings, members)
 
 
 def test_ensemble_novelty_is_calibrated_on_its_held_out_windows():

@@ -25,6 +25,11 @@ from defectscope.nets.dense import DenseDefectNet, receptive_margin
 from defectscope.nets.vgg import build_model
 from defectscope.tiling.tiler import normalize_region, normalize_region_numpy, window_origins
 from tests.conftest import NOMINAL, region_scores
+from tests.references import (
+    assert_scored_like,
+    ensemble_mutual_information,
+    thinned_head_mutual_information,
+)
 from tests.synthetic import acquired_lattice, lattice
 
 DTYPES = ["uint8", "uint16", "int16", "int32", "uint32", "float32", "float64"]
@@ -306,20 +311,6 @@ def test_residual_novelty_is_the_same_in_dense_and_window_maps(dense_model_dir):
     assert np.array_equal(both.unknown, embedding_only.unknown | dense.unknown)
 
 
-def _thinned_head_mutual_information(embeddings, weight, bias, kept, rate):
-    """Reference MC dropout: each mask's thinned torch Linear, then BALD's mutual information."""
-    probabilities = []
-    for mask in torch.from_numpy(kept):
-        head = torch.nn.Linear(weight.shape[1], weight.shape[0]).double()
-        with torch.no_grad():
-            head.weight.copy_(torch.from_numpy(weight).double() * mask / (1 - rate))
-            head.bias.copy_(torch.from_numpy(bias).double())
-            probabilities.append(torch.softmax(head(torch.from_numpy(embeddings).double()), -1))
-    p = torch.stack(probabilities).numpy()
-    entropy = lambda q: -(q * np.log(np.clip(q, 1e-30, None))).sum(-1)  # noqa: E731
-    return entropy(p.mean(0)) - entropy(p).mean(0)
-
-
 def test_mc_dropout_novelty_maps_window_by_window_and_densely(dense_model_dir):
     """novelty="mc_dropout" scores each window's embedding with the head the artifact
     carries: the trained model's last layer in model.json and model.onnx, the distilled
@@ -350,44 +341,11 @@ def test_mc_dropout_novelty_maps_window_by_window_and_densely(dense_model_dir):
         np.testing.assert_array_equal(head.weight, weight)
         np.testing.assert_array_equal(head.kept, stored.kept)
         flat = result.embeddings.reshape(-1, result.embeddings.shape[-1])
-        mutual = _thinned_head_mutual_information(
-            flat, head.weight, head.bias, head.kept, head.rate
-        )
-        # Uncertainty: the share of held-out windows scoring lower; tied quantiles (all
-        # heads agreeing) count from the first of them.
-        reference = head.reference
-        levels = np.linspace(0, 1, len(reference))[np.searchsorted(reference, reference)]
-        np.testing.assert_allclose(
-            result.uncertainty.ravel(), np.interp(mutual, reference, levels), atol=1e-4
-        )
-        # float32 against float64: windows at the threshold itself may go either way.
-        clear = ~np.isclose(mutual, head.threshold, rtol=1e-4, atol=1e-9)
-        assert np.array_equal(result.unknown.ravel()[clear], (mutual > head.threshold)[clear])
+        mutual = thinned_head_mutual_information(flat, head.weight, head.bias, head.kept, head.rate)
+        assert_scored_like(result, mutual, head)
     # The student's scale is its own, carried over from the per-window model's.
     assert dense_head.threshold != stored.threshold
     assert "quantile-matched" in dense_head.source
-
-
-def _ensemble_mutual_information(embeddings, members):
-    """Reference head ensemble: each member as torch layers, then BALD's mutual information."""
-    probabilities = []
-    for m in members:
-        head = torch.nn.Sequential(
-            torch.nn.Linear(*m.hidden_weight.shape[::-1]),
-            torch.nn.ReLU(),
-            torch.nn.Linear(*m.weight.shape[::-1]),
-        ).double()
-        with torch.no_grad():
-            for layer, w, b in (
-                (head[0], m.hidden_weight, m.hidden_bias),
-                (head[2], m.weight, m.bias),
-            ):
-                layer.weight.copy_(torch.from_numpy(w).double())
-                layer.bias.copy_(torch.from_numpy(b).double())
-            probabilities.append(torch.softmax(head(torch.from_numpy(embeddings).double()), -1))
-    p = torch.stack(probabilities).numpy()
-    entropy = lambda q: -(q * np.log(np.clip(q, 1e-30, None))).sum(-1)  # noqa: E731
-    return entropy(p.mean(0)) - entropy(p).mean(0)
 
 
 def test_ensemble_novelty_maps_window_by_window_and_densely(dense_model_dir):
@@ -416,14 +374,8 @@ def test_ensemble_novelty_maps_window_by_window_and_densely(dense_model_dir):
             np.testing.assert_array_equal(a.hidden_weight, b.hidden_weight)
             np.testing.assert_array_equal(a.weight, b.weight)
         flat = result.embeddings.reshape(-1, result.embeddings.shape[-1])
-        mutual = _ensemble_mutual_information(flat, heads.members)
-        reference = heads.reference
-        levels = np.linspace(0, 1, len(reference))[np.searchsorted(reference, reference)]
-        np.testing.assert_allclose(
-            result.uncertainty.ravel(), np.interp(mutual, reference, levels), atol=1e-4
-        )
-        clear = ~np.isclose(mutual, heads.threshold, rtol=1e-4, atol=1e-9)
-        assert np.array_equal(result.unknown.ravel()[clear], (mutual > heads.threshold)[clear])
+        mutual = ensemble_mutual_information(flat, heads.members)
+        assert_scored_like(result, mutual, heads)
     assert dense_heads.threshold != stored.threshold
     assert "quantile-matched" in dense_heads.source
 

@@ -108,10 +108,7 @@ class FeatureDensity:
             "kind": "tied-gaussian-mahalanobis",
             "means": encode_array(self.means),
             "whitening": encode_array(self.whitening),
-            "reference": [float(v) for v in self.reference],
-            "threshold": float(self.threshold),
-            "quantile": float(self.quantile),
-            "source": self.source,
+            **calibration_record(self),
         }
 
     @classmethod
@@ -156,6 +153,17 @@ def calibration_of(
     """``(reference, threshold)`` from held-out known windows' scores (see :func:`calibrated`)."""
     reference = np.quantile(held_out_scores, np.linspace(0, 1, _REFERENCE_POINTS))
     return reference, float(np.quantile(held_out_scores, quantile))
+
+
+def calibration_record(source: Any) -> dict[str, Any]:
+    """A calibrated source's ``reference``, ``threshold``, ``quantile`` and ``source`` as
+    JSON (what :func:`read_calibration` reads back)."""
+    return {
+        "reference": [float(v) for v in source.reference],
+        "threshold": float(source.threshold),
+        "quantile": float(source.quantile),
+        "source": source.source,
+    }
 
 
 def read_calibration(data: dict, what: str) -> tuple[np.ndarray, float, float]:

@@ -36,6 +36,7 @@ from defectscope.artifacts.density import (
     DEFAULT_QUANTILE,
     calibrated,
     calibration_of,
+    calibration_record,
     decode_array,
     encode_array,
     read_calibration,
@@ -299,10 +300,7 @@ class DropoutNovelty:
                 "shape": list(self.kept.shape),
                 "packbits_base64": base64.b64encode(np.packbits(self.kept)).decode(),
             },
-            "reference": [float(v) for v in self.reference],
-            "threshold": float(self.threshold),
-            "quantile": float(self.quantile),
-            "source": self.source,
+            **calibration_record(self),
         }
 
     @classmethod
@@ -548,10 +546,7 @@ class EnsembleNovelty:
                 }
                 for m in self.members
             ],
-            "reference": [float(v) for v in self.reference],
-            "threshold": float(self.threshold),
-            "quantile": float(self.quantile),
-            "source": self.source,
+            **calibration_record(self),
         }
 
     @classmethod

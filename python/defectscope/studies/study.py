@@ -123,7 +123,8 @@ def held_out_unknown(
 
 def _fit_densities(model, patches: PatchSet, split: Split, config: TrainConfig):
     """The embedding's sources (density, MC dropout, head ensemble) and the
-    lattice-residual density of a model trained on ``split``."""
+    lattice-residual density of a model trained on ``split``, and what they call
+    unknown of its test part (:func:`held_out_unknown`)."""
     train, val = patches.subset(split.train), patches.subset(split.validation)
     augmentation = config.training_augmentation
     novelty = fit_model_novelty(
@@ -135,7 +136,16 @@ def _fit_densities(model, patches: PatchSet, split: Split, config: TrainConfig):
         ensemble_seed=config.seed,
     )
     residual = fit_patch_residual_density(train, val, augmentation=augmentation)
-    return novelty, residual
+    unknown = held_out_unknown(
+        model,
+        novelty.density,
+        residual,
+        patches.subset(split.test),
+        config.normalization,
+        novelty.dropout,
+        novelty.ensemble,
+    )
+    return novelty, residual, unknown
 
 
 def evaluate_split(
@@ -175,17 +185,8 @@ def evaluate_split(
     extra = {"metrics": metrics, "calibration": calibration, "split": split.describe()}
     unknown = None
     if densities:
-        novelty, residual = _fit_densities(result.model, patches, split, config)
+        novelty, residual, unknown = _fit_densities(result.model, patches, split, config)
         extra |= novelty_records(novelty) | {"residual_density": residual.to_dict()}
-        unknown = held_out_unknown(
-            result.model,
-            novelty.density,
-            residual,
-            test,
-            config.normalization,
-            novelty.dropout,
-            novelty.ensemble,
-        )
     save_training(model_dir, result, config, extra_record=extra)
     record = {
         "split": split.describe(),
@@ -334,17 +335,7 @@ def cross_validate(
             epochs, warnings = len(result.history), result.warnings
             unknown = None
             if densities:
-                novelty, residual = _fit_densities(result.model, patches, split, config)
-                test = patches.subset(split.test)
-                unknown = held_out_unknown(
-                    result.model,
-                    novelty.density,
-                    residual,
-                    test,
-                    config.normalization,
-                    novelty.dropout,
-                    novelty.ensemble,
-                )
+                unknown = _fit_densities(result.model, patches, split, config)[2]
         calibration = {k: v for k, v in calibration.items() if k != "reliability"}
         fold = {
             "fold": index,
