@@ -86,7 +86,12 @@ def test_a_resumed_study_trains_nothing_finished(first_run, monkeypatch):
     row = next(line for line in lines[start:] if line.startswith("| Corner |"))
     assert row.count("|") == header.count("|") and "AUROC head ensemble" in header
     corner = first["leave_one_class_out"]["Corner"]
-    for key in ("auroc_mc_dropout", "auroc_head_ensemble", "auroc_combined_sum_ratio"):
+    for key in (
+        "auroc_mc_dropout",
+        "auroc_head_ensemble",
+        "auroc_combined_sum_ratio",
+        "auroc_ensemble_residual",
+    ):
         assert f" {corner[key]:.3f} " in row, key
     # Each model trained without a class is kept, saying which class it never saw.
     kept = json.loads((out / "loco" / "without-class-2" / "model.json").read_text())
@@ -114,7 +119,7 @@ def test_only_the_grouped_split_s_model_carries_densities(first_run):
 def test_held_out_known_patches_called_unknown_are_counted_per_fold(first_run):
     """The grouped split's share matches its saved model scored again from disk."""
     from defectscope.artifacts.density import FeatureDensity
-    from defectscope.artifacts.disagreement import DropoutNovelty
+    from defectscope.artifacts.disagreement import DropoutNovelty, EnsembleNovelty
     from defectscope.artifacts.residual_density import ResidualDensity
     from defectscope.nets.checkpoint import load_checkpoint
     from defectscope.tiling.tiler import patches_to_inputs
@@ -138,6 +143,9 @@ def test_held_out_known_patches_called_unknown_are_counted_per_fold(first_run):
     assert shares["combined"] == pytest.approx((embedding | residual).mean())
     dropout = DropoutNovelty.from_dict(record["mc_dropout"], 3).score(embeddings)[2]
     assert shares["mc_dropout"] == pytest.approx(dropout.mean())
+    ensemble = EnsembleNovelty.from_dict(record["head_ensemble"], 3).score(embeddings)[2]
+    assert shares["ensemble"] == pytest.approx(ensemble.mean())
+    assert shares["ensemble_residual"] == pytest.approx((ensemble | residual).mean())
     for index, name in enumerate(patches.classes):
         of_class = patches.labels[test] == index
         if of_class.any():

@@ -129,7 +129,11 @@ def cross_validation_markdown(report: dict) -> list[str]:
             f"(embedding {fmt(unknown['embedding'])}, lattice residual "
             f"{fmt(unknown['residual'])}; per fold {shares}).",
         ]
-        for key, name in (("mc_dropout", "MC dropout"), ("ensemble", "head ensemble")):
+        for key, name in (
+            ("mc_dropout", "MC dropout"),
+            ("ensemble", "head ensemble"),
+            ("ensemble_residual", "head ensemble + residual"),
+        ):
             if key in unknown:
                 lines[-1] = lines[-1][:-2] + (
                     f"; {name} {fmt(unknown[key])} over {unknown[key]['n']} folds)."
@@ -143,6 +147,7 @@ def loco_markdown(report: dict) -> list[str]:
     if not loco:
         return []
     columns = [(f"AUROC {name}", f"auroc_{key}") for name, key in LOCO_SCORES]
+    flagged = "combined; MC dropout; head ensemble; head ensemble + residual"
     lines = [
         "",
         'Leave one class out: trained without the class, AUROC of "the class is unknown" '
@@ -150,8 +155,7 @@ def loco_markdown(report: dict) -> list[str]:
         "",
         "| left out | its patches | held-out known | "
         + " | ".join(header for header, _ in columns)
-        + " | left-out flagged unknown (combined; MC dropout; head ensemble) "
-        + "| known flagged unknown (combined; MC dropout; head ensemble) |",
+        + f" | left-out flagged unknown ({flagged}) | known flagged unknown ({flagged}) |",
         "|---|---|---|" + "---|" * (len(columns) + 2),
     ]
 
@@ -168,7 +172,8 @@ def loco_markdown(report: dict) -> list[str]:
         cells += [
             f"{r[f'{part}_unknown']:.3f} ({number(r, f'{part}_unknown_combined')}; "
             f"{number(r, f'{part}_unknown_mc_dropout')}; "
-            f"{number(r, f'{part}_unknown_ensemble')})"
+            f"{number(r, f'{part}_unknown_ensemble')}; "
+            f"{number(r, f'{part}_unknown_ensemble_residual')})"
             for part in ("novel", "known")
         ]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")

@@ -111,6 +111,8 @@ def held_out_unknown(
     for name, source in (("mc_dropout", dropout), ("ensemble", ensemble)):
         if source is not None:
             flagged[name] = source.score(embeddings)[2]
+    if ensemble is not None:
+        flagged["ensemble_residual"] = flagged["ensemble"] | flagged["residual"]
     per_class = {}
     for index in np.unique(test.labels):
         of_class = test.labels == index
@@ -255,7 +257,7 @@ def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
         }
         # MC dropout's and the ensemble's shares came later still: summarized over the
         # folds that have them.
-        for name in ("mc_dropout", "ensemble"):
+        for name in ("mc_dropout", "ensemble", "ensemble_residual"):
             shares = [s[name] for s in scored if name in s]
             if shares:
                 summary["held_out_unknown"][name] = mean_std(shares)
@@ -437,11 +439,16 @@ def score_left_out_class(
             else dropout_novelty.score(embeddings)[2],
             "ensemble": None,
             "ensemble_unknown": None,
+            "ensemble_residual": None,
+            "ensemble_residual_unknown": None,
         }
         if ensemble_novelty is not None:
             ensemble_scores = ensemble_novelty.score(embeddings)
             scores[part]["ensemble"] = ensemble_scores[0]
             scores[part]["ensemble_unknown"] = ensemble_scores[2]
+            # As novelty="ensemble+residual" maps combine them.
+            scores[part]["ensemble_residual"] = np.maximum(ensemble_scores[1], residual_u)
+            scores[part]["ensemble_residual_unknown"] = ensemble_scores[2] | residual_unknown
     truth = np.r_[np.zeros(len(known_images)), np.ones(len(novel_images))]
     report = {"n_known": len(known_images), "n_novel": len(novel_images)}
     for key in (key for _, key in LOCO_SCORES):
@@ -455,6 +462,7 @@ def score_left_out_class(
             ("_combined", "combined_unknown"),
             ("_mc_dropout", "mc_dropout_unknown"),
             ("_ensemble", "ensemble_unknown"),
+            ("_ensemble_residual", "ensemble_residual_unknown"),
         ):
             if scores[part][flags] is not None:
                 report[f"{part}_unknown{key}"] = float(scores[part][flags].mean())
