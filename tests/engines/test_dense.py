@@ -380,15 +380,51 @@ def test_ensemble_novelty_maps_window_by_window_and_densely(dense_model_dir):
     assert "quantile-matched" in dense_heads.source
 
 
-def test_auto_maps_window_by_window_where_the_dense_graph_lacks_the_source(dense_model_dir):
+def test_ensemble_with_residual_combines_the_two_sources(dense_model_dir):
+    """novelty="ensemble+residual": a window either source calls unknown is unknown, at
+    the larger of the two calibrated uncertainties, in window and dense maps alike; a
+    model without the residual's density is refused by name."""
+    from defectscope.artifacts.residual_density import fit_residual_density
+    from tests.conftest import acquisition_patches
+
+    train, held = acquisition_patches(24, seed=0), acquisition_patches(12, seed=1)
+    residual = fit_residual_density(train.images, train.labels, 2, held.images)
+    frame = clustered_frame((200, 232), 40)
+    with Detector.load(dense_model_dir[0], backend="onnxruntime") as det:
+        with pytest.raises(ValueError, match="no lattice-residual density"):
+            det.map(frame, stride=16, mode="window", novelty="ensemble+residual")
+        for engine in (det.engine, *det.dense_engines):
+            engine.residual_density = residual
+        for mode in ("window", "dense"):
+            pair = det.map(frame, stride=16, mode=mode, novelty="ensemble+residual")
+            parts = [det.map(frame, stride=16, mode=mode, novelty=n) for n in NOVELTY_PAIR]
+            assert pair.info["novelty"] == ["head ensemble", "lattice residual"]
+            np.testing.assert_allclose(
+                pair.uncertainty, np.maximum(*(p.uncertainty for p in parts)), atol=1e-6
+            )
+            assert np.array_equal(pair.unknown, parts[0].unknown | parts[1].unknown)
+            # Both parts matter on this frame, or the test could not tell a union apart.
+            assert not np.array_equal(pair.unknown, parts[0].unknown) or not np.allclose(
+                pair.uncertainty, parts[0].uncertainty
+            )
+
+
+NOVELTY_PAIR = ("ensemble", "residual")
+
+
+def test_auto_maps_window_by_window_where_the_dense_graph_lacks_the_source(dense_model_dir, caplog):
     """A dense graph made before a source existed: auto falls back to the window model
-    that carries it, and says why; dense refuses by name."""
+    that carries it, says why (and logs it once); dense refuses by name."""
     frame = clustered_frame((160, 160), 42)
     with Detector.load(dense_model_dir[0], backend="onnxruntime") as det:
         det.dense_engines[0].head_ensemble = None
-        auto = det.map(frame, stride=16, novelty="ensemble")
+        with caplog.at_level("WARNING", logger="defectscope.maps.detector"):
+            auto = det.map(frame, stride=16, novelty="ensemble")
+            det.map(frame, stride=16, novelty="ensemble")
         assert auto.info["mode"] == "window" and auto.info["novelty"] == ["head ensemble"]
         assert "carries no record for novelty 'ensemble'" in auto.info["reason"]
+        fallbacks = [r for r in caplog.records if "window by window" in r.getMessage()]
+        assert len(fallbacks) == 1 and "'ensemble'" in fallbacks[0].getMessage()
         with pytest.raises(ValueError, match="no head-ensemble record"):
             det.map(frame, stride=16, mode="dense", novelty="ensemble")
         assert det.map(frame, stride=16).info["mode"] == "dense"  # others still dense

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 import os
 import threading
@@ -34,6 +35,8 @@ from defectscope.maps.result import MapResult
 from defectscope.maps.rois import select_rois
 from defectscope.maps.scale import decide_scale, resampled_frame
 from defectscope.tiling.tiler import NanPolicy, check_frame, tile, window_origins
+
+log = logging.getLogger(__name__)
 
 # Windows whose lattice residual a dense map scores per call (4 MB per channel of 64 px
 # windows): at least THREADS * MIN_WINDOWS_PER_THREAD (128) of tiling.residual, so that
@@ -141,6 +144,8 @@ _RECORDED = {
     "mc_dropout": ("mc_dropout", "MC-dropout"),
     "ensemble": ("head_ensemble", "head-ensemble"),
 }
+# Recorded sources that take the embedding density's place beside the lattice residual.
+_WITH_RESIDUAL = {"ensemble+residual": "ensemble"}
 
 
 def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
@@ -150,7 +155,8 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
     ``novelty="mc_dropout"`` the head's MC dropout
     (:class:`~defectscope.artifacts.disagreement.DropoutNovelty`), or with
     ``novelty="ensemble"`` the head ensemble on the embedding
-    (:class:`~defectscope.artifacts.disagreement.EnsembleNovelty`).
+    (:class:`~defectscope.artifacts.disagreement.EnsembleNovelty`). With
+    ``novelty="ensemble+residual"`` the ensemble and the lattice-residual density.
 
     Raises
     ------
@@ -161,16 +167,17 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
     residual = getattr(engine, "residual_density", None)
     if novelty == "embedding":
         residual = None
-    elif novelty == "residual":
+    elif novelty in ("residual", *_WITH_RESIDUAL):
         if residual is None:
             raise ValueError(
-                "novelty 'residual': the model carries no lattice-residual density "
+                f"novelty {novelty!r}: the model carries no lattice-residual density "
                 "(trained before it existed; train it again, or use 'embedding')"
             )
         density = None
-    elif novelty in _RECORDED:
-        attribute, what = _RECORDED[novelty]
-        density, residual = getattr(engine, attribute, None), None
+    if novelty in _RECORDED or novelty in _WITH_RESIDUAL:
+        attribute, what = _RECORDED[_WITH_RESIDUAL.get(novelty, novelty)]
+        density = getattr(engine, attribute, None)
+        residual = residual if novelty in _WITH_RESIDUAL else None
         if density is None:
             raise ValueError(
                 f"novelty {novelty!r}: the model carries no {what} record "
@@ -272,6 +279,8 @@ class Detector:
     ):
         self.engine = engine
         self.dense_engines = list(dense_engines or [])
+        # (graph, novelty) pairs whose fallback to window maps was logged: once each.
+        self._fallbacks_logged: set[tuple[int, str]] = set()
         # Side of the regions a dense map runs at once: bounds memory on any frame size.
         self.dense_crop = 1536
         for dense in self.dense_engines:
@@ -408,13 +417,16 @@ class Detector:
             ``symmetry`` is 'none'), else window by window; ``dense`` requires it;
             ``window`` classifies each window on its own. ``result.info`` says which
             ran and why.
-        novelty : {'auto', 'embedding', 'residual', 'mc_dropout', 'ensemble'}
+        novelty : str
+            One of :data:`~defectscope.maps.options.NOVELTY`.
             Which training densities make a window unknown: every one the model
             carries (``auto``; a window either flags is unknown and its uncertainty
             is the larger of the two), or one alone; or the disagreement of the
             head's Monte Carlo dropout on the embedding (``mc_dropout``), or of the
             head ensemble on it (``ensemble``), each calibrated on the same held-out
-            windows. ``result.info['novelty']`` names those used.
+            windows; or that ensemble with the lattice residual, combined as ``auto``
+            combines its two (``ensemble+residual``). ``result.info['novelty']`` names
+            those used.
 
         Raises
         ------
@@ -457,6 +469,10 @@ class Detector:
                     f"the dense graph carries no record for novelty {novelty!r} "
                     "(made before it existed; densify again)"
                 )
+                # Window maps cost many times dense ones: said once, not on every frame.
+                if (id(dense), novelty) not in self._fallbacks_logged:
+                    self._fallbacks_logged.add((id(dense), novelty))
+                    log.warning("mapping window by window: %s", info["reason"])
             else:
                 result = self._map_dense(
                     dense,
