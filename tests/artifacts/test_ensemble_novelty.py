@@ -102,6 +102,7 @@ def _member(record, index=0):
         (lambda r: r.update(threshold=float("nan")), "threshold"),
         (lambda r: r.update(reference=[0.2, 0.1]), "reference"),
         (lambda r: r.update(reference=[0, 10**400]), "too large"),
+        (lambda r: r.update(reference=list(range(70000))), "at most 65536"),
         (lambda r: r.update(quantile=True), "quantile"),
     ],
 )

@@ -25,6 +25,9 @@ from defectscope.util.blas import one_blas_thread
 
 DEFAULT_QUANTILE = 0.99
 _REFERENCE_POINTS = 257
+# Most quantiles a stored reference may hold: every scored chunk reads it, so a record
+# of millions of points would slow each frame; training writes _REFERENCE_POINTS.
+MAX_REFERENCE_POINTS = 65536
 
 
 def encode_array(array: np.ndarray) -> dict[str, Any]:
@@ -169,6 +172,11 @@ def calibration_record(source: Any) -> dict[str, Any]:
 def read_calibration(data: dict, what: str) -> tuple[np.ndarray, float, float]:
     """A stored record's ``(reference, threshold, quantile)``; ValueError names the bad one."""
     reference = data.get("reference", [])
+    if isinstance(reference, list) and len(reference) > MAX_REFERENCE_POINTS:
+        raise ValueError(
+            f"{what} reference holds {len(reference)} numbers, at most "
+            f"{MAX_REFERENCE_POINTS} are read"
+        )
     if not isinstance(reference, list) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in reference
     ):
