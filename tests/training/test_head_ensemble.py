@@ -70,5 +70,16 @@ def test_a_feature_constant_in_training_does_not_blow_up_off_it():
     by its zero spread: opening it on a new window moves the logits by O(1), not 1e6."""
     features, labels, _ = _clusters()
     features[:, 0] = 0.0
+    # Nearly constant: opened a hair on one patch (a spread 1e5 times below the others').
+    features[:, 1] = 0.0
+    features[0, 1] = 1e-4
+    assert 1e-6 < features[:, 1].std() < 1e-4 * np.median(features[:, 2:].std(axis=0))
     members = train_head_ensemble(features, labels, 3, members=2, epochs=5, seed=0)
-    assert max(np.abs(m.hidden_weight[:, 0]).max() for m in members) < 10
+    assert max(np.abs(m.hidden_weight[:, :2]).max() for m in members) < 10
+    # Features of ordinary spread are still standardized (weights / spread).
+    wide = features.copy()
+    wide[:, 2] *= 1000.0
+    scaled = train_head_ensemble(wide, labels, 3, members=2, epochs=5, seed=0)
+    np.testing.assert_allclose(
+        scaled[0].hidden_weight[:, 2] * 1000.0, members[0].hidden_weight[:, 2], rtol=1e-3
+    )

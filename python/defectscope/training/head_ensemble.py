@@ -66,11 +66,14 @@ def train_head_ensemble(
     if labels.min() < 0 or labels.max() >= n_classes:
         raise ValueError(f"labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
     mean = features.mean(axis=0)
-    # A feature constant over the training set (a channel ReLU never opens) is left
-    # unscaled: dividing by its ~0 spread would multiply untrained weights by 1e6 on
-    # any window that opens it.
+    # A feature (nearly) constant over the training set (a channel ReLU almost never
+    # opens) is left unscaled: dividing by its ~0 spread would multiply untrained
+    # weights by up to 1e6 on any window that opens it, and a distilled dense graph's
+    # small error in it by as much. Nearly: below a thousandth of the typical spread.
     spread = features.std(axis=0)
-    scale = np.where(spread > 1e-6, spread, 1.0).astype(np.float32)
+    opened = spread[spread > 0]
+    floor = max(1e-6, 1e-3 * float(np.median(opened))) if opened.size else 1e-6
+    scale = np.where(spread > floor, spread, 1.0).astype(np.float32)
     x = torch.from_numpy((features - mean) / scale)
     y = torch.from_numpy(labels)
     heads = []
