@@ -9,8 +9,10 @@ trained model has one), ``+density+residual`` as the default maps a trained mode
 ``novelty="mc_dropout"`` (the embeddings gathered and 128 thinned heads scored,
 :class:`~defectscope.artifacts.disagreement.DropoutNovelty`), ``dense-int8+ensemble``
 with ``novelty="ensemble"`` (five heads of 256 hidden units on the embedding,
-:class:`~defectscope.artifacts.disagreement.EnsembleNovelty`); ``residual-only`` times the
-residual scoring of the frame's 841 windows alone. The issue's goal: the default
+:class:`~defectscope.artifacts.disagreement.EnsembleNovelty`),
+``dense-int8+ensemble+residual`` with ``novelty="ensemble+residual"`` (those heads and the
+lattice residual); ``residual-only`` times the residual scoring of the frame's 841 windows
+alone. The issue's goal: the default
 (``+density+residual``) within 1.5x of today's dense INT8 map (``+density``). The CPU is
 recorded with each result.
 
@@ -89,6 +91,7 @@ def embedding_density(classes: int, width: int):
         "dense-int8+density+residual",
         "dense-int8+mc_dropout",
         "dense-int8+ensemble",
+        "dense-int8+ensemble+residual",
     ],
 )
 def test_map_with_and_without_residual(benchmark, bench_dense_model, residual_density, impl):
@@ -98,6 +101,8 @@ def test_map_with_and_without_residual(benchmark, bench_dense_model, residual_de
     sources = impl.split("+")[1:]
     recorded = [s for s in sources if s in ("mc_dropout", "ensemble")]
     novelty = recorded[0] if recorded else "auto"
+    if recorded and "residual" in sources:
+        novelty += "+residual"
     with Detector.load(bench_dense_model, dense=True) as det:
         # What a model trained with them carries in every graph.
         for engine in (det.engine, *det.dense_engines):

@@ -9,6 +9,7 @@ the tests use it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -410,6 +411,34 @@ def test_ensemble_with_residual_combines_the_two_sources(dense_model_dir):
 
 
 NOVELTY_PAIR = ("ensemble", "residual")
+
+
+def test_the_embedding_density_still_checks_the_frame_for_other_sources(dense_model_dir):
+    """With novelty="ensemble" the windows are the ensemble's, but the embedding density
+    still says whether the frame is unlike the training data: a density calling every
+    window unknown makes the frame out of distribution, window and dense maps alike."""
+    frame = clustered_frame((200, 232), 40)
+    with Detector.load(dense_model_dir[0], backend="onnxruntime") as det:
+        plain = {}
+        for mode in ("window", "dense"):
+            plain[mode] = det.map(frame, stride=16, mode=mode, novelty="ensemble")
+            embedding = det.map(frame, stride=16, mode=mode, novelty="embedding")
+            assert plain[mode].info["frame_check"] == "embedding density"
+            np.testing.assert_array_equal(plain[mode].frame_unknown, embedding.unknown)
+            # Where the density judges the windows it needs no second look.
+            assert embedding.frame_unknown is None and "frame_check" not in embedding.info
+        for engine in (det.engine, *det.dense_engines):
+            engine.density = dataclasses.replace(engine.density, threshold=-1.0)
+        for mode in ("window", "dense"):
+            flagged = det.map(frame, stride=16, mode=mode, novelty="ensemble")
+            np.testing.assert_array_equal(flagged.unknown, plain[mode].unknown)
+            np.testing.assert_array_equal(flagged.uncertainty, plain[mode].uncertainty)
+            # At a threshold the ensemble's own unknown windows stay under, only the
+            # density's check makes the frame out of distribution.
+            strict = dataclasses.replace(flagged, ood_threshold=0.9)
+            assert flagged.frame_unknown.all() and strict.unexplained_share < 0.9
+            assert strict.out_of_distribution
+            assert not dataclasses.replace(strict, frame_unknown=None).out_of_distribution
 
 
 def test_auto_maps_window_by_window_where_the_dense_graph_lacks_the_source(dense_model_dir, caplog):

@@ -7,6 +7,7 @@ defect windows, ``u`` unknown ones, ``.`` bulk.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 
 import numpy as np
@@ -227,6 +228,30 @@ def test_rings_do_not_make_a_crowded_frame_out_of_distribution():
     regions = find_regions(lone)
     assert [r["absorbed_unknown"] for r in regions if not r["unknown"]] == [8, 8, 8]
     assert regions[-1]["unknown"] and regions[-1]["n_windows"] == 1
+
+
+def test_the_density_s_frame_check_flags_a_frame_other_sources_call_known():
+    """With other sources judging the windows, the embedding density's unknown windows
+    (frame_unknown) still make the frame out of distribution; its rings are left out
+    alike, and the windows stay the window sources' own."""
+    picture = RING.replace("u", ".")
+    base = _map(picture)
+    assert base.unknown_share == 0.0 and not base.out_of_distribution
+    everywhere = np.ones(base.grid_shape, bool)
+    guarded = dataclasses.replace(base, frame_unknown=everywhere)
+    assert guarded.out_of_distribution and guarded.unknown_share == 0.0
+    assert all(r["frame_out_of_distribution"] for r in find_regions(guarded))
+    assert select_rois(guarded, top=5) == []
+    # The density's unknown windows in the defect's ring only: a defect, not a new frame.
+    ring = _grid(RING)[1]
+    ring[6:, 8:] = False
+    strict = _map(picture, ood_threshold=0.1)
+    assert ring.mean() > strict.ood_threshold
+    assert not dataclasses.replace(strict, frame_unknown=ring).out_of_distribution
+    ring[6:, :5] = True  # 10 windows of 80 no defect explains: above 0.1
+    assert dataclasses.replace(strict, frame_unknown=ring).out_of_distribution
+    with pytest.raises(ValueError, match="frame_unknown must be a bool grid"):
+        dataclasses.replace(base, frame_unknown=np.ones((2, 2), bool))
 
 
 def test_no_density_is_never_out_of_distribution():

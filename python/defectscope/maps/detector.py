@@ -195,10 +195,25 @@ def _carries(engine: Any, novelty: str) -> bool:
     return True
 
 
+def frame_guard(engine: Any, density: Any) -> Any:
+    """The embedding's density, where other sources judge the windows (``density``, the
+    window score :func:`novelty_sources` chose, is not it): it still checks whether the
+    frame as a whole is unlike the training data, which disagreement scores and the
+    lattice residual miss (a frame of another material, pure noise). None otherwise."""
+    guard = getattr(engine, "density", None)
+    return None if guard is None or guard is density else guard
+
+
 def novelty_names(density: Any, residual: Any) -> list[str]:
     """Names of the novelty sources used, for ``result.info['novelty']``."""
     names = [] if density is None else [getattr(density, "novelty_name", "embedding")]
     return names + ([] if residual is None else ["lattice residual"])
+
+
+def _guard_info(guard: Any) -> dict:
+    """``info`` entry naming what checks the frame as a whole, where it is not the
+    window's own sources."""
+    return {} if guard is None else {"frame_check": "embedding density"}
 
 
 def window_holes(frame: np.ndarray, origins: np.ndarray, size: int) -> np.ndarray:
@@ -501,6 +516,8 @@ class Detector:
         )
         density, residual = novelty_sources(self.engine, novelty)
         scored = density is not None or residual is not None
+        guard = frame_guard(self.engine, density) if scored else None
+        frame_unknown = None if guard is None else np.empty(n, bool)
         # With nan_policy 'zero' the tiled windows are finite; the residual of a filled
         # hole is meaningless, so such windows are found in the frame itself.
         has_holes = (
@@ -566,6 +583,8 @@ class Detector:
                         u, k = score_novelty(density, residual, emb, windows, holes)
                         uncertainty[start : start + count] = u
                         unknown[start : start + count] = k
+                        if guard is not None:
+                            frame_unknown[start : start + count] = guard.score(emb)[2]
             finally:
                 pending.cancel()
                 # The tiler must not write into a buffer the next map uses.
@@ -588,7 +607,8 @@ class Detector:
             calibration=calibration,
             uncertainty=None if uncertainty is None else uncertainty.reshape(rows, cols),
             unknown=None if unknown is None else unknown.reshape(rows, cols),
-            info={**info, "novelty": novelty_names(density, residual)},
+            info={**info, "novelty": novelty_names(density, residual), **_guard_info(guard)},
+            frame_unknown=None if frame_unknown is None else frame_unknown.reshape(rows, cols),
         )
 
     def _map_dense(
@@ -610,7 +630,8 @@ class Detector:
                 raise MapCancelled("map cancelled")
 
         density, residual = novelty_sources(dense, novelty)
-        keep = keep_embeddings or density is not None
+        guard = frame_guard(dense, density) if density is not None or residual is not None else None
+        keep = keep_embeddings or density is not None or guard is not None
         with self._lock:
             if isinstance(dense, TorchDenseEngine):  # normalizes and gathers on its device
                 arrays = dense.map_arrays(frame, stride, keep, crop=self.dense_crop, cancel=check)
@@ -664,6 +685,9 @@ class Detector:
                 )
                 check()
             uncertainty, unknown = u.reshape(rows, cols), k.reshape(rows, cols)
+        frame_unknown = None
+        if guard is not None:
+            frame_unknown = guard.score(embeddings.reshape(rows * cols, -1))[2].reshape(rows, cols)
         total = (time.perf_counter() - started) * 1000
         return MapResult(
             origins=origins,
@@ -683,7 +707,9 @@ class Detector:
                 "native_stride": dense.dense.native_stride,
                 "precision": dense.precision,
                 "novelty": novelty_names(density, residual),
+                **_guard_info(guard),
             },
+            frame_unknown=frame_unknown,
         )
 
     def _run(self, inputs: np.ndarray, symmetry: str) -> tuple[np.ndarray, np.ndarray]:

@@ -57,6 +57,11 @@ class MapResult:
     ood_threshold : float
         Share of unknown windows above which the whole frame is
         :attr:`out_of_distribution`, in (0, 1].
+    frame_unknown : ndarray of bool, shape (rows, cols), or None
+        Windows the embedding's density calls unknown, kept when other sources judge
+        the windows (``novelty`` other than ``auto`` or ``embedding``): the density
+        still says whether the frame as a whole is unlike the training data
+        (:attr:`out_of_distribution`). None: ``unknown`` says it alone.
     """
 
     origins: np.ndarray
@@ -74,8 +79,17 @@ class MapResult:
     info: dict = dataclasses.field(default_factory=dict)
     scale: float = 1.0
     ood_threshold: float = 0.25
+    frame_unknown: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.frame_unknown is not None and (
+            np.shape(self.frame_unknown) != tuple(self.grid_shape)
+            or np.asarray(self.frame_unknown).dtype != bool
+        ):
+            raise ValueError(
+                f"MapResult frame_unknown must be a bool grid of {tuple(self.grid_shape)}, "
+                f"got {np.asarray(self.frame_unknown).dtype} {np.shape(self.frame_unknown)}"
+            )
         scale = float(self.scale)
         if not np.isfinite(scale) or scale <= 0:
             raise ValueError(
@@ -144,14 +158,23 @@ class MapResult:
     @property
     def out_of_distribution(self) -> bool:
         """The frame as a whole is unlike the training data: its :attr:`unexplained_share`
-        is above :attr:`ood_threshold` (never without a density).
+        is above :attr:`ood_threshold`, or, with :attr:`frame_unknown`, the embedding
+        density's is (never without a novelty source).
 
         The unknown windows of the rings around known defects (windows that see part
         of a defect, :func:`find_regions`) do not count: they say the frame holds
         defects, not that it is unlike the training data. On nominal synthetic frames
         crowded with defects they alone were 18-31 % of the windows.
         """
-        return self.unknown is not None and self.unexplained_share > self.ood_threshold
+        if self.unknown is None:
+            return False
+        if self.unexplained_share > self.ood_threshold:
+            return True
+        if self.frame_unknown is None:
+            return False
+        # The density's unknown windows, with the rings of known defects left out alike.
+        by_density = dataclasses.replace(self, unknown=self.frame_unknown, frame_unknown=None)
+        return by_density.unexplained_share > self.ood_threshold
 
     def regions(self, min_windows: int = 1) -> list[dict]:
         """Connected regions of defect windows, then of unknown windows (see :mod:`maps`)."""
@@ -374,7 +397,7 @@ def region_records(
     if result.unknown is not None:
         unexplained = result.unexplained_share
         flags = {
-            "frame_out_of_distribution": unexplained > result.ood_threshold,
+            "frame_out_of_distribution": result.out_of_distribution,
             "frame_unknown_share": result.unknown_share,
             "frame_unexplained_share": unexplained,
         }
@@ -449,8 +472,9 @@ def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
 
     With a density every region also carries ``"frame_out_of_distribution"``
     (:attr:`MapResult.out_of_distribution`: the frame's share of unknown windows that
-    no ring explains is above its threshold, so even its known regions come from a
-    frame unlike the training data), ``"frame_unknown_share"`` (all unknown windows)
+    no ring explains, or the embedding density's where other sources judge the windows,
+    is above its threshold, so even its known regions come from a frame unlike the
+    training data), ``"frame_unknown_share"`` (all unknown windows)
     and ``"frame_unexplained_share"`` (those outside rings, the share compared).
     """
     groups = group_regions(result, min_windows=min_windows)
