@@ -381,10 +381,15 @@ def test_ensemble_novelty_maps_window_by_window_and_densely(dense_model_dir):
     assert "quantile-matched" in dense_heads.source
 
 
-def test_ensemble_with_residual_combines_the_two_sources(dense_model_dir):
-    """novelty="ensemble+residual": a window either source calls unknown is unknown, at
-    the larger of the two calibrated uncertainties, in window and dense maps alike; a
-    model without the residual's density is refused by name."""
+@pytest.mark.parametrize(
+    ("recorded", "name"), [("ensemble", "head ensemble"), ("mc_dropout", "MC dropout")]
+)
+def test_a_recorded_source_with_residual_combines_the_two(dense_model_dir, recorded, name):
+    """novelty="ensemble+residual" (and "mc_dropout+residual"): a window either source
+    calls unknown is unknown, at the larger of the two calibrated uncertainties, in
+    window and dense maps alike; a model without the residual's density is refused by
+    name."""
+    novelty = f"{recorded}+residual"
     from defectscope.artifacts.residual_density import fit_residual_density
     from tests.conftest import acquisition_patches
 
@@ -393,13 +398,15 @@ def test_ensemble_with_residual_combines_the_two_sources(dense_model_dir):
     frame = clustered_frame((200, 232), 40)
     with Detector.load(dense_model_dir[0], backend="onnxruntime") as det:
         with pytest.raises(ValueError, match="no lattice-residual density"):
-            det.map(frame, stride=16, mode="window", novelty="ensemble+residual")
+            det.map(frame, stride=16, mode="window", novelty=novelty)
         for engine in (det.engine, *det.dense_engines):
             engine.residual_density = residual
         for mode in ("window", "dense"):
-            pair = det.map(frame, stride=16, mode=mode, novelty="ensemble+residual")
-            parts = [det.map(frame, stride=16, mode=mode, novelty=n) for n in NOVELTY_PAIR]
-            assert pair.info["novelty"] == ["head ensemble", "lattice residual"]
+            pair = det.map(frame, stride=16, mode=mode, novelty=novelty)
+            parts = [
+                det.map(frame, stride=16, mode=mode, novelty=n) for n in (recorded, "residual")
+            ]
+            assert pair.info["novelty"] == [name, "lattice residual"]
             np.testing.assert_allclose(
                 pair.uncertainty, np.maximum(*(p.uncertainty for p in parts)), atol=1e-6
             )
@@ -408,9 +415,6 @@ def test_ensemble_with_residual_combines_the_two_sources(dense_model_dir):
             assert not np.array_equal(pair.unknown, parts[0].unknown) or not np.allclose(
                 pair.uncertainty, parts[0].uncertainty
             )
-
-
-NOVELTY_PAIR = ("ensemble", "residual")
 
 
 def test_the_embedding_density_still_checks_the_frame_for_other_sources(dense_model_dir):

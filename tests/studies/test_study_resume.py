@@ -91,6 +91,7 @@ def test_a_resumed_study_trains_nothing_finished(first_run, monkeypatch):
         "auroc_head_ensemble",
         "auroc_combined_sum_ratio",
         "auroc_ensemble_residual",
+        "auroc_mc_dropout_residual",
     ):
         assert f" {corner[key]:.3f} " in row, key
     # Each model trained without a class is kept, saying which class it never saw.
@@ -146,6 +147,7 @@ def test_held_out_known_patches_called_unknown_are_counted_per_fold(first_run):
     ensemble = EnsembleNovelty.from_dict(record["head_ensemble"], 3).score(embeddings)[2]
     assert shares["ensemble"] == pytest.approx(ensemble.mean())
     assert shares["ensemble_residual"] == pytest.approx((ensemble | residual).mean())
+    assert shares["mc_dropout_residual"] == pytest.approx((dropout | residual).mean())
     for index, name in enumerate(patches.classes):
         of_class = patches.labels[test] == index
         if of_class.any():

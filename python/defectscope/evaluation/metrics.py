@@ -21,6 +21,7 @@ LOCO_SCORES = (
     ("MC dropout", "mc_dropout"),
     ("head ensemble, trunk features", "head_ensemble"),
     ("head ensemble, embedding (maps)", "ensemble"),
+    ("MC dropout + lattice residual", "mc_dropout_residual"),
     ("head ensemble + lattice residual", "ensemble_residual"),
     ("softmax", "softmax"),
 )

@@ -145,7 +145,7 @@ _RECORDED = {
     "ensemble": ("head_ensemble", "head-ensemble"),
 }
 # Recorded sources that take the embedding density's place beside the lattice residual.
-_WITH_RESIDUAL = {"ensemble+residual": "ensemble"}
+_WITH_RESIDUAL = {"mc_dropout+residual": "mc_dropout", "ensemble+residual": "ensemble"}
 
 
 def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
@@ -156,7 +156,8 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
     (:class:`~defectscope.artifacts.disagreement.DropoutNovelty`), or with
     ``novelty="ensemble"`` the head ensemble on the embedding
     (:class:`~defectscope.artifacts.disagreement.EnsembleNovelty`). With
-    ``novelty="ensemble+residual"`` the ensemble and the lattice-residual density.
+    ``novelty="mc_dropout+residual"`` or ``"ensemble+residual"`` that source and the
+    lattice-residual density.
 
     Raises
     ------
@@ -439,9 +440,10 @@ class Detector:
             is the larger of the two), or one alone; or the disagreement of the
             head's Monte Carlo dropout on the embedding (``mc_dropout``), or of the
             head ensemble on it (``ensemble``), each calibrated on the same held-out
-            windows; or that ensemble with the lattice residual, combined as ``auto``
-            combines its two (``ensemble+residual``). ``result.info['novelty']`` names
-            those used.
+            windows; or either with the lattice residual, combined as ``auto``
+            combines its two (``mc_dropout+residual``, ``ensemble+residual``); the
+            embedding's density then still checks the frame as a whole
+            (``result.frame_unknown``). ``result.info['novelty']`` names those used.
 
         Raises
         ------

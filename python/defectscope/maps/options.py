@@ -24,7 +24,15 @@ MODES = ("auto", "dense", "window")
 UNKNOWN_POLICIES = ("ignore", "explore")
 SYMMETRIES = ("none", "d4")
 # Which training densities say "unknown": every one the model carries, or one alone.
-NOVELTY = ("auto", "embedding", "residual", "mc_dropout", "ensemble", "ensemble+residual")
+NOVELTY = (
+    "auto",
+    "embedding",
+    "residual",
+    "mc_dropout",
+    "ensemble",
+    "mc_dropout+residual",
+    "ensemble+residual",
+)
 NAN_POLICIES = ("raise", "zero", "propagate")
 # Scale matching: measure the factor, or map as recorded (a number is a factor).
 SCALE_WORDS = ("auto", "off")
@@ -71,16 +79,20 @@ class MapOptions:
         is the zoom itself (``1.1`` enlarges the frame by 10 %), within
         :data:`~defectscope.tiling.lattice.SCALE_RANGE` (0.25-4). A string that reads
         as a number (``"1.1"`` from the command line) is that number.
-    novelty : {'auto', 'embedding', 'residual', 'mc_dropout', 'ensemble', 'ensemble+residual'}
+    novelty : str
+        One of :data:`NOVELTY`.
         What makes a window unknown: ``auto`` every density the model carries (the
         embedding's, which flags new structures, and the lattice residual's, which
         flags a new point defect in a known lattice; a window either calls unknown
         is unknown), or one of them alone; or the disagreement of the head's Monte
         Carlo dropout (``mc_dropout``, :class:`~defectscope.artifacts.disagreement.DropoutNovelty`),
         or of a head ensemble on the embedding (``ensemble``,
-        :class:`~defectscope.artifacts.disagreement.EnsembleNovelty`); or that
-        ensemble in the embedding density's place beside the lattice residual
-        (``ensemble+residual``, combined as ``auto`` combines its two).
+        :class:`~defectscope.artifacts.disagreement.EnsembleNovelty`); or one of
+        those two in the embedding density's place beside the lattice residual
+        (``mc_dropout+residual``, ``ensemble+residual``, combined as ``auto``
+        combines its two). Where other sources than ``auto``'s or ``embedding``'s
+        judge the windows, the embedding's density still checks the frame as a whole
+        (``out_of_distribution``).
     ood_share : float
         Share of a frame's windows, in (0, 1], unknown beyond the rings of known
         defects above which the whole frame is flagged ``out_of_distribution`` (and
@@ -122,7 +134,7 @@ class MapOptions:
         "what makes a window unknown: auto (the embedding's and the lattice residual's "
         "densities, where the model has them), embedding, residual, mc_dropout (the "
         "head's Monte Carlo dropout disagreement), ensemble (a head ensemble's), or "
-        "ensemble+residual (the head ensemble's and the lattice residual's, combined)",
+        "mc_dropout+residual / ensemble+residual (either with the lattice residual)",
         NOVELTY,
     )
     ood_share: float = _field(

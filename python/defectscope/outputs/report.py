@@ -144,8 +144,9 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
             "trained classes, by the embedding's feature density, the lattice residual's "
             "density, the two combined, Monte Carlo dropout in the head, an ensemble of "
             "heads on the shared trunk's features, one on the embedding (what maps use "
-            "with <code>--novelty ensemble</code>), that one with the lattice residual "
-            "(<code>--novelty ensemble+residual</code>), and the softmax alone.</p>"
+            "with <code>--novelty ensemble</code>), MC dropout and that ensemble each with "
+            "the lattice residual (<code>--novelty mc_dropout+residual</code>, "
+            "<code>ensemble+residual</code>), and the softmax alone.</p>"
         )
         keys = [f"auroc_{key}" for _, key in LOCO_SCORES]
         rows = [

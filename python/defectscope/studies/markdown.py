@@ -132,6 +132,7 @@ def cross_validation_markdown(report: dict) -> list[str]:
         for key, name in (
             ("mc_dropout", "MC dropout"),
             ("ensemble", "head ensemble"),
+            ("mc_dropout_residual", "MC dropout + residual"),
             ("ensemble_residual", "head ensemble + residual"),
         ):
             if key in unknown:
@@ -147,7 +148,7 @@ def loco_markdown(report: dict) -> list[str]:
     if not loco:
         return []
     columns = [(f"AUROC {name}", f"auroc_{key}") for name, key in LOCO_SCORES]
-    flagged = "combined; MC dropout; head ensemble; head ensemble + residual"
+    flagged = "combined; MC dropout; head ensemble; MC dropout + residual; head ensemble + residual"
     lines = [
         "",
         'Leave one class out: trained without the class, AUROC of "the class is unknown" '
@@ -173,6 +174,7 @@ def loco_markdown(report: dict) -> list[str]:
             f"{r[f'{part}_unknown']:.3f} ({number(r, f'{part}_unknown_combined')}; "
             f"{number(r, f'{part}_unknown_mc_dropout')}; "
             f"{number(r, f'{part}_unknown_ensemble')}; "
+            f"{number(r, f'{part}_unknown_mc_dropout_residual')}; "
             f"{number(r, f'{part}_unknown_ensemble_residual')})"
             for part in ("novel", "known")
         ]

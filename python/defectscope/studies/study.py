@@ -111,8 +111,9 @@ def held_out_unknown(
     for name, source in (("mc_dropout", dropout), ("ensemble", ensemble)):
         if source is not None:
             flagged[name] = source.score(embeddings)[2]
-    if ensemble is not None:
-        flagged["ensemble_residual"] = flagged["ensemble"] | flagged["residual"]
+    for name in ("mc_dropout", "ensemble"):
+        if name in flagged:
+            flagged[f"{name}_residual"] = flagged[name] | flagged["residual"]
     per_class = {}
     for index in np.unique(test.labels):
         of_class = test.labels == index
@@ -257,7 +258,7 @@ def summarize_folds(folds: list[dict], classes: list[str]) -> dict:
         }
         # MC dropout's and the ensemble's shares came later still: summarized over the
         # folds that have them.
-        for name in ("mc_dropout", "ensemble", "ensemble_residual"):
+        for name in ("mc_dropout", "ensemble", "mc_dropout_residual", "ensemble_residual"):
             shares = [s[name] for s in scored if name in s]
             if shares:
                 summary["held_out_unknown"][name] = mean_std(shares)
@@ -434,14 +435,20 @@ def score_left_out_class(
             else head_ensemble_scores(trunk_features(model, inputs), ensemble).mutual_information,
             "unknown": unknown,
             "combined_unknown": unknown | residual_unknown,
-            "mc_dropout_unknown": None
-            if dropout_novelty is None
-            else dropout_novelty.score(embeddings)[2],
+            "mc_dropout_unknown": None,
+            "mc_dropout_residual": None,
+            "mc_dropout_residual_unknown": None,
             "ensemble": None,
             "ensemble_unknown": None,
             "ensemble_residual": None,
             "ensemble_residual_unknown": None,
         }
+        if dropout_novelty is not None:
+            dropout_scores = dropout_novelty.score(embeddings)
+            scores[part]["mc_dropout_unknown"] = dropout_scores[2]
+            # As novelty="mc_dropout+residual" maps combine them.
+            scores[part]["mc_dropout_residual"] = np.maximum(dropout_scores[1], residual_u)
+            scores[part]["mc_dropout_residual_unknown"] = dropout_scores[2] | residual_unknown
         if ensemble_novelty is not None:
             ensemble_scores = ensemble_novelty.score(embeddings)
             scores[part]["ensemble"] = ensemble_scores[0]
@@ -462,6 +469,7 @@ def score_left_out_class(
             ("_combined", "combined_unknown"),
             ("_mc_dropout", "mc_dropout_unknown"),
             ("_ensemble", "ensemble_unknown"),
+            ("_mc_dropout_residual", "mc_dropout_residual_unknown"),
             ("_ensemble_residual", "ensemble_residual_unknown"),
         ):
             if scores[part][flags] is not None:
