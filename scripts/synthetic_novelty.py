@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         ("combined (--novelty auto)", engine.density, engine.residual_density),
         ("MC dropout (--novelty mc_dropout)", engine.mc_dropout, None),
         ("head ensemble (--novelty ensemble)", engine.head_ensemble, None),
+        ("MC dropout + lattice residual", engine.mc_dropout, engine.residual_density),
         ("head ensemble + lattice residual", engine.head_ensemble, engine.residual_density),
     ):
         uncertainty, unknown = score_novelty(density, residual, embeddings, windows)

@@ -411,10 +411,17 @@ def test_a_recorded_source_with_residual_combines_the_two(dense_model_dir, recor
                 pair.uncertainty, np.maximum(*(p.uncertainty for p in parts)), atol=1e-6
             )
             assert np.array_equal(pair.unknown, parts[0].unknown | parts[1].unknown)
-            # Both parts matter on this frame, or the test could not tell a union apart.
+            # The residual changes the recorded source's map on this frame, or the test
+            # could not tell the union from that source alone.
             assert not np.array_equal(pair.unknown, parts[0].unknown) or not np.allclose(
                 pair.uncertainty, parts[0].uncertainty
             )
+            assert pair.info["frame_check"] == "embedding density"
+            np.testing.assert_array_equal(pair.frame_unknown, parts[0].frame_unknown)
+        # Without embeddings kept, a dense map still gathers them for the frame check.
+        lean = det.map(frame, stride=16, mode="dense", novelty="residual", keep_embeddings=False)
+        assert lean.embeddings is None and lean.info["frame_check"] == "embedding density"
+        np.testing.assert_array_equal(lean.frame_unknown, parts[0].frame_unknown)
 
 
 def test_the_embedding_density_still_checks_the_frame_for_other_sources(dense_model_dir):

@@ -13,8 +13,10 @@ import io
 import numpy as np
 import pytest
 
+from defectscope.cli.cmd_map import ood_line
 from defectscope.maps.result import MapResult, find_regions, windows_csv
 from defectscope.maps.rois import select_rois
+from defectscope.outputs.map_files import map_summary
 
 
 def _grid(picture: str) -> tuple[np.ndarray, np.ndarray]:
@@ -240,7 +242,13 @@ def test_the_density_s_frame_check_flags_a_frame_other_sources_call_known():
     everywhere = np.ones(base.grid_shape, bool)
     guarded = dataclasses.replace(base, frame_unknown=everywhere)
     assert guarded.out_of_distribution and guarded.unknown_share == 0.0
+    assert base.frame_check_share is None and guarded.frame_check_share == 1.0
     assert all(r["frame_out_of_distribution"] for r in find_regions(guarded))
+    assert all(r["frame_check_share"] == 1.0 for r in find_regions(guarded))
+    summary = map_summary(guarded)
+    assert summary["out_of_distribution"] and summary["frame_check_share"] == 1.0
+    assert summary["unexplained_share"] == 0.0
+    assert "the embedding density's check: 100%" in ood_line(guarded)
     assert select_rois(guarded, top=5) == []
     # The density's unknown windows in the defect's ring only: a defect, not a new frame.
     ring = _grid(RING)[1]

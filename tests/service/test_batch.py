@@ -215,6 +215,37 @@ def test_map_overlap_bands_equal_one_map(density_model_dir, cluster, height, ban
     assert_regions_agree(result, reference)
 
 
+def test_bands_keep_the_density_s_frame_check(density_model_dir, cluster, tmp_path):
+    """With another source judging the windows, band maps carry the embedding density's
+    frame check as one map does (read from the embeddings the bands return)."""
+    from defectscope.artifacts.residual_density import fit_residual_density
+    from defectscope.maps.options import MapOptions
+    from defectscope.service.batch import map_large_frame
+    from tests.conftest import acquisition_patches
+
+    model = tmp_path / "model"
+    shutil.copytree(density_model_dir, model)
+    train, held = acquisition_patches(24, seed=0), acquisition_patches(12, seed=1)
+    residual = fit_residual_density(train.images, train.labels, 2, held.images)
+    record = json.loads((model / "model.json").read_text())
+    record["residual_density"] = residual.to_dict()
+    (model / "model.json").write_text(json.dumps(record))
+    frame = (lattice((260, 200), seed=5) * 200).clip(0, 255).astype(np.uint8)
+    frame[:, 120:] = np.random.default_rng(1).integers(0, 255, (260, 80))  # unknown part
+    options = MapOptions(stride=16, novelty="residual")
+    with Detector.load(model, backend="torch") as det:
+        reference = det.map(frame, stride=16, novelty="residual")
+        embedding = det.map(frame, stride=16, novelty="embedding")
+    with distributed.Client(cluster.scheduler_address) as client:
+        result = map_large_frame(frame, model, client, band=128, backend="torch", options=options)
+    assert result.info["novelty"] == reference.info["novelty"] == ["lattice residual"]
+    assert result.info["frame_check"] == reference.info["frame_check"] == "embedding density"
+    np.testing.assert_array_equal(result.frame_unknown, reference.frame_unknown)
+    np.testing.assert_array_equal(result.frame_unknown, embedding.unknown)
+    assert result.frame_unknown.any()  # the noise part: the check has something to see
+    assert result.out_of_distribution == reference.out_of_distribution
+
+
 def assert_regions_agree(got, want) -> None:
     """Two maps of the same windows: labels and unknown flags equal, probabilities and
     uncertainty within float32 rounding; regions equal by label, windows and bbox, their

@@ -68,9 +68,13 @@ def map_notes(result) -> list[str]:
 
 def ood_line(result) -> str:
     """``out of distribution: 95 % of windows unknown (threshold 25 %); no ROIs ...``."""
+    checked = result.frame_check_share
+    by_density = (
+        "" if checked is None else f"; the embedding density's check: {checked:.0%} of them"
+    )
     return (
         f"out of distribution: {result.unknown_share:.0%} of windows unknown "
-        f"({result.unexplained_share:.0%} away from known defects, threshold "
+        f"({result.unexplained_share:.0%} away from known defects{by_density}, threshold "
         f"{result.ood_threshold:.0%}); ROIs only with --unknown explore"
     )
 

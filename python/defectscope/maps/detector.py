@@ -170,9 +170,10 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
         residual = None
     elif novelty in ("residual", *_WITH_RESIDUAL):
         if residual is None:
+            alone = _WITH_RESIDUAL.get(novelty, "embedding")
             raise ValueError(
                 f"novelty {novelty!r}: the model carries no lattice-residual density "
-                "(trained before it existed; train it again, or use 'embedding')"
+                f"(trained before it existed; train it again, or use {alone!r})"
             )
         density = None
     if novelty in _RECORDED or novelty in _WITH_RESIDUAL:
@@ -211,7 +212,7 @@ def novelty_names(density: Any, residual: Any) -> list[str]:
     return names + ([] if residual is None else ["lattice residual"])
 
 
-def _guard_info(guard: Any) -> dict:
+def guard_info(guard: Any) -> dict:
     """``info`` entry naming what checks the frame as a whole, where it is not the
     window's own sources."""
     return {} if guard is None else {"frame_check": "embedding density"}
@@ -609,7 +610,7 @@ class Detector:
             calibration=calibration,
             uncertainty=None if uncertainty is None else uncertainty.reshape(rows, cols),
             unknown=None if unknown is None else unknown.reshape(rows, cols),
-            info={**info, "novelty": novelty_names(density, residual), **_guard_info(guard)},
+            info={**info, "novelty": novelty_names(density, residual), **guard_info(guard)},
             frame_unknown=None if frame_unknown is None else frame_unknown.reshape(rows, cols),
         )
 
@@ -653,11 +654,12 @@ class Detector:
         rows, cols = probabilities.shape[:2]
         if not np.isfinite(probabilities).all():
             raise ValueError("the dense graph gave non-finite probabilities")
-        uncertainty = unknown = None
+        uncertainty = unknown = frame_unknown = None
         if density is not None or residual is not None:
             flat = None if embeddings is None else embeddings.reshape(rows * cols, -1)
             u = np.empty(rows * cols, np.float32)
             k = np.empty(rows * cols, bool)
+            guarded = None if guard is None else np.empty(rows * cols, bool)
             # The residual needs each window's pixels, tiled chunk by chunk into a buffer
             # of this call's own (the detector's are shared with other threads' maps);
             # chunks of RESIDUAL_CHUNK windows keep the residual's per-call overhead
@@ -685,11 +687,12 @@ class Detector:
                 u[start : start + len(chunk)], k[start : start + len(chunk)] = score_novelty(
                     density, residual, part, windows
                 )
+                if guarded is not None:
+                    guarded[start : start + len(chunk)] = guard.score(part)[2]
                 check()
             uncertainty, unknown = u.reshape(rows, cols), k.reshape(rows, cols)
-        frame_unknown = None
-        if guard is not None:
-            frame_unknown = guard.score(embeddings.reshape(rows * cols, -1))[2].reshape(rows, cols)
+            if guarded is not None:
+                frame_unknown = guarded.reshape(rows, cols)
         total = (time.perf_counter() - started) * 1000
         return MapResult(
             origins=origins,
@@ -709,7 +712,7 @@ class Detector:
                 "native_stride": dense.dense.native_stride,
                 "precision": dense.precision,
                 "novelty": novelty_names(density, residual),
-                **_guard_info(guard),
+                **guard_info(guard),
             },
             frame_unknown=frame_unknown,
         )

@@ -226,8 +226,10 @@ def map_note(result) -> str:
     if scale != 1.0:
         notes.append(f"resampled x{scale:.3g} for the model")
     if getattr(result, "out_of_distribution", False):
+        # The share past the threshold: the windows' own, or the density's check.
+        share = max(result.unexplained_share, getattr(result, "frame_check_share", None) or 0.0)
         notes.append(
-            f"FRAME OUT OF DISTRIBUTION: {100 * result.unexplained_share:.0f} % of windows "
+            f"FRAME OUT OF DISTRIBUTION: {100 * share:.0f} % of windows "
             "unknown away from any known defect"
         )
     return "\n" + "; ".join(notes) if notes else ""

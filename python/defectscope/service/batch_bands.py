@@ -149,7 +149,13 @@ def map_large_frame(
     ValueError
         For a frame smaller than a patch, a bad band or options that bands cannot do.
     """
-    from defectscope.maps.detector import Detector, novelty_names, novelty_sources
+    from defectscope.maps.detector import (
+        Detector,
+        frame_guard,
+        guard_info,
+        novelty_names,
+        novelty_sources,
+    )
     from defectscope.maps.result import MapResult
     from defectscope.maps.scale import decide_scale, resampled_frame
     from defectscope.service.batch_artifact import artifact_hash
@@ -165,7 +171,11 @@ def map_large_frame(
     ) as det:
         config, classes, background = det.engine.config, det.classes, det.background
         # Checked here, before any band is sent: a source the model lacks is an error.
-        novelty = novelty_names(*novelty_sources(det.engine, options.novelty))
+        sources = novelty_sources(det.engine, options.novelty)
+        novelty = novelty_names(*sources)
+        # The density that checks the frame where other sources judge the windows: it
+        # reads the embeddings the bands return, so the workers need not score it.
+        guard = frame_guard(det.engine, sources[0]) if any(s is not None for s in sources) else None
     frame = check_frame(frame)
     patch = config.patch_size
     if frame.shape[0] < patch or frame.shape[1] < patch:
@@ -192,12 +202,17 @@ def map_large_frame(
         origins = np.rint(origins / factor).astype(np.int64)
     uncertainty = grid[..., -2]
     has_density = not np.isnan(uncertainty).all()
+    embeddings = np.ascontiguousarray(grid[..., n_classes:-2])
+    frame_unknown = None
+    if guard is not None and has_density:
+        flat = embeddings.reshape(rows * n_cols, -1)
+        frame_unknown = guard.score(flat)[2].reshape(rows, n_cols)
     total = (time.perf_counter() - started) * 1000
     return MapResult(
         origins=origins,
         grid_shape=(rows, n_cols),
         probabilities=np.ascontiguousarray(grid[..., :n_classes]),
-        embeddings=np.ascontiguousarray(grid[..., n_classes:-2]),
+        embeddings=embeddings,
         classes=classes,
         background=background,
         frame_shape=tuple(frame.shape),
@@ -211,9 +226,11 @@ def map_large_frame(
             "reason": "mapped in bands across workers",
             "scale": {**decision.to_dict(), "time_ms": scale_ms},
             "novelty": novelty,
+            **guard_info(None if frame_unknown is None else guard),
         },
         scale=factor,
         ood_threshold=options.ood_share,
+        frame_unknown=frame_unknown,
     )
 
 
