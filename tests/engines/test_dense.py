@@ -416,11 +416,11 @@ def test_a_recorded_source_with_residual_combines_the_two(dense_model_dir, recor
             assert not np.array_equal(pair.unknown, parts[0].unknown) or not np.allclose(
                 pair.uncertainty, parts[0].uncertainty
             )
-            assert pair.info["frame_check"] == "embedding density"
+            assert pair.info["ood_check"] == "embedding density"
             np.testing.assert_array_equal(pair.frame_unknown, parts[0].frame_unknown)
         # Without embeddings kept, a dense map still gathers them for the frame check.
         lean = det.map(frame, stride=16, mode="dense", novelty="residual", keep_embeddings=False)
-        assert lean.embeddings is None and lean.info["frame_check"] == "embedding density"
+        assert lean.embeddings is None and lean.info["ood_check"] == "embedding density"
         np.testing.assert_array_equal(lean.frame_unknown, parts[0].frame_unknown)
 
 
@@ -434,10 +434,10 @@ def test_the_embedding_density_still_checks_the_frame_for_other_sources(dense_mo
         for mode in ("window", "dense"):
             plain[mode] = det.map(frame, stride=16, mode=mode, novelty="ensemble")
             embedding = det.map(frame, stride=16, mode=mode, novelty="embedding")
-            assert plain[mode].info["frame_check"] == "embedding density"
+            assert plain[mode].info["ood_check"] == "embedding density"
             np.testing.assert_array_equal(plain[mode].frame_unknown, embedding.unknown)
             # Where the density judges the windows it needs no second look.
-            assert embedding.frame_unknown is None and "frame_check" not in embedding.info
+            assert embedding.frame_unknown is None and "ood_check" not in embedding.info
         for engine in (det.engine, *det.dense_engines):
             engine.density = dataclasses.replace(engine.density, threshold=-1.0)
         for mode in ("window", "dense"):

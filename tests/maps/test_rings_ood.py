@@ -242,11 +242,11 @@ def test_the_density_s_frame_check_flags_a_frame_other_sources_call_known():
     everywhere = np.ones(base.grid_shape, bool)
     guarded = dataclasses.replace(base, frame_unknown=everywhere)
     assert guarded.out_of_distribution and guarded.unknown_share == 0.0
-    assert base.frame_check_share is None and guarded.frame_check_share == 1.0
+    assert base.ood_check_share is None and guarded.ood_check_share == 1.0
     assert all(r["frame_out_of_distribution"] for r in find_regions(guarded))
-    assert all(r["frame_check_share"] == 1.0 for r in find_regions(guarded))
+    assert all(r["ood_check_share"] == 1.0 for r in find_regions(guarded))
     summary = map_summary(guarded)
-    assert summary["out_of_distribution"] and summary["frame_check_share"] == 1.0
+    assert summary["out_of_distribution"] and summary["ood_check_share"] == 1.0
     assert summary["unexplained_share"] == 0.0
     assert "the embedding density's check: 100%" in ood_line(guarded)
     assert select_rois(guarded, top=5) == []

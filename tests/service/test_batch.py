@@ -239,7 +239,7 @@ def test_bands_keep_the_density_s_frame_check(density_model_dir, cluster, tmp_pa
     with distributed.Client(cluster.scheduler_address) as client:
         result = map_large_frame(frame, model, client, band=128, backend="torch", options=options)
     assert result.info["novelty"] == reference.info["novelty"] == ["lattice residual"]
-    assert result.info["frame_check"] == reference.info["frame_check"] == "embedding density"
+    assert result.info["ood_check"] == reference.info["ood_check"] == "embedding density"
     np.testing.assert_array_equal(result.frame_unknown, reference.frame_unknown)
     np.testing.assert_array_equal(result.frame_unknown, embedding.unknown)
     assert result.frame_unknown.any()  # the noise part: the check has something to see

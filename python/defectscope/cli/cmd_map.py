@@ -68,7 +68,7 @@ def map_notes(result) -> list[str]:
 
 def ood_line(result) -> str:
     """``out of distribution: 95 % of windows unknown (threshold 25 %); no ROIs ...``."""
-    checked = result.frame_check_share
+    checked = result.ood_check_share
     by_density = (
         "" if checked is None else f"; the embedding density's check: {checked:.0%} of them"
     )

@@ -215,7 +215,7 @@ def novelty_names(density: Any, residual: Any) -> list[str]:
 def guard_info(guard: Any) -> dict:
     """``info`` entry naming what checks the frame as a whole, where it is not the
     window's own sources."""
-    return {} if guard is None else {"frame_check": "embedding density"}
+    return {} if guard is None else {"ood_check": "embedding density"}
 
 
 def window_holes(frame: np.ndarray, origins: np.ndarray, size: int) -> np.ndarray:

@@ -170,11 +170,11 @@ class MapResult:
             return False
         if self.unexplained_share > self.ood_threshold:
             return True
-        checked = self.frame_check_share
+        checked = self.ood_check_share
         return checked is not None and checked > self.ood_threshold
 
     @property
-    def frame_check_share(self) -> float | None:
+    def ood_check_share(self) -> float | None:
         """With :attr:`frame_unknown`: the share of windows the embedding's density calls
         unknown away from known defects (as :attr:`unexplained_share`); else None."""
         if self.frame_unknown is None or self.unknown is None:
@@ -408,8 +408,8 @@ def region_records(
             "frame_unknown_share": result.unknown_share,
             "frame_unexplained_share": unexplained,
         }
-        if result.frame_check_share is not None:
-            flags["frame_check_share"] = result.frame_check_share
+        if result.ood_check_share is not None:
+            flags["ood_check_share"] = result.ood_check_share
     records = []
     for k, (rows, cols) in enumerate(ndimage.find_objects(joined, max_label=count)):
         if weight_sum[k] > 1e-12 and not unknown:
@@ -485,7 +485,7 @@ def find_regions(result: MapResult, min_windows: int = 1) -> list[dict]:
     is above its threshold, so even its known regions come from a frame unlike the
     training data), ``"frame_unknown_share"`` (all unknown windows)
     and ``"frame_unexplained_share"`` (those outside rings, the share compared), and
-    with the density's check ``"frame_check_share"`` (its share, compared too).
+    with the density's check ``"ood_check_share"`` (its share, compared too).
     """
     groups = group_regions(result, min_windows=min_windows)
     with_density = groups.unknown is not None

@@ -289,7 +289,7 @@ def _result_notes(results: list) -> list[str]:
         notes.append(describe(shown[0]) + more)
     ood = [r for r in results if r.unknown is not None and r.out_of_distribution]
     if ood:
-        share = max(max(r.unknown_share, r.frame_check_share or 0.0) for r in ood)
+        share = max(max(r.unknown_share, r.ood_check_share or 0.0) for r in ood)
         notes.append(
             f"out of distribution: {len(ood)} of {len(results)} frame(s), up to {share:.0%} "
             "of windows unknown; ROIs only when unknown regions are explored"

@@ -227,7 +227,7 @@ def map_note(result) -> str:
         notes.append(f"resampled x{scale:.3g} for the model")
     if getattr(result, "out_of_distribution", False):
         # The share past the threshold: the windows' own, or the density's check.
-        share = max(result.unexplained_share, getattr(result, "frame_check_share", None) or 0.0)
+        share = max(result.unexplained_share, getattr(result, "ood_check_share", None) or 0.0)
         notes.append(
             f"FRAME OUT OF DISTRIBUTION: {100 * share:.0f} % of windows "
             "unknown away from any known defect"

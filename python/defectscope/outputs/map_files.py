@@ -101,7 +101,7 @@ def map_summary(result: MapResult) -> dict[str, Any]:
     the frame's pixels), ``classes``, ``background``, ``calibration`` (or None), and
     ``unknown_share``, ``unexplained_share``, ``out_of_distribution`` and
     ``ood_threshold`` (the first three None without a feature density), and
-    ``frame_check_share`` (the embedding density's unexplained share where other
+    ``ood_check_share`` (the embedding density's unexplained share where other
     sources judge the windows, else None). Windows and regions are in the original
     frame's pixels whatever the scale.
     """
@@ -120,7 +120,7 @@ def map_summary(result: MapResult) -> dict[str, Any]:
         "unexplained_share": result.unexplained_share if has_density else None,
         "out_of_distribution": bool(result.out_of_distribution) if has_density else None,
         "ood_threshold": float(result.ood_threshold),
-        "frame_check_share": result.frame_check_share,
+        "ood_check_share": result.ood_check_share,
     }
 
 
