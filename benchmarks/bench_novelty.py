@@ -2,7 +2,7 @@
 
 ``dense-int8`` maps a 512^2 frame at stride 16 with the dense INT8 graph as a model
 without any novelty source does; ``+density`` with the embedding's density (every
-trained model has one), ``+density+residual`` as the default maps a trained model;
+trained model has one), ``+density+residual`` as ``novelty="embedding+residual"`` maps;
 ``dense-int8+residual`` maps it with the lattice-residual density alone
 (every window's residual descriptors and density score,
 :mod:`defectscope.artifacts.residual_density`); ``dense-int8+mc_dropout`` maps it with
@@ -14,9 +14,11 @@ with ``novelty="ensemble"`` (five heads of 256 hidden units on the embedding,
 ``novelty="mc_dropout+residual"`` and ``"ensemble+residual"`` (each with the lattice
 residual). The cases with MC dropout or the ensemble carry the embedding's density too,
 as a trained model does: it checks the frame as a whole. ``residual-only`` times the
-residual scoring of the frame's 841 windows alone. The issue's goal: the default
-(``+density+residual``) within 1.5x of today's dense INT8 map (``+density``). The CPU is
-recorded with each result.
+residual scoring of the frame's 841 windows alone. The issue's goal: the default within
+1.5x of the dense INT8 map with the density alone (``+density``). The default is
+``+ensemble+residual`` for a model that carries the head ensemble (every model trained
+since it exists; ``novelty="auto"``) and ``+density+residual`` for one trained before.
+The CPU is recorded with each result.
 
 Run::
 

@@ -424,6 +424,53 @@ def test_a_recorded_source_with_residual_combines_the_two(dense_model_dir, recor
         np.testing.assert_array_equal(lean.frame_unknown, parts[0].frame_unknown)
 
 
+def test_auto_is_the_ensemble_with_the_residual_where_the_model_carries_both(dense_model_dir):
+    """novelty="auto" maps as "ensemble+residual" when a model carries the head ensemble
+    and the residual's density (as trained models do), window and dense maps alike; a
+    model without either maps with every density it carries, as "embedding+residual"
+    names explicitly (the union of the two, refused without the residual)."""
+    from defectscope.artifacts.residual_density import fit_residual_density
+    from tests.conftest import acquisition_patches
+
+    train, held = acquisition_patches(24, seed=0), acquisition_patches(12, seed=1)
+    residual = fit_residual_density(train.images, train.labels, 2, held.images)
+    frame = clustered_frame((200, 232), 40)
+    with Detector.load(dense_model_dir[0], backend="onnxruntime") as det:
+        with pytest.raises(ValueError, match="no lattice-residual density"):
+            det.map(frame, stride=16, novelty="embedding+residual")
+        assert det.map(frame, stride=16).info["novelty"] == ["embedding"]  # no residual
+        for engine in (det.engine, *det.dense_engines):
+            engine.residual_density = residual
+        for mode in ("window", "dense"):
+            auto = det.map(frame, stride=16, mode=mode)
+            pair = det.map(frame, stride=16, mode=mode, novelty="ensemble+residual")
+            assert auto.info["novelty"] == ["head ensemble", "lattice residual"]
+            assert auto.info["ood_check"] == "embedding density"
+            for field in ("unknown", "uncertainty", "frame_unknown"):
+                np.testing.assert_array_equal(getattr(auto, field), getattr(pair, field))
+        for engine in (det.engine, *det.dense_engines):
+            engine.head_ensemble = None
+        for mode in ("window", "dense"):
+            auto = det.map(frame, stride=16, mode=mode)
+            named = det.map(frame, stride=16, mode=mode, novelty="embedding+residual")
+            parts = [
+                det.map(frame, stride=16, mode=mode, novelty=n) for n in ("embedding", "residual")
+            ]
+            assert (
+                auto.info["novelty"] == named.info["novelty"] == ["embedding", "lattice residual"]
+            )
+            assert "ood_check" not in named.info  # the density judges the windows itself
+            np.testing.assert_array_equal(auto.unknown, named.unknown)
+            np.testing.assert_array_equal(named.unknown, parts[0].unknown | parts[1].unknown)
+            np.testing.assert_allclose(
+                named.uncertainty, np.maximum(*(p.uncertainty for p in parts)), atol=1e-6
+            )
+        for engine in (det.engine, *det.dense_engines):
+            engine.density = None
+        with pytest.raises(ValueError, match="no embedding density"):
+            det.map(frame, stride=16, mode="window", novelty="embedding+residual")
+
+
 def test_the_embedding_density_still_checks_the_frame_for_other_sources(dense_model_dir):
     """With novelty="ensemble" the windows are the ensemble's, but the embedding density
     still says whether the frame is unlike the training data: a density calling every

@@ -144,8 +144,16 @@ _RECORDED = {
     "mc_dropout": ("mc_dropout", "MC-dropout"),
     "ensemble": ("head_ensemble", "head-ensemble"),
 }
-# Recorded sources that take the embedding density's place beside the lattice residual.
-_WITH_RESIDUAL = {"mc_dropout+residual": "mc_dropout", "ensemble+residual": "ensemble"}
+# Sources paired with the lattice residual, by the source each pairs it with.
+_WITH_RESIDUAL = {
+    "mc_dropout+residual": "mc_dropout",
+    "ensemble+residual": "ensemble",
+    "embedding+residual": "embedding",
+}
+# What novelty="auto" maps with where the model carries both records: of the sources
+# measured, the best leave-one-class-out AUROC over CdTe and SrTiO3 with the fewest held-out
+# false alarms (docs/novelty.md).
+AUTO_NOVELTY = "ensemble+residual"
 
 
 def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
@@ -155,9 +163,11 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
     ``novelty="mc_dropout"`` the head's MC dropout
     (:class:`~defectscope.artifacts.disagreement.DropoutNovelty`), or with
     ``novelty="ensemble"`` the head ensemble on the embedding
-    (:class:`~defectscope.artifacts.disagreement.EnsembleNovelty`). With
-    ``novelty="mc_dropout+residual"`` or ``"ensemble+residual"`` that source and the
-    lattice-residual density.
+    (:class:`~defectscope.artifacts.disagreement.EnsembleNovelty`). A pair
+    (``"ensemble+residual"``, ``"mc_dropout+residual"``, ``"embedding+residual"``)
+    gives that source and the lattice-residual density. ``"auto"`` is
+    :data:`AUTO_NOVELTY` where the engine carries both its records, else every density
+    the engine carries (a model trained before the head ensemble existed).
 
     Raises
     ------
@@ -166,6 +176,10 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
     """
     density = getattr(engine, "density", None)  # duck-typed engines may lack them
     residual = getattr(engine, "residual_density", None)
+    if novelty == "auto":
+        if residual is None or getattr(engine, "head_ensemble", None) is None:
+            return density, residual
+        novelty = AUTO_NOVELTY
     if novelty == "embedding":
         residual = None
     elif novelty in ("residual", *_WITH_RESIDUAL):
@@ -175,9 +189,16 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
                 f"novelty {novelty!r}: the model carries no lattice-residual density "
                 f"(trained before it existed; train it again, or use {alone!r})"
             )
-        density = None
-    if novelty in _RECORDED or novelty in _WITH_RESIDUAL:
-        attribute, what = _RECORDED[_WITH_RESIDUAL.get(novelty, novelty)]
+        if novelty == "embedding+residual" and density is None:
+            raise ValueError(
+                f"novelty {novelty!r}: the model carries no embedding density "
+                "(train it again, or use 'residual')"
+            )
+        if novelty != "embedding+residual":
+            density = None
+    recorded = _WITH_RESIDUAL.get(novelty, novelty)
+    if recorded in _RECORDED:
+        attribute, what = _RECORDED[recorded]
         density = getattr(engine, attribute, None)
         residual = residual if novelty in _WITH_RESIDUAL else None
         if density is None:
@@ -436,15 +457,18 @@ class Detector:
             ran and why.
         novelty : str
             One of :data:`~defectscope.maps.options.NOVELTY`.
-            Which training densities make a window unknown: every one the model
-            carries (``auto``; a window either flags is unknown and its uncertainty
-            is the larger of the two), or one alone; or the disagreement of the
-            head's Monte Carlo dropout on the embedding (``mc_dropout``), or of the
-            head ensemble on it (``ensemble``), each calibrated on the same held-out
-            windows; or either with the lattice residual, combined as ``auto``
-            combines its two (``mc_dropout+residual``, ``ensemble+residual``); the
-            embedding's density then still checks the frame as a whole
-            (``result.frame_unknown``). ``result.info['novelty']`` names those used.
+            What makes a window unknown: the embedding's density (``embedding``),
+            the lattice residual's (``residual``), the disagreement of the head's
+            Monte Carlo dropout on the embedding (``mc_dropout``) or of the head
+            ensemble on it (``ensemble``), each calibrated on the same held-out
+            windows; or one of those with the lattice residual
+            (``ensemble+residual``, ``mc_dropout+residual``, ``embedding+residual``;
+            a window either flags is unknown and its uncertainty is the larger of
+            the two). ``auto`` is :data:`AUTO_NOVELTY` where the model carries both,
+            else every density it carries. Where other sources than the embedding's
+            density judge the windows, that density still checks the frame as a
+            whole (``result.frame_unknown``). ``result.info['novelty']`` names the
+            sources used.
 
         Raises
         ------

@@ -32,6 +32,7 @@ NOVELTY = (
     "ensemble",
     "mc_dropout+residual",
     "ensemble+residual",
+    "embedding+residual",
 )
 NAN_POLICIES = ("raise", "zero", "propagate")
 # Scale matching: measure the factor, or map as recorded (a number is a factor).
@@ -81,18 +82,20 @@ class MapOptions:
         as a number (``"1.1"`` from the command line) is that number.
     novelty : str
         One of :data:`NOVELTY`.
-        What makes a window unknown: ``auto`` every density the model carries (the
-        embedding's, which flags new structures, and the lattice residual's, which
-        flags a new point defect in a known lattice; a window either calls unknown
-        is unknown), or one of them alone; or the disagreement of the head's Monte
-        Carlo dropout (``mc_dropout``, :class:`~defectscope.artifacts.disagreement.DropoutNovelty`),
-        or of a head ensemble on the embedding (``ensemble``,
-        :class:`~defectscope.artifacts.disagreement.EnsembleNovelty`); or one of
-        those two in the embedding density's place beside the lattice residual
-        (``mc_dropout+residual``, ``ensemble+residual``, combined as ``auto``
-        combines its two). Where other sources than ``auto``'s or ``embedding``'s
-        judge the windows, the embedding's density still checks the frame as a whole
-        (``out_of_distribution``).
+        What makes a window unknown. ``auto`` is ``ensemble+residual`` where the
+        model carries both records (every model trained since they exist), else
+        every density it carries. The sources: the embedding's density
+        (``embedding``), which flags new structures; the lattice residual's
+        (``residual``), which flags a new point defect in a known lattice; the
+        disagreement of the head's Monte Carlo dropout (``mc_dropout``,
+        :class:`~defectscope.artifacts.disagreement.DropoutNovelty`) or of a head
+        ensemble on the embedding (``ensemble``,
+        :class:`~defectscope.artifacts.disagreement.EnsembleNovelty`); or a pair
+        with the lattice residual (``ensemble+residual``, ``mc_dropout+residual``,
+        ``embedding+residual``): a window either calls unknown is unknown, at the
+        larger of the two calibrated uncertainties. Where other sources than the
+        embedding's density judge the windows, that density still checks the frame
+        as a whole (``out_of_distribution``).
     ood_share : float
         Share of a frame's windows, in (0, 1], unknown beyond the rings of known
         defects above which the whole frame is flagged ``out_of_distribution`` (and
@@ -131,10 +134,10 @@ class MapOptions:
     )
     novelty: str = _field(
         "auto",
-        "what makes a window unknown: auto (the embedding's and the lattice residual's "
-        "densities, where the model has them), embedding, residual, mc_dropout (the "
-        "head's Monte Carlo dropout disagreement), ensemble (a head ensemble's), or "
-        "mc_dropout+residual / ensemble+residual (either with the lattice residual)",
+        "what makes a window unknown: auto (ensemble+residual where the model has both, "
+        "else every density it has), embedding, residual, mc_dropout (the head's Monte "
+        "Carlo dropout disagreement), ensemble (a head ensemble's), or ensemble+residual "
+        "/ mc_dropout+residual / embedding+residual (either with the lattice residual)",
         NOVELTY,
     )
     ood_share: float = _field(

@@ -142,11 +142,12 @@ def _study_section(run: Path, study: dict, scratch: Path) -> list[str]:
             "<h3>Leave one class out</h3><p>A model trained without the class; AUROC of "
             "&ldquo;the class is unknown&rdquo; against grouped held-out patches of the "
             "trained classes, by the embedding's feature density, the lattice residual's "
-            "density, the two combined, Monte Carlo dropout in the head, an ensemble of "
-            "heads on the shared trunk's features, one on the embedding (what maps use "
-            "with <code>--novelty ensemble</code>), MC dropout and that ensemble each with "
-            "the lattice residual (<code>--novelty mc_dropout+residual</code>, "
-            "<code>ensemble+residual</code>), and the softmax alone.</p>"
+            "density, the two combined (<code>--novelty embedding+residual</code>), Monte "
+            "Carlo dropout in the head, an ensemble of heads on the shared trunk's "
+            "features, one on the embedding (what maps use with <code>--novelty "
+            "ensemble</code>), MC dropout and that ensemble each with the lattice residual "
+            "(<code>--novelty mc_dropout+residual</code>, and <code>ensemble+residual</code>, "
+            "the default), and the softmax alone.</p>"
         )
         keys = [f"auroc_{key}" for _, key in LOCO_SCORES]
         rows = [
