@@ -301,7 +301,7 @@ def test_residual_novelty_is_the_same_in_dense_and_window_maps(dense_model_dir):
             engine.residual_density = residual
         dense = det.map(frame, stride=16, mode="dense", novelty="residual")
         window = det.map(frame, stride=16, mode="window", novelty="residual")
-        both = det.map(frame, stride=16, mode="dense")
+        both = det.map(frame, stride=16, mode="dense", novelty="embedding+residual")
     assert dense.info["novelty"] == window.info["novelty"] == ["lattice residual"]
     np.testing.assert_allclose(dense.uncertainty, window.uncertainty, atol=1e-6)
     assert np.array_equal(dense.unknown, window.unknown)
@@ -448,6 +448,15 @@ def test_auto_is_the_ensemble_with_the_residual_where_the_model_carries_both(den
             assert auto.info["ood_check"] == "embedding density"
             for field in ("unknown", "uncertainty", "frame_unknown"):
                 np.testing.assert_array_equal(getattr(auto, field), getattr(pair, field))
+        # A dense graph made before the ensemble existed: auto is resolved on the window
+        # model, so the map leaves the graph rather than map with other sources.
+        kept = det.dense_engines[0].head_ensemble
+        det.dense_engines[0].head_ensemble = None
+        fallback = det.map(frame, stride=16)
+        assert fallback.info["mode"] == "window"
+        assert "'ensemble+residual'" in fallback.info["reason"]
+        assert fallback.info["novelty"] == ["head ensemble", "lattice residual"]
+        det.dense_engines[0].head_ensemble = kept
         for engine in (det.engine, *det.dense_engines):
             engine.head_ensemble = None
         for mode in ("window", "dense"):

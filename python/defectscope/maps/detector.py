@@ -156,6 +156,26 @@ _WITH_RESIDUAL = {
 AUTO_NOVELTY = "ensemble+residual"
 
 
+def resolve_novelty(engine: Any, novelty: str) -> str:
+    """The source ``novelty`` names on ``engine``: ``"auto"`` is :data:`AUTO_NOVELTY`
+    where the engine carries both its records, else the densities it carries
+    (``"embedding+residual"``, ``"embedding"`` or ``"residual"``; ``"auto"`` when it
+    carries none). Other values are returned as they are.
+
+    A map resolves ``auto`` on its window model, so a dense graph made before a record
+    existed does not map the same frame with other sources than the window model would.
+    """
+    if novelty != "auto":
+        return novelty
+    residual = getattr(engine, "residual_density", None)
+    if residual is not None and getattr(engine, "head_ensemble", None) is not None:
+        return AUTO_NOVELTY
+    density = getattr(engine, "density", None) is not None
+    if residual is not None:
+        return "embedding+residual" if density else "residual"
+    return "embedding" if density else "auto"
+
+
 def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
     """The (embedding score, residual density) ``novelty`` asks for of ``engine``.
 
@@ -174,12 +194,11 @@ def novelty_sources(engine: Any, novelty: str) -> tuple[Any, Any]:
     ValueError
         When ``novelty`` names a source the engine's model does not carry.
     """
+    novelty = resolve_novelty(engine, novelty)
     density = getattr(engine, "density", None)  # duck-typed engines may lack them
     residual = getattr(engine, "residual_density", None)
-    if novelty == "auto":
-        if residual is None or getattr(engine, "head_ensemble", None) is None:
-            return density, residual
-        novelty = AUTO_NOVELTY
+    if novelty == "auto":  # the engine carries no source
+        return None, None
     if novelty == "embedding":
         residual = None
     elif novelty in ("residual", *_WITH_RESIDUAL):
@@ -493,6 +512,7 @@ class Detector:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if novelty not in NOVELTY:
             raise ValueError(f"novelty must be one of {', '.join(NOVELTY)}, got {novelty!r}")
+        novelty = resolve_novelty(self.engine, novelty)
         info: dict = {"mode": "window"}
         if mode != "window":
             dense = self.dense_engine_for(stride)

@@ -137,7 +137,7 @@ class MapOptions:
         "what makes a window unknown: auto (ensemble+residual where the model has both, "
         "else every density it has), embedding, residual, mc_dropout (the head's Monte "
         "Carlo dropout disagreement), ensemble (a head ensemble's), or ensemble+residual "
-        "/ mc_dropout+residual / embedding+residual (either with the lattice residual)",
+        "/ mc_dropout+residual / embedding+residual (each with the lattice residual)",
         NOVELTY,
     )
     ood_share: float = _field(

@@ -59,7 +59,8 @@ class MapResult:
         :attr:`out_of_distribution`, in (0, 1].
     frame_unknown : ndarray of bool, shape (rows, cols), or None
         Windows the embedding's density calls unknown, kept when other sources judge
-        the windows (``novelty`` other than ``auto`` or ``embedding``): the density
+        the windows (every ``novelty`` but ``embedding`` and ``embedding+residual``,
+        ``auto`` included on models that carry the head ensemble): the density
         still says whether the frame as a whole is unlike the training data
         (:attr:`out_of_distribution`). None: ``unknown`` says it alone.
     """

@@ -125,9 +125,9 @@ def cross_validation_markdown(report: dict) -> list[str]:
         lines += [
             "",
             "Held-out test patches of trained classes called unknown (false alarms of "
-            f'"new"){over}: {fmt(unknown["combined"])} by either density, as maps call it '
-            f"(embedding {fmt(unknown['embedding'])}, lattice residual "
-            f"{fmt(unknown['residual'])}; per fold {shares}).",
+            f'"new"){over}: {fmt(unknown["combined"])} by either density '
+            f"(`--novelty embedding+residual`; embedding {fmt(unknown['embedding'])}, "
+            f"lattice residual {fmt(unknown['residual'])}; per fold {shares}).",
         ]
         for key, name in (
             ("mc_dropout", "MC dropout"),

@@ -94,8 +94,8 @@ def held_out_unknown(
 
     ``test`` holds patches of classes the model was trained on, from regions it never
     saw (a grouped test part); every one called unknown is a false alarm of "new". The
-    shares are the embedding density's, the lattice residual's and either's (what maps
-    call unknown by default), and with ``dropout`` (a
+    shares are the embedding density's, the lattice residual's and either's (what
+    ``novelty="embedding+residual"`` maps call unknown), and with ``dropout`` (a
     :class:`~defectscope.artifacts.disagreement.DropoutNovelty`) MC dropout's, with
     ``ensemble`` (an :class:`~defectscope.artifacts.disagreement.EnsembleNovelty`) the
     head ensemble's, overall and per class held (None for an empty ``test``).
